@@ -1,0 +1,19 @@
+"""Randomized-smoothing certification, certified-robust training and PACD data poisoning.
+
+Public API (a contract; other tools call these names):
+
+- :func:`certify`, :func:`predict`, :class:`CertifyResult` - Cohen et al. (2019) CERTIFY / PREDICT.
+- :mod:`engine.metrics` - ACR and certified accuracy.
+- :mod:`engine.data` - MNIST (idx) and CIFAR-10 (binary / restricted pickle) loaders.
+- :mod:`engine.models` - LeNet for MNIST, CIFAR ResNets, safetensors save / load.
+- :func:`train` - standard and Gaussian-augmentation training.
+"""
+
+from . import _ext, data, metrics, models, noise
+from .smoothing import CertifyResult, certify, predict
+from .train import train
+
+_ext.available()  # load engine._C once (warns once when it is missing)
+
+__all__ = ["certify", "predict", "CertifyResult", "train", "data", "metrics", "models", "noise"]
+__version__ = "0.1.0"

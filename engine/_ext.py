@@ -1,0 +1,64 @@
+"""Loading of the compiled extension ``engine._C`` with a pure-PyTorch fallback.
+
+Importing :mod:`engine` tries to load the extension once. When it is missing (not built, or built
+for another torch) the engine warns once and every op runs on its plain-PyTorch path.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+
+__all__ = ["available", "require", "load_error", "has_cuda_ops"]
+
+_state: dict = {"tried": False, "ok": False, "error": None}
+
+
+def _load() -> None:
+    if _state["tried"]:
+        return
+    _state["tried"] = True
+    if os.environ.get("ENGINE_DISABLE_EXTENSION", "0") == "1":
+        _state["error"] = "disabled by ENGINE_DISABLE_EXTENSION=1"
+        return
+    try:
+        from . import _C  # noqa: F401  (loading the library registers the torch.ops.engine ops)
+    except ImportError as exc:  # not built, or built against another torch
+        _state["error"] = f"{type(exc).__name__}: {exc}"
+        warnings.warn(
+            "engine._C is not available (" + _state["error"] + "); using the pure-PyTorch paths. "
+            "Build it with `pip install --no-build-isolation -e .`.",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+        return
+    from . import ops  # noqa: F401  (fake kernels for torch.compile / opcheck)
+
+    _state["ok"] = True
+
+
+def available() -> bool:
+    """True when ``engine._C`` loaded and its ops are registered under ``torch.ops.engine``."""
+    _load()
+    return _state["ok"]
+
+
+def load_error() -> str | None:
+    """Why the extension is unavailable (None when it loaded)."""
+    _load()
+    return _state["error"]
+
+
+def require(what: str) -> None:
+    """Raise a clear error naming ``what`` when the extension is missing."""
+    if not available():
+        raise RuntimeError(f"{what} needs the compiled extension engine._C, which is unavailable: {_state['error']}")
+
+
+def has_cuda_ops() -> bool:
+    """True when the extension was built with its CUDA sources."""
+    if not available():
+        return False
+    import torch
+
+    return torch._C._dispatch_has_kernel_for_dispatch_key("engine::noisy_batch", "CUDA")

@@ -1,0 +1,336 @@
+"""Command line: ``python -m engine <command>``.
+
+Commands: ``certify`` (Cohen et al.'s certify over a data set, resumable), ``demo`` (the embedded
+default: train LeNet with Gaussian augmentation on the shipped MNIST subset and certify 100 test
+images), ``make-subset`` (cut a small MNIST subset).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+__all__ = ["main", "run_certify"]
+
+
+def _device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def select_indices(count: int, skip: int, max_index: int, shard: int = 0, num_shards: int = 1) -> list[int]:
+    """Cohen et al.'s selection: every ``skip``-th index below ``max_index`` (-1: all), then this shard's share."""
+    stop = count if max_index < 0 else min(count, max_index)
+    chosen = list(range(0, stop, skip))
+    return chosen[shard::num_shards]
+
+
+def run_certify(
+    model,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    indices,
+    out: Path,
+    settings: dict,
+    *,
+    sigma: float,
+    n0: int,
+    n: int,
+    alpha: float,
+    batch_size: int | None,
+    seed: int,
+    overwrite: bool = False,
+    show_progress: bool = True,
+    backend: str = "auto",
+) -> dict:
+    """Certify ``images[indices]`` one image at a time into a resumable log; returns the summary."""
+    from tqdm.auto import tqdm
+
+    from .data import to_float
+    from .results import ResultsLog
+    from .smoothing import certify
+
+    log = ResultsLog(out, settings, overwrite=overwrite)
+    if log.repaired_bytes:
+        print(f"repaired {out}: dropped a truncated last line ({log.repaired_bytes} bytes)", file=sys.stderr)
+    todo = [i for i in indices if i not in log.done]
+    bar = tqdm(
+        total=len(indices),
+        initial=len(indices) - len(todo),
+        unit="img",
+        desc="certify",
+        disable=not show_progress,
+        dynamic_ncols=True,
+    )
+    try:
+        for i in todo:
+            x = to_float(images[i : i + 1])
+            t0 = time.perf_counter()
+            res = certify(
+                model,
+                x,
+                sigma=sigma,
+                n0=n0,
+                n=n,
+                alpha=alpha,
+                batch_size=batch_size,
+                seed=seed,
+                image_ids=torch.tensor([i]),
+                backend=backend,
+            )
+            dt = time.perf_counter() - t0
+            log.append(i, int(labels[i]), int(res.prediction[0]), float(res.radius[0]), float(res.seconds[0]))
+            bar.set_postfix(samples_per_s=f"{(n0 + n) / dt:,.0f}")
+            bar.update(1)
+    finally:
+        bar.close()
+        summ = log.write_summary()
+        log.plot()
+    return summ
+
+
+def format_table(summary: dict) -> str:
+    lines = [
+        f"images            {summary.get('images', 0)}",
+        f"ACR               {summary.get('acr', float('nan')):.4f}",
+        f"clean accuracy    {summary.get('clean_accuracy', float('nan')):.4f}",
+        f"abstain rate      {summary.get('abstain_rate', float('nan')):.4f}",
+        "certified accuracy at radius:",
+    ]
+    for r, v in summary.get("certified_accuracy", {}).items():
+        lines.append(f"  r = {float(r):4.2f}      {v:.4f}")
+    if "seconds_per_image" in summary:
+        lines.append(f"seconds / image   {summary['seconds_per_image']:.3f}")
+    return "\n".join(lines)
+
+
+def cmd_certify(args) -> int:
+    from . import data, models
+
+    device = _device(args.device)
+    model = models.load(args.checkpoint, device=device)
+    images, labels = data.load_dataset(args.dataset, args.data_root, args.split)
+    indices = select_indices(images.shape[0], args.skip, args.max, args.shard, args.num_shards)
+    settings = {
+        "command": "certify",
+        "checkpoint_sha256": _sha256(Path(args.checkpoint)),
+        "dataset": args.dataset,
+        "split": args.split,
+        "sigma": args.sigma,
+        "n0": args.n0,
+        "n": args.n,
+        "alpha": args.alpha,
+        "seed": args.seed,
+        "skip": args.skip,
+        "max": args.max,
+        "shard": args.shard,
+        "num_shards": args.num_shards,
+    }
+    summ = run_certify(
+        model,
+        images,
+        labels,
+        indices,
+        Path(args.out),
+        settings,
+        sigma=args.sigma,
+        n0=args.n0,
+        n=args.n,
+        alpha=args.alpha,
+        batch_size=args.batch,
+        seed=args.seed,
+        overwrite=args.overwrite,
+        show_progress=not args.quiet,
+        backend=args.backend,
+    )
+    print(format_table(summ))
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from . import data, models, train
+
+    torch.manual_seed(args.seed)
+    out_dir = Path(args.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    root = data.embedded_mnist_root()
+    train_x, train_y = data.load_mnist(root, "train")
+    test_x, test_y = data.load_mnist(root, "test")
+    print(f"embedded MNIST subset: {train_x.shape[0]} train / {test_x.shape[0]} test images ({root})")
+    device = _device(args.device)
+    ckpt = out_dir / "lenet_gaussian.safetensors"
+    model = models.lenet_mnist().to(device)
+    t0 = time.perf_counter()
+    _, history = train(
+        model,
+        (train_x, train_y),
+        method="gaussian",
+        sigma=args.sigma,
+        epochs=args.epochs,
+        batch_size=64,
+        lr=0.05,
+        seed=args.seed,
+        eval_data=(test_x, test_y),
+        log=lambda e: print(
+            f"epoch {e['epoch']}: loss {e['loss']:.4f} train acc {e['accuracy']:.4f} "
+            f"test acc {e['eval_accuracy']:.4f} noisy test acc {e['eval_noisy_accuracy']:.4f} ({e['seconds']:.1f}s)"
+        ),
+    )
+    models.save(
+        model,
+        ckpt,
+        method="gaussian",
+        sigma=args.sigma,
+        epochs=args.epochs,
+        dataset="mnist-embedded",
+        history=history,
+        train_seconds=time.perf_counter() - t0,
+    )
+    indices = select_indices(test_x.shape[0], 1, args.images)
+    settings = {
+        "command": "demo",
+        "checkpoint_sha256": _sha256(ckpt),
+        "dataset": "mnist-embedded",
+        "split": "test",
+        "sigma": args.sigma,
+        "n0": args.n0,
+        "n": args.n,
+        "alpha": args.alpha,
+        "seed": args.seed,
+        "images": args.images,
+    }
+    summ = run_certify(
+        model,
+        test_x,
+        test_y,
+        indices,
+        out_dir / "certify.tsv",
+        settings,
+        sigma=args.sigma,
+        n0=args.n0,
+        n=args.n,
+        alpha=args.alpha,
+        batch_size=None,
+        seed=args.seed,
+        overwrite=True,
+        show_progress=not args.quiet,
+    )
+    print(
+        f"\nLeNet, Gaussian augmentation sigma={args.sigma}, {args.epochs} epochs; certify n0={args.n0} "
+        f"n={args.n} alpha={args.alpha} on {args.images} test images"
+    )
+    print(format_table(summ))
+    print(f"\nwrote {ckpt}, {out_dir / 'certify.tsv'}, {out_dir / 'certify.json'}, {out_dir / 'certify.png'}")
+    return 0
+
+
+def cmd_make_subset(args) -> int:
+    from . import data
+
+    info = data.cut_mnist_subset(args.src, args.dst, n_train=args.train, n_test=args.test, seed=args.seed)
+    print(json.dumps(info, indent=2))
+    return 0
+
+
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if not value > 0 or value != value or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text}")
+    return value
+
+
+def _unit_interval(text: str) -> float:
+    value = float(text)
+    if not 0 < value < 1:
+        raise argparse.ArgumentTypeError(f"must lie in (0, 1), got {text}")
+    return value
+
+
+def _int_at_least(lo: int):
+    def parse(text: str) -> int:
+        value = int(text)
+        if value < lo:
+            raise argparse.ArgumentTypeError(f"must be an integer >= {lo}, got {text}")
+        return value
+
+    return parse
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m engine", description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("certify", help="certify a model over a data set (resumable TSV log + JSON + PNG)")
+    p.add_argument("--checkpoint", required=True, help="model .safetensors written by engine.models.save")
+    p.add_argument("--dataset", choices=("mnist", "cifar10"), required=True)
+    p.add_argument("--data-root", default=None, help="data folder (mnist: default the embedded subset)")
+    p.add_argument("--split", choices=("train", "test"), default="test")
+    p.add_argument("--sigma", type=_positive_float, required=True)
+    p.add_argument("--n0", type=_int_at_least(1), default=100)
+    p.add_argument("--n", type=_int_at_least(1), default=100_000)
+    p.add_argument("--alpha", type=_unit_interval, default=0.001)
+    p.add_argument("--batch", type=_int_at_least(1), default=None, help="noisy samples per forward pass")
+    p.add_argument("--skip", type=_int_at_least(1), default=1, help="certify every skip-th image")
+    p.add_argument("--max", type=int, default=-1, help="stop before this index (-1: all)")
+    p.add_argument("--shard", type=_int_at_least(0), default=0, help="this shard's number (0-based)")
+    p.add_argument("--num-shards", type=_int_at_least(1), default=1)
+    p.add_argument("--seed", type=_int_at_least(0), default=0)
+    p.add_argument("--backend", choices=("auto", "torch", "cpp"), default="auto")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--out", required=True, help="results .tsv (results .json and .png are written beside it)")
+    p.add_argument("--overwrite", action="store_true", help="start again instead of resuming")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=cmd_certify)
+
+    p = sub.add_parser("demo", help="embedded default: train LeNet (Gaussian aug.) on shipped MNIST, certify 100 images")
+    p.add_argument("--out-dir", default="runs/demo")
+    p.add_argument("--sigma", type=_positive_float, default=0.25)
+    p.add_argument("--epochs", type=_int_at_least(1), default=4)
+    p.add_argument("--images", type=_int_at_least(1), default=100)
+    p.add_argument("--n0", type=_int_at_least(1), default=100)
+    p.add_argument("--n", type=_int_at_least(1), default=10_000)
+    p.add_argument("--alpha", type=_unit_interval, default=0.001)
+    p.add_argument("--seed", type=_int_at_least(0), default=0)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("make-subset", help="cut a small MNIST subset (gzipped idx files)")
+    p.add_argument("--src", required=True)
+    p.add_argument("--dst", required=True)
+    p.add_argument("--train", type=_int_at_least(1), default=10_000)
+    p.add_argument("--test", type=_int_at_least(1), default=2_000)
+    p.add_argument("--seed", type=_int_at_least(0), default=0)
+    p.set_defaults(func=cmd_make_subset)
+    return parser
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if getattr(args, "shard", 0) >= getattr(args, "num_shards", 1):
+        parser.error(f"--shard must be < --num-shards ({args.num_shards})")
+    from .data import DataError
+    from .models import CheckpointError
+    from .results import ResultsError
+
+    try:
+        return args.func(args)
+    except (DataError, CheckpointError, ResultsError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2

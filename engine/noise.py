@@ -1,0 +1,319 @@
+"""Counter-based Gaussian noise keyed by (seed, image, sample).
+
+Every backend of the engine (this plain-PyTorch reference, the C++ CPU op in ``engine._C`` and the
+Triton kernels in ``kernels/``) produces the *same bits* for the same key, so a given seed gives the
+same noise, and hence the same counts, for every batch size, every sharding and every backend.
+
+Definition of the stream
+------------------------
+For an image with D pixels (C*H*W, row-major), pixel ``p`` of noisy sample ``s`` of image ``i`` in
+stream ``t`` comes from one Philox4x32-10 block (Salmon et al. 2011, as in Random123 and Triton):
+
+    key     = (seed mod 2^32, seed >> 32)
+    counter = (p >> 2, s, i, t)            -> four uint32 words (w0, w1, w2, w3)
+    pixel p uses lane p & 3: lanes 0, 1 come from the Box-Muller pair (w0, w1), lanes 2, 3 from
+    (w2, w3): lane 0/2 is r cos(theta), lane 1/3 is r sin(theta).
+
+Box-Muller uses only operations that IEEE-754 rounds exactly (integer ops, int->float conversion
+of integers below 2^25, float32 +, -, *, sqrt) so every backend agrees to the bit:
+
+    u1    = ((w_a >> 8) + 1) * 2^-24       in (0, 1]   (min 2^-24: |z| <= 5.77, like torch/Triton)
+    ln u1 = ln(m) + (e - 24) ln 2           a = 2^e m exactly, m in [sqrt(1/2), sqrt(2)), with
+            ln(m) = f * P(f), f = m - 1      P a degree-9 polynomial (float32 Horner)
+    r     = sqrt(-2 ln u1)
+    theta = 2 pi (w_b >> 8) 2^-24 = k pi/2 + (pi/4) t, k in {0..3}, t in [-1, 1) exact
+            sin((pi/4) t) = t S(t^2), cos((pi/4) t) = C(t^2)   (degrees 4 and 5)
+
+The polynomial coefficients are float32 values of a relative least-squares fit on Chebyshev nodes
+(see :func:`fit_polynomials`); each approximation is within about 1e-7 relative of the float64
+function. Noisy inputs are ``float32(x + float32(sigma * z))`` (no fused multiply-add), then cast
+to the model's input dtype.
+
+Stream tags: :data:`STREAM_SELECTION` (0), :data:`STREAM_ESTIMATION` (1), :data:`STREAM_PREDICT`
+(2); training and attacks use tags from 16 on.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+__all__ = [
+    "STREAM_SELECTION",
+    "STREAM_ESTIMATION",
+    "STREAM_PREDICT",
+    "philox4x32_ref",
+    "gaussian_noise",
+    "noisy_batch",
+    "noisy_batch_ref",
+    "fit_polynomials",
+]
+
+STREAM_SELECTION = 0
+STREAM_ESTIMATION = 1
+STREAM_PREDICT = 2
+
+MASK32 = 0xFFFFFFFF
+PHILOX_M0 = 0xD2511F53
+PHILOX_M1 = 0xCD9E8D57
+PHILOX_W0 = 0x9E3779B9
+PHILOX_W1 = 0xBB67AE85
+PHILOX_ROUNDS = 10
+
+# float32 coefficients, lowest degree first (exact float32 values written as Python floats).
+LOG_COEFFS = (
+    1.0,
+    -0.49999988079071045,
+    0.33333346247673035,
+    -0.2500157952308655,
+    0.200008362531662,
+    -0.1660829782485962,
+    0.1420142948627472,
+    -0.13268345594406128,
+    0.12796849012374878,
+    -0.07434117794036865,
+)
+SIN_COEFFS = (
+    0.7853981852531433,
+    -0.08074551075696945,
+    0.002490393118932843,
+    -3.6572346289176494e-05,
+    3.0897433589416323e-07,
+)
+COS_COEFFS = (
+    1.0,
+    -0.3084251284599304,
+    0.01585434377193451,
+    -0.0003259916848037392,
+    3.590463165892288e-06,
+    -2.4263625775233777e-08,
+)
+LN2_F32 = 0.6931471824645996  # float32(ln 2)
+SQRT2_F32 = 1.4142135381698608  # float32(sqrt 2)
+MAX_SEED = 2**64 - 1
+MAX_INDEX = 2**32 - 1
+
+
+def fit_polynomials(n_nodes: int = 20000) -> dict[str, tuple[float, ...]]:
+    """Re-derive the Box-Muller polynomial coefficients (float64 fit rounded to float32).
+
+    Relative least squares on Chebyshev nodes of: ln(1 + f) / f on [sqrt(1/2) - 1, sqrt(2) - 1]
+    (degree 9), sin(pi/4 sqrt(s)) / sqrt(s) on [0, 1] (degree 4), cos(pi/4 sqrt(s)) on [0, 1]
+    (degree 5). The module constants are this function's output.
+    """
+    import numpy as np
+
+    def fit(fn, lo, hi, deg):
+        k = np.arange(n_nodes)
+        x = (lo + hi) / 2 + (hi - lo) / 2 * np.cos(np.pi * (k + 0.5) / n_nodes)
+        y = fn(x)
+        w = 1.0 / np.abs(y)
+        vander = np.vander(x, deg + 1, increasing=True)
+        c, *_ = np.linalg.lstsq(vander * w[:, None], y * w, rcond=None)
+        return tuple(float(np.float32(ci)) for ci in c)
+
+    def log_ratio(f):
+        safe = np.where(f == 0, 1.0, f)
+        return np.where(f == 0, 1.0, np.log1p(f) / safe)
+
+    def sin_ratio(s):
+        root = np.sqrt(s)
+        safe = np.where(s == 0, 1.0, root)
+        return np.where(s == 0, np.pi / 4, np.sin(np.pi / 4 * root) / safe)
+
+    return {
+        "log": fit(log_ratio, math.sqrt(0.5) - 1, math.sqrt(2) - 1, 9),
+        "sin": fit(sin_ratio, 0.0, 1.0, 4),
+        "cos": fit(lambda s: np.cos(np.pi / 4 * np.sqrt(s)), 0.0, 1.0, 5),
+    }
+
+
+# ----------------------------------------------------------------------------------------------
+# Plain-PyTorch reference (int64 tensors holding uint32 values)
+# ----------------------------------------------------------------------------------------------
+
+
+def _mulhilo(a: int, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(hi, lo) 32-bit halves of the 64-bit product of the constant ``a`` and uint32 ``b``.
+
+    Splits ``a`` into 16-bit halves so that no intermediate leaves int64's range.
+    """
+    a_hi, a_lo = a >> 16, a & 0xFFFF
+    p_hi = a_hi * b  # < 2^48
+    p_lo = a_lo * b  # < 2^48
+    hi = (p_hi + (p_lo >> 16)) >> 16
+    lo = (((p_hi & 0xFFFF) << 16) + p_lo) & MASK32
+    return hi, lo
+
+
+def philox4x32_ref(c0, c1, c2, c3, seed: int, rounds: int = PHILOX_ROUNDS):
+    """Philox4x32 on broadcastable int64 tensors of uint32 counter words; key from ``seed``.
+
+    Returns four int64 tensors of uint32 values. Matches Random123's philox4x32_10 and Triton's
+    ``tl.philox`` word for word.
+    """
+    k0, k1 = seed & MASK32, (seed >> 32) & MASK32
+    c0, c1, c2, c3 = torch.broadcast_tensors(*(torch.as_tensor(c, dtype=torch.int64) for c in (c0, c1, c2, c3)))
+    for _ in range(rounds):
+        hi0, lo0 = _mulhilo(PHILOX_M0, c0)
+        hi1, lo1 = _mulhilo(PHILOX_M1, c2)
+        c0, c1, c2, c3 = hi1 ^ c1 ^ k0, lo1, hi0 ^ c3 ^ k1, lo0
+        k0 = (k0 + PHILOX_W0) & MASK32
+        k1 = (k1 + PHILOX_W1) & MASK32
+    return c0, c1, c2, c3
+
+
+def _f32(value: float, like: torch.Tensor) -> torch.Tensor:
+    return torch.tensor(value, dtype=torch.float32, device=like.device)
+
+
+def _horner(coeffs, x: torch.Tensor) -> torch.Tensor:
+    acc = _f32(coeffs[-1], x).expand_as(x)
+    for c in coeffs[-2::-1]:
+        acc = acc * x
+        acc = acc + _f32(c, x)
+    return acc
+
+
+def _sqrt_rn(x: torch.Tensor) -> torch.Tensor:
+    """Correctly rounded float32 square root of non-negative float32 ``x``.
+
+    ``torch.sqrt`` on CPU is not correctly rounded (SIMD approximations), so round a float64 root
+    and fix it: the midpoints between float32 neighbours have 25 significant bits, so their squares
+    are exact in float64 and decide the rounding exactly.
+    """
+    x64 = x.to(torch.float64)
+    y = torch.sqrt(x64).to(torch.float32)
+    y64 = y.to(torch.float64)
+    up = torch.nextafter(y, torch.full_like(y, math.inf))
+    mid_up = y64 + (up.to(torch.float64) - y64) * 0.5
+    y = torch.where(mid_up * mid_up < x64, up, y)
+    y64 = y.to(torch.float64)
+    down = torch.nextafter(y, torch.zeros_like(y))
+    mid_down = y64 - (y64 - down.to(torch.float64)) * 0.5
+    return torch.where(mid_down * mid_down > x64, down, y)
+
+
+def _box_muller_ref(wa: torch.Tensor, wb: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Two float32 normals from two uint32 words, bit-exact with every other backend."""
+    a = (wa >> 8) + 1  # [1, 2^24]
+    af = a.to(torch.float32)  # exact
+    bits = af.view(torch.int32).to(torch.int64)
+    e = (bits >> 23) - 127
+    m = ((bits & 0x7FFFFF) | 0x3F800000).to(torch.int32).view(torch.float32)  # [1, 2)
+    big = m >= _f32(SQRT2_F32, m)
+    m = torch.where(big, m * _f32(0.5, m), m)
+    e = e + big.to(torch.int64)
+    f = m - _f32(1.0, m)
+    ln_u1 = f * _horner(LOG_COEFFS, f) + (e - 24).to(torch.float32) * _f32(LN2_F32, f)
+    r = _sqrt_rn(torch.clamp_min(ln_u1 * _f32(-2.0, f), 0.0))
+
+    b = wb >> 8  # [0, 2^24)
+    k = (b + (1 << 21)) >> 22
+    t = (b - (k << 22)).to(torch.float32) * _f32(2.0**-21, f)  # [-1, 1), exact
+    s = t * t
+    sin_t = t * _horner(SIN_COEFFS, s)
+    cos_t = _horner(COS_COEFFS, s)
+    k = k & 3
+    cos_th = torch.where(k == 0, cos_t, torch.where(k == 1, -sin_t, torch.where(k == 2, -cos_t, sin_t)))
+    sin_th = torch.where(k == 0, sin_t, torch.where(k == 1, cos_t, torch.where(k == 2, -sin_t, -cos_t)))
+    return r * cos_th, r * sin_th
+
+
+def _noise_rows_ref(ids: torch.Tensor, samples: torch.Tensor, num_pixels: int, seed: int, stream: int) -> torch.Tensor:
+    """(R, num_pixels) float32 noise for rows (image id, sample index), plain PyTorch."""
+    device = ids.device
+    groups = (num_pixels + 3) // 4
+    g = torch.arange(groups, dtype=torch.int64, device=device)[None, :]
+    w0, w1, w2, w3 = philox4x32_ref(g, samples[:, None], ids[:, None], stream, seed)
+    z0, z1 = _box_muller_ref(w0, w1)
+    z2, z3 = _box_muller_ref(w2, w3)
+    z = torch.stack((z0, z1, z2, z3), dim=-1).reshape(ids.shape[0], groups * 4)
+    return z[:, :num_pixels]
+
+
+# ----------------------------------------------------------------------------------------------
+# Public entry points
+# ----------------------------------------------------------------------------------------------
+
+
+def _check_key(seed: int, stream: int) -> None:
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= MAX_SEED:
+        raise ValueError(f"seed must be an integer in [0, 2^64), got {seed!r}")
+    if isinstance(stream, bool) or not isinstance(stream, int) or not 0 <= stream <= MAX_INDEX:
+        raise ValueError(f"stream must be an integer in [0, 2^32), got {stream!r}")
+
+
+def _check_rows(x: torch.Tensor, row_image: torch.Tensor, row_sample: torch.Tensor, image_ids: torch.Tensor) -> None:
+    if not isinstance(x, torch.Tensor) or x.dim() < 1:
+        raise ValueError("x must be a tensor of shape (B, ...) holding the clean images")
+    for name, t in (("row_image", row_image), ("row_sample", row_sample), ("image_ids", image_ids)):
+        if not isinstance(t, torch.Tensor) or t.dim() != 1 or t.dtype != torch.int64:
+            raise ValueError(f"{name} must be a 1-D int64 tensor, got {getattr(t, 'shape', type(t))}")
+    if row_image.shape != row_sample.shape:
+        raise ValueError(f"row_image {tuple(row_image.shape)} and row_sample {tuple(row_sample.shape)} differ in shape")
+    if image_ids.shape[0] != x.shape[0]:
+        raise ValueError(f"image_ids has {image_ids.shape[0]} entries, x has {x.shape[0]} images")
+
+
+def noisy_batch_ref(x, row_image, row_sample, image_ids, *, seed, stream, sigma, dtype=torch.float32):
+    """Plain-PyTorch reference of :func:`noisy_batch` (same arguments, same bits)."""
+    _check_rows(x, row_image, row_sample, image_ids)
+    _check_key(seed, stream)
+    flat = x.reshape(x.shape[0], -1).to(torch.float32)
+    z = _noise_rows_ref(image_ids[row_image], row_sample, flat.shape[1], seed, stream)
+    out = flat[row_image] + z * _f32(float(sigma), z)
+    return out.to(dtype).reshape((row_image.shape[0],) + tuple(x.shape[1:]))
+
+
+def noisy_batch(x, row_image, row_sample, image_ids, *, seed, stream, sigma, dtype=torch.float32, backend="auto"):
+    """Noisy copies of clean images, written straight into a forward batch.
+
+    Args:
+        x: (B, C, H, W) float clean images (any trailing shape works).
+        row_image: (R,) int64, row r copies image ``x[row_image[r]]``.
+        row_sample: (R,) int64 sample index of row r, in [0, 2^32).
+        image_ids: (B,) int64 global id of each image in [0, 2^32) (its index in the data set).
+        seed, stream: the key of the noise stream (see module docstring).
+        sigma: noise standard deviation in pixel units.
+        dtype: output dtype (float32, float16 or bfloat16).
+        backend: "auto" (C++ op on CPU when built, else reference), "torch" or "cpp".
+
+    Returns:
+        (R, C, H, W) tensor ``dtype(float32(x + float32(sigma * z)))``, ``z`` the keyed noise.
+    """
+    from . import _ext
+
+    if backend not in ("auto", "torch", "cpp"):
+        raise ValueError(f"backend must be 'auto', 'torch' or 'cpp', got {backend!r}")
+    use_cpp = backend == "cpp" or (backend == "auto" and x.device.type == "cpu" and _ext.available())
+    if not use_cpp:
+        return noisy_batch_ref(x, row_image, row_sample, image_ids, seed=seed, stream=stream, sigma=sigma, dtype=dtype)
+    _check_rows(x, row_image, row_sample, image_ids)
+    _check_key(seed, stream)
+    _ext.require("noisy_batch backend 'cpp'")
+    seed_signed = seed - 2**64 if seed >= 2**63 else seed  # schema ints are int64; same 64 bits
+    return torch.ops.engine.noisy_batch(
+        x.to(torch.float32).contiguous(),
+        row_image.contiguous(),
+        row_sample.contiguous(),
+        image_ids.contiguous(),
+        seed_signed,
+        stream,
+        float(sigma),
+        dtype,
+    )
+
+
+def gaussian_noise(image_ids, samples, shape, *, seed, stream, backend="auto"):
+    """Standard normal noise of shape (R, *shape) for rows (image_ids[r], samples[r]).
+
+    ``image_ids`` and ``samples`` are (R,) int64. Equal to :func:`noisy_batch` of a zero image with
+    sigma 1, so it is the exact noise the certification paths add (before the sigma scaling).
+    """
+    image_ids = torch.as_tensor(image_ids, dtype=torch.int64)
+    samples = torch.as_tensor(samples, dtype=torch.int64, device=image_ids.device)
+    zeros = torch.zeros((image_ids.shape[0],) + tuple(shape), dtype=torch.float32, device=image_ids.device)
+    rows = torch.arange(image_ids.shape[0], dtype=torch.int64, device=image_ids.device)
+    return noisy_batch(zeros, rows, samples, image_ids, seed=seed, stream=stream, sigma=1.0, backend=backend)

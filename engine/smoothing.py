@@ -1,0 +1,354 @@
+"""Randomized-smoothing CERTIFY and PREDICT (Cohen, Rosenfeld and Kolter, ICML 2019).
+
+The smoothed classifier is g(x) = argmax_c P[f(x + e) = c], e ~ N(0, sigma^2 I), with the noise
+added in pixel space. Noise comes from the keyed stream of :mod:`engine.noise`: sample ``s`` of the
+image with id ``i`` is the same for any batch size, any packing of images into forward batches and
+any sharding of a data set, so results depend only on (model, x, ids, sigma, n0, n, alpha, seed).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+import torch
+
+from . import noise as _noise
+from .stats import binomial_two_sided_pvalue, certified_radius, clopper_pearson_lower
+
+__all__ = ["certify", "predict", "CertifyResult", "sample_counts", "ABSTAIN"]
+
+ABSTAIN = -1
+BACKENDS = ("auto", "torch", "cpp")
+
+
+@dataclass
+class CertifyResult:
+    """Per-image outcome of :func:`certify` (all tensors on the CPU).
+
+    prediction: (B,) int64, the certified class, -1 = abstain.
+    radius: (B,) float64, certified L2 radius (0 when abstaining).
+    counts_selection: (B, num_classes) int64, top-1 counts of the n0 selection samples.
+    counts_estimation: (B, num_classes) int64, top-1 counts of the n estimation samples.
+    p_lower: (B,) float64, one-sided Clopper-Pearson lower bound on p_A.
+    seconds: (B,) float64, wall time of the call shared equally by the images (each draws the same
+        number of samples; with one image per call it is that image's time).
+    """
+
+    prediction: torch.Tensor
+    radius: torch.Tensor
+    counts_selection: torch.Tensor
+    counts_estimation: torch.Tensor
+    p_lower: torch.Tensor
+    seconds: torch.Tensor
+
+    def __len__(self) -> int:
+        return int(self.prediction.shape[0])
+
+
+# ----------------------------------------------------------------------------------------------
+# validation
+# ----------------------------------------------------------------------------------------------
+
+
+def _check_int(name: str, value, lo: int, hi: int | None = None) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise TypeError(f"{name} must be an integer, got {type(value).__name__} {value!r}")
+    value = int(value)
+    if value < lo or (hi is not None and value > hi):
+        bound = f">= {lo}" if hi is None else f"in [{lo}, {hi}]"
+        raise ValueError(f"{name} must be {bound}, got {value}")
+    return value
+
+
+def _check_sigma(sigma) -> float:
+    if isinstance(sigma, bool) or not isinstance(sigma, (int, float, np.floating, np.integer)):
+        raise TypeError(f"sigma must be a number, got {type(sigma).__name__}")
+    sigma = float(sigma)
+    if not np.isfinite(sigma) or sigma <= 0:
+        raise ValueError(f"sigma must be a finite number > 0, got {sigma}")
+    return sigma
+
+
+def _check_alpha(alpha) -> float:
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float, np.floating)):
+        raise TypeError(f"alpha must be a number, got {type(alpha).__name__}")
+    alpha = float(alpha)
+    if not 0.0 < alpha < 1.0:
+        raise ValueError(f"alpha must lie in (0, 1), got {alpha}")
+    return alpha
+
+
+def check_images(x) -> torch.Tensor:
+    """Validate x: a (B, C, H, W) floating tensor of finite pixels in [0, 1]."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"x must be a torch.Tensor of shape (B, C, H, W), got {type(x).__name__}")
+    if x.dim() != 4:
+        raise ValueError(f"x must have shape (B, C, H, W), got {tuple(x.shape)} (rank {x.dim()})")
+    if not x.is_floating_point():
+        raise TypeError(f"x must be a floating tensor with pixels in [0, 1], got {x.dtype}")
+    if x.numel():
+        if not bool(torch.isfinite(x).all()):
+            raise ValueError("x contains NaN or infinite pixels")
+        lo, hi = float(x.min()), float(x.max())
+        if lo < 0.0 or hi > 1.0:
+            raise ValueError(f"x pixels must lie in [0, 1], got range [{lo:.6g}, {hi:.6g}]")
+    return x
+
+
+def _check_ids(image_ids, batch: int) -> torch.Tensor:
+    if image_ids is None:
+        return torch.arange(batch, dtype=torch.int64)
+    ids = torch.as_tensor(image_ids)
+    if ids.dtype.is_floating_point or ids.dtype == torch.bool or ids.dim() != 1 or ids.shape[0] != batch:
+        raise ValueError(
+            f"image_ids must be a 1-D integer tensor with one id per image ({batch}), got {tuple(ids.shape)} {ids.dtype}"
+        )
+    ids = ids.to(torch.int64).cpu()
+    if batch and (int(ids.min()) < 0 or int(ids.max()) > _noise.MAX_INDEX):
+        raise ValueError("image_ids must lie in [0, 2^32)")
+    return ids
+
+
+def model_device(model: torch.nn.Module, fallback: torch.device) -> torch.device:
+    """Device of the model's first parameter or buffer (``fallback`` for a stateless model)."""
+    for t in model.parameters():
+        return t.device
+    for t in model.buffers():
+        return t.device
+    return fallback
+
+
+def default_batch_size(pixels: int, device: torch.device) -> int:
+    """Noisy samples per forward pass: about 1 MiB (CPU, cache-sized) or 64 MiB (GPU) of float32 input."""
+    budget = 2**18 if device.type == "cpu" else 2**24
+    return max(1, budget // max(1, pixels))
+
+
+class _EvalMode:
+    """Context manager: model in eval mode (BatchNorm statistics fixed), original mode restored."""
+
+    def __init__(self, model: torch.nn.Module):
+        self.model = model
+
+    def __enter__(self):
+        self.was_training = self.model.training
+        self.model.eval()
+        return self.model
+
+    def __exit__(self, *exc):
+        self.model.train(self.was_training)
+        return False
+
+
+# ----------------------------------------------------------------------------------------------
+# sampling
+# ----------------------------------------------------------------------------------------------
+
+
+def sample_counts(
+    model: torch.nn.Module,
+    x: torch.Tensor,
+    image_ids: torch.Tensor,
+    num: int,
+    stream: int,
+    *,
+    sigma: float,
+    seed: int,
+    batch_size: int,
+    backend: str = "auto",
+    progress: Callable[[int], None] | None = None,
+) -> torch.Tensor:
+    """Top-1 class counts of ``model`` on ``num`` keyed noisy copies of each image.
+
+    The B * num (image, sample) rows are laid out image-major and cut into forward batches of
+    ``batch_size`` rows, so samples of several images share a batch when num < batch_size. The
+    model must be in the mode the caller wants (certification uses eval mode). Returns (B, K) int64
+    on the model's device; ``progress(rows_done)`` is called after every batch.
+    """
+    batch = x.shape[0]
+    device = x.device
+    ids = image_ids.to(device)
+    total = batch * num
+    counts = None
+    num_classes = None
+    for start in range(0, total, batch_size):
+        stop = min(total, start + batch_size)
+        rows = torch.arange(start, stop, dtype=torch.int64, device=device)
+        row_image = torch.div(rows, num, rounding_mode="floor")
+        row_sample = rows - row_image * num
+        noisy = _noise.noisy_batch(x, row_image, row_sample, ids, seed=seed, stream=stream, sigma=sigma, backend=backend)
+        logits = model(noisy)
+        if not isinstance(logits, torch.Tensor) or logits.dim() != 2 or logits.shape[0] != stop - start:
+            shape = tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
+            raise ValueError(f"model output must be logits of shape ({stop - start}, num_classes), got {shape}")
+        if num_classes is None:
+            num_classes = logits.shape[1]
+            if num_classes < 1:
+                raise ValueError("model output has no classes")
+            counts = torch.zeros(batch * num_classes, dtype=torch.int64, device=device)
+        elif logits.shape[1] != num_classes:
+            raise ValueError(f"model output changed from {num_classes} to {logits.shape[1]} classes between batches")
+        if not bool(torch.isfinite(logits).all()):
+            raise ValueError("model output contains NaN or infinite logits")
+        pred = logits.argmax(dim=1)  # ties -> lowest class index
+        counts.index_add_(0, row_image * num_classes + pred, torch.ones_like(pred))
+        if progress is not None:
+            progress(stop - start)
+    if counts is None:
+        return torch.zeros((batch, 0), dtype=torch.int64, device=device)
+    return counts.view(batch, num_classes)
+
+
+def _prepare(model, x, image_ids, batch_size, seed, backend):
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module returning logits, got {type(model).__name__}")
+    x = check_images(x)
+    ids = _check_ids(image_ids, x.shape[0])
+    _check_int("seed", seed, 0, _noise.MAX_SEED)
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    device = model_device(model, x.device)
+    x = x.detach().to(device=device, dtype=torch.float32)
+    pixels = int(np.prod(x.shape[1:])) if x.dim() == 4 else 1
+    if batch_size is None:
+        batch_size = default_batch_size(pixels, device)
+    batch_size = _check_int("batch_size", batch_size, 1)
+    return x, ids, batch_size
+
+
+def _progress_bar(enabled, total: int, desc: str):
+    if not enabled:
+        return None, None
+    if callable(enabled):
+        return enabled, None
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=total, desc=desc, unit="samples", unit_scale=True, dynamic_ncols=True)
+    return bar.update, bar
+
+
+def certify(
+    model: torch.nn.Module,
+    x: torch.Tensor,
+    *,
+    sigma: float,
+    n0: int = 100,
+    n: int = 100_000,
+    alpha: float = 0.001,
+    batch_size: int | None = None,
+    seed: int = 0,
+    image_ids=None,
+    backend: str = "auto",
+    progress=False,
+) -> CertifyResult:
+    """Certify the smoothed classifier of ``model`` at each image of ``x`` (Cohen et al., CERTIFY).
+
+    Args:
+        model: any ``nn.Module`` mapping (N, C, H, W) pixels in [0, 1] to (N, num_classes) logits,
+            input normalisation inside the model. Run in eval mode (restored afterwards).
+        x: (B, C, H, W) float pixels in [0, 1].
+        sigma: noise standard deviation (pixel units), > 0.
+        n0: selection samples per image; n: estimation samples per image (fresh, independent).
+        alpha: failure probability in (0, 1).
+        batch_size: noisy samples per forward pass (None: :func:`default_batch_size`).
+        seed: key of the noise stream, in [0, 2^64).
+        image_ids: (B,) ids keying the noise of each image (default 0..B-1); pass data-set indices
+            so that results do not depend on how a data set is split into calls or shards.
+        backend: "auto" (fastest correct path), "torch" (plain PyTorch), "cpp" (C++ noise op).
+        progress: True for a progress bar over samples, or a callable receiving rows done.
+
+    Returns:
+        :class:`CertifyResult`. Guarantee: for each image, with probability at least 1 - alpha over
+        the sampling, if the prediction is a class c_A (not -1) then the smoothed classifier g
+        predicts c_A at every x + d with ||d||_2 < radius.
+    """
+    sigma = _check_sigma(sigma)
+    n0 = _check_int("n0", n0, 1, _noise.MAX_INDEX + 1)
+    n = _check_int("n", n, 1, _noise.MAX_INDEX + 1)
+    alpha = _check_alpha(alpha)
+    x, ids, batch_size = _prepare(model, x, image_ids, batch_size, seed, backend)
+    batch = x.shape[0]
+    update, bar = _progress_bar(progress, batch * (n0 + n), "certify")
+    start = time.perf_counter()
+    try:
+        with _EvalMode(model), torch.inference_mode():
+            common = dict(sigma=sigma, seed=seed, batch_size=batch_size, backend=backend, progress=update)
+            counts0 = sample_counts(model, x, ids, n0, _noise.STREAM_SELECTION, **common).cpu()
+            counts = sample_counts(model, x, ids, n, _noise.STREAM_ESTIMATION, **common).cpu()
+    finally:
+        if bar is not None:
+            bar.close()
+    elapsed = time.perf_counter() - start
+    if batch == 0:
+        empty = torch.zeros(0, dtype=torch.float64)
+        return CertifyResult(torch.zeros(0, dtype=torch.int64), empty, counts0, counts, empty.clone(), empty.clone())
+    c_a = counts0.argmax(dim=1)  # ties -> lowest class index
+    n_a = counts.gather(1, c_a[:, None])[:, 0]
+    p_lower = clopper_pearson_lower(n_a.numpy(), n, alpha)
+    abstain = p_lower < 0.5
+    radius = np.where(abstain, 0.0, certified_radius(np.maximum(p_lower, 0.5), sigma))
+    prediction = torch.where(torch.from_numpy(abstain), torch.full_like(c_a, ABSTAIN), c_a)
+    return CertifyResult(
+        prediction=prediction,
+        radius=torch.from_numpy(radius.astype(np.float64)),
+        counts_selection=counts0,
+        counts_estimation=counts,
+        p_lower=torch.from_numpy(np.asarray(p_lower, dtype=np.float64)),
+        seconds=torch.full((batch,), elapsed / batch, dtype=torch.float64),
+    )
+
+
+def predict(
+    model: torch.nn.Module,
+    x: torch.Tensor,
+    *,
+    sigma: float,
+    n: int = 100_000,
+    alpha: float = 0.001,
+    batch_size: int | None = None,
+    seed: int = 0,
+    image_ids=None,
+    backend: str = "auto",
+    progress=False,
+) -> torch.Tensor:
+    """Predict with the smoothed classifier (Cohen et al., PREDICT): (B,) int64, -1 = abstain.
+
+    Counts the top-1 classes of n noisy samples per image; with top counts c1 >= c2 it abstains
+    when the two-sided binomial test of c1 against Binomial(c1 + c2, 1/2) has p-value > alpha.
+    Guarantee: the probability of returning a class other than g(x) is at most alpha.
+    Arguments as in :func:`certify` (the samples come from a stream of their own).
+    """
+    sigma = _check_sigma(sigma)
+    n = _check_int("n", n, 1, _noise.MAX_INDEX + 1)
+    alpha = _check_alpha(alpha)
+    x, ids, batch_size = _prepare(model, x, image_ids, batch_size, seed, backend)
+    update, bar = _progress_bar(progress, x.shape[0] * n, "predict")
+    try:
+        with _EvalMode(model), torch.inference_mode():
+            counts = sample_counts(
+                model,
+                x,
+                ids,
+                n,
+                _noise.STREAM_PREDICT,
+                sigma=sigma,
+                seed=seed,
+                batch_size=batch_size,
+                backend=backend,
+                progress=update,
+            ).cpu()
+    finally:
+        if bar is not None:
+            bar.close()
+    out = torch.full((x.shape[0],), ABSTAIN, dtype=torch.int64)
+    for b in range(x.shape[0]):
+        row = counts[b].tolist()
+        top = sorted(range(len(row)), key=lambda c: (-row[c], c))[:2]  # ties -> lowest class index
+        c1 = int(row[top[0]])
+        c2 = int(row[top[1]]) if len(top) > 1 else 0
+        if binomial_two_sided_pvalue(c1, c1 + c2, 0.5) <= alpha:
+            out[b] = top[0]
+    return out

@@ -1,0 +1,205 @@
+"""Command line end to end on tiny settings, including resume after a killed run."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from engine import models
+from engine.results import HEADER, ResultsError, ResultsLog
+
+
+def _run(args, **kw):
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    return subprocess.run([sys.executable, "-m", "engine", *args], capture_output=True, text=True, env=env, **kw)
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    torch.manual_seed(0)
+    model = models.lenet_mnist()
+    with torch.no_grad():
+        model[-1].weight.mul_(20)
+    path = tmp_path_factory.mktemp("ckpt") / "lenet.safetensors"
+    models.save(model, path, note="random weights for CLI tests")
+    return path
+
+
+def _rows(path):
+    lines = path.read_text().splitlines()
+    assert lines[0] == HEADER
+    return lines[1:]
+
+
+def _certify_args(checkpoint, out, n=200, extra=()):
+    return [
+        "certify",
+        "--checkpoint",
+        str(checkpoint),
+        "--dataset",
+        "mnist",
+        "--sigma",
+        "0.5",
+        "--n0",
+        "10",
+        "--n",
+        str(n),
+        "--skip",
+        "10",
+        "--max",
+        "100",
+        "--out",
+        str(out),
+        "--quiet",
+        *extra,
+    ]
+
+
+def test_certify_end_to_end(tmp_path, checkpoint):
+    out = tmp_path / "res" / "results.tsv"
+    proc = _run(_certify_args(checkpoint, out))
+    assert proc.returncode == 0, proc.stderr
+    rows = _rows(out)
+    assert [int(r.split("\t")[0]) for r in rows] == list(range(0, 100, 10))
+    for r in rows:
+        idx, label, pred, radius, correct, secs = r.split("\t")
+        assert int(correct) == int(int(pred) == int(label)) and float(radius) >= 0 and float(secs) > 0
+    summary = json.loads((tmp_path / "res" / "results.json").read_text())
+    assert summary["images"] == 10 and set(summary["certified_accuracy"]) == {f"{0.25 * i:g}" for i in range(9)}
+    for key in ("acr", "clean_accuracy", "abstain_rate"):
+        assert 0 <= summary[key] <= 2
+    assert (tmp_path / "res" / "results.png").stat().st_size > 1000
+    assert "ACR" in proc.stdout
+
+
+def test_resume_after_kill_and_truncated_line(tmp_path, checkpoint):
+    # reference: an uninterrupted run
+    ref = tmp_path / "ref.tsv"
+    assert _run(_certify_args(checkpoint, ref, n=3000)).returncode == 0
+    ref_rows = _rows(ref)
+
+    out = tmp_path / "run.tsv"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "engine", *_certify_args(checkpoint, out, n=3000)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        if out.exists() and len(out.read_text().splitlines()) >= 4:  # header + 3 rows
+            break
+        time.sleep(0.05)
+    assert proc.poll() is None, "run finished before it could be interrupted"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    done_before = _rows(out)
+    assert 3 <= len(done_before) < 10
+    with open(out, "a") as fh:  # a crash in the middle of writing a row
+        fh.write("70\t3\t")
+
+    # resuming with another batch size is allowed: it does not change any result
+    proc = _run(_certify_args(checkpoint, out, n=3000, extra=("--batch", "123")))
+    assert proc.returncode == 0, proc.stderr
+    assert "truncated" in proc.stderr
+    rows = _rows(out)
+    assert rows[: len(done_before)] == done_before  # kept, not recomputed (time column included)
+    assert [r.split("\t")[0] for r in rows] == [r.split("\t")[0] for r in ref_rows]
+    strip = lambda rs: [r.rsplit("\t", 1)[0] for r in rs]  # noqa: E731  (drop the time column)
+    assert strip(rows) == strip(ref_rows)
+
+    # a resume with other settings is refused with a clear message
+    proc = _run(_certify_args(checkpoint, out, n=1000))
+    assert proc.returncode == 2 and "other settings" in proc.stderr and "n" in proc.stderr
+
+
+def test_results_log_repairs_and_refuses_corruption(tmp_path):
+    path = tmp_path / "r.tsv"
+    log = ResultsLog(path, {"a": 1})
+    log.append(0, 3, 3, 0.5, 1.0)
+    log.append(1, 2, -1, 0.0, 1.0)
+    with open(path, "a") as fh:
+        fh.write("2\t1\t1\t0.4")
+    log = ResultsLog(path, {"a": 1})
+    assert log.done == {0, 1} and log.repaired_bytes > 0
+    assert path.read_text().endswith("\t1.0000\n")
+    with pytest.raises(ResultsError, match="other settings"):
+        ResultsLog(path, {"a": 2})
+    text = path.read_text().splitlines()
+    path.write_text("\n".join([text[0], "garbage", text[1]]) + "\n")
+    with pytest.raises(ResultsError, match="corrupt"):
+        ResultsLog(path, {"a": 1})
+    path.write_text("idx\tlab")  # header cut short by a crash
+    log = ResultsLog(path, {"a": 1})
+    assert path.read_text() == HEADER + "\n" and not log.done
+
+
+def test_cli_argument_errors(tmp_path, checkpoint):
+    proc = _run(
+        ["certify", "--checkpoint", str(checkpoint), "--dataset", "mnist", "--sigma", "-1", "--out", str(tmp_path / "x.tsv")]
+    )
+    assert proc.returncode == 2 and "--sigma" in proc.stderr
+    proc = _run(
+        [
+            "certify",
+            "--checkpoint",
+            str(tmp_path / "none.safetensors"),
+            "--dataset",
+            "mnist",
+            "--sigma",
+            "0.25",
+            "--out",
+            str(tmp_path / "x.tsv"),
+        ]
+    )
+    assert proc.returncode == 2 and "no such checkpoint" in proc.stderr
+    proc = _run(
+        [
+            "certify",
+            "--checkpoint",
+            str(checkpoint),
+            "--dataset",
+            "cifar10",
+            "--data-root",
+            str(tmp_path),
+            "--sigma",
+            "0.25",
+            "--out",
+            str(tmp_path / "x.tsv"),
+        ]
+    )
+    assert proc.returncode == 2 and "CIFAR-10" in proc.stderr
+    proc = _run(
+        [
+            "certify",
+            "--checkpoint",
+            str(checkpoint),
+            "--dataset",
+            "mnist",
+            "--sigma",
+            "0.25",
+            "--shard",
+            "2",
+            "--num-shards",
+            "2",
+            "--out",
+            str(tmp_path / "x.tsv"),
+        ]
+    )
+    assert proc.returncode == 2 and "--shard" in proc.stderr
+
+
+def test_shards_partition_the_run(tmp_path, checkpoint):
+    whole = tmp_path / "whole.tsv"
+    assert _run(_certify_args(checkpoint, whole)).returncode == 0
+    parts = []
+    for k in range(3):
+        out = tmp_path / f"shard{k}.tsv"
+        assert _run(_certify_args(checkpoint, out, extra=("--shard", str(k), "--num-shards", "3"))).returncode == 0
+        parts += _rows(out)
+    strip = lambda rs: sorted(r.rsplit("\t", 1)[0] for r in rs)  # noqa: E731
+    assert strip(parts) == strip(_rows(whole))
