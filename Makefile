@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.engine-installed
 
-.PHONY: setup demo test lint bench clean
+.PHONY: setup demo test lint bench nvcc-check clean
 
 $(STAMP): requirements.txt setup.py $(wildcard csrc/*.cpp csrc/*.h csrc/**/*.cu)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -26,6 +26,9 @@ lint: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) bench/bench_certify.py
+
+nvcc-check: $(STAMP)
+	csrc/nvcc_check.sh
 
 clean:
 	rm -rf build engine/_C*.so *.egg-info

@@ -12,9 +12,6 @@ n0 + n = 100,100.
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
-import platform
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -25,6 +22,9 @@ import torch
 
 import engine
 from engine import models
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import append_json, device_name, record, resolve_device, sync  # noqa: E402
 
 N_FULL = 100_100  # n0 + n of the literature's certification
 
@@ -76,17 +76,6 @@ def plain_loop_certify(model, x, sigma, n0, n, batch_size, num_classes=10):
     return out
 
 
-def _device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return f"CPU {platform.processor() or platform.machine()} x{torch.get_num_threads()} threads"
-
-
-def _sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def run(cfg: Config, provider: str, device: torch.device, sigma: float = 0.25, n0: int = 100, repeats: int = 1) -> Result:
     torch.manual_seed(0)
     model = models.build(cfg.arch).to(device).eval()
@@ -108,10 +97,10 @@ def run(cfg: Config, provider: str, device: torch.device, sigma: float = 0.25, n
         engine.certify(model, x[:1], sigma=sigma, n0=n0, n=small.n, batch_size=cfg.batch_size)
     times = []
     for _ in range(repeats):
-        _sync(device)
+        sync(device)
         t0 = time.perf_counter()
         once()
-        _sync(device)
+        sync(device)
         times.append(time.perf_counter() - t0)
     t = float(np.median(times))
     samples = cfg.images * (n0 + cfg.n)
@@ -142,13 +131,10 @@ def main(argv=None) -> int:
     parser.add_argument("--archs", default="lenet,resnet20,resnet110")
     parser.add_argument("--out", default=None, help="JSON file to append the results to")
     args = parser.parse_args(argv)
-    if args.device == "auto":
-        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    else:
-        device = torch.device(args.device)
+    device = resolve_device(args.device)
     providers = args.providers.split(",")
     results = []
-    print(f"device: {_device_name(device)}; torch {torch.__version__}")
+    print(f"device: {device_name(device)}; torch {torch.__version__}")
     head = ("arch", "provider", "n", "batch", "samples/s", "s/image", "s/img@1e5", "speed-up")
     print("{:10s} {:14s} {:>7s} {:>6s} {:>11s} {:>9s} {:>10s} {:>9s}".format(*head))
     for cfg in configs(device, args.quick):
@@ -164,23 +150,9 @@ def main(argv=None) -> int:
                 f"{r.projected_s_per_image_100k:10.2f} {r.samples_per_s / base:8.2f}x",
                 flush=True,
             )
-    record = {
-        "benchmark": "certify",
-        "device": _device_name(device),
-        "torch": torch.__version__,
-        "engine": engine.__version__,
-        "extension": engine._ext.available(),
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "command": " ".join([Path(sys.argv[0]).as_posix()] + list(argv if argv is not None else sys.argv[1:])),
-        "results": [asdict(r) for r in results],
-    }
+    rec = record("certify", device, [asdict(r) for r in results], argv)
     if args.out:
-        out = Path(args.out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        existing = json.loads(out.read_text()) if out.exists() else []
-        existing.append(record)
-        out.write_text(json.dumps(existing, indent=1) + "\n")
-        print(f"appended to {out}")
+        print(f"appended to {append_json(args.out, rec)}")
     return 0
 
 

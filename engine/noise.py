@@ -278,7 +278,8 @@ def noisy_batch(x, row_image, row_sample, image_ids, *, seed, stream, sigma, dty
         seed, stream: the key of the noise stream (see module docstring).
         sigma: noise standard deviation in pixel units.
         dtype: output dtype (float32, float16 or bfloat16).
-        backend: "auto" (C++ op on CPU when built, else reference), "torch" or "cpp".
+        backend: "auto" (the extension's op on CPU, or on CUDA when built with CUDA; else the
+            reference), "torch" or "cpp".
 
     Returns:
         (R, C, H, W) tensor ``dtype(float32(x + float32(sigma * z)))``, ``z`` the keyed noise.
@@ -287,7 +288,11 @@ def noisy_batch(x, row_image, row_sample, image_ids, *, seed, stream, sigma, dty
 
     if backend not in ("auto", "torch", "cpp"):
         raise ValueError(f"backend must be 'auto', 'torch' or 'cpp', got {backend!r}")
-    use_cpp = backend == "cpp" or (backend == "auto" and x.device.type == "cpu" and _ext.available())
+    if backend == "auto":
+        on_cpu = x.device.type == "cpu"
+        use_cpp = _ext.available() and (on_cpu or (x.device.type == "cuda" and _ext.has_cuda_ops()))
+    else:
+        use_cpp = backend == "cpp"
     if not use_cpp:
         return noisy_batch_ref(x, row_image, row_sample, image_ids, seed=seed, stream=stream, sigma=sigma, dtype=dtype)
     _check_rows(x, row_image, row_sample, image_ids)

@@ -8,6 +8,7 @@ any sharding of a data set, so results depend only on (model, x, ids, sigma, n0,
 
 from __future__ import annotations
 
+import copy
 import time
 from dataclasses import dataclass
 from typing import Callable
@@ -125,6 +126,31 @@ def default_batch_size(pixels: int, device: torch.device) -> int:
     """Noisy samples per forward pass: about 1 MiB (CPU, cache-sized) or 64 MiB (GPU) of float32 input."""
     budget = 2**18 if device.type == "cpu" else 2**24
     return max(1, budget // max(1, pixels))
+
+
+class _ChannelsLast(torch.nn.Module):
+    """Runs a channels-last copy of a conv net (oneDNN's fast layout on CPU); same math in fp32."""
+
+    def __init__(self, inner: torch.nn.Module):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.inner(x.contiguous(memory_format=torch.channels_last))
+
+
+def fast_forward_model(model: torch.nn.Module, device: torch.device, backend: str) -> torch.nn.Module:
+    """The module certification runs: with backend "auto" on CPU, a channels-last copy of a conv net
+    (about 2x faster for LeNet in fp32); otherwise ``model`` itself. The caller's model is untouched."""
+    if backend != "auto" or device.type != "cpu":
+        return model
+    if not any(isinstance(m, torch.nn.Conv2d) for m in model.modules()):
+        return model
+    try:
+        clone = copy.deepcopy(model)
+    except Exception:  # a model that cannot be copied runs as it is
+        return model
+    return _ChannelsLast(clone.to(memory_format=torch.channels_last)).eval()
 
 
 class _EvalMode:
@@ -257,7 +283,8 @@ def certify(
         seed: key of the noise stream, in [0, 2^64).
         image_ids: (B,) ids keying the noise of each image (default 0..B-1); pass data-set indices
             so that results do not depend on how a data set is split into calls or shards.
-        backend: "auto" (fastest correct path), "torch" (plain PyTorch), "cpp" (C++ noise op).
+        backend: "auto" (fastest correct path: C++ noise op and a channels-last copy of conv nets on
+            CPU), "torch" (plain PyTorch throughout), "cpp" (C++ noise op, model as given).
         progress: True for a progress bar over samples, or a callable receiving rows done.
 
     Returns:
@@ -275,9 +302,10 @@ def certify(
     start = time.perf_counter()
     try:
         with _EvalMode(model), torch.inference_mode():
+            runner = fast_forward_model(model, x.device, backend)
             common = dict(sigma=sigma, seed=seed, batch_size=batch_size, backend=backend, progress=update)
-            counts0 = sample_counts(model, x, ids, n0, _noise.STREAM_SELECTION, **common).cpu()
-            counts = sample_counts(model, x, ids, n, _noise.STREAM_ESTIMATION, **common).cpu()
+            counts0 = sample_counts(runner, x, ids, n0, _noise.STREAM_SELECTION, **common).cpu()
+            counts = sample_counts(runner, x, ids, n, _noise.STREAM_ESTIMATION, **common).cpu()
     finally:
         if bar is not None:
             bar.close()
@@ -329,7 +357,7 @@ def predict(
     try:
         with _EvalMode(model), torch.inference_mode():
             counts = sample_counts(
-                model,
+                fast_forward_model(model, x.device, backend),
                 x,
                 ids,
                 n,

@@ -109,6 +109,19 @@ def test_cpp_op_bit_exact_with_reference(shape, dtype):
         assert torch.equal(ref, fast)
 
 
+@pytest.mark.skipif(not (torch.cuda.is_available() and _ext.has_cuda_ops()), reason="needs CUDA and engine._C built with CUDA")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_cuda_op_bit_exact_with_reference(dtype):
+    gen = torch.Generator().manual_seed(5)
+    x = torch.rand((5, 3, 17, 9), generator=gen)
+    ri, rs, ids = _random_rows(gen, 5, 301)
+    kw = dict(seed=2**63 + 12345, stream=1, sigma=0.5, dtype=dtype)
+    ref = noise.noisy_batch_ref(x, ri, rs, ids, **kw)
+    ref_gpu = noise.noisy_batch_ref(x.cuda(), ri.cuda(), rs.cuda(), ids.cuda(), **kw)
+    fast = noise.noisy_batch(x.cuda(), ri.cuda(), rs.cuda(), ids.cuda(), backend="cpp", **kw)
+    assert torch.equal(ref, ref_gpu.cpu()) and torch.equal(ref, fast.cpu())
+
+
 @needs_ext
 def test_cpp_op_opcheck():
     x = torch.rand(3, 1, 5, 6)

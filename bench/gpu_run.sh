@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# One call on a GPU machine (the device tool): build the extension against the machine's torch,
+# run the test suite (CUDA tests included), run the benchmarks, and leave logs and JSON in $OUT.
+#   bash bench/gpu_run.sh [bench_certify bench_hvp ...]     (default: every bench/bench_*.py)
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-bench/results/gpu-run}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1
+PY=${PYTHON:-python3}
+{
+  date -u +%FT%TZ
+  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+  $PY -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__)"
+} | tee "$OUT/env.txt"
+$PY setup.py build_ext --inplace > "$OUT/build.log" 2>&1 || { tail -50 "$OUT/build.log"; exit 1; }
+$PY -c "import engine, engine._ext as e; print('extension', e.available(), 'cuda ops', e.has_cuda_ops())" | tee -a "$OUT/env.txt"
+$PY -m pytest tests -q -x -p no:cacheprovider 2>&1 | tee "$OUT/tests.log" | tail -15
+benches=("$@")
+if [ ${#benches[@]} -eq 0 ]; then
+  for f in bench/bench_*.py; do benches+=("$(basename "$f" .py)"); done
+fi
+dev=$($PY -c "import torch; print(torch.cuda.get_device_name(0).replace(' ', '-'))")
+for b in "${benches[@]}"; do
+  echo "== $b"
+  $PY "bench/$b.py" --out "$OUT/${b#bench_}-$dev.json" 2>&1 | tee "$OUT/$b.log" | tail -20
+done

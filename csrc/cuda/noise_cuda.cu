@@ -1,0 +1,84 @@
+// CUDA implementation of engine::noisy_batch (same bits as engine.noise.noisy_batch_ref).
+// Built with -fmad=false so that no multiply-add is contracted. One thread per Philox block
+// (4 pixels) of one row.
+#include <torch/extension.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <c10/cuda/CUDAException.h>
+
+#include "../philox_normal.h"
+
+namespace {
+
+template <typename out_t>
+__global__ void noisy_batch_kernel(const float* __restrict__ x, int64_t num_pixels, int64_t groups,
+                                   const int64_t* __restrict__ row_image, const int64_t* __restrict__ row_sample,
+                                   const int64_t* __restrict__ image_ids, uint32_t k0, uint32_t k1, uint32_t stream,
+                                   float sigma, out_t* __restrict__ out, int64_t rows) {
+  const int64_t tid = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (tid >= rows * groups) return;
+  const int64_t r = tid / groups;
+  const int64_t g = tid - r * groups;
+  const int64_t slot = row_image[r];
+  uint32_t c0 = static_cast<uint32_t>(g), c1 = static_cast<uint32_t>(row_sample[r]);
+  uint32_t c2 = static_cast<uint32_t>(image_ids[slot]), c3 = stream;
+  engine_noise::philox4x32_10(c0, c1, c2, c3, k0, k1);
+  float z[4];
+  engine_noise::box_muller(c0, c1, z[0], z[1]);
+  engine_noise::box_muller(c2, c3, z[2], z[3]);
+  const float* src = x + slot * num_pixels;
+  out_t* dst = out + r * num_pixels;
+  const int64_t p0 = g * 4;
+#pragma unroll
+  for (int j = 0; j < 4; ++j) {
+    const int64_t p = p0 + j;
+    if (p < num_pixels) {
+      const float scaled = __fmul_rn(sigma, z[j]);
+      dst[p] = static_cast<out_t>(__fadd_rn(src[p], scaled));
+    }
+  }
+}
+
+at::Tensor noisy_batch_cuda(const at::Tensor& x, const at::Tensor& row_image, const at::Tensor& row_sample,
+                            const at::Tensor& image_ids, int64_t seed, int64_t stream, double sigma,
+                            at::ScalarType dtype) {
+  TORCH_CHECK(x.is_cuda() && row_image.is_cuda() && row_sample.is_cuda() && image_ids.is_cuda(),
+              "noisy_batch: all tensors must be on the same CUDA device");
+  TORCH_CHECK(x.scalar_type() == at::kFloat, "noisy_batch: x must be float32, got ", x.scalar_type());
+  TORCH_CHECK(x.dim() >= 1, "noisy_batch: x must have shape (B, ...)");
+  TORCH_CHECK(row_image.dim() == 1 && row_image.scalar_type() == at::kLong, "noisy_batch: row_image must be 1-D int64");
+  TORCH_CHECK(row_sample.dim() == 1 && row_sample.scalar_type() == at::kLong, "noisy_batch: row_sample must be 1-D int64");
+  TORCH_CHECK(image_ids.dim() == 1 && image_ids.scalar_type() == at::kLong, "noisy_batch: image_ids must be 1-D int64");
+  TORCH_CHECK(row_image.size(0) == row_sample.size(0), "noisy_batch: row_image and row_sample differ in length");
+  TORCH_CHECK(image_ids.size(0) == x.size(0), "noisy_batch: image_ids must have one entry per image");
+  TORCH_CHECK(stream >= 0 && stream <= 0xFFFFFFFFLL, "noisy_batch: stream must be in [0, 2^32)");
+  TORCH_CHECK(dtype == at::kFloat || dtype == at::kHalf || dtype == at::kBFloat16,
+              "noisy_batch: dtype must be float32, float16 or bfloat16");
+  const c10::cuda::CUDAGuard guard(x.device());
+  const int64_t batch = x.size(0), rows = row_image.size(0);
+  auto xc = x.contiguous();
+  auto ri = row_image.contiguous(), rs = row_sample.contiguous(), ids = image_ids.contiguous();
+  std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
+  shape[0] = rows;
+  auto out = at::empty(shape, x.options().dtype(dtype));
+  const int64_t num_pixels = batch > 0 ? xc.numel() / batch : 0;
+  if (rows == 0 || num_pixels == 0) return out;
+  const int64_t groups = (num_pixels + 3) / 4;
+  const int64_t total = rows * groups;
+  const int threads = 256;
+  const int64_t blocks = (total + threads - 1) / threads;
+  const uint64_t useed = static_cast<uint64_t>(seed);
+  auto cuda_stream = c10::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "noisy_batch_cuda", [&] {
+    noisy_batch_kernel<scalar_t><<<static_cast<unsigned>(blocks), threads, 0, cuda_stream>>>(
+        xc.data_ptr<float>(), num_pixels, groups, ri.data_ptr<int64_t>(), rs.data_ptr<int64_t>(),
+        ids.data_ptr<int64_t>(), static_cast<uint32_t>(useed), static_cast<uint32_t>(useed >> 32),
+        static_cast<uint32_t>(stream), static_cast<float>(sigma), out.data_ptr<scalar_t>(), rows);
+  });
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(engine, CUDA, m) { m.impl("noisy_batch", &noisy_batch_cuda); }
