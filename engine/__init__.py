@@ -6,14 +6,15 @@ Public API (a contract; other tools call these names):
 - :mod:`engine.metrics` - ACR and certified accuracy.
 - :mod:`engine.data` - MNIST (idx) and CIFAR-10 (binary / restricted pickle) loaders.
 - :mod:`engine.models` - LeNet for MNIST, CIFAR ResNets, safetensors save / load.
-- :func:`train` - standard and Gaussian-augmentation training.
+- :func:`train` - standard, Gaussian-augmentation, SmoothAdv and MACER training (checkpoint / resume).
+- :mod:`engine.losses` (gaussian_augmentation, macer), :mod:`engine.attacks` (smoothadv).
 """
 
-from . import _ext, data, metrics, models, noise
+from . import _ext, attacks, data, losses, metrics, models, noise
 from .smoothing import CertifyResult, certify, predict
 from .train import train
 
 _ext.available()  # load engine._C once (warns once when it is missing)
 
-__all__ = ["certify", "predict", "CertifyResult", "train", "data", "metrics", "models", "noise"]
+__all__ = ["certify", "predict", "CertifyResult", "train", "data", "metrics", "models", "noise", "losses", "attacks"]
 __version__ = "0.1.0"

@@ -2,7 +2,8 @@
 
 Commands: ``certify`` (Cohen et al.'s certify over a data set, resumable), ``demo`` (the embedded
 default: train LeNet with Gaussian augmentation on the shipped MNIST subset and certify 100 test
-images), ``make-subset`` (cut a small MNIST subset).
+images), ``make-subset`` (cut a small MNIST subset), ``train`` (certified-robust training with a
+checkpoint every epoch and ``--resume``).
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["main", "run_certify"]
+__all__ = ["main", "run_certify", "train_checkpoint_path"]
 
 
 def _device(name: str) -> torch.device:
@@ -239,6 +240,105 @@ def cmd_demo(args) -> int:
     return 0
 
 
+def train_checkpoint_path(out: str | Path) -> Path:
+    """The per-epoch checkpoint beside a ``train --out`` model: model.safetensors -> model.checkpoint.safetensors."""
+    out = Path(out)
+    return out.with_name(out.name[: -len(out.suffix)] + ".checkpoint" + out.suffix if out.suffix else out.name + ".checkpoint")
+
+
+TRAIN_METHOD_FLAGS = ("eps", "steps", "m", "warmup", "k", "beta", "gamma", "lbd")
+
+
+def cmd_train(args) -> int:
+    from tqdm.auto import tqdm
+
+    from . import data, models
+    from .train import split_validation, train
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = _device(args.device)
+    out = Path(args.out)
+    ckpt = train_checkpoint_path(out)
+    if ckpt.exists() and not (args.resume or args.overwrite):
+        print(f"error: {ckpt} exists; pass --resume to continue that run or --overwrite to start again", file=sys.stderr)
+        return 2
+    images, labels = data.load_dataset(args.dataset, args.data_root, "train")
+    (train_x, train_y), val = split_validation(images, labels, args.val_size, args.train_size)
+    torch.manual_seed(args.seed)  # weight initialisation
+    model = models.build(args.arch).to(device)
+    method_args = {k: getattr(args, k) for k in TRAIN_METHOD_FLAGS if getattr(args, k) is not None}
+    bar = None
+
+    def progress(p):
+        nonlocal bar
+        if args.quiet:
+            return
+        if p["batch"] == 1:
+            bar = tqdm(total=train_x.shape[0], desc=f"epoch {p['epoch']}/{p['epochs']}", unit="img", dynamic_ncols=True)
+        bar.update(p["samples"] - bar.n)
+        bar.set_postfix(loss=f"{p['loss']:.4f}", acc=f"{p['accuracy']:.4f}", refresh=False)
+        if p["batch"] == p["batches"]:
+            bar.close()
+
+    def log(e):
+        text = f"epoch {e['epoch']}: loss {e['loss']:.4f} acc {e['accuracy']:.4f} ({e['seconds']:.1f}s"
+        text += f", {train_x.shape[0] / e['seconds']:,.0f} img/s)"
+        if "eval_accuracy" in e:
+            text += f" val acc {e['eval_accuracy']:.4f} noisy val acc {e['eval_noisy_accuracy']:.4f}"
+        print(text, flush=True)
+
+    settings = {
+        "method": args.method,
+        "method_args": method_args,
+        "sigma": args.sigma,
+        "epochs": args.epochs,
+        "batch_size": args.batch,
+        "lr": args.lr,
+        "optimizer": args.optimizer,
+        "schedule": args.schedule,
+        "momentum": args.momentum,
+        "weight_decay": args.weight_decay,
+        "seed": args.seed,
+    }
+    try:
+        _, history = train(
+            model,
+            (train_x, train_y),
+            eval_data=val,
+            log=log,
+            progress=progress,
+            checkpoint=ckpt,
+            resume=args.resume,
+            stop_after_epoch=args.stop_after_epoch,
+            **{k: v for k, v in settings.items() if k != "method_args"},
+            **method_args,
+        )
+    except ValueError as exc:
+        if bar is not None:
+            bar.close()
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if len(history) < args.epochs:
+        print(f"stopped after epoch {len(history)} of {args.epochs}; continue with --resume (checkpoint {ckpt})")
+        return 0
+    models.save(
+        model,
+        out,
+        **settings,
+        arch=args.arch,
+        dataset=args.dataset,
+        data_root=None if args.data_root is None else str(args.data_root),
+        train_size=int(train_x.shape[0]),
+        val_size=args.val_size,
+        history=history,
+        train_seconds=sum(e["seconds"] for e in history),
+        checkpoint_sha256=_sha256(ckpt),
+    )
+    print(f"wrote {out} (checkpoint {ckpt})")
+    return 0
+
+
 def cmd_make_subset(args) -> int:
     from . import data
 
@@ -309,6 +409,45 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("train", help="certified-robust training (checkpoint every epoch, --resume)")
+    p.add_argument("--method", choices=("standard", "gaussian", "smoothadv", "macer"), required=True)
+    p.add_argument("--dataset", choices=("mnist", "cifar10"), required=True)
+    p.add_argument("--data-root", default=None, help="data folder (mnist: default the embedded subset)")
+    p.add_argument("--arch", choices=("lenet", "mlp", "resnet20", "resnet110"), required=True)
+    p.add_argument("--sigma", type=float, required=True, help="noise level (> 0; >= 0 for standard)")
+    p.add_argument("--epochs", type=_int_at_least(1), required=True)
+    p.add_argument("--batch", type=_int_at_least(1), default=64, help="inputs per step")
+    p.add_argument("--lr", type=_positive_float, default=0.01)
+    p.add_argument("--optimizer", choices=("sgd", "adam"), default="sgd")
+    p.add_argument("--schedule", choices=("cosine", "step", "constant"), default="cosine")
+    p.add_argument("--momentum", type=float, default=0.9)
+    p.add_argument("--weight-decay", type=float, default=1e-4)
+    p.add_argument("--seed", type=_int_at_least(0), default=0, help="weight initialisation, data order and noise")
+    g = p.add_argument_group("smoothadv (Salman et al.)")
+    g.add_argument("--eps", type=float, default=None, help="L2 radius of the attack (required for smoothadv)")
+    g.add_argument("--steps", type=int, default=None, help="attack steps (10)")
+    g.add_argument("--m", type=int, default=None, help="noise draws per input (1)")
+    g.add_argument("--warmup", type=int, default=None, help="epochs over which eps grows linearly (1)")
+    g = p.add_argument_group("macer (Zhai et al.)")
+    g.add_argument("--k", type=int, default=None, help="noise draws per input (16)")
+    g.add_argument("--beta", type=float, default=None, help="inverse temperature (16)")
+    g.add_argument("--gamma", type=float, default=None, help="hinge (8)")
+    g.add_argument("--lbd", type=float, default=None, help="weight of the robustness term (12)")
+    p.add_argument(
+        "--val-size", type=_int_at_least(0), default=0, help="hold out this many training images for per-epoch validation"
+    )
+    p.add_argument("--train-size", type=_int_at_least(1), default=None, help="train on this many (random) images only")
+    p.add_argument(
+        "--stop-after-epoch", type=_int_at_least(1), default=None, help="stop after this epoch; continue with --resume"
+    )
+    p.add_argument("--threads", type=_int_at_least(1), default=None, help="torch CPU threads")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--out", required=True, help="final model .safetensors (the epoch checkpoint is kept beside it)")
+    p.add_argument("--resume", action="store_true", help="continue from the checkpoint beside --out")
+    p.add_argument("--overwrite", action="store_true", help="start again even if a checkpoint exists")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("make-subset", help="cut a small MNIST subset (gzipped idx files)")
     p.add_argument("--src", required=True)

@@ -1,24 +1,78 @@
-"""Training loop for the certified-robust procedures."""
+"""Training loop for the certified-robust procedures, with per-epoch checkpoints and exact resume.
+
+Methods (the lower-level problems of PACD; details in docs/ALGORITHMS.md section 2):
+
+- ``"standard"``: cross-entropy on clean inputs.
+- ``"gaussian"``: Gaussian data augmentation (Cohen et al. 2019), :func:`engine.losses.gaussian_augmentation`.
+- ``"smoothadv"``: SmoothAdv (Salman et al. 2019): per batch, m noise draws, the L2 attack
+  :func:`engine.attacks.smoothadv` on the soft smoothed classifier, then cross-entropy on all m
+  noisy copies of the attacked inputs with the attack's own noise. Method arguments: ``eps``
+  (required, >= 0), ``steps`` (10), ``m`` (1), ``warmup`` (1: epsilon grows linearly over the first
+  ``warmup`` epochs, eps * min(1, (epoch + 1) / warmup) in epoch ``epoch`` counted from 0).
+- ``"macer"``: MACER (Zhai et al. 2020), :func:`engine.losses.macer`. Method arguments: ``k`` (16),
+  ``beta`` (16.0), ``gamma`` (8.0), ``lbd`` (12.0).
+
+Randomness: the data order of epoch e comes from a CPU generator seeded from (seed, e, 0), all noise
+of epoch e (drawn batch after batch, so fresh every batch and epoch) from a generator on the
+model's device seeded from (seed, e, 1); the global torch RNG is not used. A checkpoint written
+after epoch e (model weights and buffers, optimizer state tensors, scheduler state, history) is
+therefore all that is needed to continue: a run resumed from it gives bit-identical weights to an
+uninterrupted run on the same device and software.
+
+Checkpoints are safetensors files with JSON metadata, written atomically (temporary file, fsync,
+rename); no pickle is involved.
+"""
 
 from __future__ import annotations
 
+import hashlib
+import json
+import math
+import os
 import time
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from . import losses
+from . import attacks, losses
 from .smoothing import model_device
 
-__all__ = ["train", "METHODS"]
+__all__ = [
+    "train",
+    "evaluate",
+    "split_validation",
+    "epoch_generator",
+    "read_checkpoint_meta",
+    "METHODS",
+    "METHOD_ARGS",
+    "CHECKPOINT_FORMAT",
+]
 
-METHODS = ("standard", "gaussian")
+METHODS = ("standard", "gaussian", "smoothadv", "macer")
+_REQUIRED = object()
+# Method arguments and their defaults (``_REQUIRED``: must be given).
+METHOD_ARGS = {
+    "standard": {},
+    "gaussian": {},
+    "smoothadv": {"eps": _REQUIRED, "steps": 10, "m": 1, "warmup": 1},
+    "macer": {"k": 16, "beta": 16.0, "gamma": 8.0, "lbd": 12.0},
+}
+CHECKPOINT_FORMAT = "engine.train-checkpoint/1"
+RNG_DERIVATION = (
+    "torch.Generator.manual_seed((seed * 1000003 + epoch * 7919 + salt) % 2**63); epoch from 0; "
+    "salt 0: data order (CPU generator), salt 1: training noise (model device), salt 99 with epoch 0: evaluation noise"
+)
 
 
-def _epoch_generator(seed: int, epoch: int, salt: int, device: torch.device) -> torch.Generator:
+def epoch_generator(seed: int, epoch: int, salt: int, device: torch.device) -> torch.Generator:
+    """The generator of (seed, epoch, salt) on ``device`` (see ``RNG_DERIVATION``)."""
     g = torch.Generator(device=device)
     g.manual_seed((seed * 1_000_003 + epoch * 7919 + salt) % (2**63))
     return g
+
+
+_epoch_generator = epoch_generator  # former private name
 
 
 def _as_float(images: torch.Tensor) -> torch.Tensor:
@@ -38,14 +92,41 @@ def _check_data(name: str, data) -> tuple[torch.Tensor, torch.Tensor]:
     return images, labels.to(torch.int64)
 
 
+def split_validation(images: torch.Tensor, labels: torch.Tensor, val_size: int = 0, train_size: int | None = None, seed: int = 0):
+    """Hold out ``val_size`` random images for validation and keep ``train_size`` of the others.
+
+    images: (N, ...), labels: (N,). Returns ((train_images, train_labels), (val_images, val_labels)
+    or None). The split is a fixed permutation from ``seed`` (independent of the training seed);
+    with val_size 0 and train_size None the data come back unchanged.
+    """
+    n = images.shape[0]
+    losses._check_int("val_size", val_size, 0)
+    if train_size is not None:
+        losses._check_int("train_size", train_size, 1)
+    if val_size >= n or (train_size is not None and val_size + train_size > n):
+        raise ValueError(f"val_size {val_size} + train_size {train_size} exceed the {n} images available")
+    if val_size == 0 and train_size is None:
+        return (images, labels), None
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    val_idx = order[:val_size]
+    train_idx = order[val_size:] if train_size is None else order[val_size : val_size + train_size]
+    train_idx = train_idx.sort().values
+    val = (images[val_idx.sort().values], labels[val_idx.sort().values]) if val_size else None
+    return (images[train_idx], labels[train_idx]), val
+
+
 @torch.no_grad()
 def evaluate(model, data, *, sigma: float, batch_size: int = 1000, seed: int = 0) -> dict:
-    """Clean accuracy and accuracy under one Gaussian draw per image (fixed ``seed``), in eval mode."""
+    """Clean accuracy and accuracy under one Gaussian draw per image (fixed ``seed``), in eval mode.
+
+    data: (images (N, C, H, W) uint8 or float in [0, 1], labels (N,)). Returns
+    ``{"eval_accuracy": float, "eval_noisy_accuracy": float}``; the model's mode is restored.
+    """
     images, labels = _check_data("eval_data", data)
     device = model_device(model, torch.device("cpu"))
     was_training = model.training
     model.eval()
-    g = _epoch_generator(seed, 0, 99, device)
+    g = epoch_generator(seed, 0, 99, device)
     clean = noisy = 0
     try:
         for i in range(0, images.shape[0], batch_size):
@@ -58,6 +139,176 @@ def evaluate(model, data, *, sigma: float, batch_size: int = 1000, seed: int = 0
     finally:
         model.train(was_training)
     return {"eval_accuracy": clean / images.shape[0], "eval_noisy_accuracy": noisy / images.shape[0]}
+
+
+def _method_args(method: str, given: dict) -> dict:
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    spec = METHOD_ARGS[method]
+    unknown = sorted(set(given) - set(spec))
+    if unknown:
+        takes = ", ".join(f"{m}: {', '.join(a) or '-'}" for m, a in METHOD_ARGS.items())
+        raise ValueError(f"method {method!r} takes no argument(s) {', '.join(unknown)} (method arguments: {takes})")
+    args = {}
+    for name, default in spec.items():
+        value = given.get(name, default)
+        if value is _REQUIRED:
+            raise ValueError(f"method {method!r} needs the argument {name}")
+        args[name] = value
+    if method == "smoothadv":
+        args["eps"] = losses._check_float("eps", args["eps"], nonnegative=True)
+        for name in ("steps", "m", "warmup"):
+            losses._check_int(name, args[name], 1)
+    elif method == "macer":
+        _, args["k"], args["beta"], args["gamma"], args["lbd"] = losses._check_macer(1.0, **args)
+    return args
+
+
+def _lr_lambda(schedule: str, total_steps: int):
+    if schedule == "cosine":
+        return lambda s: 0.5 * (1.0 + math.cos(math.pi * s / total_steps))
+    if schedule == "step":  # lr / 10 at 50% and lr / 100 at 75% of the steps
+        milestones = (int(0.5 * total_steps), int(0.75 * total_steps))
+        return lambda s: 0.1 ** sum(s >= m for m in milestones)
+    return lambda s: 1.0
+
+
+def _batch_loss(method, model, x, y, sigma, args, epoch, g) -> tuple[torch.Tensor, int, int]:
+    """Mean loss of one batch, correct predictions and number of predictions (inputs or noisy copies)."""
+    if method == "standard":
+        logits = model(x)
+        loss = F.cross_entropy(logits, y)
+        target = y
+    elif method == "gaussian":
+        per, logits = losses._gaussian_augmentation(model, x, y, sigma, g)
+        loss, target = per.mean(), y
+    elif method == "smoothadv":
+        eps = args["eps"] * min(1.0, (epoch + 1) / args["warmup"])
+        noise = torch.randn((x.shape[0], args["m"]) + tuple(x.shape[1:]), generator=g, device=x.device, dtype=x.dtype)
+        x_adv = attacks.smoothadv(model, x, y, sigma=sigma, eps=eps, steps=args["steps"], m=args["m"], generator=g, noise=noise)
+        per, logits = losses._noisy_cross_entropy(model, x_adv, y, sigma, noise)
+        loss, target = per.mean(), y.repeat_interleave(args["m"])
+    else:  # macer
+        loss, _, _, logits = losses._macer(model, x, y, sigma, args["k"], args["beta"], args["gamma"], args["lbd"], g)
+        logits = logits.reshape(-1, logits.shape[-1])
+        target = y.repeat_interleave(args["k"])
+    return loss, int((logits.detach().argmax(1) == target).sum()), int(target.shape[0])
+
+
+# -- checkpoints ----------------------------------------------------------------------------------
+def _data_sha256(images: torch.Tensor, labels: torch.Tensor) -> str:
+    h = hashlib.sha256()
+    for t in (images, labels):
+        t = t.detach().to("cpu").contiguous()
+        h.update(f"{t.dtype}{tuple(t.shape)}".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _save_checkpoint(path: Path, model, opt, sched, epoch: int, history: list, settings: dict) -> None:
+    from safetensors.torch import save_file
+
+    tensors = {f"model.{k}": v.detach().to("cpu").contiguous().clone() for k, v in model.state_dict().items()}
+    opt_sd = opt.state_dict()
+    opt_state_json: dict[str, dict] = {}
+    for pid, st in opt_sd["state"].items():
+        for key, val in st.items():
+            if isinstance(val, torch.Tensor):
+                tensors[f"optimizer.state.{pid}.{key}"] = val.detach().to("cpu").contiguous().clone()
+            else:
+                opt_state_json.setdefault(str(pid), {})[key] = val
+    sched_sd = {k: v for k, v in sched.state_dict().items() if k != "lr_lambdas"}
+    meta = {
+        "format": CHECKPOINT_FORMAT,
+        "epoch": epoch,
+        "settings": settings,
+        "history": history,
+        "optimizer": {"param_groups": opt_sd["param_groups"], "state": opt_state_json},
+        "scheduler": sched_sd,
+        "rng": {"derivation": RNG_DERIVATION, "seed": settings["seed"], "next_epoch": epoch},
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    save_file(tensors, str(tmp), metadata={"engine": json.dumps(meta)})
+    with open(tmp, "rb") as fh:
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+def read_checkpoint_meta(path: str | os.PathLike) -> dict:
+    """The JSON metadata of a training checkpoint (format, epoch, settings, history, optimizer, scheduler, rng)."""
+    from safetensors import safe_open
+
+    from .models import CheckpointError
+
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such training checkpoint")
+    try:
+        with safe_open(str(path), framework="pt") as fh:
+            raw = (fh.metadata() or {}).get("engine")
+    except Exception as exc:  # safetensors raises its own error types
+        raise CheckpointError(f"{path}: not a readable safetensors file ({exc})") from exc
+    meta = json.loads(raw) if raw else {}
+    if meta.get("format") != CHECKPOINT_FORMAT:
+        raise CheckpointError(
+            f"{path}: not a training checkpoint (format {meta.get('format')!r}, expected {CHECKPOINT_FORMAT!r})"
+        )
+    return meta
+
+
+def _load_checkpoint(path: Path, model, opt, sched, settings: dict) -> tuple[int, list]:
+    from safetensors.torch import load_file
+
+    from .models import CheckpointError
+
+    meta = read_checkpoint_meta(path)
+    stored = meta["settings"]
+    if stored != settings:
+        diff = sorted(k for k in set(stored) | set(settings) if stored.get(k) != settings.get(k))
+        detail = "; ".join(f"{k}: checkpoint {stored.get(k)!r}, now {settings.get(k)!r}" for k in diff if k != "params")
+        raise CheckpointError(
+            f"{path} was written by a run with other settings ({', '.join(diff)} differ{': ' + detail if detail else ''}); "
+            "resume with the same settings, or start again without resume"
+        )
+    try:
+        tensors = load_file(str(path), device="cpu")
+    except Exception as exc:
+        raise CheckpointError(f"{path}: cannot read tensors ({exc})") from exc
+    model_sd = {k[len("model.") :]: v for k, v in tensors.items() if k.startswith("model.")}
+    try:
+        model.load_state_dict(model_sd, strict=True)
+    except RuntimeError as exc:
+        raise CheckpointError(f"{path}: weights do not match the model: {exc}") from exc
+    state: dict[int, dict] = {}
+    for k, v in tensors.items():
+        if k.startswith("optimizer.state."):
+            _, _, pid, key = k.split(".", 3)
+            state.setdefault(int(pid), {})[key] = v
+    for pid, d in meta["optimizer"]["state"].items():
+        state.setdefault(int(pid), {}).update(d)
+    groups = meta["optimizer"]["param_groups"]
+    for group, current in zip(groups, opt.param_groups):
+        for key, val in current.items():
+            if isinstance(val, tuple) and isinstance(group.get(key), list):
+                group[key] = tuple(group[key])  # JSON turned tuples (Adam betas) into lists
+    opt.load_state_dict({"state": state, "param_groups": groups})
+    sched.load_state_dict({**meta["scheduler"], "lr_lambdas": [None] * len(opt.param_groups)})
+    return int(meta["epoch"]), list(meta["history"])
 
 
 def train(
@@ -76,83 +327,142 @@ def train(
     momentum: float = 0.9,
     weight_decay: float = 1e-4,
     log=None,
+    progress=None,
+    checkpoint: str | os.PathLike | None = None,
+    resume: bool = False,
+    stop_after_epoch: int | None = None,
+    **method_args,
 ):
-    """Train ``model`` in place with a certified-robust procedure.
+    """Train ``model`` in place with a certified-robust procedure (see the module docstring).
 
     Args:
+        model: classifier, (N, C, H, W) pixels in [0, 1] -> (N, classes) logits; trained on its device.
         train_data: (images (N, C, H, W) uint8 or float in [0, 1], labels (N,) int64).
-        method: "standard" (clean cross-entropy) or "gaussian" (Gaussian augmentation, fresh noise
-            every batch and epoch).
-        sigma: noise level for "gaussian" (> 0) and for the noisy evaluation accuracy.
-        schedule: "cosine", "step" (lr / 10 at 50% and 75% of the epochs) or "constant".
-        optimizer: "sgd" (momentum, weight decay) or "adam".
-        seed: data order and noise are reproducible from it (per-epoch generators).
-        eval_data: optional (images, labels) evaluated after every epoch.
-        log: optional callable receiving each epoch's history entry.
+        method: "standard", "gaussian", "smoothadv" or "macer".
+        sigma: noise level, > 0 for the noisy methods, >= 0 for "standard" (where it only sets the
+            noise of the evaluation accuracy).
+        epochs, batch_size, lr: as usual; ``batch_size`` counts inputs (SmoothAdv and MACER run
+            m or k noisy copies of each).
+        optimizer: "sgd" (``momentum``, ``weight_decay``) or "adam" (``weight_decay``).
+        schedule: per-step "cosine", "step" (lr / 10 at 50% and 75% of the steps) or "constant".
+        seed: data order and noise are reproducible from it (per-epoch generators, module docstring).
+        eval_data: optional (images, labels) evaluated after every epoch (:func:`evaluate`).
+        log: optional callable receiving each epoch's history entry (after its checkpoint is written).
+        progress: optional callable receiving, after every batch, a dict with epoch, epochs, batch,
+            batches, samples (inputs seen this epoch), loss and accuracy (running epoch means).
+        checkpoint: optional path of a training checkpoint written (atomically) after every epoch.
+        resume: continue from ``checkpoint`` when it exists (settings, data and model must match,
+            else :class:`engine.models.CheckpointError`); a finished run is returned as it is.
+        stop_after_epoch: return once this epoch (1-based) is done and checkpointed, even if
+            ``epochs`` is larger; continue later with ``resume=True``.
+        **method_args: the method's arguments (``METHOD_ARGS``); any other name raises ValueError.
 
     Returns:
-        (model, history): history is a list of per-epoch dicts with loss, accuracy (on the inputs
-        trained on), and eval accuracies when ``eval_data`` is given.
+        (model, history): the model (eval mode) and a list with one dict per finished epoch:
+        epoch, loss, accuracy (of the predictions trained on: clean inputs for "standard", noisy
+        copies otherwise, attacked ones for "smoothadv"), seconds (training time of the epoch),
+        lr, and with ``eval_data`` eval_accuracy and eval_noisy_accuracy (one noise draw).
     """
-    if method not in METHODS:
-        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    args = _method_args(method, method_args)
     sigma = losses._check_sigma(sigma, allow_zero=method == "standard")
     if optimizer not in ("sgd", "adam"):
         raise ValueError(f"optimizer must be 'sgd' or 'adam', got {optimizer!r}")
     if schedule not in ("cosine", "step", "constant"):
         raise ValueError(f"schedule must be 'cosine', 'step' or 'constant', got {schedule!r}")
-    if int(epochs) < 1 or int(batch_size) < 1 or not lr > 0:
-        raise ValueError(f"epochs and batch_size must be >= 1 and lr > 0, got {epochs}, {batch_size}, {lr}")
+    losses._check_int("epochs", epochs, 1)
+    losses._check_int("batch_size", batch_size, 1)
+    losses._check_int("seed", seed, 0)
+    lr = losses._check_float("lr", lr, positive=True)
+    momentum = losses._check_float("momentum", momentum, nonnegative=True)
+    weight_decay = losses._check_float("weight_decay", weight_decay, nonnegative=True)
+    if stop_after_epoch is not None:
+        losses._check_int("stop_after_epoch", stop_after_epoch, 1)
+    if resume and checkpoint is None:
+        raise ValueError("resume=True needs a checkpoint path")
     images, labels = _check_data("train_data", train_data)
+    if eval_data is not None:
+        _check_data("eval_data", eval_data)
     device = model_device(model, torch.device("cpu"))
     params = [p for p in model.parameters() if p.requires_grad]
     if optimizer == "sgd":
         opt = torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
     else:
         opt = torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
-    steps_per_epoch = (images.shape[0] + batch_size - 1) // batch_size
-    total_steps = epochs * steps_per_epoch
-    if schedule == "cosine":
-        sched = torch.optim.lr_scheduler.LambdaLR(
-            opt, lambda s: 0.5 * (1 + torch.cos(torch.tensor(torch.pi * s / total_steps)).item())
-        )
-    elif schedule == "step":
-        sched = torch.optim.lr_scheduler.MultiStepLR(opt, [int(0.5 * total_steps), int(0.75 * total_steps)], 0.1)
-    else:
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
-    history = []
-    for epoch in range(epochs):
+    n = images.shape[0]
+    steps_per_epoch = (n + batch_size - 1) // batch_size
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(schedule, epochs * steps_per_epoch))
+
+    start_epoch, history = 0, []
+    ckpt_path = None if checkpoint is None else Path(checkpoint)
+    settings = None
+    if ckpt_path is not None:
+        settings = {
+            "method": method,
+            "method_args": args,
+            "sigma": sigma,
+            "epochs": epochs,
+            "batch_size": batch_size,
+            "lr": lr,
+            "optimizer": optimizer,
+            "schedule": schedule,
+            "seed": seed,
+            "momentum": momentum,
+            "weight_decay": weight_decay,
+            "train_size": n,
+            "train_sha256": _data_sha256(images, labels),
+            "params": [[k, list(v.shape), str(v.dtype)] for k, v in model.state_dict().items()],
+        }
+        settings = json.loads(json.dumps(settings))
+        if resume and ckpt_path.exists():
+            start_epoch, history = _load_checkpoint(ckpt_path, model, opt, sched, settings)
+
+    last_epoch = epochs if stop_after_epoch is None else min(epochs, max(stop_after_epoch, start_epoch))
+    for epoch in range(start_epoch, last_epoch):
         model.train()
-        g_cpu = _epoch_generator(seed, epoch, 0, torch.device("cpu"))
-        g_dev = _epoch_generator(seed, epoch, 1, device)
-        order = torch.randperm(images.shape[0], generator=g_cpu)
+        g_cpu = epoch_generator(seed, epoch, 0, torch.device("cpu"))
+        g_dev = epoch_generator(seed, epoch, 1, device)
+        order = torch.randperm(n, generator=g_cpu)
         t0 = time.perf_counter()
-        loss_sum, correct, seen = 0.0, 0, 0
-        for i in range(0, images.shape[0], batch_size):
+        loss_sum, correct, counted, seen = 0.0, 0, 0, 0
+        for b, i in enumerate(range(0, n, batch_size)):
             idx = order[i : i + batch_size]
             x = _as_float(images[idx]).to(device)
             y = labels[idx].to(device)
-            if method == "gaussian":
-                x = x + sigma * torch.randn(x.shape, generator=g_dev, device=device)
-            logits = model(x)
-            loss = F.cross_entropy(logits, y)
+            loss, c, k = _batch_loss(method, model, x, y, sigma, args, epoch, g_dev)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
             sched.step()
             loss_sum += float(loss.detach()) * y.shape[0]
-            correct += int((logits.argmax(1) == y).sum())
+            correct += c
+            counted += k
             seen += y.shape[0]
+            if progress is not None:
+                progress(
+                    {
+                        "epoch": epoch + 1,
+                        "epochs": epochs,
+                        "batch": b + 1,
+                        "batches": steps_per_epoch,
+                        "samples": seen,
+                        "loss": loss_sum / seen,
+                        "accuracy": correct / counted,
+                    }
+                )
         entry = {
             "epoch": epoch + 1,
             "loss": loss_sum / seen,
-            "accuracy": correct / seen,
+            "accuracy": correct / counted,
             "seconds": time.perf_counter() - t0,
             "lr": opt.param_groups[0]["lr"],
         }
+        if method == "smoothadv":
+            entry["eps"] = args["eps"] * min(1.0, (epoch + 1) / args["warmup"])
         if eval_data is not None:
             entry.update(evaluate(model, eval_data, sigma=sigma, seed=seed))
         history.append(entry)
+        if ckpt_path is not None:
+            _save_checkpoint(ckpt_path, model, opt, sched, epoch + 1, history, settings)
         if log is not None:
             log(entry)
     model.eval()
