@@ -17,7 +17,8 @@ of epoch e (drawn batch after batch, so fresh every batch and epoch) from a gene
 model's device seeded from (seed, e, 1); the global torch RNG is not used. A checkpoint written
 after epoch e (model weights and buffers, optimizer state tensors, scheduler state, history) is
 therefore all that is needed to continue: a run resumed from it gives bit-identical weights to an
-uninterrupted run on the same device and software.
+uninterrupted run on the same device, software and number of CPU threads
+(float reductions depend on the thread count).
 
 Checkpoints are safetensors files with JSON metadata, written atomically (temporary file, fsync,
 rename); no pickle is involved.

@@ -255,3 +255,22 @@ def test_cli_train_end_to_end_with_resume(tmp_path):
     assert proc.returncode == 2 and "lr" in proc.stderr
     proc = _run(_train_args(tmp_path / "x.safetensors", "--k", "4"))  # a MACER argument for SmoothAdv
     assert proc.returncode == 2 and "takes no argument" in proc.stderr
+
+
+def test_train_mnist_evidence_script_tiny(tmp_path):
+    """bench/train_mnist_evidence.py end to end on the embedded subset, then resumed (nothing redone)."""
+    script = os.path.join(os.path.dirname(__file__), "..", "bench", "train_mnist_evidence.py")
+    args = [sys.executable, script, "--data-root", str(data.embedded_mnist_root()), "--work-dir", str(tmp_path / "work")]
+    args += ["--results", str(tmp_path / "table"), "--methods", "gaussian", "--sigmas", "0.5", "--epochs-gaussian", "1"]
+    args += ["--train-size", "256", "--images", "3", "--n0", "10", "--n", "100", "--threads", "1", "--quiet"]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.run(args, capture_output=True, text=True, env=env)
+    assert proc.returncode == 0, proc.stderr
+    rec = json.loads((tmp_path / "table.json").read_text())
+    (row,) = rec["results"]
+    assert row["images"] == 3 and row["epochs"] == 1 and row["train_images"] == 256 and 0 <= row["acr"] <= 2
+    assert set(row["certified_accuracy"]) == {"0", "0.5", "1", "1.5"} and "engine train" in row["train_command"]
+    assert "| gaussian" in (tmp_path / "table.md").read_text()
+    proc = subprocess.run(args, capture_output=True, text=True, env=env)
+    assert proc.returncode == 0 and "training skipped" in proc.stdout
+    assert len((tmp_path / "work" / "gaussian_sigma0.5" / "certify.tsv").read_text().splitlines()) == 4
