@@ -351,7 +351,8 @@ def train(
         log: optional callable receiving each epoch's history entry (after its checkpoint is written).
         progress: optional callable receiving, after every batch, a dict with epoch, epochs, batch,
             batches, samples (inputs seen this epoch), loss and accuracy (running epoch means).
-        checkpoint: optional path of a training checkpoint written (atomically) after every epoch.
+        checkpoint: optional path of a training checkpoint written (atomically) after every epoch; an
+            existing file there is replaced unless ``resume``.
         resume: continue from ``checkpoint`` when it exists (settings, data and model must match,
             else :class:`engine.models.CheckpointError`); a finished run is returned as it is.
         stop_after_epoch: return once this epoch (1-based) is done and checkpointed, even if
