@@ -1,0 +1,651 @@
+"""PACD: poisoning against certified defenses (Mehra, Kailkhura, Chen and Hamm, CVPR 2021).
+
+Clean-label, L_inf-bounded poison on every training image of a target class, crafted by bilevel
+optimisation (ApproxGrad) so that models trained on it with a certified-robust procedure
+(Gaussian augmentation, MACER or SmoothAdv) have a smaller certified radius on the target class.
+
+Upper level (minimised over the poison u): the soft certified-radius surrogate on validation
+images of the target class (:func:`soft_radius_objective`). Lower level (minimised over the
+weights w): the training loss of the chosen procedure on clean non-target data plus the poison.
+Per outer step, on a minibatch: ``niter1`` Adam steps on w; approximately solve
+(H + s I) p = dF/dw by ``niter2`` solver steps (p warm-started); step u along
+-(d^2 G / du dw) p, then project onto the eps box around the originals and onto [0, 1].
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from . import bilevel
+from .bilevel import AdamState, adam_step, flat_params
+
+__all__ = [
+    "PoisonSet",
+    "PoisonError",
+    "poison",
+    "soft_radius_objective",
+    "derive_seed",
+    "METHODS",
+]
+
+METHODS = ("gaussian", "macer", "smoothadv")
+FORMAT = "engine.poison/1"
+
+
+class PoisonError(ValueError):
+    """A poison set or poisoning checkpoint is invalid, tampered with, or does not match its data."""
+
+
+def derive_seed(*parts: int) -> int:
+    """A 63-bit seed from integers (SplitMix64 chain): distinct inputs give independent streams."""
+    x = 0x9E3779B97F4A7C15
+    for part in parts:
+        x = (x ^ (int(part) & 0xFFFFFFFFFFFFFFFF)) & 0xFFFFFFFFFFFFFFFF
+        x = (x + 0x9E3779B97F4A7C15) & 0xFFFFFFFFFFFFFFFF
+        z = x
+        z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & 0xFFFFFFFFFFFFFFFF
+        z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & 0xFFFFFFFFFFFFFFFF
+        x = z ^ (z >> 31)
+    return x >> 1
+
+
+def _generator(device, *parts: int) -> torch.Generator:
+    g = torch.Generator(device=device)
+    g.manual_seed(derive_seed(*parts))
+    return g
+
+
+# ----------------------------------------------------------------------------------------------
+# upper objective
+# ----------------------------------------------------------------------------------------------
+
+
+def soft_radius_objective(model, x, target: int, *, sigma: float, k: int = 20, beta: float = 16.0, a: float = 0.001,
+                          generator: torch.Generator | None = None, noise: torch.Tensor | None = None):
+    """Soft certified-radius surrogate of PACD's upper level (to be minimised by the attacker).
+
+    x: (V, C, H, W) validation images of class ``target`` in [0, 1]. With p = mean over k noise draws
+    of softmax(beta * logits) (shape (V, K)), counting only images whose top-1 of p is ``target``:
+
+        F = (sigma / 2) * sum_counted [Phi^-1((1-2a) p_target + a) - Phi^-1((1-2a) p_2 + a)] / V
+
+    where p_2 is the largest other class. ``noise`` (k, V, C, H, W) may be given to freeze the draws.
+    Returns (F scalar, counted fraction).
+    """
+    v = x.shape[0]
+    if noise is None:
+        noise = torch.randn((k,) + tuple(x.shape), generator=generator, device=x.device, dtype=x.dtype)
+    logits = model((x.unsqueeze(0) + sigma * noise).reshape((k * v,) + tuple(x.shape[1:])))
+    probs = F.softmax(beta * logits, dim=1).reshape(k, v, -1).mean(0)
+    p_t = probs[:, target]
+    others = probs.clone()
+    others[:, target] = -1.0
+    p_2 = others.max(dim=1).values
+    counted = (probs.argmax(dim=1) == target).to(x.dtype)
+    gap = torch.special.ndtri((1 - 2 * a) * p_t + a) - torch.special.ndtri((1 - 2 * a) * p_2 + a)
+    return (sigma / 2) * (gap * counted).sum() / v, float(counted.mean())
+
+
+# ----------------------------------------------------------------------------------------------
+# poison sets
+# ----------------------------------------------------------------------------------------------
+
+
+def _hash_clean(images: torch.Tensor, labels: torch.Tensor) -> str:
+    x = images.to(torch.float32) / 255.0 if images.dtype == torch.uint8 else images.to(torch.float32)
+    h = hashlib.sha256()
+    h.update(x.contiguous().numpy().tobytes())
+    h.update(labels.to(torch.int64).contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+def _content_hash(tensors: dict[str, torch.Tensor], meta: dict) -> str:
+    h = hashlib.sha256()
+    h.update(json.dumps(meta, sort_keys=True).encode())
+    for name in sorted(tensors):
+        t = tensors[name].contiguous()
+        h.update(name.encode())
+        h.update(str(t.dtype).encode())
+        h.update(json.dumps(list(t.shape)).encode())
+        h.update(t.numpy().tobytes())
+    return h.hexdigest()
+
+
+@dataclass
+class PoisonSet:
+    """A clean-label poison: replacements for some training images.
+
+    indices: (P,) int64 positions in the training set; images: (P, C, H, W) float32 poisoned images
+    in [0, 1]; labels: (P,) int64 their (unchanged) labels; clean_sha256: hash of the clean originals
+    (images as float32 in [0, 1] and labels) so that :meth:`apply` refuses another data set.
+    """
+
+    indices: torch.Tensor
+    images: torch.Tensor
+    labels: torch.Tensor
+    clean_sha256: str
+    eps: float
+    sigma: float
+    method: str
+    target_class: int
+    settings: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        if self.indices.dim() != 1 or self.images.shape[0] != self.indices.shape[0] or self.labels.shape != self.indices.shape:
+            raise PoisonError(f"inconsistent poison set: {tuple(self.indices.shape)} indices, {tuple(self.images.shape)} images, "
+                              f"{tuple(self.labels.shape)} labels")
+
+    def __len__(self) -> int:
+        return int(self.indices.shape[0])
+
+    def _meta(self) -> dict:
+        return {
+            "format": FORMAT,
+            "clean_sha256": self.clean_sha256,
+            "eps": self.eps,
+            "sigma": self.sigma,
+            "method": self.method,
+            "target_class": self.target_class,
+            "settings": self.settings,
+        }
+
+    def _tensors(self) -> dict[str, torch.Tensor]:
+        return {"indices": self.indices.to(torch.int64).contiguous(), "images": self.images.to(torch.float32).contiguous(),
+                "labels": self.labels.to(torch.int64).contiguous()}
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Write a safetensors file (atomically) whose JSON metadata carries a sha256 of the contents."""
+        from safetensors.torch import save_file
+
+        meta = self._meta()
+        tensors = self._tensors()
+        header = {"meta": meta, "sha256": _content_hash(tensors, meta)}
+        path = Path(path)
+        tmp = path.with_name(path.name + ".tmp")
+        save_file(tensors, str(tmp), metadata={"engine_poison": json.dumps(header)})
+        os.replace(tmp, path)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "PoisonSet":
+        """Read a poison set written by :meth:`save`; a modified file is refused."""
+        from safetensors import safe_open
+
+        path = Path(path)
+        if not path.is_file():
+            raise PoisonError(f"{path}: no such poison set")
+        try:
+            with safe_open(str(path), framework="pt") as fh:
+                raw = (fh.metadata() or {}).get("engine_poison")
+                tensors = {k: fh.get_tensor(k) for k in fh.keys()}
+        except Exception as exc:
+            raise PoisonError(f"{path}: not a readable safetensors file ({exc})") from exc
+        if raw is None:
+            raise PoisonError(f"{path}: safetensors file without poison metadata")
+        header = json.loads(raw)
+        meta = header.get("meta", {})
+        if meta.get("format") != FORMAT:
+            raise PoisonError(f"{path}: unknown poison format {meta.get('format')!r}")
+        if set(tensors) != {"indices", "images", "labels"}:
+            raise PoisonError(f"{path}: unexpected tensors {sorted(tensors)}")
+        if _content_hash(tensors, meta) != header.get("sha256"):
+            raise PoisonError(f"{path}: contents do not match their sha256: the file was modified or damaged")
+        return cls(tensors["indices"], tensors["images"], tensors["labels"], meta["clean_sha256"], meta["eps"],
+                   meta["sigma"], meta["method"], meta["target_class"], meta["settings"])
+
+    def apply(self, train_data) -> tuple[torch.Tensor, torch.Tensor]:
+        """The poisoned training set: float32 images in [0, 1] with the poison at ``indices``; labels unchanged.
+
+        Refuses a training set whose images or labels at ``indices`` are not the ones the poison was
+        crafted from.
+        """
+        images, labels = train_data
+        idx = self.indices
+        if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= images.shape[0]):
+            raise PoisonError(f"poison indices out of range for a training set of {images.shape[0]} images")
+        if tuple(images.shape[1:]) != tuple(self.images.shape[1:]):
+            raise PoisonError(f"poison images {tuple(self.images.shape[1:])} do not match training images {tuple(images.shape[1:])}")
+        if not torch.equal(labels[idx].to(torch.int64), self.labels):
+            raise PoisonError("labels at the poison indices differ from the poison's labels (clean-label poison)")
+        if _hash_clean(images[idx], labels[idx]) != self.clean_sha256:
+            raise PoisonError("the training images at the poison indices are not the originals this poison was crafted from")
+        out = images.to(torch.float32) / 255.0 if images.dtype == torch.uint8 else images.to(torch.float32).clone()
+        out[idx] = self.images.to(torch.float32)
+        return out, labels.to(torch.int64).clone()
+
+    def linf(self, train_data) -> float:
+        """max |poison - original| over all pixels."""
+        images, _ = train_data
+        x0 = images[self.indices]
+        x0 = x0.to(torch.float32) / 255.0 if x0.dtype == torch.uint8 else x0.to(torch.float32)
+        return float((self.images - x0).abs().max()) if len(self) else 0.0
+
+
+# ----------------------------------------------------------------------------------------------
+# lower-level problems
+# ----------------------------------------------------------------------------------------------
+
+
+class _Functional(torch.nn.Module):
+    """``model`` evaluated with the given parameter dict (torch.func.functional_call)."""
+
+    def __init__(self, model: torch.nn.Module, params: dict[str, torch.Tensor]):
+        super().__init__()
+        self.model = model
+        self.params = params
+
+    def forward(self, x):
+        return torch.func.functional_call(self.model, self.params, (x,))
+
+
+@dataclass
+class _Step:
+    """One outer step's minibatch and frozen randomness."""
+
+    xc: torch.Tensor  # (Bc, C, H, W) clean non-target images
+    yc: torch.Tensor
+    pos: torch.Tensor  # (Bp,) positions of the poison batch in u
+    yp: torch.Tensor
+    xv: torch.Tensor  # (Bv, C, H, W) validation images of the target class
+    seed: int  # key of this step's randomness
+
+
+def _method_args(method: str, args: dict) -> dict:
+    defaults = {
+        "gaussian": {},
+        "macer": {"k": 2, "beta": 16.0, "gamma": 8.0, "lbd": 1.0},
+        "smoothadv": {"eps": 0.5, "steps": 10, "m": 1},
+    }[method]
+    unknown = set(args) - set(defaults)
+    if unknown:
+        raise ValueError(f"unknown arguments for method {method!r}: {sorted(unknown)} (known: {sorted(defaults)})")
+    return {**defaults, **args}
+
+
+class _Lower:
+    """G(w, u) of one outer step: the procedure's training loss on the clean batch plus the poison batch.
+
+    ``loss(params, u, key)`` evaluates it with the noise drawn from ``key`` (same key, same noise), so
+    the Hessian and mixed products see one fixed sample of the stochastic objective.
+    """
+
+    def __init__(self, method: str, model: torch.nn.Module, step: _Step, sigma: float, margs: dict):
+        self.method, self.model, self.step, self.sigma, self.margs = method, model, step, sigma, margs
+        self.y = torch.cat([step.yc, step.yp])
+        self.delta = None
+
+    def prepare(self, u_batch: torch.Tensor) -> None:
+        """SmoothAdv: attack points for the clean and poison batch at the current weights (outside the graph)."""
+        if self.method != "smoothadv":
+            return
+        from .attacks import smoothadv
+
+        x = torch.cat([self.step.xc, u_batch.detach()])
+        g = _generator(x.device, self.step.seed, 11)
+        adv = smoothadv(self.model, x, self.y, sigma=self.sigma, eps=self.margs["eps"], steps=self.margs["steps"],
+                        m=self.margs["m"], generator=g)
+        self.delta = (adv - x).detach()
+
+    def loss(self, model: torch.nn.Module, u_batch: torch.Tensor, key: int) -> torch.Tensor:
+        x = torch.cat([self.step.xc, u_batch])
+        g = _generator(x.device, self.step.seed, key)
+        if self.method == "macer":
+            from .losses import macer
+
+            m = self.margs
+            return macer(model, x, self.y, sigma=self.sigma, k=m["k"], beta=m["beta"], gamma=m["gamma"], lbd=m["lbd"],
+                         generator=g)
+        if self.delta is not None:
+            x = x + self.delta
+        noise = torch.randn(x.shape, generator=g, device=x.device, dtype=x.dtype)
+        return F.cross_entropy(model(x + self.sigma * noise), self.y)
+
+    def products(self, u_batch: torch.Tensor, key: int):
+        """(hvp, mixed) closures at the current weights for the noise sample ``key``."""
+        names = [n for n, p in self.model.named_parameters() if p.requires_grad]
+        params = {n: p.detach() for n, p in self.model.named_parameters() if p.requires_grad}
+
+        def loss_fn(prm, u):
+            return self.loss(_Functional(self.model, prm), u, key)
+
+        fl = bilevel.FuncLower(loss_fn, {n: params[n] for n in names}, u_batch.detach())
+        return fl.hvp, fl.mixed
+
+
+class _RowAdam:
+    """Adam on the rows of a tensor, each row with its own step count (only the batch rows move)."""
+
+    def __init__(self, like: torch.Tensor, betas=(0.9, 0.999), eps=1e-8):
+        self.m = torch.zeros_like(like)
+        self.v = torch.zeros_like(like)
+        self.t = torch.zeros(like.shape[0], dtype=torch.int64)
+        self.betas, self.eps = betas, eps
+
+    def step(self, x: torch.Tensor, rows: torch.Tensor, grad: torch.Tensor, lr: float) -> torch.Tensor:
+        b1, b2 = self.betas
+        self.t[rows] += 1
+        t = self.t[rows].to(x.dtype).view((-1,) + (1,) * (x.dim() - 1))
+        m = self.m[rows] * b1 + (1 - b1) * grad
+        v = self.v[rows] * b2 + (1 - b2) * grad * grad
+        self.m[rows], self.v[rows] = m, v
+        update = (m / (1 - b1**t)) / ((v / (1 - b2**t)).sqrt() + self.eps)
+        return x[rows] - lr * update
+
+
+# ----------------------------------------------------------------------------------------------
+# checkpoints
+# ----------------------------------------------------------------------------------------------
+
+
+def _save_checkpoint(path: Path, tensors: dict[str, torch.Tensor], meta: dict) -> None:
+    from safetensors.torch import save_file
+
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
+    tmp = path.with_name(path.name + ".tmp")
+    save_file(tensors, str(tmp), metadata={"engine_poison_checkpoint": json.dumps(meta)})
+    os.replace(tmp, path)
+
+
+def _load_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as fh:
+            raw = (fh.metadata() or {}).get("engine_poison_checkpoint")
+            tensors = {k: fh.get_tensor(k) for k in fh.keys()}
+    except Exception as exc:
+        raise PoisonError(f"{path}: unreadable poisoning checkpoint ({exc})") from exc
+    if raw is None:
+        raise PoisonError(f"{path}: not a poisoning checkpoint")
+    return tensors, json.loads(raw)
+
+
+def _optimizer_tensors(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], list]:
+    sd = opt.state_dict()
+    tensors = {}
+    for i, st in sd["state"].items():
+        for key, val in st.items():
+            tensors[f"opt_w/{i}/{key}"] = val if isinstance(val, torch.Tensor) else torch.tensor(val)
+    groups = json.loads(json.dumps(sd["param_groups"], default=lambda o: list(o) if isinstance(o, tuple) else str(o)))
+    return tensors, groups
+
+
+def _optimizer_from(opt: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], groups: list) -> None:
+    state: dict[int, dict] = {}
+    for name, val in tensors.items():
+        if name.startswith("opt_w/"):
+            _, i, key = name.split("/", 2)
+            state.setdefault(int(i), {})[key] = val
+    for g in groups:
+        if "betas" in g:
+            g["betas"] = tuple(g["betas"])
+    opt.load_state_dict({"state": state, "param_groups": groups})
+
+
+# ----------------------------------------------------------------------------------------------
+# the attack
+# ----------------------------------------------------------------------------------------------
+
+
+def _float_images(images: torch.Tensor, name: str) -> torch.Tensor:
+    if not isinstance(images, torch.Tensor) or images.dim() != 4:
+        raise ValueError(f"{name} images must be a (N, C, H, W) tensor")
+    if images.dtype == torch.uint8:
+        return images.to(torch.float32) / 255.0
+    if not images.is_floating_point():
+        raise ValueError(f"{name} images must be uint8 or float in [0, 1], got {images.dtype}")
+    x = images.to(torch.float32)
+    if x.numel() and (float(x.min()) < 0 or float(x.max()) > 1):
+        raise ValueError(f"{name} images must lie in [0, 1]")
+    return x
+
+
+def _positive(name: str, value, allow_zero: bool = False) -> float:
+    value = float(value)
+    if not math.isfinite(value) or value < 0 or (value == 0 and not allow_zero):
+        raise ValueError(f"{name} must be a finite number {'>=' if allow_zero else '>'} 0, got {value}")
+    return value
+
+
+def _count(name: str, value, lo: int) -> int:
+    if isinstance(value, bool) or int(value) != value or int(value) < lo:
+        raise ValueError(f"{name} must be an integer >= {lo}, got {value!r}")
+    return int(value)
+
+
+def poison(
+    model_fn: Callable[[], torch.nn.Module],
+    train_data,
+    val_data,
+    *,
+    target_class: int,
+    method: str = "gaussian",
+    sigma: float,
+    eps: float,
+    solver: str = "approxgrad",
+    outer_steps: int,
+    niter1: int = 10,
+    niter2: int = 10,
+    lr_u: float = 0.1,
+    lr_w: float = 1e-3,
+    lr_p: float = 1e-2,
+    damping: float = 1e-3,
+    reset_every: int = 10,
+    batch_clean: int = 900,
+    batch_poison: int = 100,
+    batch_val: int = 100,
+    k: int = 20,
+    beta: float = 16.0,
+    a: float = 0.001,
+    u_update: str = "adam",
+    seed: int = 0,
+    checkpoint: str | os.PathLike | None = None,
+    checkpoint_every: int = 50,
+    method_args: dict | None = None,
+    device: str | torch.device = "cpu",
+    progress: bool = False,
+    log: Callable[[dict], None] | None = None,
+) -> PoisonSet:
+    """Craft a PACD poison against ``method``'s training procedure (ApproxGrad bilevel optimisation).
+
+    Args:
+        model_fn: builds a fresh lower-level model (e.g. ``engine.models.lenet_mnist``); called at
+            every re-initialisation under a seed derived from ``seed``.
+        train_data: (images (N, C, H, W) uint8 or float in [0, 1], labels (N,)); every image of
+            ``target_class`` is poisoned, the others are the clean data of the lower level.
+        val_data: (images, labels); its ``target_class`` images drive the upper objective.
+        method: lower-level procedure "gaussian" | "macer" | "smoothadv" (``method_args``: macer k,
+            beta, gamma, lbd; smoothadv eps, steps, m).
+        sigma: smoothing noise of the procedure and of the upper objective. eps: L_inf radius.
+        solver: "approxgrad" | "cg" | "neumann" for (H + damping I) p = dF/dw, ``niter2`` steps with
+            step size ``lr_p`` (approxgrad, neumann).
+        outer_steps: outer iterations; each runs ``niter1`` Adam(lr_w) steps on the lower model,
+            one solve and one poison step (Adam with lr_u, or signed steps with u_update="sign").
+        reset_every: re-initialise the lower model every this many epochs (epoch = N / (batch_clean
+            + batch_poison) outer steps; 0 = never).
+        batch_clean, batch_poison, batch_val: minibatch sizes; k, beta, a: upper objective settings.
+        checkpoint: path of a resumable state file written every ``checkpoint_every`` steps and at
+            the end; an existing one with the same settings is resumed (``outer_steps`` may grow).
+
+    Returns:
+        :class:`PoisonSet` with ||images - originals||_inf <= eps, images in [0, 1], labels unchanged.
+    """
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    if solver not in bilevel.SOLVERS:
+        raise ValueError(f"solver must be one of {tuple(bilevel.SOLVERS)}, got {solver!r}")
+    if u_update not in ("adam", "sign"):
+        raise ValueError(f"u_update must be 'adam' or 'sign', got {u_update!r}")
+    sigma = _positive("sigma", sigma)
+    eps = _positive("eps", eps, allow_zero=True)
+    lr_u, lr_w, lr_p = _positive("lr_u", lr_u), _positive("lr_w", lr_w), _positive("lr_p", lr_p)
+    damping = _positive("damping", damping, allow_zero=True)
+    outer_steps, niter1, niter2 = _count("outer_steps", outer_steps, 0), _count("niter1", niter1, 0), _count("niter2", niter2, 1)
+    reset_every, checkpoint_every = _count("reset_every", reset_every, 0), _count("checkpoint_every", checkpoint_every, 1)
+    bc, bp, bv, k = (_count(n, v, 1) for n, v in (("batch_clean", batch_clean), ("batch_poison", batch_poison),
+                                                  ("batch_val", batch_val), ("k", k)))
+    if not 0 <= float(a) < 0.5:
+        raise ValueError(f"a must lie in [0, 0.5), got {a}")
+    margs = _method_args(method, dict(method_args or {}))
+    device = torch.device(device)
+
+    images, labels = train_data
+    x_all = _float_images(images, "train_data")
+    labels = torch.as_tensor(labels).to(torch.int64)
+    if labels.shape != (x_all.shape[0],):
+        raise ValueError(f"train_data labels must have shape ({x_all.shape[0]},), got {tuple(labels.shape)}")
+    xv_all = _float_images(val_data[0], "val_data")
+    yv_all = torch.as_tensor(val_data[1]).to(torch.int64)
+    pool_p = (labels == target_class).nonzero().flatten()
+    pool_c = (labels != target_class).nonzero().flatten()
+    val_t = xv_all[yv_all == target_class]
+    if pool_p.numel() == 0 or val_t.shape[0] == 0 or pool_c.numel() == 0:
+        raise ValueError(f"target_class {target_class}: {pool_p.numel()} training, {val_t.shape[0]} validation images of "
+                         f"the class and {pool_c.numel()} other training images; all must be > 0")
+    clean_hash = _hash_clean(images[pool_p], labels[pool_p])
+    x_all, val_t = x_all.to(device), val_t.to(device)
+    labels_dev = labels.to(device)
+    x0 = x_all[pool_p].clone()
+    n_poison = pool_p.numel()
+    steps_per_epoch = math.ceil(x_all.shape[0] / (bc + bp))
+    reset_period = reset_every * steps_per_epoch
+    poison_epoch = math.ceil(n_poison / bp)
+
+    settings = {
+        "target_class": int(target_class), "method": method, "sigma": sigma, "eps": eps, "solver": solver,
+        "niter1": niter1, "niter2": niter2, "lr_u": lr_u, "lr_w": lr_w, "lr_p": lr_p, "damping": damping,
+        "reset_every": reset_every, "batch_clean": bc, "batch_poison": bp, "batch_val": bv, "k": k, "beta": float(beta),
+        "a": float(a), "u_update": u_update, "seed": int(seed), "method_args": margs, "clean_sha256": clean_hash,
+        "train_size": int(x_all.shape[0]), "steps_per_epoch": steps_per_epoch,
+    }
+
+    def fresh_model(r: int):
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(derive_seed(seed, r, 1))
+            m = model_fn().to(device)
+        return m, torch.optim.Adam(flat_params(m), lr=lr_w)
+
+    model, opt_w = fresh_model(0)
+    shapes = [list(p.shape) for p in flat_params(model)]
+    settings["param_shapes"] = shapes
+    n_params = sum(p.numel() for p in flat_params(model))
+    p_vec = torch.zeros(n_params, device=device)
+    p_state = AdamState()
+    u = x0.clone()
+    u_opt = _RowAdam(u)
+    history: list[dict] = []
+    start, reset_index = 0, 0
+    ckpt = Path(checkpoint) if checkpoint is not None else None
+
+    if ckpt is not None and ckpt.exists():
+        tensors, meta = _load_checkpoint(ckpt)
+        if meta["settings"] != json.loads(json.dumps(settings)):
+            diff = sorted(key for key in set(meta["settings"]) | set(settings)
+                          if meta["settings"].get(key) != json.loads(json.dumps(settings)).get(key))
+            raise PoisonError(f"{ckpt}: checkpoint of a run with other settings ({', '.join(diff)} differ)")
+        start, reset_index, history = meta["step"], meta["reset_index"], meta["history"]
+        model, opt_w = fresh_model(reset_index)
+        model.load_state_dict({k[2:]: v.to(device) for k, v in tensors.items() if k.startswith("w.")})
+        _optimizer_from(opt_w, {k: v.to(device) for k, v in tensors.items() if k.startswith("opt_w/")}, meta["opt_w_groups"])
+        u = tensors["u"].to(device)
+        p_vec = tensors["p"].to(device)
+        p_state = AdamState(m=tensors.get("p_m"), v=tensors.get("p_v"), t=meta["p_t"])
+        if p_state.m is not None:
+            p_state.m, p_state.v = p_state.m.to(device), p_state.v.to(device)
+        u_opt.m, u_opt.v, u_opt.t = tensors["u_m"].to(device), tensors["u_v"].to(device), tensors["u_t"]
+
+    def save_state(step_done: int):
+        if ckpt is None:
+            return
+        tensors = {f"w.{k}": v for k, v in model.state_dict().items()}
+        opt_tensors, groups = _optimizer_tensors(opt_w)
+        tensors.update(opt_tensors)
+        tensors.update({"u": u, "p": p_vec, "u_m": u_opt.m, "u_v": u_opt.v, "u_t": u_opt.t})
+        if p_state.m is not None:
+            tensors.update({"p_m": p_state.m, "p_v": p_state.v})
+        meta = {"step": step_done, "reset_index": reset_index, "p_t": p_state.t, "settings": settings,
+                "opt_w_groups": groups, "history": history}
+        _save_checkpoint(ckpt, tensors, json.loads(json.dumps(meta)))
+
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=outer_steps, initial=min(start, outer_steps), desc=f"poison[{method}]", unit="step", dynamic_ncols=True)
+    t_start = time.perf_counter()
+    try:
+        for step in range(start, outer_steps):
+            r = step // reset_period if reset_period else 0
+            if r != reset_index:
+                reset_index = r
+                model, opt_w = fresh_model(r)
+                p_vec = torch.zeros(n_params, device=device)
+                p_state = AdamState()
+            t0 = time.perf_counter()
+            g_sel = _generator("cpu", seed, step, 2)
+            ci = pool_c[torch.randperm(pool_c.numel(), generator=g_sel)[:bc]]
+            vi = torch.randperm(val_t.shape[0], generator=g_sel)[:bv]
+            order = torch.randperm(n_poison, generator=_generator("cpu", seed, step // poison_epoch, 3))
+            j = step % poison_epoch
+            pos = order[j * bp : (j + 1) * bp]
+            batch = _Step(xc=x_all[ci.to(device)], yc=labels_dev[ci.to(device)], pos=pos,
+                          yp=labels_dev[pool_p[pos].to(device)], xv=val_t[vi.to(device)], seed=derive_seed(seed, step, 4))
+            lower = _Lower(method, model, batch, sigma, margs)
+            u_batch = u[pos.to(device)]
+            model.train()
+            lower.prepare(u_batch)
+            lower_loss = float("nan")
+            for it in range(niter1):
+                loss = lower.loss(model, u_batch, 100 + it)
+                opt_w.zero_grad(set_to_none=True)
+                loss.backward()
+                opt_w.step()
+                lower_loss = float(loss.detach())
+            params = flat_params(model)
+            f_val, counted = soft_radius_objective(model, batch.xv, target_class, sigma=sigma, k=k, beta=beta, a=a,
+                                                   generator=_generator(device, batch.seed, 5))
+            grads = torch.autograd.grad(f_val, params, allow_unused=True)
+            g_w = torch.cat([(gr if gr is not None else torch.zeros_like(p)).reshape(-1) for gr, p in zip(grads, params)])
+            moved = 0.0
+            if float(g_w.abs().max()) > 0:
+                hvp, mixed = lower.products(u_batch, 999)
+                kwargs = {"state": p_state} if solver == "approxgrad" else {}
+                p_vec = bilevel.SOLVERS[solver](hvp, g_w.detach(), p_vec, steps=niter2, lr=lr_p, damping=damping, **kwargs)
+                grad_u = -mixed(p_vec)
+                if u_update == "adam":
+                    new = u_opt.step(u, pos.to(device), grad_u, lr_u)
+                else:
+                    new = u_batch - lr_u * grad_u.sign()
+                x0b = x0[pos.to(device)]
+                new = torch.minimum(torch.maximum(new, x0b - eps), x0b + eps).clamp_(0.0, 1.0)
+                moved = float((new - u_batch).abs().max())
+                u[pos.to(device)] = new
+            entry = {"step": step + 1, "upper": float(f_val.detach()), "counted": counted, "lower_loss": lower_loss,
+                     "linf": float((u - x0).abs().max()), "moved": moved, "seconds": time.perf_counter() - t0}
+            history.append(entry)
+            if log is not None:
+                log(entry)
+            if bar is not None:
+                bar.set_postfix(upper=f"{entry['upper']:.4f}", linf=f"{entry['linf']:.3f}", lower=f"{lower_loss:.3f}")
+                bar.update(1)
+            if (step + 1) % checkpoint_every == 0:
+                save_state(step + 1)
+    finally:
+        if bar is not None:
+            bar.close()
+    save_state(max(start, outer_steps))
+    final = dict(settings)
+    final.update({"outer_steps": max(start, outer_steps), "seconds": time.perf_counter() - t_start,
+                  "history_tail": history[-20:]})
+    return PoisonSet(indices=pool_p.clone(), images=u.detach().to("cpu", torch.float32), labels=labels[pool_p].clone(),
+                     clean_sha256=clean_hash, eps=eps, sigma=sigma, method=method, target_class=int(target_class),
+                     settings=json.loads(json.dumps(final)))

@@ -1,0 +1,184 @@
+"""PACD poisoning: poison-set files, projection invariants, resume, and the attack's effect."""
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from engine import data, models
+from engine.poison import PoisonError, PoisonSet, derive_seed, poison, soft_radius_objective
+
+TARGET = 3
+
+
+def _tiny_mlp():
+    return nn.Sequential(models.Normalize(models.MNIST_MEAN, models.MNIST_STD), nn.Flatten(), nn.Linear(784, 32), nn.ReLU(),
+                         nn.Linear(32, 10))
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    """300 training and 100 validation images of classes 3, 5, 8 from the shipped MNIST subset."""
+    x, y = data.load_mnist(data.embedded_mnist_root(), "train")
+    keep = (y == 3) | (y == 5) | (y == 8)
+    x, y = x[keep], y[keep]
+    return (x[100:400], y[100:400]), (x[:100], y[:100])
+
+
+SMALL = dict(target_class=TARGET, method="gaussian", sigma=0.5, eps=0.1, batch_clean=60, batch_poison=20, batch_val=20,
+             k=4, niter1=3, niter2=3, lr_u=0.05, reset_every=0)
+
+
+def _invariants(ps: PoisonSet, train):
+    images, labels = train
+    x0 = images[ps.indices].float() / 255
+    assert float((ps.images - x0).abs().max()) <= ps.eps + 1e-6
+    assert float(ps.images.min()) >= 0 and float(ps.images.max()) <= 1
+    assert torch.equal(ps.labels, labels[ps.indices]) and bool((ps.labels == TARGET).all())
+    assert torch.equal(ps.indices, (labels == TARGET).nonzero().flatten())
+
+
+def test_projection_invariants_after_every_step_and_resume(tiny, tmp_path):
+    train, val = tiny
+    ckpt = tmp_path / "ck.safetensors"
+    steps = []
+    for s in range(1, 5):  # one outer step per call: each call resumes from the checkpoint
+        ps = poison(_tiny_mlp, train, val, outer_steps=s, checkpoint=ckpt, checkpoint_every=1, seed=3, **SMALL)
+        _invariants(ps, train)
+        steps.append(ps.images.clone())
+    assert not torch.equal(steps[0], steps[-1])  # the poison moves
+    x0 = train[0][ps.indices].float() / 255
+    assert float((steps[-1] - x0).abs().max()) > 0.9 * SMALL["lr_u"]  # at least one full Adam step
+    # an uninterrupted run with the same seed gives the same poison, bit for bit
+    straight = poison(_tiny_mlp, train, val, outer_steps=4, seed=3, **SMALL)
+    assert torch.equal(straight.images, steps[-1])
+    # another seed gives another poison
+    other = poison(_tiny_mlp, train, val, outer_steps=4, seed=4, **SMALL)
+    assert not torch.equal(other.images, steps[-1])
+    # a checkpoint of other settings is refused
+    with pytest.raises(PoisonError, match="other settings"):
+        poison(_tiny_mlp, train, val, outer_steps=5, checkpoint=ckpt, seed=3, **{**SMALL, "eps": 0.2})
+
+
+def test_sign_updates_and_all_solvers_keep_invariants(tiny):
+    train, val = tiny
+    for solver in ("approxgrad", "cg", "neumann"):
+        ps = poison(_tiny_mlp, train, val, outer_steps=2, solver=solver, u_update="sign", **{**SMALL, "lr_u": 0.03})
+        _invariants(ps, train)
+
+
+def test_poison_set_roundtrip_and_tamper(tiny, tmp_path):
+    train, val = tiny
+    ps = poison(_tiny_mlp, train, val, outer_steps=1, **SMALL)
+    path = tmp_path / "p.safetensors"
+    ps.save(path)
+    back = PoisonSet.load(path)
+    assert torch.equal(back.images, ps.images) and torch.equal(back.indices, ps.indices)
+    assert back.settings == json.loads(json.dumps(ps.settings)) and back.eps == ps.eps and back.method == "gaussian"
+    images, labels = back.apply(train)
+    assert images.dtype == torch.float32 and torch.equal(labels, train[1])
+    assert torch.equal(images[ps.indices], ps.images)
+    others = torch.ones(labels.shape[0], dtype=torch.bool)
+    others[ps.indices] = False
+    assert torch.equal(images[others], train[0][others].float() / 255)
+
+    # tampering with a tensor or with the metadata is detected
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    with safe_open(str(path), framework="pt") as fh:
+        meta = fh.metadata()
+        tensors = {k: fh.get_tensor(k) for k in fh.keys()}
+    bad = dict(tensors)
+    bad["images"] = tensors["images"].clone()
+    bad["images"][0, 0, 0, 0] += 0.01
+    save_file(bad, str(tmp_path / "bad.safetensors"), metadata=meta)
+    with pytest.raises(PoisonError, match="sha256"):
+        PoisonSet.load(tmp_path / "bad.safetensors")
+    header = json.loads(meta["engine_poison"])
+    header["meta"]["eps"] = 0.5
+    save_file(tensors, str(tmp_path / "bad2.safetensors"), metadata={"engine_poison": json.dumps(header)})
+    with pytest.raises(PoisonError, match="sha256"):
+        PoisonSet.load(tmp_path / "bad2.safetensors")
+    with pytest.raises(PoisonError, match="no such"):
+        PoisonSet.load(tmp_path / "missing.safetensors")
+
+    # apply refuses other data
+    images2 = train[0].clone()
+    images2[ps.indices[0], 0, 0, 0] ^= 1
+    with pytest.raises(PoisonError, match="originals"):
+        ps.apply((images2, train[1]))
+    labels2 = train[1].clone()
+    labels2[ps.indices[0]] = 5
+    with pytest.raises(PoisonError, match="labels"):
+        ps.apply((train[0], labels2))
+
+
+def test_argument_errors(tiny):
+    train, val = tiny
+    base = {**SMALL, "outer_steps": 1}
+    for bad, match in [({"method": "pgd"}, "method"), ({"solver": "lbfgs"}, "solver"), ({"sigma": 0}, "sigma"),
+                       ({"eps": -0.1}, "eps"), ({"niter2": 0}, "niter2"), ({"batch_poison": 0}, "batch_poison"),
+                       ({"u_update": "sgd"}, "u_update"), ({"target_class": 7}, "target_class"), ({"a": 0.5}, "a must"),
+                       ({"method_args": {"kk": 1}}, "unknown arguments")]:
+        with pytest.raises(ValueError, match=match):
+            poison(_tiny_mlp, train, val, **{**base, **bad})
+
+
+def test_soft_radius_objective_matches_reference():
+    torch.manual_seed(0)
+    model = _tiny_mlp().double()
+    x = torch.rand(6, 1, 28, 28, dtype=torch.float64)
+    noise = torch.randn(5, 6, 1, 28, 28, dtype=torch.float64)
+    f, counted = soft_radius_objective(model, x, 2, sigma=0.5, k=5, beta=16.0, a=0.001, noise=noise)
+    from scipy.stats import norm
+
+    total = 0.0
+    n_counted = 0
+    for i in range(6):
+        p = sum(F.softmax(16.0 * model(x[i : i + 1] + 0.5 * noise[j, i : i + 1]), dim=1)[0] for j in range(5)) / 5
+        if int(p.argmax()) == 2:
+            n_counted += 1
+            p2 = max(float(p[c]) for c in range(10) if c != 2)
+            total += norm.ppf(0.998 * float(p[2]) + 0.001) - norm.ppf(0.998 * p2 + 0.001)
+    assert counted == pytest.approx(n_counted / 6)
+    assert float(f) == pytest.approx(0.25 * total / 6, rel=1e-9, abs=1e-12)
+
+
+def test_derive_seed_independent_streams():
+    seeds = {derive_seed(s, t, u) for s in range(4) for t in range(50) for u in range(5)}
+    assert len(seeds) == 4 * 50 * 5 and all(0 <= s < 2**63 for s in seeds)
+
+
+def test_upper_objective_decreases_for_retrained_models(tiny):
+    """Models retrained from scratch on the poisoned set have a smaller soft certified radius on the
+    target class than models trained on clean data (same seeds), and smaller than with random
+    perturbations of the same size."""
+    from engine import train as train_fn
+
+    train, val = tiny
+    xv = val[0][val[1] == TARGET].float() / 255
+    noise = torch.randn((8,) + tuple(xv.shape), generator=torch.Generator().manual_seed(0))
+
+    def objective_after_training(images, labels, seed):
+        torch.manual_seed(seed)
+        m = _tiny_mlp()
+        train_fn(m, (images, labels), method="gaussian", sigma=0.5, epochs=15, batch_size=32, lr=1e-3, optimizer="adam",
+                 schedule="constant", seed=seed)
+        with torch.no_grad():
+            return float(soft_radius_objective(m.eval(), xv, TARGET, sigma=0.5, k=8, noise=noise)[0])
+
+    ps = poison(_tiny_mlp, train, val, outer_steps=20, seed=0, **{**SMALL, "lr_u": 0.03, "niter1": 5, "niter2": 5})
+    poisoned = ps.apply(train)
+    rand = poisoned[0].clone()
+    signs = torch.randint(0, 2, ps.images.shape, generator=torch.Generator().manual_seed(1)).float() * 2 - 1
+    rand[ps.indices] = (train[0][ps.indices].float() / 255 + ps.eps * signs).clamp(0, 1)
+    for seed in (0, 1):
+        clean = objective_after_training(train[0], train[1], seed)
+        attacked = objective_after_training(*poisoned, seed)
+        random = objective_after_training(rand, train[1], seed)
+        assert clean > 0.5  # the clean models certify the class at all
+        assert attacked < 0.85 * clean, (seed, clean, attacked)
+        assert attacked < random, (seed, random, attacked)
