@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from . import bilevel
-from .bilevel import AdamState, adam_step, flat_params
+from .bilevel import AdamState, flat_params
 
 __all__ = [
     "PoisonSet",
@@ -213,7 +213,9 @@ class PoisonSet:
         if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= images.shape[0]):
             raise PoisonError(f"poison indices out of range for a training set of {images.shape[0]} images")
         if tuple(images.shape[1:]) != tuple(self.images.shape[1:]):
-            raise PoisonError(f"poison images {tuple(self.images.shape[1:])} do not match training images {tuple(images.shape[1:])}")
+            raise PoisonError(
+                f"poison images {tuple(self.images.shape[1:])} do not match training images {tuple(images.shape[1:])}"
+            )
         if not torch.equal(labels[idx].to(torch.int64), self.labels):
             raise PoisonError("labels at the poison indices differ from the poison's labels (clean-label poison)")
         if _hash_clean(images[idx], labels[idx]) != self.clean_sha256:
