@@ -3,7 +3,8 @@
 Commands: ``certify`` (Cohen et al.'s certify over a data set, resumable), ``demo`` (the embedded
 default: train LeNet with Gaussian augmentation on the shipped MNIST subset and certify 100 test
 images), ``make-subset`` (cut a small MNIST subset), ``train`` (certified-robust training with a
-checkpoint every epoch and ``--resume``).
+checkpoint every epoch and ``--resume``), ``poison`` (craft a PACD poison, resumable), ``evaluate``
+(train a victim on clean or poisoned data and certify the target class, resumable).
 """
 
 from __future__ import annotations
@@ -347,6 +348,115 @@ def cmd_make_subset(args) -> int:
     return 0
 
 
+def _load_split(args):
+    from . import data
+
+    images, labels = data.load_dataset(args.dataset, args.data_root, "train")
+    return data.split_validation(images, labels, args.val_size)
+
+
+def _method_args(args) -> dict:
+    if args.method_args is None:
+        return {}
+    try:
+        value = json.loads(args.method_args)
+    except json.JSONDecodeError as exc:
+        raise SystemExit(f"error: --method-args must be a JSON object: {exc}") from exc
+    if not isinstance(value, dict):
+        raise SystemExit("error: --method-args must be a JSON object, e.g. '{\"k\": 2}'")
+    return value
+
+
+def cmd_poison(args) -> int:
+    from . import models
+    from .poison import poison
+
+    out = Path(args.out)
+    ckpt = out.with_name(out.name + ".ckpt")
+    if ckpt.exists() and not args.resume:
+        print(f"error: {ckpt} exists: pass --resume to continue that run, or remove it", file=sys.stderr)
+        return 2
+    train_data, val_data = _load_split(args)
+
+    def log(entry):
+        if args.log_every and entry["step"] % args.log_every == 0:
+            print(json.dumps(entry), file=sys.stderr, flush=True)
+
+    ps = poison(
+        lambda: models.build(args.arch),
+        train_data,
+        val_data,
+        target_class=args.target_class,
+        method=args.method,
+        sigma=args.sigma,
+        eps=args.eps,
+        solver=args.solver,
+        outer_steps=args.outer_steps,
+        niter1=args.niter1,
+        niter2=args.niter2,
+        lr_u=args.lr_u,
+        lr_w=args.lr_w,
+        lr_p=args.lr_p,
+        damping=args.damping,
+        reset_every=args.reset_every,
+        batch_clean=args.batch_clean,
+        batch_poison=args.batch_poison,
+        batch_val=args.batch_val,
+        k=args.k,
+        u_update=args.u_update,
+        seed=args.seed,
+        checkpoint=ckpt,
+        checkpoint_every=args.checkpoint_every,
+        method_args=_method_args(args),
+        device=_device(args.device),
+        progress=not args.quiet,
+        log=log,
+    )
+    ps.settings.update({"arch": args.arch, "dataset": args.dataset, "val_size": args.val_size})
+    ps.save(out)
+    print(f"wrote {out}: {len(ps)} poisoned images of class {ps.target_class}, L_inf {ps.linf(train_data):.4f} <= eps {ps.eps}")
+    return 0
+
+
+def cmd_evaluate(args) -> int:
+    from . import data
+    from .evaluate import evaluate_poison, format_rows
+    from .poison import PoisonSet
+
+    if (args.poison is None) == (not args.clean):
+        print("error: give exactly one of --poison FILE or --clean", file=sys.stderr)
+        return 2
+    ps = PoisonSet.load(args.poison) if args.poison else None
+    train_data, _ = _load_split(args)
+    test_data = data.load_dataset(args.dataset, args.data_root, "test")
+    res = evaluate_poison(
+        ps,
+        train_data,
+        test_data,
+        victim_method=args.victim_method,
+        arch=args.arch,
+        sigma=args.sigma,
+        target_class=args.target_class,
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        optimizer=args.optimizer,
+        schedule=args.schedule,
+        seed=args.seed,
+        method_args=_method_args(args),
+        n_images=args.images,
+        n0=args.n0,
+        n=args.n,
+        alpha=args.alpha,
+        batch=args.batch,
+        out_dir=args.out_dir,
+        device=_device(args.device),
+        progress=not args.quiet,
+    )
+    print(format_rows([res]))
+    return 0
+
+
 def _positive_float(text: str) -> float:
     value = float(text)
     if not value > 0 or value != value or value == float("inf"):
@@ -456,6 +566,66 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--test", type=_int_at_least(1), default=2_000)
     p.add_argument("--seed", type=_int_at_least(0), default=0)
     p.set_defaults(func=cmd_make_subset)
+
+    p = sub.add_parser("poison", help="craft a PACD poison (ApproxGrad) against a certified-robust training procedure")
+    p.add_argument("--dataset", choices=("mnist", "cifar10"), default="mnist")
+    p.add_argument("--data-root", default=None, help="data folder (mnist: default the embedded subset)")
+    p.add_argument("--val-size", type=_int_at_least(1), default=5000, help="first images of the train split held out")
+    p.add_argument("--target-class", type=_int_at_least(0), required=True)
+    p.add_argument("--method", choices=("gaussian", "macer", "smoothadv"), default="gaussian")
+    p.add_argument("--method-args", default=None, help="JSON object for the lower-level procedure, e.g. '{\"k\": 2}'")
+    p.add_argument("--arch", default="lenet")
+    p.add_argument("--sigma", type=_positive_float, required=True)
+    p.add_argument("--eps", type=float, required=True)
+    p.add_argument("--solver", choices=("approxgrad", "cg", "neumann"), default="approxgrad")
+    p.add_argument("--outer-steps", type=_int_at_least(0), required=True)
+    p.add_argument("--niter1", type=_int_at_least(0), default=10)
+    p.add_argument("--niter2", type=_int_at_least(1), default=10)
+    p.add_argument("--lr-u", type=_positive_float, default=0.1)
+    p.add_argument("--lr-w", type=_positive_float, default=1e-3)
+    p.add_argument("--lr-p", type=_positive_float, default=1e-2)
+    p.add_argument("--damping", type=float, default=1e-3)
+    p.add_argument("--reset-every", type=_int_at_least(0), default=10, help="re-initialise the lower model every E epochs")
+    p.add_argument("--batch-clean", type=_int_at_least(1), default=900)
+    p.add_argument("--batch-poison", type=_int_at_least(1), default=100)
+    p.add_argument("--batch-val", type=_int_at_least(1), default=100)
+    p.add_argument("--k", type=_int_at_least(1), default=20, help="noise draws of the upper objective")
+    p.add_argument("--u-update", choices=("adam", "sign"), default="adam")
+    p.add_argument("--seed", type=_int_at_least(0), default=0)
+    p.add_argument("--checkpoint-every", type=_int_at_least(1), default=50)
+    p.add_argument("--log-every", type=_int_at_least(0), default=0, help="print a JSON line every K steps (0: never)")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--out", required=True, help="poison .safetensors (its checkpoint is OUT.ckpt)")
+    p.add_argument("--resume", action="store_true", help="continue from OUT.ckpt")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=cmd_poison)
+
+    p = sub.add_parser("evaluate", help="train a victim on clean or poisoned data and certify the target class")
+    p.add_argument("--poison", default=None, help="poison .safetensors")
+    p.add_argument("--clean", action="store_true", help="clean victim (needs --target-class)")
+    p.add_argument("--target-class", type=_int_at_least(0), default=None)
+    p.add_argument("--dataset", choices=("mnist", "cifar10"), default="mnist")
+    p.add_argument("--data-root", default=None)
+    p.add_argument("--val-size", type=_int_at_least(1), default=5000)
+    p.add_argument("--victim-method", choices=("standard", "gaussian", "macer", "smoothadv"), default="gaussian")
+    p.add_argument("--method-args", default=None, help="JSON object for the victim's procedure")
+    p.add_argument("--arch", default="lenet")
+    p.add_argument("--sigma", type=_positive_float, required=True)
+    p.add_argument("--epochs", type=_int_at_least(1), default=20)
+    p.add_argument("--batch-size", type=_int_at_least(1), default=128)
+    p.add_argument("--lr", type=_positive_float, default=1e-3)
+    p.add_argument("--optimizer", choices=("sgd", "adam"), default="adam")
+    p.add_argument("--schedule", choices=("cosine", "step", "constant"), default="cosine")
+    p.add_argument("--seed", type=_int_at_least(0), default=0)
+    p.add_argument("--images", type=_int_at_least(1), default=500)
+    p.add_argument("--n0", type=_int_at_least(1), default=100)
+    p.add_argument("--n", type=_int_at_least(1), default=100_000)
+    p.add_argument("--alpha", type=_unit_interval, default=0.001)
+    p.add_argument("--batch", type=_int_at_least(1), default=None)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--out-dir", required=True)
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=cmd_evaluate)
     return parser
 
 
@@ -466,10 +636,11 @@ def main(argv=None) -> int:
         parser.error(f"--shard must be < --num-shards ({args.num_shards})")
     from .data import DataError
     from .models import CheckpointError
+    from .poison import PoisonError
     from .results import ResultsError
 
     try:
         return args.func(args)
-    except (DataError, CheckpointError, ResultsError) as exc:
+    except (DataError, CheckpointError, ResultsError, PoisonError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -28,6 +28,7 @@ __all__ = [
     "write_idx",
     "cut_mnist_subset",
     "to_float",
+    "split_validation",
 ]
 
 MNIST_FILES = {
@@ -274,3 +275,14 @@ def cut_mnist_subset(src_root, dst_root, *, n_train: int, n_test: int, seed: int
         for stem in (img_stem, lbl_stem):
             info["source_md5"][stem] = hashlib.md5(_find(src_root, stem).read_bytes()).hexdigest()
     return info
+
+
+def split_validation(images: torch.Tensor, labels: torch.Tensor, val_size: int):
+    """((train images, labels), (val images, labels)): the first ``val_size`` images are validation.
+
+    MNIST with val_size 5000 gives the 55,000 / 5,000 split used by PACD (as TensorFlow's MNIST reader).
+    """
+    if not 0 <= int(val_size) < images.shape[0]:
+        raise ValueError(f"val_size must lie in [0, {images.shape[0]}), got {val_size}")
+    v = int(val_size)
+    return (images[v:], labels[v:]), (images[:v], labels[:v])

@@ -1,0 +1,131 @@
+"""Seconds per PACD outer step (paper's MNIST batch) and the projected time of a full poisoning run.
+
+One outer step = niter1 lower Adam steps on (batch_clean + batch_poison) images, the upper objective
+on batch_val validation images x k noise draws, niter2 solver steps (2 Hessian-vector products each
+for ApproxGrad) and one mixed second-derivative product. Paper settings for MNIST: 900 clean + 100
+poison, 100 validation, k 20, niter1 = niter2 = 10, LeNet; Gaussian augmentation needs about 2,750
+outer steps.
+
+    python bench/bench_poison.py [--steps 3] [--out bench/results/poison-cpu.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from engine import data, models
+from engine.poison import poison
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import append_json, device_name, record, resolve_device  # noqa: E402
+
+FULL_STEPS = {"gaussian": 2750, "macer": 2750, "smoothadv": 2750}
+
+
+@dataclass(frozen=True)
+class Config:
+    method: str
+    hvp_backend: str
+    batch_clean: int = 900
+    batch_poison: int = 100
+    batch_val: int = 100
+    k: int = 20
+    niter1: int = 10
+    niter2: int = 10
+    arch: str = "lenet"
+
+
+@dataclass(frozen=True)
+class Result:
+    method: str
+    hvp_backend: str
+    arch: str
+    batch: str
+    seconds_per_step: float
+    projected_full_run_s: float
+    full_run_steps: int
+    steps_timed: int
+
+
+def run(cfg: Config, device: torch.device, train, val, steps: int) -> Result:
+    kwargs = {}
+    if cfg.hvp_backend != "default":
+        kwargs["hvp_backend"] = cfg.hvp_backend
+    sigma = 0.5 if cfg.method == "gaussian" else 0.75
+    times = []
+    poison(
+        lambda: models.build(cfg.arch),
+        train,
+        val,
+        target_class=8,
+        method=cfg.method,
+        sigma=sigma,
+        eps=0.1,
+        outer_steps=steps + 1,
+        batch_clean=cfg.batch_clean,
+        batch_poison=cfg.batch_poison,
+        batch_val=cfg.batch_val,
+        k=cfg.k,
+        niter1=cfg.niter1,
+        niter2=cfg.niter2,
+        device=device,
+        log=lambda e: times.append(e["seconds"]),
+        **kwargs,
+    )
+    per_step = sum(times[1:]) / max(1, len(times) - 1)  # the first step warms up
+    full = FULL_STEPS[cfg.method]
+    return Result(
+        cfg.method,
+        cfg.hvp_backend,
+        cfg.arch,
+        f"{cfg.batch_clean}+{cfg.batch_poison}/{cfg.batch_val}x{cfg.k}",
+        per_step,
+        per_step * full,
+        full,
+        len(times) - 1,
+    )
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--steps", type=int, default=3, help="outer steps timed (after one warm-up step)")
+    parser.add_argument("--methods", default="gaussian")
+    parser.add_argument("--backends", default="default")
+    parser.add_argument("--data-root", default="/work/shared/data/mnist", help="MNIST folder (embedded subset if missing)")
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args(argv)
+    device = resolve_device(args.device)
+    root = Path(args.data_root)
+    images, labels = data.load_mnist(root if root.is_dir() else data.embedded_mnist_root(), "train")
+    train, val = data.split_validation(images, labels, min(5000, images.shape[0] // 10))
+    print(f"device: {device_name(device)}; torch {torch.__version__}; train {train[0].shape[0]} images")
+    head = ("method", "hvp backend", "batch", "s/step", "projected s", "steps", "speed-up")
+    print("{:10s} {:14s} {:16s} {:>8s} {:>12s} {:>6s} {:>9s}".format(*head))
+    results = []
+    t0 = time.perf_counter()
+    for method in args.methods.split(","):
+        base = None
+        for backend in args.backends.split(","):
+            r = run(Config(method, backend), device, train, val, args.steps)
+            results.append(r)
+            base = base or r.seconds_per_step
+            print(
+                f"{r.method:10s} {r.hvp_backend:14s} {r.batch:16s} {r.seconds_per_step:8.2f} {r.projected_full_run_s:12.0f} "
+                f"{r.full_run_steps:6d} {base / r.seconds_per_step:8.2f}x",
+                flush=True,
+            )
+    print(f"total {time.perf_counter() - t0:.0f} s")
+    if args.out:
+        print(f"appended to {append_json(args.out, record('poison', device, [asdict(r) for r in results], argv))}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

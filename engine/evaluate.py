@@ -1,0 +1,224 @@
+"""Evaluation of poisons: train victims from scratch, certify the target class, compare with clean.
+
+:func:`evaluate_poison` trains one victim (architecture x training procedure) on clean or poisoned
+data, certifies a fixed random sample of test images of the target class (Cohen et al.'s CERTIFY,
+by default n0 100, n 100,000, alpha 0.001) and reports ACR, certified accuracy at radii and the clean
+accuracy on the other classes. Everything is resumable: a victim already trained with the same
+settings is reloaded, and the certification log resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from pathlib import Path
+
+import torch
+
+from . import models
+from .poison import PoisonSet, derive_seed
+
+__all__ = ["evaluate_poison", "target_test_indices", "acr_drop", "format_rows", "RADII"]
+
+RADII = (0.0, 0.25, 0.5, 0.75, 1.0, 1.25, 1.5, 1.75, 2.0)
+
+
+def target_test_indices(test_labels: torch.Tensor, target_class: int, count: int, seed: int = 0) -> list[int]:
+    """``count`` random test indices of ``target_class`` (sorted), the same for every victim given ``seed``."""
+    pool = (torch.as_tensor(test_labels) == target_class).nonzero().flatten()
+    if pool.numel() == 0:
+        raise ValueError(f"no test images of class {target_class}")
+    g = torch.Generator().manual_seed(derive_seed(seed, target_class, 77))
+    chosen = pool[torch.randperm(pool.numel(), generator=g)[: min(count, pool.numel())]]
+    return sorted(int(i) for i in chosen)
+
+
+def _digest(obj) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:16]
+
+
+@torch.no_grad()
+def _accuracy(model, images, labels, device, batch_size=2000) -> float:
+    model.eval()
+    correct = 0
+    for i in range(0, images.shape[0], batch_size):
+        x = images[i : i + batch_size]
+        x = (x.to(torch.float32) / 255.0 if x.dtype == torch.uint8 else x.to(torch.float32)).to(device)
+        correct += int((model(x).argmax(1).cpu() == labels[i : i + batch_size]).sum())
+    return correct / max(1, images.shape[0])
+
+
+def evaluate_poison(
+    poison_set: PoisonSet | None,
+    train_data,
+    test_data,
+    *,
+    victim_method: str,
+    arch: str = "lenet",
+    sigma: float,
+    target_class: int | None = None,
+    epochs: int = 20,
+    batch_size: int = 128,
+    lr: float = 1e-3,
+    optimizer: str = "adam",
+    schedule: str = "cosine",
+    seed: int = 0,
+    method_args: dict | None = None,
+    n_images: int = 500,
+    n0: int = 100,
+    n: int = 100_000,
+    alpha: float = 0.001,
+    batch: int | None = None,
+    out_dir: str | os.PathLike,
+    device: str | torch.device = "cpu",
+    progress: bool = False,
+) -> dict:
+    """Train a victim on clean (``poison_set=None``) or poisoned data and certify the target class.
+
+    Args:
+        poison_set: the poison, applied to ``train_data`` (None: clean victim; then ``target_class``).
+        train_data, test_data: (images (N, C, H, W) uint8, labels (N,)).
+        victim_method: training procedure of the victim ("gaussian", "macer", "smoothadv", "standard");
+            ``method_args`` are passed to :func:`engine.train`.
+        arch: victim architecture (engine.models.build name: lenet, mlp, resnet20, ...).
+        sigma: noise level of training and certification.
+        n_images: random test images of the target class to certify (same ones for every victim).
+        out_dir: the victim checkpoint, certification log (certify.tsv/.json/.png) and summary.json.
+
+    Returns:
+        dict with acr, certified_accuracy (at :data:`RADII`), clean accuracy of the base classifier on
+        the other classes and on the target class, abstain rate, training time, settings.
+    """
+    from .cli import run_certify
+    from .train import train
+
+    if poison_set is None and target_class is None:
+        raise ValueError("a clean evaluation needs target_class")
+    target = poison_set.target_class if poison_set is not None else int(target_class)
+    if poison_set is not None and target_class is not None and int(target_class) != target:
+        raise ValueError(f"target_class {target_class} differs from the poison's {target}")
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    device = torch.device(device)
+    test_x, test_y = test_data
+    if poison_set is not None:
+        train_x, train_y = poison_set.apply(train_data)
+        data_tag = {"poison_sha256": _digest(poison_set._meta()), "poison_method": poison_set.method}
+    else:
+        train_x, train_y = train_data
+        data_tag = {"poison_sha256": None, "poison_method": None}
+    train_settings = {
+        "arch": arch,
+        "victim_method": victim_method,
+        "sigma": float(sigma),
+        "epochs": int(epochs),
+        "batch_size": int(batch_size),
+        "lr": float(lr),
+        "optimizer": optimizer,
+        "schedule": schedule,
+        "seed": int(seed),
+        "method_args": dict(method_args or {}),
+        "train_size": int(train_x.shape[0]),
+        **data_tag,
+    }
+    ckpt = out_dir / "victim.safetensors"
+    model = None
+    train_seconds = None
+    if ckpt.exists():
+        loaded = models.load(ckpt, device=device)
+        if loaded.engine_meta["meta"].get("train_settings") == json.loads(json.dumps(train_settings)):
+            model = loaded
+            train_seconds = loaded.engine_meta["meta"].get("train_seconds")
+    if model is None:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(derive_seed(seed, 5))
+            model = models.build(arch).to(device)
+        t0 = time.perf_counter()
+        _, history = train(
+            model,
+            (train_x, train_y),
+            method=victim_method,
+            sigma=sigma,
+            epochs=epochs,
+            batch_size=batch_size,
+            lr=lr,
+            optimizer=optimizer,
+            schedule=schedule,
+            seed=seed,
+            **dict(method_args or {}),
+        )
+        train_seconds = time.perf_counter() - t0
+        models.save(model, ckpt, train_settings=train_settings, history=history, train_seconds=train_seconds)
+    model.eval()
+    indices = target_test_indices(test_y, target, n_images, seed=0)
+    cert_settings = {
+        "victim": _digest(train_settings),
+        "target_class": target,
+        "sigma": float(sigma),
+        "n0": n0,
+        "n": n,
+        "alpha": alpha,
+        "images": len(indices),
+        "certify_seed": 0,
+    }
+    summ = run_certify(
+        model,
+        test_x,
+        test_y,
+        indices,
+        out_dir / "certify.tsv",
+        cert_settings,
+        sigma=sigma,
+        n0=n0,
+        n=n,
+        alpha=alpha,
+        batch_size=batch,
+        seed=0,
+        show_progress=progress,
+    )
+    others = test_y != target
+    result = {
+        "target_class": target,
+        "victim_method": victim_method,
+        "arch": arch,
+        "sigma": float(sigma),
+        "poisoned": poison_set is not None,
+        "poison_method": data_tag["poison_method"],
+        "images": summ["images"],
+        "acr": summ["acr"],
+        "certified_accuracy": summ["certified_accuracy"],
+        "abstain_rate": summ["abstain_rate"],
+        "smoothed_accuracy_target": summ["clean_accuracy"],
+        "clean_accuracy_other_classes": _accuracy(model, test_x[others], test_y[others], device),
+        "clean_accuracy_target": _accuracy(model, test_x[~others], test_y[~others], device),
+        "train_seconds": train_seconds,
+        "certify_seconds": summ.get("seconds_total"),
+        "n0": n0,
+        "n": n,
+        "alpha": alpha,
+        "train_settings": train_settings,
+    }
+    (out_dir / "summary.json").write_text(json.dumps(result, indent=2) + "\n")
+    return result
+
+
+def acr_drop(clean: dict, poisoned: dict) -> float:
+    """Relative ACR drop (clean - poisoned) / clean."""
+    return (clean["acr"] - poisoned["acr"]) / clean["acr"] if clean["acr"] > 0 else float("nan")
+
+
+def format_rows(rows: list[dict]) -> str:
+    """Markdown table of evaluation results."""
+    head = "| victim | arch | data | ACR | cert. acc r=0 / 0.5 / 1.0 / 1.5 | clean acc (other classes) | images | n |"
+    lines = [head, "|" + "---|" * 8]
+    for r in rows:
+        ca = r["certified_accuracy"]
+        data = f"poison ({r['poison_method']})" if r["poisoned"] else "clean"
+        cert = " / ".join(f"{ca.get(k, float('nan')):.3f}" for k in ("0", "0.5", "1", "1.5"))
+        lines.append(
+            f"| {r['victim_method']} | {r['arch']} | {data} | {r['acr']:.4f} | {cert} | "
+            f"{r['clean_accuracy_other_classes']:.4f} | {r['images']} | {r['n']} |"
+        )
+    return "\n".join(lines)
