@@ -182,3 +182,35 @@ def test_upper_objective_decreases_for_retrained_models(tiny):
         assert clean > 0.5  # the clean models certify the class at all
         assert attacked < 0.85 * clean, (seed, clean, attacked)
         assert attacked < random, (seed, random, attacked)
+
+
+def test_cli_poison_and_evaluate(tmp_path):
+    import subprocess
+    import sys
+
+    out = tmp_path / "p.safetensors"
+    base = [sys.executable, "-m", "engine", "poison", "--target-class", "8", "--sigma", "0.5", "--eps", "0.1", "--batch-clean",
+            "60", "--batch-poison", "20", "--batch-val", "10", "--k", "2", "--niter1", "2", "--niter2", "2", "--val-size", "9000",
+            "--arch", "mlp", "--out", str(out), "--quiet", "--checkpoint-every", "1"]
+    proc = subprocess.run(base + ["--outer-steps", "2"], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    first = PoisonSet.load(out)
+    assert first.settings["outer_steps"] == 2 and first.target_class == 8
+    proc = subprocess.run(base + ["--outer-steps", "3"], capture_output=True, text=True)
+    assert proc.returncode == 2 and "--resume" in proc.stderr
+    proc = subprocess.run(base + ["--outer-steps", "3", "--resume"], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert PoisonSet.load(out).settings["outer_steps"] == 3
+    ev = [sys.executable, "-m", "engine", "evaluate", "--val-size", "9000", "--victim-method", "gaussian", "--arch", "mlp",
+          "--sigma", "0.5", "--epochs", "1", "--images", "3", "--n0", "10", "--n", "50", "--quiet"]
+    proc = subprocess.run(ev + ["--poison", str(out), "--out-dir", str(tmp_path / "ev")], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    summary = json.loads((tmp_path / "ev" / "summary.json").read_text())
+    assert summary["poisoned"] and summary["images"] == 3 and summary["target_class"] == 8
+    assert 0 <= summary["clean_accuracy_other_classes"] <= 1
+    proc = subprocess.run(ev + ["--out-dir", str(tmp_path / "ev2")], capture_output=True, text=True)
+    assert proc.returncode == 2 and "--clean" in proc.stderr
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(out.read_bytes()[:-7] + b"garbage")
+    proc = subprocess.run(ev + ["--poison", str(bad), "--out-dir", str(tmp_path / "ev3")], capture_output=True, text=True)
+    assert proc.returncode == 2 and "sha256" in proc.stderr
