@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from engine import data, models
-from engine.poison import poison
+from engine.pacd import poison
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import append_json, device_name, record, resolve_device  # noqa: E402

@@ -24,7 +24,7 @@ import torch
 
 from engine import data, models
 from engine.evaluate import acr_drop, evaluate_poison, format_rows
-from engine.poison import PoisonSet, poison
+from engine.pacd import PoisonSet, poison
 
 TARGET = 8
 SIGMA = {"gaussian": 0.5, "macer": 0.75, "smoothadv": 0.75}

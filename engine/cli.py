@@ -369,7 +369,7 @@ def _method_args(args) -> dict:
 
 def cmd_poison(args) -> int:
     from . import models
-    from .poison import poison
+    from .pacd import poison
 
     out = Path(args.out)
     ckpt = out.with_name(out.name + ".ckpt")
@@ -421,7 +421,7 @@ def cmd_poison(args) -> int:
 def cmd_evaluate(args) -> int:
     from . import data
     from .evaluate import evaluate_poison, format_rows
-    from .poison import PoisonSet
+    from .pacd import PoisonSet
 
     if (args.poison is None) == (not args.clean):
         print("error: give exactly one of --poison FILE or --clean", file=sys.stderr)
@@ -636,7 +636,7 @@ def main(argv=None) -> int:
         parser.error(f"--shard must be < --num-shards ({args.num_shards})")
     from .data import DataError
     from .models import CheckpointError
-    from .poison import PoisonError
+    from .pacd import PoisonError
     from .results import ResultsError
 
     try:

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from . import models
-from .poison import PoisonSet, derive_seed
+from .pacd import PoisonSet, derive_seed
 
 __all__ = ["evaluate_poison", "target_test_indices", "acr_drop", "format_rows", "RADII"]
 

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from engine import data, models
-from engine.poison import PoisonError, PoisonSet, derive_seed, poison, soft_radius_objective
+from engine.pacd import PoisonError, PoisonSet, derive_seed, poison, soft_radius_objective
 
 TARGET = 3
 
