@@ -8,13 +8,30 @@ Public API (a contract; other tools call these names):
 - :mod:`engine.models` - LeNet for MNIST, CIFAR ResNets, safetensors save / load.
 - :func:`train` - standard, Gaussian-augmentation, SmoothAdv and MACER training (checkpoint / resume).
 - :mod:`engine.losses` (gaussian_augmentation, macer), :mod:`engine.attacks` (smoothadv).
+- :func:`poison`, :class:`PoisonSet`, :func:`evaluate_poison` - PACD (Mehra et al. 2021) with ApproxGrad.
 """
 
 from . import _ext, attacks, data, losses, metrics, models, noise
+from .evaluate import evaluate_poison
+from .pacd import PoisonSet, poison
 from .smoothing import CertifyResult, certify, predict
 from .train import train
 
 _ext.available()  # load engine._C once (warns once when it is missing)
 
-__all__ = ["certify", "predict", "CertifyResult", "train", "data", "metrics", "models", "noise", "losses", "attacks"]
+__all__ = [
+    "certify",
+    "predict",
+    "CertifyResult",
+    "train",
+    "poison",
+    "PoisonSet",
+    "evaluate_poison",
+    "data",
+    "metrics",
+    "models",
+    "noise",
+    "losses",
+    "attacks",
+]
 __version__ = "0.1.0"

@@ -46,6 +46,12 @@ class DataError(ValueError):
     """A data file is missing, truncated or not in the expected format."""
 
 
+def _check_count(name: str, value, lo: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or int(value) < lo:
+        raise ValueError(f"{name} must be an integer >= {lo}, got {value!r}")
+    return int(value)
+
+
 def embedded_mnist_root() -> Path:
     """Folder of the small real MNIST subset shipped with the package (idx files, gzipped)."""
     return Path(__file__).resolve().parent / "assets" / "mnist_small"
@@ -277,12 +283,25 @@ def cut_mnist_subset(src_root, dst_root, *, n_train: int, n_test: int, seed: int
     return info
 
 
-def split_validation(images: torch.Tensor, labels: torch.Tensor, val_size: int):
-    """((train images, labels), (val images, labels)): the first ``val_size`` images are validation.
+def split_validation(images: torch.Tensor, labels: torch.Tensor, val_size: int = 0, train_size: int | None = None,
+                     seed: int = 0):
+    """Hold out ``val_size`` random images for validation and keep ``train_size`` of the others.
 
-    MNIST with val_size 5000 gives the 55,000 / 5,000 split used by PACD (as TensorFlow's MNIST reader).
+    images: (N, ...), labels: (N,). Returns ((train_images, train_labels), (val_images, val_labels)
+    or None). The split is a fixed permutation from ``seed`` (independent of the training seed);
+    with val_size 0 and train_size None the data come back unchanged.
     """
-    if not 0 <= int(val_size) < images.shape[0]:
-        raise ValueError(f"val_size must lie in [0, {images.shape[0]}), got {val_size}")
-    v = int(val_size)
-    return (images[v:], labels[v:]), (images[:v], labels[:v])
+    n = images.shape[0]
+    _check_count("val_size", val_size, 0)
+    if train_size is not None:
+        _check_count("train_size", train_size, 1)
+    if val_size >= n or (train_size is not None and val_size + train_size > n):
+        raise ValueError(f"val_size {val_size} + train_size {train_size} exceed the {n} images available")
+    if val_size == 0 and train_size is None:
+        return (images, labels), None
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    val_idx = order[:val_size]
+    train_idx = order[val_size:] if train_size is None else order[val_size : val_size + train_size]
+    train_idx = train_idx.sort().values
+    val = (images[val_idx.sort().values], labels[val_idx.sort().values]) if val_size else None
+    return (images[train_idx], labels[train_idx]), val

@@ -37,6 +37,7 @@ import torch
 import torch.nn.functional as F
 
 from . import attacks, losses
+from .data import split_validation
 from .smoothing import model_device
 
 __all__ = [
@@ -91,29 +92,6 @@ def _check_data(name: str, data) -> tuple[torch.Tensor, torch.Tensor]:
     if images.shape[0] == 0:
         raise ValueError(f"{name} is empty")
     return images, labels.to(torch.int64)
-
-
-def split_validation(images: torch.Tensor, labels: torch.Tensor, val_size: int = 0, train_size: int | None = None, seed: int = 0):
-    """Hold out ``val_size`` random images for validation and keep ``train_size`` of the others.
-
-    images: (N, ...), labels: (N,). Returns ((train_images, train_labels), (val_images, val_labels)
-    or None). The split is a fixed permutation from ``seed`` (independent of the training seed);
-    with val_size 0 and train_size None the data come back unchanged.
-    """
-    n = images.shape[0]
-    losses._check_int("val_size", val_size, 0)
-    if train_size is not None:
-        losses._check_int("train_size", train_size, 1)
-    if val_size >= n or (train_size is not None and val_size + train_size > n):
-        raise ValueError(f"val_size {val_size} + train_size {train_size} exceed the {n} images available")
-    if val_size == 0 and train_size is None:
-        return (images, labels), None
-    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
-    val_idx = order[:val_size]
-    train_idx = order[val_size:] if train_size is None else order[val_size : val_size + train_size]
-    train_idx = train_idx.sort().values
-    val = (images[val_idx.sort().values], labels[val_idx.sort().values]) if val_size else None
-    return (images[train_idx], labels[train_idx]), val
 
 
 @torch.no_grad()

@@ -214,3 +214,13 @@ def test_cli_poison_and_evaluate(tmp_path):
     bad.write_bytes(out.read_bytes()[:-7] + b"garbage")
     proc = subprocess.run(ev + ["--poison", str(bad), "--out-dir", str(tmp_path / "ev3")], capture_output=True, text=True)
     assert proc.returncode == 2 and "sha256" in proc.stderr
+
+
+@pytest.mark.parametrize("method,margs", [("macer", {"k": 2, "lbd": 1.0}), ("smoothadv", {"eps": 0.5, "steps": 2, "m": 1})])
+def test_macer_and_smoothadv_lower_levels(tiny, method, margs):
+    train, val = tiny
+    ps = poison(_tiny_mlp, train, val, outer_steps=2, method_args=margs, **{**SMALL, "method": method, "sigma": 0.75})
+    _invariants(ps, train)
+    x0 = train[0][ps.indices].float() / 255
+    assert float((ps.images - x0).abs().max()) > 0  # the hypergradient moved the poison
+    assert ps.method == method and ps.settings["method_args"]["k" if method == "macer" else "eps"] == margs.get("k", margs.get("eps"))
