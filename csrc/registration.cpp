@@ -10,8 +10,24 @@ PyObject* PyInit__C(void) {
 }
 }
 
+namespace engine_hvp {
+int64_t release_workspace();  // csrc/hvp_cpu.cpp
+}
+
 TORCH_LIBRARY(engine, m) {
   // Noisy forward batch: out[r] = dtype(x[row_image[r]] + sigma * z(seed, image_ids[row_image[r]], row_sample[r], stream)).
   m.def("noisy_batch(Tensor x, Tensor row_image, Tensor row_sample, Tensor image_ids, int seed, int stream, float sigma, "
         "ScalarType dtype) -> Tensor");
+  // Fused Hessian-vector products (csrc/hvp*.{h,cpp}, csrc/cuda/hvp_cuda.cu). Pairs are stacked (2B, ...) = [a; R{a}].
+  // ReLU of a pair in place: [z; R{z}] -> [relu(z); (z > 0) * R{z}].
+  m.def("relu_rop_(Tensor(a!) pair) -> ()");
+  // Masks both halves of grad_pair (2B, ...) in place with out_primal (B, ...) > 0.
+  m.def("relu_rop_backward_(Tensor out_primal, Tensor(a!) grad_pair) -> ()");
+  // Loss (1/B) sum_i w_i CE(z_i, y_i) of the primal logits, and the pair [dL/dz; R{dL/dz}] (2B, classes).
+  m.def("softmax_xent_rop(Tensor logits_pair, Tensor y, Tensor? weights) -> (Tensor, Tensor)");
+  // Loss, gradient, H v and mixed term d/dx (grad_w L . v) of a sequential network (layer spec: csrc/hvp.h).
+  m.def("hvp_sequential(Tensor x, Tensor y, Tensor? weights, Tensor[] params, Tensor[] tangents, Tensor[] buffers, "
+        "int[] spec, bool want_param_grads, bool want_mixed, int algo) -> (Tensor, Tensor[], Tensor[], Tensor)");
+  // Frees the calling thread's pool of CPU scratch buffers of hvp_sequential; returns the bytes freed.
+  m.def("hvp_release_workspace() -> int", &engine_hvp::release_workspace);
 }

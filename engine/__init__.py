@@ -9,10 +9,13 @@ Public API (a contract; other tools call these names):
 - :func:`train` - standard, Gaussian-augmentation, SmoothAdv and MACER training (checkpoint / resume).
 - :mod:`engine.losses` (gaussian_augmentation, macer), :mod:`engine.attacks` (smoothadv).
 - :func:`poison`, :class:`PoisonSet`, :func:`evaluate_poison` - PACD (Mehra et al. 2021) with ApproxGrad.
+- :func:`hvp`, :func:`mixed_vjp` - Hessian-vector products and the mixed second derivative of the
+  training loss (fused R-operator sweep in engine._C; see :mod:`engine.hessian`).
 """
 
 from . import _ext, attacks, data, losses, metrics, models, noise
 from .evaluate import evaluate_poison
+from .hessian import HVPResult, hvp, mixed_vjp
 from .pacd import PoisonSet, poison
 from .smoothing import CertifyResult, certify, predict
 from .train import train
@@ -33,5 +36,8 @@ __all__ = [
     "noise",
     "losses",
     "attacks",
+    "hvp",
+    "mixed_vjp",
+    "HVPResult",
 ]
 __version__ = "0.1.0"

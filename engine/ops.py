@@ -17,3 +17,32 @@ def _noisy_batch_fake(x, row_image, row_sample, image_ids, seed, stream, sigma, 
     torch._check(row_image.shape[0] == row_sample.shape[0], lambda: "row_image and row_sample differ in length")
     torch._check(image_ids.shape[0] == x.shape[0], lambda: "image_ids must have one entry per image")
     return x.new_empty((row_image.shape[0],) + tuple(x.shape[1:]), dtype=dtype)
+
+
+# -- fused Hessian-vector products (csrc/hvp_*.cpp, csrc/cuda/hvp_cuda.cu; see engine/hessian.py) --
+
+
+@torch.library.register_fake("engine::relu_rop_")
+def _relu_rop_fake(pair):
+    torch._check(pair.dim() >= 1 and pair.shape[0] % 2 == 0, lambda: "relu_rop_: pair must be (2B, ...)")
+
+
+@torch.library.register_fake("engine::relu_rop_backward_")
+def _relu_rop_backward_fake(out_primal, grad_pair):
+    torch._check(grad_pair.shape[0] == 2 * out_primal.shape[0], lambda: "relu_rop_backward_: grad_pair must be (2B, ...)")
+
+
+@torch.library.register_fake("engine::softmax_xent_rop")
+def _softmax_xent_rop_fake(logits_pair, y, weights):
+    torch._check(logits_pair.dim() == 2 and logits_pair.shape[0] == 2 * y.shape[0],
+                 lambda: "softmax_xent_rop: logits_pair must be (2B, classes)")
+    return logits_pair.new_empty(()), torch.empty_like(logits_pair, memory_format=torch.contiguous_format)
+
+
+@torch.library.register_fake("engine::hvp_sequential")
+def _hvp_sequential_fake(x, y, weights, params, tangents, buffers, spec, want_param_grads, want_mixed, algo):
+    torch._check(len(params) == len(tangents), lambda: "hvp_sequential: one tangent per parameter")
+    grads = [torch.empty_like(p, memory_format=torch.contiguous_format) for p in params] if want_param_grads else []
+    hvs = [torch.empty_like(p, memory_format=torch.contiguous_format) for p in params] if want_param_grads else []
+    mixed = torch.empty_like(x, memory_format=torch.contiguous_format) if want_mixed else x.new_empty((0,))
+    return x.new_empty(()), grads, hvs, mixed
