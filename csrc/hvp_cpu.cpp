@@ -4,6 +4,7 @@
 //   and the CPU registration of engine::hvp_sequential.
 #include <ATen/AccumulateType.h>
 #include <ATen/Parallel.h>
+#include <torch/csrc/autograd/autograd_not_implemented_fallback.h>
 
 #include <cmath>
 #include <cstring>
@@ -557,4 +558,18 @@ TORCH_LIBRARY_IMPL(engine, CPU, m) {
   m.impl("relu_rop_backward_", &engine_hvp::relu_rop_backward_cpu_);
   m.impl("softmax_xent_rop", &engine_hvp::softmax_xent_rop_cpu);
   m.impl("hvp_sequential", &engine_hvp::hvp_sequential);
+}
+
+// The ops are not differentiable (they are derivatives already): inputs that require grad run the
+// kernels below autograd, and a backward through the outputs raises "not implemented".
+TORCH_LIBRARY_IMPL(engine, Autograd, m) {
+  m.impl("relu_rop_", torch::autograd::autogradNotImplementedFallback());
+  m.impl("relu_rop_backward_", torch::autograd::autogradNotImplementedFallback());
+  m.impl("softmax_xent_rop", torch::autograd::autogradNotImplementedFallback());
+  m.impl("hvp_sequential", torch::autograd::autogradNotImplementedFallback());
+}
+
+TORCH_LIBRARY_IMPL(engine, ADInplaceOrView, m) {
+  m.impl("relu_rop_", torch::autograd::autogradNotImplementedInplaceOrViewFallback());
+  m.impl("relu_rop_backward_", torch::autograd::autogradNotImplementedInplaceOrViewFallback());
 }

@@ -64,6 +64,9 @@ __all__ = [
     "mixed_vjp_torch_func",
     "hvp_double_backward",
     "mixed_vjp_double_backward",
+    "relu_rop_ref",
+    "softmax_xent_rop_ref",
+    "release_workspace",
 ]
 
 BACKENDS = ("auto", "fused", "torch_func", "double_backward")
@@ -207,7 +210,7 @@ class _Unsupported(Exception):
 
 def _flat_layers(model: nn.Module, prefix: str = "model"):
     if isinstance(model, nn.Sequential):
-        for name, child in model.named_children():
+        for name, child in model._modules.items():  # as Sequential.forward (named_children drops repeats)
             yield from _flat_layers(child, f"{prefix}[{name}]" if name.isdigit() else f"{prefix}.{name}")
     else:
         yield prefix, model
@@ -344,10 +347,15 @@ def _run_fused(model, x, y, v, weights, want_params, want_mixed, algo):
     plan = _plan(model, x)
     n_train = len(v)
     tangents = [v[i] if i is not None else torch.zeros_like(p) for p, i in zip(plan.params, plan.index)]
-    with torch.no_grad():
-        loss, grads, hvs, mixed = torch.ops.engine.hvp_sequential(
-            x.detach(), y, weights, [p.detach() for p in plan.params], [t.detach() for t in tangents],
-            list(plan.buffers), list(plan.spec), want_params, want_mixed, _ALGOS[algo])
+    try:
+        with torch.no_grad():
+            loss, grads, hvs, mixed = torch.ops.engine.hvp_sequential(
+                x.detach(), y, weights, [p.detach() for p in plan.params], [t.detach() for t in tangents],
+                list(plan.buffers), list(plan.spec), want_params, want_mixed, _ALGOS[algo])
+    except RuntimeError as exc:
+        if "softmax_xent_rop: label" in str(exc):  # y beyond the model's classes: a bad input like the others
+            raise ValueError(str(exc).split("\n")[0]) from None
+        raise
     if not want_params:
         return loss, None, None, mixed
     grad: list[torch.Tensor | None] = [None] * n_train
@@ -373,7 +381,35 @@ def mixed_vjp_fused(model, x, y, v, *, weights=None, algo: str = "auto") -> torc
     return _run_fused(model, x, y, v, weights, False, True, algo)[3]
 
 
+def release_workspace() -> int:
+    """Free the calling thread's pool of CPU scratch buffers kept by the fused op; returns the bytes freed.
+
+    The CPU sweep keeps its large intermediates between calls (first-touch page faults of fresh
+    allocations cost more than the arithmetic on them); the pool holds at most the working set of the
+    last call. Returns 0 when the extension is unavailable.
+    """
+    if not _ext.available():
+        return 0
+    return int(torch.ops.engine.hvp_release_workspace())
+
+
 # -- plain-PyTorch references ------------------------------------------------------------------------------
+
+
+def relu_rop_ref(pair: torch.Tensor) -> torch.Tensor:
+    """Reference of ``engine::relu_rop_`` (out of place): pair (2B, ...) = [z; R{z}] -> [relu(z); (z > 0) R{z}]."""
+    z, rz = pair.chunk(2)
+    return torch.cat([torch.relu(z), torch.where(z > 0, rz, torch.zeros_like(rz))])
+
+
+def softmax_xent_rop_ref(logits_pair: torch.Tensor, y: torch.Tensor, weights: torch.Tensor | None = None):
+    """Reference of ``engine::softmax_xent_rop``: (loss, [dL/dz; R{dL/dz}]) by torch.func (jvp of grad).
+
+    logits_pair: (2B, classes) = [z; R{z}]; L = (1/B) sum_i weights[i] CE(z_i, y_i).
+    """
+    z, rz = logits_pair.chunk(2)
+    (g, loss), (rg, _) = torch.func.jvp(torch.func.grad_and_value(lambda t: _loss(t, y, weights)), (z,), (rz,))
+    return loss, torch.cat([g, rg])
 
 
 def _functional_loss(model, names, x, y, weights):
