@@ -451,7 +451,10 @@ def test_opcheck_kernel_ops(device):
 
 @needs_cuda
 @pytest.mark.parametrize("arch", list(ARCHS))
-def test_cuda_fused_matches_torch_func(arch):
+def test_cuda_fused_matches_torch_func(arch, monkeypatch):
+    # TF32 convolutions / matmuls (cuDNN's default) would round float32 operands to 10-bit mantissas
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
     for dtype, tol in ((torch.float64, 1e-10), (torch.float32, 1e-4)):
         model, x, y, v, w = make_case(arch, dtype=dtype, device="cuda")
         ref = hessian.hvp_torch_func(model, x, y, v, weights=w)
