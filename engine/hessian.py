@@ -315,7 +315,11 @@ def _plan(model: nn.Module, x: torch.Tensor) -> _Plan:
 
 
 def _fused_unavailable(model: nn.Module, x: torch.Tensor) -> str | None:
-    """Why the fused path cannot run this model on x (None when it can)."""
+    """Why the fused path cannot run this model on x (None when it can); the model is checked first."""
+    try:
+        _plan(model, x)
+    except _Unsupported as exc:
+        return str(exc)
     if not _ext.available():
         return f"the extension engine._C is unavailable ({_ext.load_error()})"
     if x.dtype not in (torch.float32, torch.float64):
@@ -325,10 +329,6 @@ def _fused_unavailable(model: nn.Module, x: torch.Tensor) -> str | None:
             return "engine._C was built without its CUDA sources"
     elif x.device.type != "cpu":
         return f"the fused path runs on CPU and CUDA, not {x.device.type}"
-    try:
-        _plan(model, x)
-    except _Unsupported as exc:
-        return str(exc)
     return None
 
 

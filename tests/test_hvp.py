@@ -57,7 +57,8 @@ def odd_convnet() -> nn.Sequential:
 
 
 def odd_convnet2() -> nn.Sequential:
-    """(B, 3, 11, 6) -> 4 classes: padded max pool with dilation, avg pool with divisor, non-affine BN."""
+    """(B, 3, 13, 6) -> 4 classes: padded max pool, a stride-2 conv that leaves a row unused (its adjoint needs
+    output padding), avg pool with divisor, non-affine BN."""
     return nn.Sequential(
         models.Normalize((0.1, 0.2, 0.3), (0.9, 0.8, 0.7)),
         nn.Conv2d(3, 4, 3, padding=1),
@@ -76,7 +77,7 @@ ARCHS = {
     "lenet": (models.lenet_mnist, (1, 28, 28), 10),
     "mlp": (lambda: models.mlp_mnist(hidden=37), (1, 28, 28), 10),
     "odd": (odd_convnet, (2, 7, 9), 3),
-    "odd2": (odd_convnet2, (3, 11, 6), 4),
+    "odd2": (odd_convnet2, (3, 13, 6), 4),
 }
 
 
