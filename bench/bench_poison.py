@@ -54,9 +54,7 @@ class Result:
 
 
 def run(cfg: Config, device: torch.device, train, val, steps: int) -> Result:
-    kwargs = {}
-    if cfg.hvp_backend != "default":
-        kwargs["hvp_backend"] = cfg.hvp_backend
+    kwargs = {"hvp_backend": cfg.hvp_backend}
     sigma = 0.5 if cfg.method == "gaussian" else 0.75
     times = []
     poison(
@@ -97,7 +95,7 @@ def main(argv=None) -> int:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--steps", type=int, default=3, help="outer steps timed (after one warm-up step)")
     parser.add_argument("--methods", default="gaussian")
-    parser.add_argument("--backends", default="default")
+    parser.add_argument("--backends", default="torch_func,fused", help="engine.hvp backends, the first is the baseline")
     parser.add_argument("--data-root", default="/work/shared/data/mnist", help="MNIST folder (embedded subset if missing)")
     parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)

@@ -70,8 +70,18 @@ def _generator(device, *parts: int) -> torch.Generator:
 # ----------------------------------------------------------------------------------------------
 
 
-def soft_radius_objective(model, x, target: int, *, sigma: float, k: int = 20, beta: float = 16.0, a: float = 0.001,
-                          generator: torch.Generator | None = None, noise: torch.Tensor | None = None):
+def soft_radius_objective(
+    model,
+    x,
+    target: int,
+    *,
+    sigma: float,
+    k: int = 20,
+    beta: float = 16.0,
+    a: float = 0.001,
+    generator: torch.Generator | None = None,
+    noise: torch.Tensor | None = None,
+):
     """Soft certified-radius surrogate of PACD's upper level (to be minimised by the attacker).
 
     x: (V, C, H, W) validation images of class ``target`` in [0, 1]. With p = mean over k noise draws
@@ -142,8 +152,10 @@ class PoisonSet:
 
     def __post_init__(self):
         if self.indices.dim() != 1 or self.images.shape[0] != self.indices.shape[0] or self.labels.shape != self.indices.shape:
-            raise PoisonError(f"inconsistent poison set: {tuple(self.indices.shape)} indices, {tuple(self.images.shape)} images, "
-                              f"{tuple(self.labels.shape)} labels")
+            raise PoisonError(
+                f"inconsistent poison set: {tuple(self.indices.shape)} indices, {tuple(self.images.shape)} images, "
+                f"{tuple(self.labels.shape)} labels"
+            )
 
     def __len__(self) -> int:
         return int(self.indices.shape[0])
@@ -160,8 +172,11 @@ class PoisonSet:
         }
 
     def _tensors(self) -> dict[str, torch.Tensor]:
-        return {"indices": self.indices.to(torch.int64).contiguous(), "images": self.images.to(torch.float32).contiguous(),
-                "labels": self.labels.to(torch.int64).contiguous()}
+        return {
+            "indices": self.indices.to(torch.int64).contiguous(),
+            "images": self.images.to(torch.float32).contiguous(),
+            "labels": self.labels.to(torch.int64).contiguous(),
+        }
 
     def save(self, path: str | os.PathLike) -> None:
         """Write a safetensors file (atomically) whose JSON metadata carries a sha256 of the contents."""
@@ -199,8 +214,17 @@ class PoisonSet:
             raise PoisonError(f"{path}: unexpected tensors {sorted(tensors)}")
         if _content_hash(tensors, meta) != header.get("sha256"):
             raise PoisonError(f"{path}: contents do not match their sha256: the file was modified or damaged")
-        return cls(tensors["indices"], tensors["images"], tensors["labels"], meta["clean_sha256"], meta["eps"],
-                   meta["sigma"], meta["method"], meta["target_class"], meta["settings"])
+        return cls(
+            tensors["indices"],
+            tensors["images"],
+            tensors["labels"],
+            meta["clean_sha256"],
+            meta["eps"],
+            meta["sigma"],
+            meta["method"],
+            meta["target_class"],
+            meta["settings"],
+        )
 
     def apply(self, train_data) -> tuple[torch.Tensor, torch.Tensor]:
         """The poisoned training set: float32 images in [0, 1] with the poison at ``indices``; labels unchanged.
@@ -293,33 +317,67 @@ class _Lower:
 
         x = torch.cat([self.step.xc, u_batch.detach()])
         g = _generator(x.device, self.step.seed, 11)
-        adv = smoothadv(self.model, x, self.y, sigma=self.sigma, eps=self.margs["eps"], steps=self.margs["steps"],
-                        m=self.margs["m"], generator=g)
+        adv = smoothadv(
+            self.model,
+            x,
+            self.y,
+            sigma=self.sigma,
+            eps=self.margs["eps"],
+            steps=self.margs["steps"],
+            m=self.margs["m"],
+            generator=g,
+        )
         self.delta = (adv - x).detach()
 
-    def loss(self, model: torch.nn.Module, u_batch: torch.Tensor, key: int) -> torch.Tensor:
+    def noisy_inputs(self, u_batch: torch.Tensor, key: int) -> torch.Tensor:
+        """Cross-entropy procedures: the batch [clean; poison] (+ SmoothAdv perturbation) + sigma * noise(key)."""
         x = torch.cat([self.step.xc, u_batch])
+        if self.delta is not None:
+            x = x + self.delta
         g = _generator(x.device, self.step.seed, key)
+        return x + self.sigma * torch.randn(x.shape, generator=g, device=x.device, dtype=x.dtype)
+
+    def loss(self, model: torch.nn.Module, u_batch: torch.Tensor, key: int) -> torch.Tensor:
         if self.method == "macer":
             from .losses import macer
 
             m = self.margs
-            return macer(model, x, self.y, sigma=self.sigma, k=m["k"], beta=m["beta"], gamma=m["gamma"], lbd=m["lbd"],
-                         generator=g)
-        if self.delta is not None:
-            x = x + self.delta
-        noise = torch.randn(x.shape, generator=g, device=x.device, dtype=x.dtype)
-        return F.cross_entropy(model(x + self.sigma * noise), self.y)
+            x = torch.cat([self.step.xc, u_batch])
+            g = _generator(x.device, self.step.seed, key)
+            return macer(
+                model, x, self.y, sigma=self.sigma, k=m["k"], beta=m["beta"], gamma=m["gamma"], lbd=m["lbd"], generator=g
+            )
+        return F.cross_entropy(model(self.noisy_inputs(u_batch, key)), self.y)
 
-    def products(self, u_batch: torch.Tensor, key: int):
-        """(hvp, mixed) closures at the current weights for the noise sample ``key``."""
-        names = [n for n, p in self.model.named_parameters() if p.requires_grad]
+    def products(self, u_batch: torch.Tensor, key: int, backend: str = "auto"):
+        """(hvp, mixed) closures at the current weights for the noise sample ``key``; flat vectors in,
+        flat H v and the poison-batch mixed term d/du (grad_w G . p) out.
+
+        Cross-entropy procedures (Gaussian augmentation, SmoothAdv) use :func:`engine.hvp` /
+        :func:`engine.mixed_vjp` with ``backend`` (the fused R-operator sweep where the model is
+        supported); MACER's loss is not a cross-entropy and goes through torch.func.
+        """
+        u_batch = u_batch.detach()
+        if self.method != "macer":
+            from .hessian import hvp as hvp_op
+            from .hessian import mixed_vjp
+
+            x = self.noisy_inputs(u_batch, key).detach()
+            n_clean = self.step.xc.shape[0]
+
+            def hvp(v):
+                return hvp_op(self.model, x, self.y, v, backend=backend).hv_flat
+
+            def mixed(p):
+                return mixed_vjp(self.model, x, self.y, p, backend=backend)[n_clean:]
+
+            return hvp, mixed
         params = {n: p.detach() for n, p in self.model.named_parameters() if p.requires_grad}
 
         def loss_fn(prm, u):
             return self.loss(_Functional(self.model, prm), u, key)
 
-        fl = bilevel.FuncLower(loss_fn, {n: params[n] for n in names}, u_batch.detach())
+        fl = bilevel.FuncLower(loss_fn, params, u_batch)
         return fl.hvp, fl.mixed
 
 
@@ -454,6 +512,7 @@ def poison(
     checkpoint_every: int = 50,
     method_args: dict | None = None,
     device: str | torch.device = "cpu",
+    hvp_backend: str = "auto",
     progress: bool = False,
     log: Callable[[dict], None] | None = None,
 ) -> PoisonSet:
@@ -477,6 +536,9 @@ def poison(
         batch_clean, batch_poison, batch_val: minibatch sizes; k, beta, a: upper objective settings.
         checkpoint: path of a resumable state file written every ``checkpoint_every`` steps and at
             the end; an existing one with the same settings is resumed (``outer_steps`` may grow).
+        hvp_backend: second-order backend of :func:`engine.hvp` for the cross-entropy procedures
+            ("auto": the fused extension op where the model is supported, else torch.func).
+            The Hessian and mixed products run with the model in eval mode (BatchNorm running statistics).
 
     Returns:
         :class:`PoisonSet` with ||images - originals||_inf <= eps, images in [0, 1], labels unchanged.
@@ -485,6 +547,10 @@ def poison(
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
     if solver not in bilevel.SOLVERS:
         raise ValueError(f"solver must be one of {tuple(bilevel.SOLVERS)}, got {solver!r}")
+    from .hessian import BACKENDS as HVP_BACKENDS
+
+    if hvp_backend not in HVP_BACKENDS:
+        raise ValueError(f"hvp_backend must be one of {HVP_BACKENDS}, got {hvp_backend!r}")
     if u_update not in ("adam", "sign"):
         raise ValueError(f"u_update must be 'adam' or 'sign', got {u_update!r}")
     sigma = _positive("sigma", sigma)
@@ -493,8 +559,10 @@ def poison(
     damping = _positive("damping", damping, allow_zero=True)
     outer_steps, niter1, niter2 = _count("outer_steps", outer_steps, 0), _count("niter1", niter1, 0), _count("niter2", niter2, 1)
     reset_every, checkpoint_every = _count("reset_every", reset_every, 0), _count("checkpoint_every", checkpoint_every, 1)
-    bc, bp, bv, k = (_count(n, v, 1) for n, v in (("batch_clean", batch_clean), ("batch_poison", batch_poison),
-                                                  ("batch_val", batch_val), ("k", k)))
+    bc, bp, bv, k = (
+        _count(n, v, 1)
+        for n, v in (("batch_clean", batch_clean), ("batch_poison", batch_poison), ("batch_val", batch_val), ("k", k))
+    )
     if not 0 <= float(a) < 0.5:
         raise ValueError(f"a must lie in [0, 0.5), got {a}")
     margs = _method_args(method, dict(method_args or {}))
@@ -511,8 +579,10 @@ def poison(
     pool_c = (labels != target_class).nonzero().flatten()
     val_t = xv_all[yv_all == target_class]
     if pool_p.numel() == 0 or val_t.shape[0] == 0 or pool_c.numel() == 0:
-        raise ValueError(f"target_class {target_class}: {pool_p.numel()} training, {val_t.shape[0]} validation images of "
-                         f"the class and {pool_c.numel()} other training images; all must be > 0")
+        raise ValueError(
+            f"target_class {target_class}: {pool_p.numel()} training, {val_t.shape[0]} validation images of "
+            f"the class and {pool_c.numel()} other training images; all must be > 0"
+        )
     clean_hash = _hash_clean(images[pool_p], labels[pool_p])
     x_all, val_t = x_all.to(device), val_t.to(device)
     labels_dev = labels.to(device)
@@ -523,11 +593,30 @@ def poison(
     poison_epoch = math.ceil(n_poison / bp)
 
     settings = {
-        "target_class": int(target_class), "method": method, "sigma": sigma, "eps": eps, "solver": solver,
-        "niter1": niter1, "niter2": niter2, "lr_u": lr_u, "lr_w": lr_w, "lr_p": lr_p, "damping": damping,
-        "reset_every": reset_every, "batch_clean": bc, "batch_poison": bp, "batch_val": bv, "k": k, "beta": float(beta),
-        "a": float(a), "u_update": u_update, "seed": int(seed), "method_args": margs, "clean_sha256": clean_hash,
-        "train_size": int(x_all.shape[0]), "steps_per_epoch": steps_per_epoch,
+        "target_class": int(target_class),
+        "method": method,
+        "sigma": sigma,
+        "eps": eps,
+        "solver": solver,
+        "niter1": niter1,
+        "niter2": niter2,
+        "lr_u": lr_u,
+        "lr_w": lr_w,
+        "lr_p": lr_p,
+        "damping": damping,
+        "reset_every": reset_every,
+        "batch_clean": bc,
+        "batch_poison": bp,
+        "batch_val": bv,
+        "k": k,
+        "beta": float(beta),
+        "a": float(a),
+        "u_update": u_update,
+        "seed": int(seed),
+        "method_args": margs,
+        "clean_sha256": clean_hash,
+        "train_size": int(x_all.shape[0]),
+        "steps_per_epoch": steps_per_epoch,
     }
 
     def fresh_model(r: int):
@@ -551,8 +640,11 @@ def poison(
     if ckpt is not None and ckpt.exists():
         tensors, meta = _load_checkpoint(ckpt)
         if meta["settings"] != json.loads(json.dumps(settings)):
-            diff = sorted(key for key in set(meta["settings"]) | set(settings)
-                          if meta["settings"].get(key) != json.loads(json.dumps(settings)).get(key))
+            diff = sorted(
+                key
+                for key in set(meta["settings"]) | set(settings)
+                if meta["settings"].get(key) != json.loads(json.dumps(settings)).get(key)
+            )
             raise PoisonError(f"{ckpt}: checkpoint of a run with other settings ({', '.join(diff)} differ)")
         start, reset_index, history = meta["step"], meta["reset_index"], meta["history"]
         model, opt_w = fresh_model(reset_index)
@@ -574,8 +666,14 @@ def poison(
         tensors.update({"u": u, "p": p_vec, "u_m": u_opt.m, "u_v": u_opt.v, "u_t": u_opt.t})
         if p_state.m is not None:
             tensors.update({"p_m": p_state.m, "p_v": p_state.v})
-        meta = {"step": step_done, "reset_index": reset_index, "p_t": p_state.t, "settings": settings,
-                "opt_w_groups": groups, "history": history}
+        meta = {
+            "step": step_done,
+            "reset_index": reset_index,
+            "p_t": p_state.t,
+            "settings": settings,
+            "opt_w_groups": groups,
+            "history": history,
+        }
         _save_checkpoint(ckpt, tensors, json.loads(json.dumps(meta)))
 
     bar = None
@@ -599,8 +697,14 @@ def poison(
             order = torch.randperm(n_poison, generator=_generator("cpu", seed, step // poison_epoch, 3))
             j = step % poison_epoch
             pos = order[j * bp : (j + 1) * bp]
-            batch = _Step(xc=x_all[ci.to(device)], yc=labels_dev[ci.to(device)], pos=pos,
-                          yp=labels_dev[pool_p[pos].to(device)], xv=val_t[vi.to(device)], seed=derive_seed(seed, step, 4))
+            batch = _Step(
+                xc=x_all[ci.to(device)],
+                yc=labels_dev[ci.to(device)],
+                pos=pos,
+                yp=labels_dev[pool_p[pos].to(device)],
+                xv=val_t[vi.to(device)],
+                seed=derive_seed(seed, step, 4),
+            )
             lower = _Lower(method, model, batch, sigma, margs)
             u_batch = u[pos.to(device)]
             model.train()
@@ -612,14 +716,16 @@ def poison(
                 loss.backward()
                 opt_w.step()
                 lower_loss = float(loss.detach())
+            model.eval()  # the smoothed classifier (upper level) and the second-order products use eval mode
             params = flat_params(model)
-            f_val, counted = soft_radius_objective(model, batch.xv, target_class, sigma=sigma, k=k, beta=beta, a=a,
-                                                   generator=_generator(device, batch.seed, 5))
+            f_val, counted = soft_radius_objective(
+                model, batch.xv, target_class, sigma=sigma, k=k, beta=beta, a=a, generator=_generator(device, batch.seed, 5)
+            )
             grads = torch.autograd.grad(f_val, params, allow_unused=True)
             g_w = torch.cat([(gr if gr is not None else torch.zeros_like(p)).reshape(-1) for gr, p in zip(grads, params)])
             moved = 0.0
             if float(g_w.abs().max()) > 0:
-                hvp, mixed = lower.products(u_batch, 999)
+                hvp, mixed = lower.products(u_batch, 999, hvp_backend)
                 kwargs = {"state": p_state} if solver == "approxgrad" else {}
                 p_vec = bilevel.SOLVERS[solver](hvp, g_w.detach(), p_vec, steps=niter2, lr=lr_p, damping=damping, **kwargs)
                 grad_u = -mixed(p_vec)
@@ -631,8 +737,15 @@ def poison(
                 new = torch.minimum(torch.maximum(new, x0b - eps), x0b + eps).clamp_(0.0, 1.0)
                 moved = float((new - u_batch).abs().max())
                 u[pos.to(device)] = new
-            entry = {"step": step + 1, "upper": float(f_val.detach()), "counted": counted, "lower_loss": lower_loss,
-                     "linf": float((u - x0).abs().max()), "moved": moved, "seconds": time.perf_counter() - t0}
+            entry = {
+                "step": step + 1,
+                "upper": float(f_val.detach()),
+                "counted": counted,
+                "lower_loss": lower_loss,
+                "linf": float((u - x0).abs().max()),
+                "moved": moved,
+                "seconds": time.perf_counter() - t0,
+            }
             history.append(entry)
             if log is not None:
                 log(entry)
@@ -646,8 +759,17 @@ def poison(
             bar.close()
     save_state(max(start, outer_steps))
     final = dict(settings)
-    final.update({"outer_steps": max(start, outer_steps), "seconds": time.perf_counter() - t_start,
-                  "history_tail": history[-20:]})
-    return PoisonSet(indices=pool_p.clone(), images=u.detach().to("cpu", torch.float32), labels=labels[pool_p].clone(),
-                     clean_sha256=clean_hash, eps=eps, sigma=sigma, method=method, target_class=int(target_class),
-                     settings=json.loads(json.dumps(final)))
+    final.update(
+        {"outer_steps": max(start, outer_steps), "seconds": time.perf_counter() - t_start, "history_tail": history[-20:]}
+    )
+    return PoisonSet(
+        indices=pool_p.clone(),
+        images=u.detach().to("cpu", torch.float32),
+        labels=labels[pool_p].clone(),
+        clean_sha256=clean_hash,
+        eps=eps,
+        sigma=sigma,
+        method=method,
+        target_class=int(target_class),
+        settings=json.loads(json.dumps(final)),
+    )
