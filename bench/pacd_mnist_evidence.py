@@ -122,7 +122,7 @@ def main(argv=None) -> int:
         bad = evaluate_poison(poisons[m], train, test, out_dir=work / f"main/{m}/poisoned", **common)
         rows += [clean, bad]
         main[m] = {"clean": clean, "poisoned": bad, "acr_drop": acr_drop(clean, bad)}
-    transfer = {}
+    transfer, transfer_rows = {}, []
     if args.transfer and args.stage == "all":
         epochs = args.transfer_epochs or args.victim_epochs
         for arch in args.archs.split(","):
@@ -142,10 +142,12 @@ def main(argv=None) -> int:
                 clean = evaluate_poison(
                     None, train, test, target_class=TARGET, out_dir=work / f"transfer/{arch}/{victim}/clean", **common
                 )
+                transfer_rows.append(clean)
                 for crafted in methods:
                     bad = evaluate_poison(
                         poisons[crafted], train, test, out_dir=work / f"transfer/{arch}/{victim}/{crafted}", **common
                     )
+                    transfer_rows.append(bad)
                     transfer[f"{crafted}->{victim}/{arch}"] = {
                         "clean_acr": clean["acr"],
                         "poisoned_acr": bad["acr"],
@@ -170,25 +172,17 @@ def main(argv=None) -> int:
         "",
         f"Command: `{commands['evidence']}`",
         "",
-        "## Main table",
+        "## Main table (victims trained with the procedure the poison was crafted for)",
         "",
         format_rows(rows),
-        "",
-        "| procedure | clean ACR | poisoned ACR | ACR drop |",
-        "|---|---|---|---|",
     ]
-    for m, r in main.items():
-        lines.append(f"| {m} | {r['clean']['acr']:.4f} | {r['poisoned']['acr']:.4f} | {100 * r['acr_drop']:.1f}% |")
     if transfer:
         lines += [
             "",
-            "## Transfer (crafted-for -> victim / arch)",
+            "## Transfer (poison crafted for the method in the poison column, victim / arch in the first columns)",
             "",
-            "| poison -> victim | clean ACR | poisoned ACR | drop |",
-            "|---|---|---|---|",
+            format_rows(transfer_rows),
         ]
-        for key, r in transfer.items():
-            lines.append(f"| {key} | {r['clean_acr']:.4f} | {r['poisoned_acr']:.4f} | {100 * r['acr_drop']:.1f}% |")
     out.with_suffix(".md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     return 0

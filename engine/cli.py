@@ -418,6 +418,10 @@ def cmd_poison(args) -> int:
     return 0
 
 
+COMPARE_KEYS = ("victim_method", "arch", "sigma", "target_class", "images", "n", "poisoned", "acr",
+                "certified_accuracy", "clean_accuracy_other_classes")
+
+
 def cmd_evaluate(args) -> int:
     from . import data
     from .evaluate import evaluate_poison, format_rows
@@ -426,6 +430,19 @@ def cmd_evaluate(args) -> int:
     if (args.poison is None) == (not args.clean):
         print("error: give exactly one of --poison FILE or --clean", file=sys.stderr)
         return 2
+    earlier = []
+    for d in args.compare:
+        summary = Path(d) / "summary.json"
+        try:
+            loaded = json.loads(summary.read_text())
+        except (OSError, ValueError) as exc:
+            print(f"error: --compare {d}: cannot read {summary} ({exc})", file=sys.stderr)
+            return 2
+        missing = [k for k in COMPARE_KEYS if not isinstance(loaded, dict) or k not in loaded]
+        if missing:
+            print(f"error: --compare {d}: {summary} is not an evaluation summary (missing {missing})", file=sys.stderr)
+            return 2
+        earlier.append(loaded)
     ps = PoisonSet.load(args.poison) if args.poison else None
     train_data, _ = _load_split(args)
     test_data = data.load_dataset(args.dataset, args.data_root, "test")
@@ -453,7 +470,7 @@ def cmd_evaluate(args) -> int:
         device=_device(args.device),
         progress=not args.quiet,
     )
-    print(format_rows([res]))
+    print(format_rows(earlier + [res]))
     return 0
 
 
@@ -624,6 +641,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch", type=_int_at_least(1), default=None)
     p.add_argument("--device", default="auto")
     p.add_argument("--out-dir", required=True)
+    p.add_argument(
+        "--compare",
+        action="append",
+        default=[],
+        metavar="DIR",
+        help="out-dir of an earlier evaluation (e.g. the clean victim) to show side by side; repeatable",
+    )
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_evaluate)
     return parser

@@ -209,16 +209,56 @@ def acr_drop(clean: dict, poisoned: dict) -> float:
     return (clean["acr"] - poisoned["acr"]) / clean["acr"] if clean["acr"] > 0 else float("nan")
 
 
+CERT_RADII_SHOWN = ("0", "0.5", "1", "1.5")
+
+
+def _pair_key(r: dict) -> tuple:
+    return (r["victim_method"], r["arch"], float(r["sigma"]), r["target_class"], r["images"], r["n"])
+
+
 def format_rows(rows: list[dict]) -> str:
-    """Markdown table of evaluation results."""
-    head = "| victim | arch | data | ACR | cert. acc r=0 / 0.5 / 1.0 / 1.5 | clean acc (other classes) | images | n |"
-    lines = [head, "|" + "---|" * 8]
+    """Markdown table of evaluation results, clean and poisoned victims side by side.
+
+    Results of :func:`evaluate_poison` are paired by (victim method, arch, sigma, target class,
+    images, n): each poisoned result gets one line beside the clean result of the same victim
+    settings (one clean victim may face several poisons), and a result without a counterpart shows
+    "-" on the missing side. Lines keep the order in which their victim settings first appear.
+    """
+    groups: dict[tuple, dict] = {}
     for r in rows:
+        g = groups.setdefault(_pair_key(r), {"clean": None, "poisoned": []})
+        if r["poisoned"]:
+            g["poisoned"].append(r)
+        elif g["clean"] is None:
+            g["clean"] = r
+        else:
+            raise ValueError(f"two clean results for the same victim settings {_pair_key(r)}")
+
+    def acr(r):
+        return "-" if r is None else f"{r['acr']:.4f}"
+
+    def cert(r):
+        if r is None:
+            return "-"
         ca = r["certified_accuracy"]
-        data = f"poison ({r['poison_method']})" if r["poisoned"] else "clean"
-        cert = " / ".join(f"{ca.get(k, float('nan')):.3f}" for k in ("0", "0.5", "1", "1.5"))
-        lines.append(
-            f"| {r['victim_method']} | {r['arch']} | {data} | {r['acr']:.4f} | {cert} | "
-            f"{r['clean_accuracy_other_classes']:.4f} | {r['images']} | {r['n']} |"
-        )
+        return " / ".join(f"{ca.get(k, float('nan')):.3f}" for k in CERT_RADII_SHOWN)
+
+    def other(r):
+        return "-" if r is None else f"{r['clean_accuracy_other_classes']:.4f}"
+
+    head = (
+        "| victim | arch | sigma | poison | ACR clean | ACR poisoned | ACR drop "
+        "| cert. acc clean r=0 / 0.5 / 1.0 / 1.5 | cert. acc poisoned r=0 / 0.5 / 1.0 / 1.5 "
+        "| clean acc other classes: clean / poisoned | images | n |"
+    )
+    lines = [head, "|" + "---|" * 12]
+    for (victim, arch, sigma, _target, images, n), g in groups.items():
+        clean = g["clean"]
+        for bad in g["poisoned"] or [None]:
+            drop = f"{100 * acr_drop(clean, bad):.1f}%" if clean is not None and bad is not None else "-"
+            poison = "-" if bad is None else str(bad.get("poison_method") or "?")
+            lines.append(
+                f"| {victim} | {arch} | {sigma:g} | {poison} | {acr(clean)} | {acr(bad)} | {drop} | {cert(clean)} | "
+                f"{cert(bad)} | {other(clean)} / {other(bad)} | {images} | {n} |"
+            )
     return "\n".join(lines)

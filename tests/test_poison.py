@@ -210,6 +210,18 @@ def test_cli_poison_and_evaluate(tmp_path):
     assert 0 <= summary["clean_accuracy_other_classes"] <= 1
     proc = subprocess.run(ev + ["--out-dir", str(tmp_path / "ev2")], capture_output=True, text=True)
     assert proc.returncode == 2 and "--clean" in proc.stderr
+    proc = subprocess.run(ev + ["--clean", "--target-class", "8", "--out-dir", str(tmp_path / "evc")], capture_output=True,
+                          text=True)
+    assert proc.returncode == 0, proc.stderr
+    clean = json.loads((tmp_path / "evc" / "summary.json").read_text())
+    proc = subprocess.run(ev + ["--poison", str(out), "--out-dir", str(tmp_path / "ev"), "--compare", str(tmp_path / "evc")],
+                          capture_output=True, text=True)  # resumes: victim reloaded, certification log complete
+    assert proc.returncode == 0, proc.stderr
+    line = [x for x in proc.stdout.splitlines() if x.startswith("| gaussian | mlp |")]
+    assert len(line) == 1 and f"| {clean['acr']:.4f} | {summary['acr']:.4f} |" in line[0], proc.stdout
+    proc = subprocess.run(ev + ["--poison", str(out), "--out-dir", str(tmp_path / "ev"), "--compare", str(tmp_path)],
+                          capture_output=True, text=True)
+    assert proc.returncode == 2 and "summary.json" in proc.stderr
     bad = tmp_path / "bad.safetensors"
     bad.write_bytes(out.read_bytes()[:-7] + b"garbage")
     proc = subprocess.run(ev + ["--poison", str(bad), "--out-dir", str(tmp_path / "ev3")], capture_output=True, text=True)

@@ -1,0 +1,74 @@
+"""The markdown renderer of poison evaluations: clean and poisoned victims side by side."""
+
+import pytest
+
+from engine.evaluate import format_rows
+
+
+def _row(victim="gaussian", arch="lenet", sigma=0.5, poisoned=False, method=None, acr=1.0, other=0.99, images=500):
+    ca = {"0": acr / 2, "0.5": acr / 3, "1": acr / 4, "1.5": acr / 5}
+    return {
+        "victim_method": victim,
+        "arch": arch,
+        "sigma": sigma,
+        "target_class": 8,
+        "images": images,
+        "n": 100_000,
+        "poisoned": poisoned,
+        "poison_method": method,
+        "acr": acr,
+        "certified_accuracy": ca,
+        "clean_accuracy_other_classes": other,
+    }
+
+
+def _cells(line):
+    return [c.strip() for c in line.strip().strip("|").split("|")]
+
+
+def test_pairs_clean_and_poisoned_on_one_line():
+    rows = [
+        _row(acr=1.2),
+        _row(poisoned=True, method="gaussian", acr=0.6, other=0.98),
+        _row(victim="macer", sigma=0.75, acr=0.9),
+        _row(victim="macer", sigma=0.75, poisoned=True, method="macer", acr=0.45),
+    ]
+    lines = format_rows(rows).splitlines()
+    head = _cells(lines[0])
+    assert len(lines) == 2 + 2  # header, rule, one line per (clean, poisoned) pair
+    assert all(len(_cells(line)) == len(head) for line in lines[2:])
+    first = dict(zip(head, _cells(lines[2])))
+    assert first["victim"] == "gaussian" and first["sigma"] == "0.5" and first["poison"] == "gaussian"
+    assert first["ACR clean"] == "1.2000" and first["ACR poisoned"] == "0.6000" and first["ACR drop"] == "50.0%"
+    assert first["cert. acc clean r=0 / 0.5 / 1.0 / 1.5"] == "0.600 / 0.400 / 0.300 / 0.240"
+    assert first["cert. acc poisoned r=0 / 0.5 / 1.0 / 1.5"] == "0.300 / 0.200 / 0.150 / 0.120"
+    assert first["clean acc other classes: clean / poisoned"] == "0.9900 / 0.9800"
+    second = dict(zip(head, _cells(lines[3])))
+    assert second["victim"] == "macer" and second["sigma"] == "0.75" and second["ACR drop"] == "50.0%"
+
+
+def test_one_clean_victim_against_several_poisons_and_missing_sides():
+    rows = [
+        _row(poisoned=True, method="macer", acr=0.5),  # listed before its clean counterpart
+        _row(acr=1.0),
+        _row(poisoned=True, method="smoothadv", acr=0.75),
+        _row(arch="mlp", acr=0.8),  # clean only
+        _row(arch="resnet20", poisoned=True, method="gaussian", acr=0.3),  # poisoned only
+        _row(poisoned=True, method="gaussian", acr=0.9, images=100),  # other settings: not paired
+    ]
+    lines = format_rows(rows).splitlines()[2:]
+    head = _cells(format_rows(rows).splitlines()[0])
+    got = [dict(zip(head, _cells(line))) for line in lines]
+    assert [(g["arch"], g["poison"], g["ACR clean"], g["ACR poisoned"], g["ACR drop"]) for g in got] == [
+        ("lenet", "macer", "1.0000", "0.5000", "50.0%"),
+        ("lenet", "smoothadv", "1.0000", "0.7500", "25.0%"),
+        ("mlp", "-", "0.8000", "-", "-"),
+        ("resnet20", "gaussian", "-", "0.3000", "-"),
+        ("lenet", "gaussian", "-", "0.9000", "-"),
+    ]
+    assert got[3]["clean acc other classes: clean / poisoned"] == "- / 0.9900"
+
+
+def test_two_clean_results_for_one_victim_are_an_error():
+    with pytest.raises(ValueError, match="two clean results"):
+        format_rows([_row(), _row(acr=2.0)])
