@@ -189,7 +189,7 @@ def mlp_params(model: nn.Module, input_shape, precision: str = "fp32", device=No
 def _blocks(h1p: int) -> tuple[int, int, int, int]:
     """(BLOCK_R, BLOCK_K, BLOCK_N2, num_warps)."""
     if interpreting():
-        return 128, 64, 64, 4
+        return 256, 256, 64, 4
     return (16 if h1p >= 512 else 32), 32, 32, 8
 
 

@@ -202,7 +202,7 @@ def launch_noisy_conv_pool(params: ConvPoolParams, x_flat, ids, out, *, start, r
     c_in, h, w = params.input_shape
     kh, kw = params.kernel
     ph, pw = params.out_hw
-    block_m = 1024 if interpreting() else 64
+    block_m = 4096 if interpreting() else 64
     k0, k1, tag = key_words(seed, stream)
     grid = (triton.cdiv(rows * ph * pw, block_m),)
     _noisy_conv_pool_kernel[grid](

@@ -49,15 +49,17 @@ def key_words(seed: int, stream: int) -> tuple[int, int, int]:
 @triton.jit
 def philox4x32(c0, c1, c2, c3, k0, k1):
     """Philox4x32-10 (Random123) on uint32 tensors; same words as ``engine.noise.philox4x32_ref``."""
+    # The low products and key increments wrap modulo 2^32 on purpose: sanitize_overflow=False keeps
+    # Triton's debug-mode overflow checks (always on in the interpreter) away from them.
     for _ in tl.static_range(10):
         a0 = c0
         a2 = c2
         c0 = tl.umulhi(a2, 0xCD9E8D57) ^ c1 ^ k0
         c2 = tl.umulhi(a0, 0xD2511F53) ^ c3 ^ k1
-        c1 = a2 * 0xCD9E8D57
-        c3 = a0 * 0xD2511F53
-        k0 = k0 + 0x9E3779B9
-        k1 = k1 + 0xBB67AE85
+        c1 = tl.mul(a2, 0xCD9E8D57, sanitize_overflow=False)
+        c3 = tl.mul(a0, 0xD2511F53, sanitize_overflow=False)
+        k0 = tl.add(k0, 0x9E3779B9, sanitize_overflow=False)
+        k1 = tl.add(k1, 0xBB67AE85, sanitize_overflow=False)
     return c0, c1, c2, c3
 
 

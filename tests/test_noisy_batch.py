@@ -8,14 +8,13 @@ import pytest
 import torch
 import triton
 import triton.language as tl
+from kernel_testing import gpu
 from scipy import stats
 
 from engine import noise
 from kernels import noisy_batch as nb
 from kernels.packed_rows import packed_rows_ref
 from kernels.philox_normal import EXACT, key_words, philox4x32
-
-on_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (Triton compiles for GPUs only)")
 
 
 @triton.jit
@@ -33,7 +32,7 @@ def _philox_kernel(c_ptr, out_ptr, k0, k1, N: tl.constexpr):
 
 
 def _device():
-    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+    return torch.device("cpu")  # the interpreter; @gpu tests use CUDA
 
 
 def test_philox_known_answers_and_random_counters():
@@ -150,7 +149,7 @@ def test_needs_cuda_or_interpreter(monkeypatch):
         nb.noisy_batch(x, torch.tensor([0]), torch.tensor([0]), torch.tensor([0]), seed=0, stream=0, sigma=1.0)
 
 
-@on_cuda
+@gpu
 @pytest.mark.parametrize("dtype", nb.DTYPES)
 def test_cuda_bit_exact_large(dtype):
     # On the GPU the guarantee rests on enable_fp_fusion=False, sqrt_rn and integer Philox: check it
