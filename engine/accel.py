@@ -300,25 +300,49 @@ class TritonSampler:
         self.num_classes = int(probe.shape[1])
 
         self.mlp = mlp_counts.mlp_params(model, self.sample_shape, self.kernel_precision, device)
-        self.conv = None
+        self.conv = None if self.mlp is not None else noisy_conv_pool.conv_pool_params(
+            model, self.sample_shape, self.kernel_precision, device
+        )
+        if self.conv is not None:
+            act_dtype = AMP_DTYPES.get(precision, torch.float32)
+            self.static_in = noisy_conv_pool.empty_output(self.conv, self.rows, act_dtype, device).zero_()
+        if (self.mlp is not None or self.conv is not None) and not self._fused_kernel_compiles(example):
+            self.mlp = self.conv = None
         if self.mlp is not None:
             self.kind = "mlp"
             return
-        self.conv = noisy_conv_pool.conv_pool_params(model, self.sample_shape, self.kernel_precision, device)
         if self.conv is not None:
             self.kind = "conv_pool"
-            rest = nn.Sequential(*list(model)[4:])
-            act_dtype = AMP_DTYPES.get(precision, torch.float32)
-            self.static_in = noisy_conv_pool.empty_output(self.conv, self.rows, act_dtype, device).zero_()
             with torch.inference_mode():
                 head = model[:4](example[:2].to(torch.float32))
-            self._build_body(rest, head)
+            self._build_body(nn.Sequential(*list(model)[4:]), head)
         else:
             self.kind = "generic"
             self.static_in = torch.zeros((self.rows,) + self.sample_shape, dtype=torch.float32, device=device)
             self._build_body(model, example[:2].to(torch.float32))
         with torch.inference_mode():
             self.forward = _Forward(self._body_fn, self.static_in, device, precision)
+
+    def _fused_kernel_compiles(self, example: torch.Tensor) -> bool:
+        """Launch the fused kernel once (compiling it); False, with a warning, if that fails on this GPU."""
+        from kernels.mlp_counts import launch_mlp_counts
+        from kernels.noisy_conv_pool import launch_noisy_conv_pool
+
+        x_flat = example[:1].to(self.device, torch.float32).reshape(1, -1).contiguous()
+        ids = torch.zeros(1, dtype=torch.int64, device=self.device)
+        key = dict(start=0, rows=1, num=1, total=1, seed=0, stream=0, sigma=1.0)
+        try:
+            if self.mlp is not None:
+                counts = torch.zeros(self.num_classes, dtype=torch.int64, device=self.device)
+                bad = torch.zeros(1, dtype=torch.int32, device=self.device)
+                launch_mlp_counts(self.mlp, x_flat, ids, counts, bad, **key)
+            else:
+                launch_noisy_conv_pool(self.conv, x_flat, ids, self.static_in, **key)
+            return True
+        except Exception as exc:  # e.g. out of shared memory / registers on this device
+            warnings.warn(f"fused Triton kernel unavailable ({type(exc).__name__}: {exc}); using the generic path",
+                          RuntimeWarning)
+            return False
 
     def _build_body(self, module: nn.Module, example: torch.Tensor) -> None:
         """Body (+ last linear fused with the counting when it splits off cleanly) of ``module``."""

@@ -70,7 +70,7 @@ def count_logits(logits, cls, slot, ok, counts_ptr, bad_ptr, num_classes, BLOCK_
         tl.atomic_add(counts_ptr + slot * num_classes + pred, ones, mask=ok)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["batch_rows", "start", "num", "total"])
 def _class_counts_kernel(
     logits_ptr,
     stride_r,
@@ -112,7 +112,7 @@ def linear_logits(h_ptr, stride_h, r, ok, w_ptr, b_ptr, in_features, num_classes
     return tl.where(col_ok[None, :], acc + bias[None, :], float("-inf"))
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["batch_rows", "start", "num", "total"])
 def _linear_counts_kernel(
     h_ptr,
     stride_h,

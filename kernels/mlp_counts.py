@@ -35,7 +35,7 @@ from .philox_normal import EXACT, key_words, normal_pair, round_to
 __all__ = ["MlpParams", "mlp_params", "mlp_counts", "mlp_counts_ref", "launch_mlp_counts"]
 
 
-@triton.jit(do_not_specialize=["start", "k0", "k1", "stream"])
+@triton.jit(do_not_specialize=["batch_rows", "start", "num", "total", "k0", "k1", "stream"])
 def _mlp_counts_kernel(
     x_ptr,
     ids_ptr,
@@ -186,11 +186,17 @@ def mlp_params(model: nn.Module, input_shape, precision: str = "fp32", device=No
     )  # fmt: skip
 
 
-def _blocks(h1p: int) -> tuple[int, int, int, int]:
-    """(BLOCK_R, BLOCK_K, BLOCK_N2, num_warps)."""
+def _blocks(h1p: int, elem_bytes: int) -> tuple[int, int, int, int, int]:
+    """(BLOCK_R, BLOCK_K, BLOCK_N2, num_warps, num_stages).
+
+    GPU: 16 rows per program keep the (16, H1) float32 accumulator at 64 registers per thread
+    (8 warps) for H1 = 1024; the streamed weight tiles (BLOCK_K x H1 and H1 x BLOCK_N2) stay at
+    64 KiB each, double-buffered, within an SM's shared memory for 2- and 4-byte operands.
+    """
     if interpreting():
-        return 256, 256, 64, 4
-    return (16 if h1p >= 512 else 32), 32, 32, 8
+        return 256, 256, 64, 4, 1
+    k = max(16, min(128, (32 * 1024 // h1p) * 2 // elem_bytes))
+    return (16 if h1p >= 512 else 32), k, k, 8, 2
 
 
 def launch_mlp_counts(params: MlpParams, x_flat, ids, counts, bad, *, start, rows, num, total, seed, stream, sigma) -> None:
@@ -201,13 +207,13 @@ def launch_mlp_counts(params: MlpParams, x_flat, ids, counts, bad, *, start, row
     h2 = params.w2.shape[0]
     c = params.num_classes
     h1p = max(16, next_pow2(h1))
-    block_r, block_k, block_n2, warps = _blocks(h1p)
+    block_r, block_k, block_n2, warps, stages = _blocks(h1p, params.w1.element_size())
     k0, k1, tag = key_words(seed, stream)
     _mlp_counts_kernel[(triton.cdiv(rows, block_r),)](
         x_flat, ids, params.mean, params.std, params.w1, params.b1, params.w2, params.b2, params.w3, params.b3,
         counts, bad, rows, start, num, total, k0, k1, tag, float(sigma), d, h1, h2, c,
         BLOCK_R=block_r, BLOCK_K=block_k, H1P=h1p, BLOCK_N2=block_n2, BLOCK_C=max(16, next_pow2(c)),
-        INPUT_PRECISION=params.input_precision, num_warps=warps, **EXACT,
+        INPUT_PRECISION=params.input_precision, num_warps=warps, num_stages=stages, **EXACT,
     )  # fmt: skip
 
 

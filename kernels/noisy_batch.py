@@ -28,7 +28,7 @@ DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 noisy_batch_ref = _noise.noisy_batch_ref
 
 
-@triton.jit(do_not_specialize=["start", "k0", "k1", "stream"])
+@triton.jit(do_not_specialize=["rows", "start", "num", "total", "k0", "k1", "stream"])
 def _noisy_batch_kernel(
     x_ptr,
     out_ptr,

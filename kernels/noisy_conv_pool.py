@@ -37,7 +37,7 @@ from .philox_normal import EXACT, key_words, pixel_normal, round_to
 __all__ = ["ConvPoolParams", "conv_pool_params", "noisy_conv_pool", "noisy_conv_pool_ref", "launch_noisy_conv_pool"]
 
 
-@triton.jit(do_not_specialize=["start", "k0", "k1", "stream"])
+@triton.jit(do_not_specialize=["batch_rows", "start", "num", "total", "k0", "k1", "stream"])
 def _noisy_conv_pool_kernel(
     x_ptr,
     ids_ptr,
