@@ -22,6 +22,7 @@ bf16, 67 TFLOP/s fp32 non-tensor; NVIDIA H100 datasheet), matched by name.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -76,8 +77,9 @@ DATASHEET_PEAKS = {
     "H200": {"bf16": 989.4e12, "fp16": 989.4e12, "fp32": 66.9e12, "tf32": 494.7e12},
 }
 
-PROVIDERS = {  # name -> (backend, precision)
+PROVIDERS = {  # name -> (backend, precision); "-compile": ENGINE_TORCH_COMPILE=1 (experimental)
     "engine": ("auto", "auto"),
+    "engine-triton-compile": ("triton", "auto"),
     "engine-torch": ("torch", "fp32"),
     "engine-cpp": ("cpp", "fp32"),
     "engine-triton": ("triton", "auto"),
@@ -153,6 +155,9 @@ def run(
     backend, precision = PROVIDERS.get(provider, ("", "fp32"))
     resolved = "fp32" if provider == "plain_loop" else engine.accel.resolve_precision(precision, device, backend)
 
+    os.environ["ENGINE_TORCH_COMPILE"] = "1" if provider.endswith("-compile") else "0"
+    engine.accel.clear_cache()
+
     def once():
         if provider == "plain_loop":
             plain_loop_certify(model, x, sigma, n0, cfg.n, cfg.batch_size)
@@ -224,7 +229,7 @@ def main(argv=None) -> int:
     if args.providers:
         providers = args.providers.split(",")
     elif device.type == "cuda":
-        providers = ["plain_loop", "engine", "engine-torch", "engine-triton", "engine-triton-fp32"]
+        providers = ["plain_loop", "engine", "engine-torch", "engine-triton", "engine-triton-fp32", "engine-triton-compile"]
     else:  # the Triton backend needs CUDA (the CPU interpreter is a test vehicle, not a provider)
         providers = ["plain_loop", "engine", "engine-torch", "engine-bf16"]
     peaks, sheet = measured_peaks(device), datasheet_peaks(device)
@@ -239,7 +244,12 @@ def main(argv=None) -> int:
             continue
         base = None
         for provider in providers:
-            r = run(cfg, provider, device, peaks=peaks, sheet=sheet)
+            try:
+                r = run(cfg, provider, device, peaks=peaks, sheet=sheet)
+            except Exception as exc:  # report and go on with the other providers
+                print(f"{cfg.arch:10s} {provider:19s} FAILED: {type(exc).__name__}: {exc}", flush=True)
+                results.append({"arch": cfg.arch, "provider": provider, "error": f"{type(exc).__name__}: {exc}"})
+                continue
             results.append(r)
             base = base or r.samples_per_s
             print(
@@ -248,7 +258,7 @@ def main(argv=None) -> int:
                 f"{r.ratio_to_measured_floor:8.1f} {r.samples_per_s / base:8.2f}x",
                 flush=True,
             )
-    rec = record("certify", device, [asdict(r) for r in results], argv)
+    rec = record("certify", device, [r if isinstance(r, dict) else asdict(r) for r in results], argv)
     rec["peak_flops_measured"] = peaks
     rec["peak_flops_datasheet"] = sheet
     if args.out:

@@ -24,6 +24,8 @@ Backends
              On CUDA the PyTorch part runs channels-last, captured once in a CUDA graph of a fixed
              shape (``forward_rows`` rows, chosen from the input size, see :func:`default_forward_rows`)
              and replayed; samples of several images share a forward batch (rows are image-major).
+             ``ENGINE_TORCH_COMPILE=1`` (experimental, CUDA) compiles that part with torch.compile
+             before the capture.
 ``"auto"``   CUDA: ``"triton"``. CPU: the loop with the extension's noise op and a channels-last
              copy of conv nets (the fastest correct CPU path measured, see bench/results/).
 
@@ -375,6 +377,8 @@ class TritonSampler:
                 lin.weight.detach().to(self.device, self.dot_dtype).contiguous(),
                 (lin.bias.detach() if lin.bias is not None else torch.zeros(lin.out_features)).to(self.device, torch.float32),
             )
+        if self.device.type == "cuda" and os.environ.get("ENGINE_TORCH_COMPILE", "0") == "1":
+            body = torch.compile(body, dynamic=False)  # experimental: inductor fusions inside the CUDA graph
         self.body = body
 
     def _body_fn(self, inp: torch.Tensor) -> torch.Tensor:
@@ -433,7 +437,7 @@ def _fingerprint(model: nn.Module) -> tuple:
 def _cached_triton_sampler(model, example, precision) -> TritonSampler:
     """Reuse the sampler (and its CUDA graph) of an earlier call with the same, unchanged model."""
     rows = os.environ.get("ENGINE_FORWARD_ROWS")
-    key = (id(model), example.device, tuple(example.shape[1:]), precision, rows)
+    key = (id(model), example.device, tuple(example.shape[1:]), precision, rows, os.environ.get("ENGINE_TORCH_COMPILE"))
     stamp = _fingerprint(model)
     for i, (k, ref, st, sampler) in enumerate(_CACHE):
         if k == key and ref() is model and st == stamp:

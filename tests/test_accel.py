@@ -254,3 +254,16 @@ def test_cuda_auto_bf16_batch_size_invariant_and_close():
     assert torch.equal(a.counts_estimation, b.counts_estimation) and torch.equal(a.counts_selection, b.counts_selection)
     fp32 = engine.certify(model, x, backend="torch", precision="fp32", **kw)
     assert int((a.counts_estimation - fp32.counts_estimation).abs().sum()) < 0.02 * 2 * 5000
+
+
+def test_cli_accepts_backend_and_precision():
+    from engine.cli import build_parser
+
+    args = build_parser().parse_args(
+        ["certify", "--checkpoint", "m.safetensors", "--dataset", "mnist", "--sigma", "0.25", "--out", "o.tsv",
+         "--backend", "triton", "--precision", "bf16"]
+    )  # fmt: skip
+    assert args.backend == "triton" and args.precision == "bf16"
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["certify", "--checkpoint", "m", "--dataset", "mnist", "--sigma", "1", "--out", "o",
+                                   "--precision", "fp8"])

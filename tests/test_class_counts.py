@@ -8,10 +8,6 @@ from kernels import class_counts as cc
 from kernels.packed_rows import packed_rows_ref
 
 
-def _device():
-    return torch.device("cpu")  # the interpreter; @gpu tests use CUDA
-
-
 @pytest.mark.parametrize("rows,classes,images", [(1000, 10, 3), (7, 3, 2), (513, 100, 5), (300, 1, 1), (600, 17, 40)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 def test_class_counts_equal_reference(rows, classes, images, dtype):
@@ -22,7 +18,7 @@ def test_class_counts_equal_reference(rows, classes, images, dtype):
     sorted_rows = torch.sort(torch.randint(0, images, (rows,), generator=gen)).values  # image-major (one-image programs)
     shuffled = torch.randint(0, images, (rows,), generator=gen)  # mixed programs (per-row atomics)
     for row_image in (sorted_rows, shuffled):
-        got = cc.class_counts(logits.to(_device()), row_image.to(_device()), images).cpu()
+        got = cc.class_counts(logits, row_image, images).cpu()
         want = cc.class_counts_ref(logits, row_image, images)
         assert got.dtype == torch.int64 and got.shape == (images, classes)
         assert torch.equal(got, want)
@@ -47,7 +43,7 @@ def test_non_finite_logits_raise(bad_value):
     logits = torch.randn(50, 4)
     logits[17, 2] = bad_value
     with pytest.raises(ValueError, match="NaN or infinite"):
-        cc.class_counts(logits.to(_device()), torch.zeros(50, dtype=torch.int64, device=_device()), 1)
+        cc.class_counts(logits, torch.zeros(50, dtype=torch.int64), 1)
     with pytest.raises(ValueError, match="NaN or infinite"):
         cc.class_counts_ref(logits, torch.zeros(50, dtype=torch.int64), 1)
 
@@ -72,10 +68,10 @@ def test_linear_counts_equal_reference(rows, features, classes):
     row_image = torch.randint(0, 3, (rows,), generator=gen)
     if classes > 1:
         assert top2_gap(h.double() @ w.double().T + b.double()) > MIN_GAP
-    got = cc.linear_counts(h.to(_device()), w.to(_device()), b.to(_device()), row_image.to(_device()), 3).cpu()
+    got = cc.linear_counts(h, w, b, row_image, 3).cpu()
     assert torch.equal(got, cc.linear_counts_ref(h, w, b, row_image, 3))
     # reduced precision: counts move only by the rows whose argmax the rounding changes
-    half = cc.linear_counts(h.to(_device()), w.to(_device()), b.to(_device()), row_image.to(_device()), 3, precision="fp16")
+    half = cc.linear_counts(h, w, b, row_image, 3, precision="fp16")
     assert int(half.sum()) == rows
     assert int((half.cpu() - got.cpu()).abs().sum()) <= max(2, rows // 20)
 

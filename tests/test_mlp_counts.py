@@ -14,10 +14,6 @@ from engine import models
 from kernels import mlp_counts as mc
 
 
-def _device():
-    return torch.device("cpu")  # the interpreter; @gpu tests use CUDA
-
-
 def _mlp(seed, hidden=48, shape=(1, 28, 28), classes=10, mean=(0.1307,), std=(0.3081,)):
     torch.manual_seed(seed)
     d = shape[0] * shape[1] * shape[2]
@@ -46,10 +42,10 @@ def test_fused_mlp_counts_equal_reference(name, kwargs, shape, images, num):
     batch, _ = packed_noisy_rows(x, ids, num, **key)
     assert top2_gap(float64_logits(model, batch)) > MIN_GAP
     want = mc.mlp_counts_ref(model, x, ids, num, **key)
-    got = mc.mlp_counts(model.to(_device()), x.to(_device()), ids, num, **key).cpu()
+    got = mc.mlp_counts(model, x, ids, num, **key).cpu()
     assert torch.equal(got, want)
     assert int((want > 0).sum(1).min()) >= 2, "model too confident for a meaningful test"
-    half = mc.mlp_counts(model.to(_device()), x.to(_device()), ids, num, precision="fp16", **key).cpu()
+    half = mc.mlp_counts(model, x, ids, num, precision="fp16", **key).cpu()
     assert int(half.sum()) == images * num
     assert int((half - want).abs().sum()) <= max(4, images * num // 50)
 

@@ -31,10 +31,6 @@ def _philox_kernel(c_ptr, out_ptr, k0, k1, N: tl.constexpr):
     tl.store(out_ptr + 4 * i + 3, w3.to(tl.int64))
 
 
-def _device():
-    return torch.device("cpu")  # the interpreter; @gpu tests use CUDA
-
-
 def test_philox_known_answers_and_random_counters():
     # Random123 known answers (as in tests/test_noise.py) plus random counters against the reference
     kat = [
@@ -47,7 +43,7 @@ def test_philox_known_answers_and_random_counters():
         ),
     ]
     for counter, key, expected in kat:
-        c = torch.tensor([list(counter)] * 16, dtype=torch.int64, device=_device())
+        c = torch.tensor([list(counter)] * 16, dtype=torch.int64)
         out = torch.empty_like(c)
         k0, k1, _ = key_words(key[0] | (key[1] << 32), 0)
         _philox_kernel[(1,)](c, out, k0, k1, N=16)
@@ -55,9 +51,9 @@ def test_philox_known_answers_and_random_counters():
     gen = torch.Generator().manual_seed(1)
     c = torch.randint(0, 2**32, (64, 4), generator=gen)
     seed = 0xDEADBEEF12345678
-    out = torch.empty_like(c, device=_device())
+    out = torch.empty_like(c)
     k0, k1, _ = key_words(seed, 0)
-    _philox_kernel[(1,)](c.to(_device()), out, k0, k1, N=64)
+    _philox_kernel[(1,)](c, out, k0, k1, N=64)
     ref = noise.philox4x32_ref(c[:, 0], c[:, 1], c[:, 2], c[:, 3], seed)
     assert torch.equal(out.cpu(), torch.stack(ref, dim=1))
 
@@ -73,7 +69,7 @@ def test_bit_exact_with_reference(shape, dtype):
     for seed, sigma in ((0, 0.12), (2**63 + 12345, 1.0), (2**64 - 1, 0.37)):
         kw = dict(seed=seed, stream=7, sigma=sigma, dtype=dtype)
         ref = nb.noisy_batch_ref(x, ri, rs, ids, **kw)
-        out = nb.noisy_batch(x.to(_device()), ri.to(_device()), rs.to(_device()), ids.to(_device()), **kw)
+        out = nb.noisy_batch(x, ri, rs, ids, **kw)
         assert out.dtype == dtype and out.shape == (37,) + shape
         assert torch.equal(out.cpu(), ref)
     # the engine-facing entry point dispatches to the kernel
@@ -104,7 +100,7 @@ def test_one_million_draws_bitwise_equal_and_normal():
     row_image = torch.arange(rows) // 64
     samples = torch.arange(rows) % 64
     x = torch.zeros(64, pixels)
-    z = nb.noisy_batch(x.to(_device()), row_image.to(_device()), samples.to(_device()), ids.to(_device()), seed=20261122,
+    z = nb.noisy_batch(x, row_image, samples, ids, seed=20261122,
                        stream=3, sigma=1.0).cpu()
     ref = noise.noisy_batch_ref(x, row_image, samples, ids, seed=20261122, stream=3, sigma=1.0)
     assert torch.equal(z, ref)

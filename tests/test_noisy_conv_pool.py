@@ -9,10 +9,6 @@ from engine import models
 from kernels import noisy_conv_pool as ncp
 
 
-def _device():
-    return torch.device("cpu")  # the interpreter; @gpu tests use CUDA
-
-
 def _odd_net():
     torch.manual_seed(5)
     return nn.Sequential(
@@ -29,13 +25,13 @@ def test_equals_reference(net, shape, num, start, rows):
     ids = torch.tensor([5, 2**32 - 1])
     key = dict(seed=2**40 + 3, stream=1, sigma=0.5)
     want = ncp.noisy_conv_pool_ref(model, x, ids, num, start=start, rows=rows, **key)
-    got = ncp.noisy_conv_pool(model.to(_device()), x.to(_device()), ids, num, start=start, rows=rows, **key).cpu()
+    got = ncp.noisy_conv_pool(model, x, ids, num, start=start, rows=rows, **key).cpu()
     assert got.shape == want.shape and got.is_contiguous(memory_format=torch.channels_last)
     # same noisy pixels (bit-exact stream), float32 conv summed in another order: ~1e-7 relative
     scale = float(want.abs().max())
     assert float((got - want).abs().max()) <= 2e-6 * scale
     for dtype, tol in ((torch.float16, 2e-3), (torch.bfloat16, 8e-3)):
-        low = ncp.noisy_conv_pool(model.to(_device()), x.to(_device()), ids, num, start=start, rows=rows, dtype=dtype, **key)
+        low = ncp.noisy_conv_pool(model, x, ids, num, start=start, rows=rows, dtype=dtype, **key)
         assert low.dtype == dtype
         assert float((low.float().cpu() - want).abs().max()) <= tol * scale
 
