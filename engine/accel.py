@@ -430,8 +430,12 @@ class TritonSampler:
 _CACHE: list[tuple[tuple, weakref.ref, tuple, TritonSampler]] = []
 
 
-def _fingerprint(model: nn.Module) -> tuple:
-    return tuple((name, t.data_ptr(), t._version, t.dtype, t.shape) for name, t in model.state_dict(keep_vars=True).items())
+def _fingerprint(model: nn.Module) -> tuple | None:
+    """Identity and version counters of every parameter and buffer (None: not trackable, do not cache)."""
+    state = model.state_dict(keep_vars=True)
+    if any(t.is_inference() for t in state.values()):
+        return None  # inference tensors have no version counter
+    return tuple((name, t.data_ptr(), t._version, t.dtype, t.shape) for name, t in state.items())
 
 
 def _cached_triton_sampler(model, example, precision) -> TritonSampler:
@@ -440,7 +444,7 @@ def _cached_triton_sampler(model, example, precision) -> TritonSampler:
     key = (id(model), example.device, tuple(example.shape[1:]), precision, rows, os.environ.get("ENGINE_TORCH_COMPILE"))
     stamp = _fingerprint(model)
     for i, (k, ref, st, sampler) in enumerate(_CACHE):
-        if k == key and ref() is model and st == stamp:
+        if stamp is not None and k == key and ref() is model and st == stamp:
             _CACHE.append(_CACHE.pop(i))
             return sampler
     sampler = TritonSampler(model, example, precision)

@@ -153,11 +153,13 @@ def _block_c(num_classes: int) -> int:
     return max(16, next_pow2(num_classes))
 
 
-def _packed_args(row_image, packed, rows):
+def _row_args(row_image, packed, rows, counts):
+    """(index tensor, start, num, total, PACKED) kernel arguments; ``counts`` stands in for the
+    unused index pointer of the packed layout."""
     if packed is None:
         return row_image, 0, 1, rows, False
     start, num, total = packed
-    return torch.empty(1, dtype=torch.int64, device="cpu") if row_image is None else row_image, start, num, total, True
+    return counts, start, num, total, True
 
 
 def launch_class_counts(logits, counts, bad, *, row_image=None, packed=None) -> None:
@@ -171,9 +173,7 @@ def launch_class_counts(logits, counts, bad, *, row_image=None, packed=None) -> 
         return
     if logits.stride(1) != 1:
         logits = logits.contiguous()
-    index, start, num, total, is_packed = _packed_args(row_image, packed, rows)
-    if is_packed and row_image is None:
-        index = counts  # unused pointer of the right device
+    index, start, num, total, is_packed = _row_args(row_image, packed, rows, counts)
     block_r = _block_r()
     _class_counts_kernel[(triton.cdiv(rows, block_r),)](
         logits, logits.stride(0), index, counts, bad, rows, num_classes, start, num, total,
@@ -193,9 +193,7 @@ def launch_linear_counts(h, weight, bias, counts, bad, *, input_precision="ieee"
     if h.stride(1) != 1:
         h = h.contiguous()
     num_classes = weight.shape[0]
-    index, start, num, total, is_packed = _packed_args(row_image, packed, rows)
-    if is_packed and row_image is None:
-        index = counts
+    index, start, num, total, is_packed = _row_args(row_image, packed, rows, counts)
     block_r = _block_r()
     block_k = min(64, max(16, next_pow2(in_features)))
     _linear_counts_kernel[(triton.cdiv(rows, block_r),)](
