@@ -77,9 +77,11 @@ DATASHEET_PEAKS = {
     "H200": {"bf16": 989.4e12, "fp16": 989.4e12, "fp32": 66.9e12, "tf32": 494.7e12},
 }
 
-PROVIDERS = {  # name -> (backend, precision); "-compile": ENGINE_TORCH_COMPILE=1 (experimental)
+PROVIDERS = {  # name -> (backend, precision); "-compile": ENGINE_TORCH_COMPILE=1 (experimental),
+    # "-generic": ENGINE_FUSED=0 (CUDA graph of the model instead of the fused MLP / first-layer kernels)
     "engine": ("auto", "auto"),
     "engine-triton-compile": ("triton", "auto"),
+    "engine-triton-generic": ("triton", "auto"),
     "engine-torch": ("torch", "fp32"),
     "engine-cpp": ("cpp", "fp32"),
     "engine-triton": ("triton", "auto"),
@@ -156,6 +158,7 @@ def run(
     resolved = "fp32" if provider == "plain_loop" else engine.accel.resolve_precision(precision, device, backend)
 
     os.environ["ENGINE_TORCH_COMPILE"] = "1" if provider.endswith("-compile") else "0"
+    os.environ["ENGINE_FUSED"] = "0" if provider.endswith("-generic") else "1"
     engine.accel.clear_cache()
 
     def once():
@@ -224,12 +227,15 @@ def main(argv=None) -> int:
     parser.add_argument("--providers", default=None, help="comma-separated (default: every provider the device runs)")
     parser.add_argument("--archs", default="lenet,mlp,resnet20,resnet110")
     parser.add_argument("--out", default=None, help="JSON file to append the results to")
+    parser.add_argument("--repeats", type=int, default=1, help="timed runs per provider (median)")
     args = parser.parse_args(argv)
+    load_before = os.getloadavg() if hasattr(os, "getloadavg") else None
     device = resolve_device(args.device)
     if args.providers:
         providers = args.providers.split(",")
     elif device.type == "cuda":
-        providers = ["plain_loop", "engine", "engine-torch", "engine-triton", "engine-triton-fp32", "engine-triton-compile"]
+        providers = ["plain_loop", "engine", "engine-torch", "engine-triton", "engine-triton-fp32", "engine-triton-generic",
+                     "engine-triton-compile"]
     else:  # the Triton backend needs CUDA (the CPU interpreter is a test vehicle, not a provider)
         providers = ["plain_loop", "engine", "engine-torch", "engine-bf16"]
     peaks, sheet = measured_peaks(device), datasheet_peaks(device)
@@ -245,7 +251,7 @@ def main(argv=None) -> int:
         base = None
         for provider in providers:
             try:
-                r = run(cfg, provider, device, peaks=peaks, sheet=sheet)
+                r = run(cfg, provider, device, peaks=peaks, sheet=sheet, repeats=args.repeats)
             except Exception as exc:  # report and go on with the other providers
                 print(f"{cfg.arch:10s} {provider:19s} FAILED: {type(exc).__name__}: {exc}", flush=True)
                 results.append({"arch": cfg.arch, "provider": provider, "error": f"{type(exc).__name__}: {exc}"})
@@ -261,6 +267,9 @@ def main(argv=None) -> int:
     rec = record("certify", device, [r if isinstance(r, dict) else asdict(r) for r in results], argv)
     rec["peak_flops_measured"] = peaks
     rec["peak_flops_datasheet"] = sheet
+    rec["repeats"] = args.repeats
+    if load_before is not None:  # other work on the machine (1-, 5-, 15-minute load averages)
+        rec["load_average_before_after"] = [load_before, os.getloadavg()]
     if args.out:
         print(f"appended to {append_json(args.out, rec)}")
     return 0

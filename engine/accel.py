@@ -25,7 +25,8 @@ Backends
              shape (``forward_rows`` rows, chosen from the input size, see :func:`default_forward_rows`)
              and replayed; samples of several images share a forward batch (rows are image-major).
              ``ENGINE_TORCH_COMPILE=1`` (experimental, CUDA) compiles that part with torch.compile
-             before the capture.
+             before the capture; ``ENGINE_FUSED=0`` turns the fused MLP / first-layer kernels off
+             (to compare them with the generic path).
 ``"auto"``   CUDA: ``"triton"``. CPU: the loop with the extension's noise op and a channels-last
              copy of conv nets (the fastest correct CPU path measured, see bench/results/).
 
@@ -301,8 +302,9 @@ class TritonSampler:
             raise ValueError(f"model output must be logits of shape (N, num_classes), got {shape} for N = 1")
         self.num_classes = int(probe.shape[1])
 
-        self.mlp = mlp_counts.mlp_params(model, self.sample_shape, self.kernel_precision, device)
-        self.conv = None if self.mlp is not None else noisy_conv_pool.conv_pool_params(
+        fused = os.environ.get("ENGINE_FUSED", "1") != "0"  # ENGINE_FUSED=0: generic path only (comparisons)
+        self.mlp = mlp_counts.mlp_params(model, self.sample_shape, self.kernel_precision, device) if fused else None
+        self.conv = None if self.mlp is not None or not fused else noisy_conv_pool.conv_pool_params(
             model, self.sample_shape, self.kernel_precision, device
         )
         if self.conv is not None:
@@ -440,8 +442,8 @@ def _fingerprint(model: nn.Module) -> tuple | None:
 
 def _cached_triton_sampler(model, example, precision) -> TritonSampler:
     """Reuse the sampler (and its CUDA graph) of an earlier call with the same, unchanged model."""
-    rows = os.environ.get("ENGINE_FORWARD_ROWS")
-    key = (id(model), example.device, tuple(example.shape[1:]), precision, rows, os.environ.get("ENGINE_TORCH_COMPILE"))
+    env = tuple(os.environ.get(k) for k in ("ENGINE_FORWARD_ROWS", "ENGINE_TORCH_COMPILE", "ENGINE_FUSED"))
+    key = (id(model), example.device, tuple(example.shape[1:]), precision, env)
     stamp = _fingerprint(model)
     for i, (k, ref, st, sampler) in enumerate(_CACHE):
         if stamp is not None and k == key and ref() is model and st == stamp:
