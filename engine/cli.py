@@ -59,6 +59,7 @@ def run_certify(
     overwrite: bool = False,
     show_progress: bool = True,
     backend: str = "auto",
+    precision: str = "auto",
 ) -> dict:
     """Certify ``images[indices]`` one image at a time into a resumable log; returns the summary."""
     from tqdm.auto import tqdm
@@ -94,6 +95,7 @@ def run_certify(
                 seed=seed,
                 image_ids=torch.tensor([i]),
                 backend=backend,
+                precision=precision,
             )
             dt = time.perf_counter() - t0
             log.append(i, int(labels[i]), int(res.prediction[0]), float(res.radius[0]), float(res.seconds[0]))
@@ -143,6 +145,11 @@ def cmd_certify(args) -> int:
         "shard": args.shard,
         "num_shards": args.num_shards,
     }
+    from .accel import resolve_precision
+
+    precision = resolve_precision(args.precision, device, args.backend)
+    if precision != "fp32":  # mixed precision changes the base classifier: a resume must use the same
+        settings["precision"] = precision
     summ = run_certify(
         model,
         images,
@@ -159,6 +166,7 @@ def cmd_certify(args) -> int:
         overwrite=args.overwrite,
         show_progress=not args.quiet,
         backend=args.backend,
+        precision=precision,
     )
     print(format_table(summ))
     return 0
@@ -517,7 +525,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--shard", type=_int_at_least(0), default=0, help="this shard's number (0-based)")
     p.add_argument("--num-shards", type=_int_at_least(1), default=1)
     p.add_argument("--seed", type=_int_at_least(0), default=0)
-    p.add_argument("--backend", choices=("auto", "torch", "cpp"), default="auto")
+    p.add_argument("--backend", choices=("auto", "torch", "cpp", "triton"), default="auto")
+    p.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"), default="auto",
+                   help="auto: bf16 with the auto/triton backends on CUDA, fp32 otherwise")
     p.add_argument("--device", default="auto")
     p.add_argument("--out", required=True, help="results .tsv (results .json and .png are written beside it)")
     p.add_argument("--overwrite", action="store_true", help="start again instead of resuming")

@@ -279,15 +279,19 @@ def noisy_batch(x, row_image, row_sample, image_ids, *, seed, stream, sigma, dty
         sigma: noise standard deviation in pixel units.
         dtype: output dtype (float32, float16 or bfloat16).
         backend: "auto" (the extension's op on CPU, or on CUDA when built with CUDA; else the
-            reference), "torch" or "cpp".
+            reference), "torch", "cpp" or "triton" (``kernels.noisy_batch``; CUDA or the interpreter).
 
     Returns:
         (R, C, H, W) tensor ``dtype(float32(x + float32(sigma * z)))``, ``z`` the keyed noise.
     """
     from . import _ext
 
-    if backend not in ("auto", "torch", "cpp"):
-        raise ValueError(f"backend must be 'auto', 'torch' or 'cpp', got {backend!r}")
+    if backend not in ("auto", "torch", "cpp", "triton"):
+        raise ValueError(f"backend must be 'auto', 'torch', 'cpp' or 'triton', got {backend!r}")
+    if backend == "triton":
+        from kernels.noisy_batch import noisy_batch as noisy_batch_triton
+
+        return noisy_batch_triton(x, row_image, row_sample, image_ids, seed=seed, stream=stream, sigma=sigma, dtype=dtype)
     if backend == "auto":
         on_cpu = x.device.type == "cpu"
         use_cpp = _ext.available() and (on_cpu or (x.device.type == "cuda" and _ext.has_cuda_ops()))

@@ -16,13 +16,14 @@ from typing import Callable
 import numpy as np
 import torch
 
+from . import accel as _accel
 from . import noise as _noise
 from .stats import binomial_two_sided_pvalue, certified_radius, clopper_pearson_lower
 
 __all__ = ["certify", "predict", "CertifyResult", "sample_counts", "ABSTAIN"]
 
 ABSTAIN = -1
-BACKENDS = ("auto", "torch", "cpp")
+BACKENDS = ("auto", "torch", "cpp", "triton")
 
 
 @dataclass
@@ -228,7 +229,7 @@ def sample_counts(
     return counts.view(batch, num_classes)
 
 
-def _prepare(model, x, image_ids, batch_size, seed, backend):
+def _prepare(model, x, image_ids, batch_size, seed, backend, precision="auto"):
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"model must be a torch.nn.Module returning logits, got {type(model).__name__}")
     x = check_images(x)
@@ -236,6 +237,8 @@ def _prepare(model, x, image_ids, batch_size, seed, backend):
     _check_int("seed", seed, 0, _noise.MAX_SEED)
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if precision not in _accel.PRECISIONS:
+        raise ValueError(f"precision must be one of {_accel.PRECISIONS}, got {precision!r}")
     device = model_device(model, x.device)
     x = x.detach().to(device=device, dtype=torch.float32)
     pixels = int(np.prod(x.shape[1:])) if x.dim() == 4 else 1
@@ -269,6 +272,7 @@ def certify(
     image_ids=None,
     backend: str = "auto",
     progress=False,
+    precision: str = "auto",
 ) -> CertifyResult:
     """Certify the smoothed classifier of ``model`` at each image of ``x`` (Cohen et al., CERTIFY).
 
@@ -283,9 +287,14 @@ def certify(
         seed: key of the noise stream, in [0, 2^64).
         image_ids: (B,) ids keying the noise of each image (default 0..B-1); pass data-set indices
             so that results do not depend on how a data set is split into calls or shards.
-        backend: "auto" (fastest correct path: C++ noise op and a channels-last copy of conv nets on
-            CPU), "torch" (plain PyTorch throughout), "cpp" (C++ noise op, model as given).
+        backend: "auto" (fastest correct path: on CUDA the "triton" backend; on CPU the C++ noise op
+            and a channels-last copy of conv nets), "torch" (plain PyTorch throughout), "cpp" (C++
+            noise op, model as given), "triton" (fused Triton kernels, CUDA graphs; CUDA or the
+            CPU interpreter). See :mod:`engine.accel`. On CUDA the "auto" / "triton" backends run
+            forward passes of a fixed shape chosen by the engine, so ``batch_size`` does not apply.
         progress: True for a progress bar over samples, or a callable receiving rows done.
+        precision: "fp32", "bf16", "fp16" or "auto" (bf16 for "auto" / "triton" on CUDA, fp32
+            otherwise). Lower precision changes the base classifier slightly, not the guarantee.
 
     Returns:
         :class:`CertifyResult`. Guarantee: for each image, with probability at least 1 - alpha over
@@ -296,16 +305,16 @@ def certify(
     n0 = _check_int("n0", n0, 1, _noise.MAX_INDEX + 1)
     n = _check_int("n", n, 1, _noise.MAX_INDEX + 1)
     alpha = _check_alpha(alpha)
-    x, ids, batch_size = _prepare(model, x, image_ids, batch_size, seed, backend)
+    x, ids, batch_size = _prepare(model, x, image_ids, batch_size, seed, backend, precision)
     batch = x.shape[0]
     update, bar = _progress_bar(progress, batch * (n0 + n), "certify")
     start = time.perf_counter()
     try:
         with _EvalMode(model), torch.inference_mode():
-            runner = fast_forward_model(model, x.device, backend)
-            common = dict(sigma=sigma, seed=seed, batch_size=batch_size, backend=backend, progress=update)
-            counts0 = sample_counts(runner, x, ids, n0, _noise.STREAM_SELECTION, **common).cpu()
-            counts = sample_counts(runner, x, ids, n, _noise.STREAM_ESTIMATION, **common).cpu()
+            sampler = _accel.make_sampler(model, x, backend=backend, precision=precision, batch_size=batch_size)
+            common = dict(sigma=sigma, seed=seed, progress=update)
+            counts0 = sampler(x, ids, n0, _noise.STREAM_SELECTION, **common).cpu()
+            counts = sampler(x, ids, n, _noise.STREAM_ESTIMATION, **common).cpu()
     finally:
         if bar is not None:
             bar.close()
@@ -341,6 +350,7 @@ def predict(
     image_ids=None,
     backend: str = "auto",
     progress=False,
+    precision: str = "auto",
 ) -> torch.Tensor:
     """Predict with the smoothed classifier (Cohen et al., PREDICT): (B,) int64, -1 = abstain.
 
@@ -352,22 +362,12 @@ def predict(
     sigma = _check_sigma(sigma)
     n = _check_int("n", n, 1, _noise.MAX_INDEX + 1)
     alpha = _check_alpha(alpha)
-    x, ids, batch_size = _prepare(model, x, image_ids, batch_size, seed, backend)
+    x, ids, batch_size = _prepare(model, x, image_ids, batch_size, seed, backend, precision)
     update, bar = _progress_bar(progress, x.shape[0] * n, "predict")
     try:
         with _EvalMode(model), torch.inference_mode():
-            counts = sample_counts(
-                fast_forward_model(model, x.device, backend),
-                x,
-                ids,
-                n,
-                _noise.STREAM_PREDICT,
-                sigma=sigma,
-                seed=seed,
-                batch_size=batch_size,
-                backend=backend,
-                progress=update,
-            ).cpu()
+            sampler = _accel.make_sampler(model, x, backend=backend, precision=precision, batch_size=batch_size)
+            counts = sampler(x, ids, n, _noise.STREAM_PREDICT, sigma=sigma, seed=seed, progress=update).cpu()
     finally:
         if bar is not None:
             bar.close()
