@@ -23,6 +23,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .fileio import publish
+
 __all__ = [
     "Normalize",
     "lenet_mnist",
@@ -218,7 +220,7 @@ def save(model: nn.Module, path: str | os.PathLike, **meta) -> None:
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
     save_file(state, str(tmp), metadata={"engine": header_json})
-    os.replace(tmp, path)
+    publish(tmp, path)
 
 
 def read_meta(path: str | os.PathLike) -> dict:

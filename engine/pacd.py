@@ -28,6 +28,7 @@ import torch.nn.functional as F
 
 from . import bilevel
 from .bilevel import AdamState, flat_params
+from .fileio import publish
 
 __all__ = [
     "PoisonSet",
@@ -188,7 +189,7 @@ class PoisonSet:
         path = Path(path)
         tmp = path.with_name(path.name + ".tmp")
         save_file(tensors, str(tmp), metadata={"engine_poison": json.dumps(header)})
-        os.replace(tmp, path)
+        publish(tmp, path)
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "PoisonSet":
@@ -412,7 +413,7 @@ def _save_checkpoint(path: Path, tensors: dict[str, torch.Tensor], meta: dict) -
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
     tmp = path.with_name(path.name + ".tmp")
     save_file(tensors, str(tmp), metadata={"engine_poison_checkpoint": json.dumps(meta)})
-    os.replace(tmp, path)
+    publish(tmp, path)
 
 
 def _load_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict]:

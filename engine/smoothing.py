@@ -151,7 +151,25 @@ def fast_forward_model(model: torch.nn.Module, device: torch.device, backend: st
         clone = copy.deepcopy(model)
     except Exception:  # a model that cannot be copied runs as it is
         return model
+    _pool_before_relu(clone)
     return _ChannelsLast(clone.to(memory_format=torch.channels_last)).eval()
+
+
+def _pool_before_relu(module: torch.nn.Module) -> None:
+    """Swap every ``ReLU, MaxPool2d`` pair of a Sequential (in place) to ``MaxPool2d, ReLU``.
+
+    The two commute exactly (ReLU is monotone and max selects one of its inputs; every pooling
+    window holds at least one real pixel), and the ReLU then touches a quarter of the values.
+    """
+    for child in module.children():
+        _pool_before_relu(child)
+    if not isinstance(module, torch.nn.Sequential):
+        return
+    keys = list(module._modules.keys())
+    for a, b in zip(keys, keys[1:]):
+        relu, pool = module._modules[a], module._modules[b]
+        if type(relu) is torch.nn.ReLU and type(pool) is torch.nn.MaxPool2d and not pool.return_indices:
+            module._modules[a], module._modules[b] = pool, relu
 
 
 class _EvalMode:

@@ -38,6 +38,7 @@ import torch.nn.functional as F
 
 from . import attacks, losses
 from .data import split_validation
+from .fileio import publish
 from .smoothing import model_device
 
 __all__ = [
@@ -184,19 +185,6 @@ def _data_sha256(images: torch.Tensor, labels: torch.Tensor) -> str:
     return h.hexdigest()
 
 
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def _save_checkpoint(path: Path, model, opt, sched, epoch: int, history: list, settings: dict) -> None:
     from safetensors.torch import save_file
 
@@ -222,10 +210,7 @@ def _save_checkpoint(path: Path, model, opt, sched, epoch: int, history: list, s
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     save_file(tensors, str(tmp), metadata={"engine": json.dumps(meta)})
-    with open(tmp, "rb") as fh:
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
+    publish(tmp, path)
 
 
 def read_checkpoint_meta(path: str | os.PathLike) -> dict:

@@ -242,3 +242,36 @@ def test_bad_inputs_raise_clear_errors():
 def test_empty_batch():
     res = engine.certify(_lenet(), torch.rand(0, 1, 28, 28), sigma=0.25, n0=5, n=10)
     assert len(res) == 0 and res.radius.shape == (0,)
+
+
+def test_cpu_fast_forward_model_pools_before_relu_exactly():
+    import copy
+
+    from engine.smoothing import _pool_before_relu, fast_forward_model
+
+    torch.manual_seed(0)
+    nested = torch.nn.Sequential(
+        torch.nn.Conv2d(1, 4, 3),
+        torch.nn.ReLU(),
+        torch.nn.MaxPool2d(3, stride=2, padding=1, ceil_mode=True),
+        torch.nn.Sequential(torch.nn.Conv2d(4, 5, 3), torch.nn.ReLU(inplace=True), torch.nn.MaxPool2d(2)),
+        torch.nn.Flatten(),
+        torch.nn.LazyLinear(7),
+    )
+    x = torch.randn(6, 1, 13, 11)  # odd sizes: partial windows with ceil_mode and padding
+    nested(x)
+    for model in (_lenet(3), nested):
+        model.eval()
+        swapped = copy.deepcopy(model)
+        _pool_before_relu(swapped)
+        kinds = [type(m).__name__ for m in swapped.modules() if isinstance(m, (torch.nn.ReLU, torch.nn.MaxPool2d))]
+        assert kinds[:2] == ["MaxPool2d", "ReLU"]
+        inp = x if model is nested else torch.randn(6, 1, 28, 28)
+        with torch.no_grad():
+            assert torch.equal(swapped(inp), model(inp))  # same layers, same memory format: bit for bit
+            fast = fast_forward_model(model, torch.device("cpu"), "auto")
+            torch.testing.assert_close(fast(inp), model(inp), rtol=1e-5, atol=1e-5)
+        # the caller's model keeps its order
+        assert [type(m).__name__ for m in model.modules()].index("ReLU") < [
+            type(m).__name__ for m in model.modules()
+        ].index("MaxPool2d")

@@ -88,3 +88,26 @@ def test_checkpoint_errors(tmp_path):
         models.save(torch.nn.Linear(2, 2), tmp_path / "x.safetensors")
     with pytest.raises(ValueError, match="JSON"):
         models.save(models.lenet_mnist(), tmp_path / "x.safetensors", bad=object())
+
+
+def test_saved_files_get_the_umask_permissions_and_replace_atomically(tmp_path):
+    import os
+    import stat
+
+    from engine.fileio import default_mode
+
+    path = tmp_path / "m.safetensors"
+    old = os.umask(0o022)
+    try:
+        assert default_mode() == 0o644
+        models.save(models.mlp_mnist(), path)
+        assert stat.S_IMODE(path.stat().st_mode) == 0o644  # safetensors alone writes 0600
+        models.save(models.lenet_mnist(), path)  # replaces the file in place
+        os.umask(0o077)
+        assert default_mode() == 0o600
+        models.save(models.mlp_mnist(), path)
+        assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    finally:
+        os.umask(old)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.safetensors"]  # no temporary left behind
+    assert models.load(path).engine_arch["name"] == "mlp_mnist"
