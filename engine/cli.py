@@ -320,6 +320,7 @@ def cmd_train(args) -> int:
             checkpoint=ckpt,
             resume=args.resume,
             stop_after_epoch=args.stop_after_epoch,
+            checkpoint_seconds=None if args.checkpoint_minutes == 0 else 60.0 * args.checkpoint_minutes,
             **{k: v for k, v in settings.items() if k != "method_args"},
             **method_args,
         )
@@ -489,6 +490,13 @@ def _positive_float(text: str) -> float:
     return value
 
 
+def _nonnegative_float(text: str) -> float:
+    value = float(text)
+    if not 0 <= value < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text}")
+    return value
+
+
 def _unit_interval(text: str) -> float:
     value = float(text)
     if not 0 < value < 1:
@@ -582,6 +590,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto")
     p.add_argument("--out", required=True, help="final model .safetensors (the epoch checkpoint is kept beside it)")
     p.add_argument("--resume", action="store_true", help="continue from the checkpoint beside --out")
+    p.add_argument(
+        "--checkpoint-minutes",
+        type=_nonnegative_float,
+        default=10.0,
+        help="also checkpoint inside an epoch every this many minutes (0: after every epoch only)",
+    )
     p.add_argument("--overwrite", action="store_true", help="start again even if a checkpoint exists")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_train)

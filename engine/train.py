@@ -20,6 +20,8 @@ therefore all that is needed to continue: a run resumed from it gives bit-identi
 uninterrupted run on the same device, software and number of CPU threads
 (float reductions depend on the thread count).
 
+With ``checkpoint_seconds`` a checkpoint is also written inside long epochs (batches done, running
+sums and the state of the epoch's noise generator), and resuming from it is just as exact.
 Checkpoints are safetensors files with JSON metadata, written atomically (temporary file, fsync,
 rename); no pickle is involved.
 """
@@ -185,10 +187,16 @@ def _data_sha256(images: torch.Tensor, labels: torch.Tensor) -> str:
     return h.hexdigest()
 
 
-def _save_checkpoint(path: Path, model, opt, sched, epoch: int, history: list, settings: dict) -> None:
+def _save_checkpoint(
+    path: Path, model, opt, sched, epoch: int, history: list, settings: dict, partial: dict | None = None, rng_state=None
+) -> None:
+    """Write a checkpoint after ``epoch`` finished epochs, or inside epoch ``epoch`` (0-based) when
+    ``partial`` (batches done, running sums) and ``rng_state`` (the epoch's noise generator) are given."""
     from safetensors.torch import save_file
 
     tensors = {f"model.{k}": v.detach().to("cpu").contiguous().clone() for k, v in model.state_dict().items()}
+    if partial is not None:
+        tensors["rng.noise_state"] = rng_state.detach().to("cpu").contiguous().clone()
     opt_sd = opt.state_dict()
     opt_state_json: dict[str, dict] = {}
     for pid, st in opt_sd["state"].items():
@@ -207,6 +215,8 @@ def _save_checkpoint(path: Path, model, opt, sched, epoch: int, history: list, s
         "scheduler": sched_sd,
         "rng": {"derivation": RNG_DERIVATION, "seed": settings["seed"], "next_epoch": epoch},
     }
+    if partial is not None:
+        meta["partial_epoch"] = partial
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     save_file(tensors, str(tmp), metadata={"engine": json.dumps(meta)})
@@ -272,7 +282,12 @@ def _load_checkpoint(path: Path, model, opt, sched, settings: dict) -> tuple[int
                 group[key] = tuple(group[key])  # JSON turned tuples (Adam betas) into lists
     opt.load_state_dict({"state": state, "param_groups": groups})
     sched.load_state_dict({**meta["scheduler"], "lr_lambdas": [None] * len(opt.param_groups)})
-    return int(meta["epoch"]), list(meta["history"])
+    partial = meta.get("partial_epoch")
+    if partial is not None:
+        if "rng.noise_state" not in tensors:
+            raise CheckpointError(f"{path}: a mid-epoch checkpoint without its noise generator state")
+        partial = {**partial, "rng_state": tensors["rng.noise_state"]}
+    return int(meta["epoch"]), list(meta["history"]), partial
 
 
 def train(
@@ -295,6 +310,7 @@ def train(
     checkpoint: str | os.PathLike | None = None,
     resume: bool = False,
     stop_after_epoch: int | None = None,
+    checkpoint_seconds: float | None = None,
     **method_args,
 ):
     """Train ``model`` in place with a certified-robust procedure (see the module docstring).
@@ -320,6 +336,10 @@ def train(
             else :class:`engine.models.CheckpointError`); a finished run is returned as it is.
         stop_after_epoch: return once this epoch (1-based) is done and checkpointed, even if
             ``epochs`` is larger; continue later with ``resume=True``.
+        checkpoint_seconds: also write a mid-epoch checkpoint (batches done, running sums, the state
+            of the epoch's noise generator) once this many seconds have passed since the last one, so
+            an interrupted long epoch loses at most that much work; resuming from it is as exact as
+            from an epoch checkpoint. None: epoch checkpoints only.
         **method_args: the method's arguments (``METHOD_ARGS``); any other name raises ValueError.
 
     Returns:
@@ -344,6 +364,10 @@ def train(
         losses._check_int("stop_after_epoch", stop_after_epoch, 1)
     if resume and checkpoint is None:
         raise ValueError("resume=True needs a checkpoint path")
+    if checkpoint_seconds is not None:
+        checkpoint_seconds = losses._check_float("checkpoint_seconds", checkpoint_seconds, nonnegative=True)
+        if checkpoint is None:
+            raise ValueError("checkpoint_seconds needs a checkpoint path")
     images, labels = _check_data("train_data", train_data)
     if eval_data is not None:
         _check_data("eval_data", eval_data)
@@ -357,7 +381,7 @@ def train(
     steps_per_epoch = (n + batch_size - 1) // batch_size
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(schedule, epochs * steps_per_epoch))
 
-    start_epoch, history = 0, []
+    start_epoch, history, partial = 0, [], None
     ckpt_path = None if checkpoint is None else Path(checkpoint)
     settings = None
     if ckpt_path is not None:
@@ -379,7 +403,7 @@ def train(
         }
         settings = json.loads(json.dumps(settings))
         if resume and ckpt_path.exists():
-            start_epoch, history = _load_checkpoint(ckpt_path, model, opt, sched, settings)
+            start_epoch, history, partial = _load_checkpoint(ckpt_path, model, opt, sched, settings)
 
     last_epoch = epochs if stop_after_epoch is None else min(epochs, max(stop_after_epoch, start_epoch))
     for epoch in range(start_epoch, last_epoch):
@@ -388,8 +412,18 @@ def train(
         g_dev = epoch_generator(seed, epoch, 1, device)
         order = torch.randperm(n, generator=g_cpu)
         t0 = time.perf_counter()
-        loss_sum, correct, counted, seen = 0.0, 0, 0, 0
+        loss_sum, correct, counted, seen, skip = 0.0, 0, 0, 0, 0
+        if partial is not None and epoch == start_epoch:  # resume inside this epoch
+            skip = int(partial["batches_done"])
+            loss_sum, correct, counted, seen = (
+                float(partial["loss_sum"]), int(partial["correct"]), int(partial["counted"]), int(partial["seen"])
+            )  # fmt: skip
+            t0 -= float(partial["seconds"])
+            g_dev.set_state(partial["rng_state"].to(g_dev.get_state().device))
+        last_save = time.perf_counter()
         for b, i in enumerate(range(0, n, batch_size)):
+            if b < skip:
+                continue
             idx = order[i : i + batch_size]
             x = _as_float(images[idx]).to(device)
             y = labels[idx].to(device)
@@ -402,6 +436,12 @@ def train(
             correct += c
             counted += k
             seen += y.shape[0]
+            now = time.perf_counter()
+            if checkpoint_seconds is not None and b + 1 < steps_per_epoch and now - last_save >= checkpoint_seconds:
+                part = {"batches_done": b + 1, "loss_sum": loss_sum, "correct": correct, "counted": counted, "seen": seen,
+                        "seconds": now - t0}  # fmt: skip
+                _save_checkpoint(ckpt_path, model, opt, sched, epoch, history, settings, part, g_dev.get_state())
+                last_save = time.perf_counter()
             if progress is not None:
                 progress(
                     {

@@ -238,7 +238,7 @@ def test_cli_train_end_to_end_with_resume(tmp_path):
     assert (tmp_path / "full" / "model.checkpoint.safetensors").exists()
 
     part = tmp_path / "part" / "model.safetensors"
-    proc = _run(_train_args(part, "--stop-after-epoch", "1"))
+    proc = _run(_train_args(part, "--stop-after-epoch", "1", "--checkpoint-minutes", "0.0001"))  # mid-epoch ones too
     assert proc.returncode == 0, proc.stderr
     assert "continue with --resume" in proc.stdout and not part.exists()
     proc = _run(_train_args(part))  # neither --resume nor --overwrite: refused, nothing lost
@@ -255,6 +255,8 @@ def test_cli_train_end_to_end_with_resume(tmp_path):
     assert proc.returncode == 2 and "lr" in proc.stderr
     proc = _run(_train_args(tmp_path / "x.safetensors", "--k", "4"))  # a MACER argument for SmoothAdv
     assert proc.returncode == 2 and "takes no argument" in proc.stderr
+    proc = _run(_train_args(tmp_path / "y.safetensors", "--checkpoint-minutes", "-1"))
+    assert proc.returncode == 2 and "--checkpoint-minutes" in proc.stderr
 
 
 def test_train_mnist_evidence_script_tiny(tmp_path):
@@ -274,3 +276,41 @@ def test_train_mnist_evidence_script_tiny(tmp_path):
     proc = subprocess.run(args, capture_output=True, text=True, env=env)
     assert proc.returncode == 0 and "training skipped" in proc.stdout
     assert len((tmp_path / "work" / "gaussian_sigma0.5" / "certify.tsv").read_text().splitlines()) == 4
+
+
+@pytest.mark.parametrize("method,kw", [("gaussian", {}), ("smoothadv", {"eps": 0.5, "steps": 2, "m": 2, "warmup": 2})])
+def test_resume_inside_an_epoch_gives_identical_weights(tmp_path, mnist, method, kw):
+    (x, y), _ = mnist
+    data_ = (x[:230], y[:230])  # 5 batches of 50 per epoch, the last one short
+    common = dict(method=method, sigma=0.25, epochs=2, batch_size=50, lr=0.02, seed=3, **kw)
+    torch.manual_seed(2)
+    init = _state(_tiny(batchnorm=True))
+    ref = _tiny(batchnorm=True)
+    ref.load_state_dict(init)
+    _, ref_hist = engine.train(ref, data_, **common)
+
+    ckpt = tmp_path / "run.ckpt.safetensors"
+    stops = iter([(1, 3), (2, 1), (2, 4)])  # crash inside epoch 1, then twice inside epoch 2
+    for epoch, batch in stops:
+
+        def crash(p, epoch=epoch, batch=batch):
+            if p["epoch"] == epoch and p["batch"] == batch:
+                raise _Crash
+
+        model = _tiny(batchnorm=True)
+        model.load_state_dict(init)
+        with pytest.raises(_Crash):
+            engine.train(model, data_, checkpoint=ckpt, resume=True, checkpoint_seconds=0, progress=crash, **common)
+        meta = read_checkpoint_meta(ckpt)
+        assert meta["epoch"] == epoch - 1 and meta["partial_epoch"]["batches_done"] == batch
+    model = _tiny(batchnorm=True)
+    _, hist = engine.train(model, data_, checkpoint=ckpt, resume=True, checkpoint_seconds=0, **common)
+    for k, v in ref.state_dict().items():
+        assert torch.equal(v, model.state_dict()[k]), k
+    strip = [{k: v for k, v in h.items() if k != "seconds"} for h in hist]
+    assert strip == [{k: v for k, v in h.items() if k != "seconds"} for h in ref_hist]
+    assert "partial_epoch" not in read_checkpoint_meta(ckpt)  # the final checkpoint is an epoch checkpoint
+    with pytest.raises(ValueError, match="checkpoint_seconds"):
+        engine.train(_tiny(), data_, checkpoint_seconds=1.0, **common)
+    with pytest.raises(ValueError, match="checkpoint_seconds"):
+        engine.train(_tiny(), data_, checkpoint=ckpt, checkpoint_seconds=-1.0, **common)
