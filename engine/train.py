@@ -311,6 +311,7 @@ def train(
     resume: bool = False,
     stop_after_epoch: int | None = None,
     checkpoint_seconds: float | None = None,
+    channels_last: bool | None = None,
     **method_args,
 ):
     """Train ``model`` in place with a certified-robust procedure (see the module docstring).
@@ -340,6 +341,9 @@ def train(
             of the epoch's noise generator) once this many seconds have passed since the last one, so
             an interrupted long epoch loses at most that much work; resuming from it is as exact as
             from an epoch checkpoint. None: epoch checkpoints only.
+        channels_last: train with channels-last convolution weights and activations (None: on the
+            CPU for models with a Conv2d, about 1.4-1.6x faster for LeNet there); the model is
+            handed back in the standard layout. Values change only by float rounding.
         **method_args: the method's arguments (``METHOD_ARGS``); any other name raises ValueError.
 
     Returns:
@@ -372,6 +376,10 @@ def train(
     if eval_data is not None:
         _check_data("eval_data", eval_data)
     device = model_device(model, torch.device("cpu"))
+    if channels_last is None:  # auto: conv nets on the CPU (oneDNN's NHWC kernels are much faster there)
+        channels_last = device.type == "cpu" and any(isinstance(m, torch.nn.Conv2d) for m in model.modules())
+    if channels_last:  # before the optimizer is built: parameters keep their identity, only their strides change
+        model.to(memory_format=torch.channels_last)
     params = [p for p in model.parameters() if p.requires_grad]
     if optimizer == "sgd":
         opt = torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
@@ -381,94 +389,98 @@ def train(
     steps_per_epoch = (n + batch_size - 1) // batch_size
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(schedule, epochs * steps_per_epoch))
 
-    start_epoch, history, partial = 0, [], None
-    ckpt_path = None if checkpoint is None else Path(checkpoint)
-    settings = None
-    if ckpt_path is not None:
-        settings = {
-            "method": method,
-            "method_args": args,
-            "sigma": sigma,
-            "epochs": epochs,
-            "batch_size": batch_size,
-            "lr": lr,
-            "optimizer": optimizer,
-            "schedule": schedule,
-            "seed": seed,
-            "momentum": momentum,
-            "weight_decay": weight_decay,
-            "train_size": n,
-            "train_sha256": _data_sha256(images, labels),
-            "params": [[k, list(v.shape), str(v.dtype)] for k, v in model.state_dict().items()],
-        }
-        settings = json.loads(json.dumps(settings))
-        if resume and ckpt_path.exists():
-            start_epoch, history, partial = _load_checkpoint(ckpt_path, model, opt, sched, settings)
-
-    last_epoch = epochs if stop_after_epoch is None else min(epochs, max(stop_after_epoch, start_epoch))
-    for epoch in range(start_epoch, last_epoch):
-        model.train()
-        g_cpu = epoch_generator(seed, epoch, 0, torch.device("cpu"))
-        g_dev = epoch_generator(seed, epoch, 1, device)
-        order = torch.randperm(n, generator=g_cpu)
-        t0 = time.perf_counter()
-        loss_sum, correct, counted, seen, skip = 0.0, 0, 0, 0, 0
-        if partial is not None and epoch == start_epoch:  # resume inside this epoch
-            skip = int(partial["batches_done"])
-            loss_sum, correct, counted, seen = (
-                float(partial["loss_sum"]), int(partial["correct"]), int(partial["counted"]), int(partial["seen"])
-            )  # fmt: skip
-            t0 -= float(partial["seconds"])
-            g_dev.set_state(partial["rng_state"].to(g_dev.get_state().device))
-        last_save = time.perf_counter()
-        for b, i in enumerate(range(0, n, batch_size)):
-            if b < skip:
-                continue
-            idx = order[i : i + batch_size]
-            x = _as_float(images[idx]).to(device)
-            y = labels[idx].to(device)
-            loss, c, k = _batch_loss(method, model, x, y, sigma, args, epoch, g_dev)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-            loss_sum += float(loss.detach()) * y.shape[0]
-            correct += c
-            counted += k
-            seen += y.shape[0]
-            now = time.perf_counter()
-            if checkpoint_seconds is not None and b + 1 < steps_per_epoch and now - last_save >= checkpoint_seconds:
-                part = {"batches_done": b + 1, "loss_sum": loss_sum, "correct": correct, "counted": counted, "seen": seen,
-                        "seconds": now - t0}  # fmt: skip
-                _save_checkpoint(ckpt_path, model, opt, sched, epoch, history, settings, part, g_dev.get_state())
-                last_save = time.perf_counter()
-            if progress is not None:
-                progress(
-                    {
-                        "epoch": epoch + 1,
-                        "epochs": epochs,
-                        "batch": b + 1,
-                        "batches": steps_per_epoch,
-                        "samples": seen,
-                        "loss": loss_sum / seen,
-                        "accuracy": correct / counted,
-                    }
-                )
-        entry = {
-            "epoch": epoch + 1,
-            "loss": loss_sum / seen,
-            "accuracy": correct / counted,
-            "seconds": time.perf_counter() - t0,
-            "lr": opt.param_groups[0]["lr"],
-        }
-        if method == "smoothadv":
-            entry["eps"] = args["eps"] * min(1.0, (epoch + 1) / args["warmup"])
-        if eval_data is not None:
-            entry.update(evaluate(model, eval_data, sigma=sigma, seed=seed))
-        history.append(entry)
+    try:
+        start_epoch, history, partial = 0, [], None
+        ckpt_path = None if checkpoint is None else Path(checkpoint)
+        settings = None
         if ckpt_path is not None:
-            _save_checkpoint(ckpt_path, model, opt, sched, epoch + 1, history, settings)
-        if log is not None:
-            log(entry)
-    model.eval()
-    return model, history
+            settings = {
+                "method": method,
+                "method_args": args,
+                "sigma": sigma,
+                "epochs": epochs,
+                "batch_size": batch_size,
+                "lr": lr,
+                "optimizer": optimizer,
+                "schedule": schedule,
+                "seed": seed,
+                "momentum": momentum,
+                "weight_decay": weight_decay,
+                "train_size": n,
+                "train_sha256": _data_sha256(images, labels),
+                "params": [[k, list(v.shape), str(v.dtype)] for k, v in model.state_dict().items()],
+            }
+            settings = json.loads(json.dumps(settings))
+            if resume and ckpt_path.exists():
+                start_epoch, history, partial = _load_checkpoint(ckpt_path, model, opt, sched, settings)
+
+        last_epoch = epochs if stop_after_epoch is None else min(epochs, max(stop_after_epoch, start_epoch))
+        for epoch in range(start_epoch, last_epoch):
+            model.train()
+            g_cpu = epoch_generator(seed, epoch, 0, torch.device("cpu"))
+            g_dev = epoch_generator(seed, epoch, 1, device)
+            order = torch.randperm(n, generator=g_cpu)
+            t0 = time.perf_counter()
+            loss_sum, correct, counted, seen, skip = 0.0, 0, 0, 0, 0
+            if partial is not None and epoch == start_epoch:  # resume inside this epoch
+                skip = int(partial["batches_done"])
+                loss_sum, correct, counted, seen = (
+                    float(partial["loss_sum"]), int(partial["correct"]), int(partial["counted"]), int(partial["seen"])
+                )  # fmt: skip
+                t0 -= float(partial["seconds"])
+                g_dev.set_state(partial["rng_state"].to(g_dev.get_state().device))
+            last_save = time.perf_counter()
+            for b, i in enumerate(range(0, n, batch_size)):
+                if b < skip:
+                    continue
+                idx = order[i : i + batch_size]
+                x = _as_float(images[idx]).to(device)
+                y = labels[idx].to(device)
+                loss, c, k = _batch_loss(method, model, x, y, sigma, args, epoch, g_dev)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                sched.step()
+                loss_sum += float(loss.detach()) * y.shape[0]
+                correct += c
+                counted += k
+                seen += y.shape[0]
+                now = time.perf_counter()
+                if checkpoint_seconds is not None and b + 1 < steps_per_epoch and now - last_save >= checkpoint_seconds:
+                    part = {"batches_done": b + 1, "loss_sum": loss_sum, "correct": correct, "counted": counted, "seen": seen,
+                            "seconds": now - t0}  # fmt: skip
+                    _save_checkpoint(ckpt_path, model, opt, sched, epoch, history, settings, part, g_dev.get_state())
+                    last_save = time.perf_counter()
+                if progress is not None:
+                    progress(
+                        {
+                            "epoch": epoch + 1,
+                            "epochs": epochs,
+                            "batch": b + 1,
+                            "batches": steps_per_epoch,
+                            "samples": seen,
+                            "loss": loss_sum / seen,
+                            "accuracy": correct / counted,
+                        }
+                    )
+            entry = {
+                "epoch": epoch + 1,
+                "loss": loss_sum / seen,
+                "accuracy": correct / counted,
+                "seconds": time.perf_counter() - t0,
+                "lr": opt.param_groups[0]["lr"],
+            }
+            if method == "smoothadv":
+                entry["eps"] = args["eps"] * min(1.0, (epoch + 1) / args["warmup"])
+            if eval_data is not None:
+                entry.update(evaluate(model, eval_data, sigma=sigma, seed=seed))
+            history.append(entry)
+            if ckpt_path is not None:
+                _save_checkpoint(ckpt_path, model, opt, sched, epoch + 1, history, settings)
+            if log is not None:
+                log(entry)
+        model.eval()
+        return model, history
+    finally:
+        if channels_last:  # hand the model back in the standard layout (same values)
+            model.to(memory_format=torch.contiguous_format)

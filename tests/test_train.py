@@ -314,3 +314,26 @@ def test_resume_inside_an_epoch_gives_identical_weights(tmp_path, mnist, method,
         engine.train(_tiny(), data_, checkpoint_seconds=1.0, **common)
     with pytest.raises(ValueError, match="checkpoint_seconds"):
         engine.train(_tiny(), data_, checkpoint=ckpt, checkpoint_seconds=-1.0, **common)
+
+
+def test_channels_last_training_matches_standard_layout(mnist):
+    (x, y), _ = mnist
+    data_ = (x[:128], y[:128])
+    common = dict(method="gaussian", sigma=0.25, epochs=1, batch_size=32, lr=0.05, seed=4)
+    torch.manual_seed(6)
+    init = _state(engine.models.lenet_mnist())
+    runs = {}
+    for cl in (False, True):
+        model = engine.models.lenet_mnist()
+        model.load_state_dict(init)
+        ids = [id(p) for p in model.parameters()]
+        _, hist = engine.train(model, data_, channels_last=cl, **common)
+        assert [id(p) for p in model.parameters()] == ids  # same parameter objects
+        assert all(p.is_contiguous() for p in model.parameters())  # handed back in the standard layout
+        runs[cl] = (model.state_dict(), hist)
+    moved = 0.0
+    for k, v in runs[False][0].items():
+        torch.testing.assert_close(runs[True][0][k], v, rtol=1e-4, atol=1e-5)  # float rounding only
+        moved = max(moved, float((v - init[k]).abs().max()))
+    assert moved > 1e-3  # the weights did train
+    assert abs(runs[True][1][0]["loss"] - runs[False][1][0]["loss"]) < 1e-4
