@@ -66,8 +66,25 @@ def record(benchmark: str, device: torch.device, results: list[dict], argv=None)
         "extension": engine._ext.available(),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "command": " ".join(["python", Path(sys.argv[0]).as_posix()] + args),
+        "git_commit": git_commit(),
         "results": results,
     }
+
+
+def git_commit() -> str | None:
+    """The commit of the checkout the benchmark runs from (with "+dirty" for local changes), or None."""
+    import subprocess
+
+    repo = Path(__file__).resolve().parent.parent
+    try:
+        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True, timeout=10)
+        if head.returncode != 0:
+            return None
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=repo, capture_output=True,
+                               text=True, timeout=10)  # fmt: skip
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return head.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
 
 
 def append_json(path: str | Path, rec: dict) -> Path:

@@ -43,7 +43,7 @@ import torch
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import append_json, device_name, record, resolve_device  # noqa: E402
+from common import append_json, device_name, git_commit, record, resolve_device  # noqa: E402
 
 from engine import data, metrics, models  # noqa: E402
 from engine.cli import _sha256, run_certify, select_indices  # noqa: E402
@@ -204,6 +204,7 @@ def write_tables(args, rows: list[dict], device) -> None:
         "threads": torch.get_num_threads() if args.threads is None else args.threads,
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "command": shlex.join(["python", "bench/train_mnist_evidence.py", *sys.argv[1:]]),
+        "git_commit": git_commit(),
         "data_root": str(args.data_root),
         "certify": {"images": args.images, "n0": args.n0, "n": args.n, "alpha": args.alpha, "seed": args.seed},
         "results": rows,
@@ -234,7 +235,10 @@ def write_tables(args, rows: list[dict], device) -> None:
     lines += [
         "",
         "cert. acc. r=0 is the smoothed classifier's accuracy (abstentions count as wrong); base clean / noisy acc. are "
-        "the base LeNet's accuracy on all 10,000 test images, clean and under one Gaussian draw at sigma.",
+        "the base LeNet's accuracy on all 10,000 test images, clean and under one Gaussian draw at sigma. "
+        f"Train time is the wall-clock time of the training run ({rec['threads']} torch thread(s)); runs are resumable "
+        "and may have shared the machine with other jobs, so times compare loosely. "
+        f"Code: commit {rec['git_commit']}.",
         "",
         "Commands:",
         "",
