@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.engine-installed
 
-.PHONY: setup demo test lint bench nvcc-check clean
+.PHONY: setup demo test lint bench nvcc-check triton-check clean
 
 $(STAMP): requirements.txt setup.py $(wildcard csrc/*.cpp csrc/*.h csrc/**/*.cu)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -29,6 +29,9 @@ bench: $(STAMP)
 
 nvcc-check: $(STAMP)
 	csrc/nvcc_check.sh
+
+triton-check: $(STAMP)
+	env -u TRITON_INTERPRET $(PY) -m kernels.compile_check --arch 90
 
 clean:
 	rm -rf build engine/_C*.so *.egg-info

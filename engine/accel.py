@@ -282,7 +282,7 @@ class TritonSampler:
 
     def __init__(self, model: nn.Module, example: torch.Tensor, precision: str, forward_rows: int | None = None):
         from kernels import mlp_counts, noisy_conv_pool
-        from kernels._launch import interpreting, require_runnable
+        from kernels._launch import interpreting, recording_for_gpu, require_runnable
         from kernels.class_counts import PRECISIONS as KERNEL_PRECISIONS
 
         device = example.device
@@ -292,7 +292,7 @@ class TritonSampler:
         pixels = math.prod(self.sample_shape)
         self.rows = forward_rows or default_forward_rows(pixels, device)
         # The interpreter's bfloat16 dot is not usable (operands stored as uint16): fp32 dots there.
-        self.kernel_precision = "fp32" if (interpreting() and precision == "bf16") else precision
+        self.kernel_precision = "fp32" if (interpreting() and not recording_for_gpu() and precision == "bf16") else precision
         self.dot_dtype, self.input_precision = KERNEL_PRECISIONS[self.kernel_precision]
         model = model.eval()
         with torch.inference_mode():

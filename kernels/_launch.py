@@ -6,12 +6,25 @@ import os
 
 import torch
 
-__all__ = ["interpreting", "can_run", "require_runnable", "next_pow2", "as_index"]
+__all__ = ["interpreting", "gpu_sizing", "recording_for_gpu", "can_run", "require_runnable", "next_pow2", "as_index"]
+
+GPU_SIZING_ENV = "ENGINE_TRITON_GPU_SIZING"
 
 
 def interpreting() -> bool:
     """True when Triton runs its CPU interpreter (``TRITON_INTERPRET=1``)."""
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def recording_for_gpu() -> bool:
+    """True when the interpreter runs with the GPU's launch parameters (``ENGINE_TRITON_GPU_SIZING=1``):
+    :mod:`kernels.compile_check` records launches that way to compile them for a GPU target."""
+    return interpreting() and os.environ.get(GPU_SIZING_ENV, "0") not in ("", "0")
+
+
+def gpu_sizing() -> bool:
+    """Whether launches use the GPU's block sizes, warps and operand types (CUDA, or recording)."""
+    return not interpreting() or recording_for_gpu()
 
 
 def can_run(device: torch.device) -> bool:

@@ -24,7 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._launch import as_index, interpreting, next_pow2, require_runnable
+from ._launch import as_index, gpu_sizing, next_pow2, require_runnable
 from .packed_rows import rows_of
 
 __all__ = [
@@ -146,7 +146,7 @@ def _linear_counts_kernel(
 
 
 def _block_r() -> int:
-    return 256 if interpreting() else 64
+    return 64 if gpu_sizing() else 256
 
 
 def _block_c(num_classes: int) -> int:

@@ -28,7 +28,7 @@ from torch import nn
 from engine import noise as _noise
 from engine.models import Normalize
 
-from ._launch import interpreting, next_pow2, require_runnable
+from ._launch import gpu_sizing, next_pow2, require_runnable
 from .class_counts import PRECISIONS, count_logits
 from .philox_normal import EXACT, key_words, normal_pair, round_to
 
@@ -193,7 +193,7 @@ def _blocks(h1p: int, elem_bytes: int) -> tuple[int, int, int, int, int]:
     (8 warps) for H1 = 1024; the streamed weight tiles (BLOCK_K x H1 and H1 x BLOCK_N2) stay at
     64 KiB each, double-buffered, within an SM's shared memory for 2- and 4-byte operands.
     """
-    if interpreting():
+    if not gpu_sizing():
         return 256, 256, 64, 4, 1
     k = max(16, min(128, (32 * 1024 // h1p) * 2 // elem_bytes))
     return (16 if h1p >= 512 else 32), k, k, 8, 2

@@ -18,7 +18,7 @@ import triton.language as tl
 
 from engine import noise as _noise
 
-from ._launch import as_index, interpreting, next_pow2, require_runnable
+from ._launch import as_index, gpu_sizing, next_pow2, require_runnable
 from .packed_rows import rows_of
 from .philox_normal import EXACT, key_words, normal_pair, round_to
 
@@ -71,7 +71,7 @@ def _noisy_batch_kernel(
 
 def _blocks(groups: int) -> tuple[int, int, int]:
     """(BLOCK_R, BLOCK_G, num_warps): 1024 Philox blocks per GPU program, 16,384 when interpreting."""
-    budget = 16384 if interpreting() else 1024
+    budget = 1024 if gpu_sizing() else 16384
     block_g = min(next_pow2(groups), 256)
     return max(1, budget // block_g), block_g, 4
 

@@ -30,7 +30,7 @@ from torch import nn
 from engine import noise as _noise
 from engine.models import Normalize
 
-from ._launch import interpreting, next_pow2, require_runnable
+from ._launch import gpu_sizing, next_pow2, require_runnable
 from .class_counts import PRECISIONS
 from .philox_normal import EXACT, key_words, pixel_normal, round_to
 
@@ -202,7 +202,7 @@ def launch_noisy_conv_pool(params: ConvPoolParams, x_flat, ids, out, *, start, r
     c_in, h, w = params.input_shape
     kh, kw = params.kernel
     ph, pw = params.out_hw
-    block_m = 4096 if interpreting() else 64
+    block_m = 64 if gpu_sizing() else 4096
     k0, k1, tag = key_words(seed, stream)
     grid = (triton.cdiv(rows * ph * pw, block_m),)
     _noisy_conv_pool_kernel[grid](
