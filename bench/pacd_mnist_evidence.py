@@ -65,11 +65,27 @@ def main(argv=None) -> int:
     p.add_argument("--archs", default="lenet,mlp")
     p.add_argument("--stage", choices=("poison", "main", "all"), default="all")
     p.add_argument("--device", default="cpu")
+    p.add_argument("--val-size", type=int, default=5000, help="validation images held out of the training set")
+    p.add_argument("--train-size", type=int, default=None, help="use a random subset of this many training images "
+                   "(smoke tests; default: all)")  # fmt: skip
+    p.add_argument("--batch-clean", type=int, default=900)
+    p.add_argument("--batch-poison", type=int, default=100)
+    p.add_argument("--batch-val", type=int, default=100)
+    p.add_argument("--k", type=int, default=20, help="noise draws of the upper objective")
+    p.add_argument("--niter1", type=int, default=10)
+    p.add_argument("--niter2", type=int, default=10)
+    p.add_argument("--checkpoint-every", type=int, default=5, help="outer steps between poison checkpoints")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     images, labels = data.load_mnist(args.data_root, "train")
-    train, val = data.split_validation(images, labels, 5000)
+    if args.train_size is not None:
+        keep = torch.randperm(images.shape[0], generator=torch.Generator().manual_seed(0))[: args.train_size].sort().values
+        images, labels = images[keep], labels[keep]
+    train, val = data.split_validation(images, labels, args.val_size)
     test = data.load_mnist(args.data_root, "test")
     methods = args.methods.split(",")
     commands = {"evidence": " ".join(["python", *sys.argv])}
@@ -94,11 +110,19 @@ def main(argv=None) -> int:
             reset_every=args.reset_every,
             lr_u=args.lr_u,
             method_args=LOWER_ARGS[m],
+            batch_clean=args.batch_clean,
+            batch_poison=args.batch_poison,
+            batch_val=args.batch_val,
+            k=args.k,
+            niter1=args.niter1,
+            niter2=args.niter2,
             checkpoint=work / f"poison_{m}.ckpt",
+            checkpoint_every=args.checkpoint_every,
             device=args.device,
             progress=True,
         )
-        ps.settings.update({"arch": "lenet", "dataset": "mnist", "val_size": 5000, "wall_seconds": time.perf_counter() - t0})
+        ps.settings.update({"arch": "lenet", "dataset": "mnist", "val_size": args.val_size, "train_size": args.train_size,
+                           "wall_seconds_last_invocation": time.perf_counter() - t0})
         ps.save(path)
         poisons[m] = ps
     if args.stage == "poison":

@@ -255,7 +255,8 @@ def format_rows(rows: list[dict]) -> str:
     for (victim, arch, sigma, _target, images, n), g in groups.items():
         clean = g["clean"]
         for bad in g["poisoned"] or [None]:
-            drop = f"{100 * acr_drop(clean, bad):.1f}%" if clean is not None and bad is not None else "-"
+            d = acr_drop(clean, bad) if clean is not None and bad is not None else float("nan")
+            drop = "-" if d != d else f"{100 * d:.1f}%"  # "-" also when the clean ACR is 0
             poison = "-" if bad is None else str(bad.get("poison_method") or "?")
             lines.append(
                 f"| {victim} | {arch} | {sigma:g} | {poison} | {acr(clean)} | {acr(bad)} | {drop} | {cert(clean)} | "

@@ -69,6 +69,13 @@ def test_one_clean_victim_against_several_poisons_and_missing_sides():
     assert got[3]["clean acc other classes: clean / poisoned"] == "- / 0.9900"
 
 
+def test_no_drop_for_a_zero_clean_acr():
+    lines = format_rows([_row(acr=0.0), _row(poisoned=True, method="gaussian", acr=0.0)]).splitlines()
+    head = _cells(lines[0])
+    row = dict(zip(head, _cells(lines[2])))
+    assert row["ACR clean"] == "0.0000" and row["ACR drop"] == "-"
+
+
 def test_two_clean_results_for_one_victim_are_an_error():
     with pytest.raises(ValueError, match="two clean results"):
         format_rows([_row(), _row(acr=2.0)])

@@ -1,6 +1,7 @@
 """PACD poisoning: poison-set files, projection invariants, resume, and the attack's effect."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -265,3 +266,38 @@ def test_lower_products_agree_across_backends(method):
         torch.testing.assert_close(hv, results["generic"][0], rtol=1e-10, atol=1e-14, msg=name)
         torch.testing.assert_close(mx, results["generic"][1], rtol=1e-10, atol=1e-14, msg=name)
     assert results["fused"][1].shape == u.shape
+
+
+def test_pacd_evidence_script_tiny_end_to_end_and_resume(tmp_path):
+    """bench/pacd_mnist_evidence.py on the embedded subset at toy settings: poisons, main table with clean
+    and poisoned victims side by side, transfer matrix; a second run reuses everything."""
+    import subprocess
+    import sys
+
+    script = Path(__file__).resolve().parent.parent / "bench" / "pacd_mnist_evidence.py"
+    out = tmp_path / "pacd"
+    args = [sys.executable, str(script), "--data-root", str(data.embedded_mnist_root()), "--work", str(tmp_path / "work"),
+            "--out", str(out), "--methods", "gaussian,macer", "--outer-steps", "2", "--train-size", "900", "--val-size",
+            "300", "--batch-clean", "60", "--batch-poison", "20", "--batch-val", "10", "--k", "2", "--niter1", "2",
+            "--niter2", "2", "--victim-epochs", "1", "--images", "3", "--n", "40", "--transfer", "--transfer-images", "2",
+            "--transfer-n", "20", "--archs", "lenet,mlp", "--threads", "1"]  # fmt: skip
+    proc = subprocess.run(args, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(out.with_suffix(".json").read_text())
+    assert set(report["main"]) == {"gaussian", "macer"}
+    for m, r in report["main"].items():
+        assert not r["clean"]["poisoned"] and r["poisoned"]["poisoned"] and r["poisoned"]["poison_method"] == m
+        assert r["clean"]["images"] == 3 and r["clean"]["target_class"] == 8
+    assert len(report["transfer"]) == 2 * 2 * 2  # crafted-for x victim x arch
+    md = out.with_suffix(".md").read_text()
+    main_rows = [x for x in md.split("## Transfer")[0].splitlines() if x.startswith("| gaussian |") or x.startswith("| macer |")]
+    assert len(main_rows) == 2 and all(x.count("|") == 13 for x in main_rows)  # one side-by-side line per procedure
+    poisons = {m: PoisonSet.load(tmp_path / "work" / f"poison_{m}.safetensors") for m in ("gaussian", "macer")}
+    assert all(ps.settings["outer_steps"] == 2 and ps.target_class == 8 for ps in poisons.values())
+    again = subprocess.run(args, capture_output=True, text=True)  # everything is reused
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "crafting poison" not in again.stdout
+    keys = ("acr", "certified_accuracy", "clean_accuracy_other_classes", "train_seconds")
+    for m, r in json.loads(out.with_suffix(".json").read_text())["main"].items():
+        for side in ("clean", "poisoned"):
+            assert {k: r[side][k] for k in keys} == {k: report["main"][m][side][k] for k in keys}  # reused, not redone
