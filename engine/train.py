@@ -414,7 +414,9 @@ def train(
             if resume and ckpt_path.exists():
                 start_epoch, history, partial = _load_checkpoint(ckpt_path, model, opt, sched, settings)
 
-        last_epoch = epochs if stop_after_epoch is None else min(epochs, max(stop_after_epoch, start_epoch))
+        # an epoch interrupted inside is always finished first: the model in hand is part-way through it
+        done = start_epoch + (1 if partial is not None else 0)
+        last_epoch = epochs if stop_after_epoch is None else min(epochs, max(stop_after_epoch, done))
         for epoch in range(start_epoch, last_epoch):
             model.train()
             g_cpu = epoch_generator(seed, epoch, 0, torch.device("cpu"))

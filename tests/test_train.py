@@ -303,6 +303,9 @@ def test_resume_inside_an_epoch_gives_identical_weights(tmp_path, mnist, method,
             engine.train(model, data_, checkpoint=ckpt, resume=True, checkpoint_seconds=0, progress=crash, **common)
         meta = read_checkpoint_meta(ckpt)
         assert meta["epoch"] == epoch - 1 and meta["partial_epoch"]["batches_done"] == batch
+    model = _tiny(batchnorm=True)  # a planned stop at a finished epoch first finishes the interrupted one
+    _, hist = engine.train(model, data_, checkpoint=ckpt, resume=True, stop_after_epoch=1, **common)
+    assert len(hist) == 2 and "partial_epoch" not in read_checkpoint_meta(ckpt)
     model = _tiny(batchnorm=True)
     _, hist = engine.train(model, data_, checkpoint=ckpt, resume=True, checkpoint_seconds=0, **common)
     for k, v in ref.state_dict().items():
