@@ -69,6 +69,8 @@ def run_certify(
     from .smoothing import certify
 
     log = ResultsLog(out, settings, overwrite=overwrite)
+    planned = {"planned_images": len(indices)}
+    log.write_summary(extra=planned)
     if log.repaired_bytes:
         print(f"repaired {out}: dropped a truncated last line ({log.repaired_bytes} bytes)", file=sys.stderr)
     todo = [i for i in indices if i not in log.done]
@@ -103,7 +105,7 @@ def run_certify(
             bar.update(1)
     finally:
         bar.close()
-        summ = log.write_summary()
+        summ = log.write_summary(extra=planned)
         log.plot()
     return summ
 
@@ -121,6 +123,19 @@ def format_table(summary: dict) -> str:
     if "seconds_per_image" in summary:
         lines.append(f"seconds / image   {summary['seconds_per_image']:.3f}")
     return "\n".join(lines)
+
+
+def cmd_merge(args) -> int:
+    from .results import ResultsError, merge_logs
+
+    try:
+        summ = merge_logs(args.logs, args.out, allow_partial=args.allow_partial, overwrite=args.overwrite)
+    except ResultsError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(format_table(summ))
+    print(f"wrote {args.out} ({summ['images']} images from {len(args.logs)} logs)")
+    return 0
 
 
 def cmd_certify(args) -> int:
@@ -554,6 +569,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("merge", help="merge the logs of certify --shard K --num-shards N runs into one table")
+    p.add_argument("logs", nargs="+", help="shard .tsv logs (their .json summaries beside them)")
+    p.add_argument("--out", required=True, help="merged .tsv (.json and .png beside it)")
+    p.add_argument("--allow-partial", action="store_true", help="merge unfinished or missing shards too")
+    p.add_argument("--overwrite", action="store_true")
+    p.set_defaults(func=cmd_merge)
 
     p = sub.add_parser("train", help="certified-robust training (checkpoint every epoch, --resume)")
     p.add_argument("--method", choices=("standard", "gaussian", "smoothadv", "macer"), required=True)

@@ -15,8 +15,9 @@ from pathlib import Path
 import numpy as np
 
 from . import metrics
+from .fileio import publish
 
-__all__ = ["ResultsLog", "ResultsError", "HEADER", "summary_paths"]
+__all__ = ["ResultsLog", "ResultsError", "HEADER", "summary_paths", "read_log", "merge_logs"]
 
 HEADER = "idx\tlabel\tpredict\tradius\tcorrect\ttime"
 
@@ -189,3 +190,105 @@ class ResultsLog:
         plt.close(fig)
         os.replace(tmp, self.png_path)
         return self.png_path
+
+
+# ----------------------------------------------------------------------------------------------
+# shards
+# ----------------------------------------------------------------------------------------------
+
+
+def read_log(path: str | os.PathLike) -> tuple[dict, dict[int, tuple]]:
+    """(summary JSON, rows by idx) of a results log, read without changing anything.
+
+    A line cut by a crash at the very end is ignored (``ResultsLog`` repairs it on resume); any
+    other damage, a missing header or a missing summary raises :class:`ResultsError`.
+    """
+    path = Path(path)
+    json_path, _ = summary_paths(path)
+    if not path.is_file():
+        raise ResultsError(f"{path}: no such results log")
+    try:
+        summary = json.loads(json_path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ResultsError(f"{path}: cannot read its summary {json_path} ({exc})") from exc
+    if not isinstance(summary, dict) or not isinstance(summary.get("settings"), dict):
+        raise ResultsError(f"{json_path}: not a results summary (no settings)")
+    raw = path.read_text(errors="replace")
+    lines = raw.split("\n")
+    if not lines or lines[0] != HEADER:
+        raise ResultsError(f"{path}: first line is not the header {HEADER!r}")
+    body = lines[1:-1]  # lines[-1]: text after the last newline ("" or a line cut by a crash: ignored)
+    rows: dict[int, tuple] = {}
+    for i, line in enumerate(body):
+        try:
+            row = _parse(line)
+        except ValueError as exc:
+            raise ResultsError(f"{path}: corrupt row {i + 2}: {line!r} ({exc})") from exc
+        if row[0] in rows:
+            raise ResultsError(f"{path}: image {row[0]} appears twice")
+        rows[row[0]] = row
+    return summary, rows
+
+
+def merge_logs(paths, out: str | os.PathLike, *, allow_partial: bool = False, overwrite: bool = False) -> dict:
+    """Merge the logs of ``certify --shard K --num-shards N`` runs into one log with its summary and plot.
+
+    The shards must come from one run (identical settings apart from ``shard``), each shard exactly
+    once, with no image twice, and, unless ``allow_partial``, each shard finished (as many rows as it
+    planned). ``out`` gets the rows in idx order, a JSON summary and a PNG; returns the summary.
+    """
+    paths = [Path(p) for p in paths]
+    out = Path(out)
+    if not paths:
+        raise ResultsError("nothing to merge: give the shard logs")
+    if any(p.resolve() == out.resolve() for p in paths):
+        raise ResultsError(f"--out {out} is one of the inputs")
+    if out.exists() and not overwrite:
+        raise ResultsError(f"{out} exists; use --overwrite to replace it")
+    logs = [(p, *read_log(p)) for p in paths]
+    base = {k: v for k, v in logs[0][1]["settings"].items() if k != "shard"}
+    shards: dict[int, Path] = {}
+    merged: dict[int, tuple] = {}
+    for p, summary, rows in logs:
+        settings = summary["settings"]
+        other = {k: v for k, v in settings.items() if k != "shard"}
+        if other != base:
+            diff = sorted(k for k in set(other) | set(base) if other.get(k) != base.get(k))
+            raise ResultsError(f"{p} belongs to another run than {paths[0]} ({', '.join(diff)} differ)")
+        shard = int(settings.get("shard", 0))
+        if shard in shards:
+            raise ResultsError(f"shard {shard} given twice: {shards[shard]} and {p}")
+        shards[shard] = p
+        planned = summary.get("planned_images")
+        if not allow_partial and planned is not None and len(rows) != int(planned):
+            raise ResultsError(
+                f"{p}: shard {shard} is incomplete ({len(rows)} of {planned} images); finish it (rerun the same "
+                "certify command) or pass --allow-partial"
+            )
+        twice = sorted(set(rows) & set(merged))
+        if twice:
+            raise ResultsError(f"{p}: images {twice[:5]} are also in another shard")
+        merged.update(rows)
+    num_shards = int(base.get("num_shards", 1))
+    missing = sorted(set(range(num_shards)) - set(shards))
+    if missing and not allow_partial:
+        raise ResultsError(f"shards {missing} of {num_shards} are missing (or pass --allow-partial)")
+    settings = {**base, "merged_shards": sorted(shards), "shard": "merged"}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    json_path, png_path = summary_paths(out)
+    for stale in (out, json_path, png_path):  # --overwrite: the old summary must not block the new settings
+        if stale.exists():
+            stale.unlink()
+    tmp = out.with_name(out.name + ".tmp")
+    with open(tmp, "w") as fh:
+        fh.write(HEADER + "\n")
+        for idx in sorted(merged):
+            r = merged[idx]
+            fh.write(f"{r[0]}\t{r[1]}\t{r[2]}\t{r[3]:.6f}\t{r[4]}\t{r[5]:.4f}\n")
+    publish(tmp, out)
+    log = ResultsLog(out, settings)
+    planned = [s.get("planned_images") for _, s, _ in logs]
+    extra = {"planned_images": sum(planned)} if all(x is not None for x in planned) and not missing else {}
+    summary = log.write_summary(extra=extra)
+    log.plot()
+    return summary

@@ -6,6 +6,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -203,3 +204,32 @@ def test_shards_partition_the_run(tmp_path, checkpoint):
         parts += _rows(out)
     strip = lambda rs: sorted(r.rsplit("\t", 1)[0] for r in rs)  # noqa: E731
     assert strip(parts) == strip(_rows(whole))
+
+    # merge the shards back into one table: the same rows and summary as the unsharded run
+    shards = [str(tmp_path / f"shard{k}.tsv") for k in range(3)]
+    merged = tmp_path / "merged.tsv"
+    proc = _run(["merge", *reversed(shards), "--out", str(merged)])
+    assert proc.returncode == 0, proc.stderr
+    assert [r.rsplit("\t", 1)[0] for r in _rows(merged)] == strip(_rows(whole))  # idx order
+    got, want = (json.loads(p.with_suffix(".json").read_text()) for p in (merged, whole))
+    assert got["images"] == want["images"] == got["planned_images"] == 10
+    assert got["acr"] == want["acr"] and got["certified_accuracy"] == want["certified_accuracy"]
+    assert got["settings"]["merged_shards"] == [0, 1, 2] and merged.with_suffix(".png").exists()
+    assert "ACR" in proc.stdout
+    # refused: existing output, a missing shard, a shard twice, another run's shard, an unfinished shard
+    assert _run(["merge", *shards, "--out", str(merged)]).returncode == 2
+    assert _run(["merge", *shards, "--out", str(merged), "--overwrite"]).returncode == 0
+    proc = _run(["merge", *shards[:2], "--out", str(tmp_path / "m2.tsv")])
+    assert proc.returncode == 2 and "shards [2] of 3 are missing" in proc.stderr
+    proc = _run(["merge", shards[0], shards[0], "--out", str(tmp_path / "m3.tsv")])
+    assert proc.returncode == 2 and "shard 0 given twice" in proc.stderr
+    other = tmp_path / "other.tsv"
+    assert _run(_certify_args(checkpoint, other, n=100, extra=("--shard", "2", "--num-shards", "3"))).returncode == 0
+    proc = _run(["merge", *shards[:2], str(other), "--out", str(tmp_path / "m4.tsv")])
+    assert proc.returncode == 2 and "another run" in proc.stderr and "n" in proc.stderr
+    lines = Path(shards[1]).read_text().splitlines(keepends=True)
+    Path(shards[1]).write_text("".join(lines[:-1]))  # shard 1 lost its last image
+    proc = _run(["merge", *shards, "--out", str(tmp_path / "m5.tsv")])
+    assert proc.returncode == 2 and "incomplete" in proc.stderr
+    proc = _run(["merge", *shards, "--out", str(tmp_path / "m5.tsv"), "--allow-partial"])
+    assert proc.returncode == 0 and json.loads((tmp_path / "m5.json").read_text())["images"] == 9
