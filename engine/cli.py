@@ -431,6 +431,7 @@ def cmd_poison(args) -> int:
         seed=args.seed,
         checkpoint=ckpt,
         checkpoint_every=args.checkpoint_every,
+        checkpoint_seconds=60.0 * args.checkpoint_minutes,
         method_args=_method_args(args),
         device=_device(args.device),
         progress=not args.quiet,
@@ -655,7 +656,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--k", type=_int_at_least(1), default=20, help="noise draws of the upper objective")
     p.add_argument("--u-update", choices=("adam", "sign"), default="adam")
     p.add_argument("--seed", type=_int_at_least(0), default=0)
-    p.add_argument("--checkpoint-every", type=_int_at_least(1), default=50)
+    p.add_argument("--checkpoint-every", type=_int_at_least(1), default=50, help="outer steps between checkpoints")
+    p.add_argument("--checkpoint-minutes", type=_nonnegative_float, default=10.0,
+                   help="also checkpoint after a step ending this long after the last checkpoint (0: every step)")
     p.add_argument("--log-every", type=_int_at_least(0), default=0, help="print a JSON line every K steps (0: never)")
     p.add_argument("--device", default="auto")
     p.add_argument("--out", required=True, help="poison .safetensors (its checkpoint is OUT.ckpt)")

@@ -511,6 +511,7 @@ def poison(
     seed: int = 0,
     checkpoint: str | os.PathLike | None = None,
     checkpoint_every: int = 50,
+    checkpoint_seconds: float | None = 600.0,
     method_args: dict | None = None,
     device: str | torch.device = "cpu",
     hvp_backend: str = "auto",
@@ -535,8 +536,10 @@ def poison(
         reset_every: re-initialise the lower model every this many epochs (epoch = N / (batch_clean
             + batch_poison) outer steps; 0 = never).
         batch_clean, batch_poison, batch_val: minibatch sizes; k, beta, a: upper objective settings.
-        checkpoint: path of a resumable state file written every ``checkpoint_every`` steps and at
-            the end; an existing one with the same settings is resumed (``outer_steps`` may grow).
+        checkpoint: path of a resumable state file written every ``checkpoint_every`` steps, also
+            after any step that ends ``checkpoint_seconds`` (None: no time limit) after the last
+            write, and at the end; an existing one with the same settings is resumed (``outer_steps``
+            may grow).
         hvp_backend: second-order backend of :func:`engine.hvp` for the cross-entropy procedures
             ("auto": the fused extension op where the model is supported, else torch.func).
             The Hessian and mixed products run with the model in eval mode (BatchNorm running statistics).
@@ -560,6 +563,8 @@ def poison(
     damping = _positive("damping", damping, allow_zero=True)
     outer_steps, niter1, niter2 = _count("outer_steps", outer_steps, 0), _count("niter1", niter1, 0), _count("niter2", niter2, 1)
     reset_every, checkpoint_every = _count("reset_every", reset_every, 0), _count("checkpoint_every", checkpoint_every, 1)
+    if checkpoint_seconds is not None:
+        checkpoint_seconds = _positive("checkpoint_seconds", checkpoint_seconds, allow_zero=True)
     bc, bp, bv, k = (
         _count(n, v, 1)
         for n, v in (("batch_clean", batch_clean), ("batch_poison", batch_poison), ("batch_val", batch_val), ("k", k))
@@ -682,7 +687,7 @@ def poison(
         from tqdm.auto import tqdm
 
         bar = tqdm(total=outer_steps, initial=min(start, outer_steps), desc=f"poison[{method}]", unit="step", dynamic_ncols=True)
-    t_start = time.perf_counter()
+    t_start = last_save = time.perf_counter()
     try:
         for step in range(start, outer_steps):
             r = step // reset_period if reset_period else 0
@@ -753,8 +758,10 @@ def poison(
             if bar is not None:
                 bar.set_postfix(upper=f"{entry['upper']:.4f}", linf=f"{entry['linf']:.3f}", lower=f"{lower_loss:.3f}")
                 bar.update(1)
-            if (step + 1) % checkpoint_every == 0:
+            overdue = checkpoint_seconds is not None and time.perf_counter() - last_save >= checkpoint_seconds
+            if (step + 1) % checkpoint_every == 0 or overdue:
                 save_state(step + 1)
+                last_save = time.perf_counter()
     finally:
         if bar is not None:
             bar.close()

@@ -63,6 +63,29 @@ def test_projection_invariants_after_every_step_and_resume(tiny, tmp_path):
         poison(_tiny_mlp, train, val, outer_steps=5, checkpoint=ckpt, seed=3, **{**SMALL, "eps": 0.2})
 
 
+def test_time_based_checkpoints(tiny, tmp_path):
+    from engine.pacd import _load_checkpoint
+
+    train, val = tiny
+    ckpt = tmp_path / "ck.safetensors"
+    seen = []
+
+    def log(entry):  # called before the step's checkpoint: the file holds the previous step
+        if entry["step"] > 1:
+            seen.append((entry["step"], _load_checkpoint(ckpt)[1]["step"]))
+
+    poison(_tiny_mlp, train, val, outer_steps=4, checkpoint=ckpt, checkpoint_every=1000, checkpoint_seconds=0, seed=3,
+           log=log, **SMALL)  # fmt: skip
+    assert seen == [(2, 1), (3, 2), (4, 3)]
+    seen.clear()
+    ckpt.unlink()
+    poison(_tiny_mlp, train, val, outer_steps=3, checkpoint=ckpt, checkpoint_every=1000, checkpoint_seconds=None,
+           seed=3, log=lambda e: seen.append(ckpt.exists()), **SMALL)  # fmt: skip
+    assert seen == [False, False, False] and _load_checkpoint(ckpt)[1]["step"] == 3  # only the final one
+    with pytest.raises(ValueError, match="checkpoint_seconds"):
+        poison(_tiny_mlp, train, val, outer_steps=1, checkpoint_seconds=-1, **SMALL)
+
+
 def test_sign_updates_and_all_solvers_keep_invariants(tiny):
     train, val = tiny
     for solver in ("approxgrad", "cg", "neumann"):
