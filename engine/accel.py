@@ -24,6 +24,9 @@ Backends
              On CUDA the PyTorch part runs channels-last, captured once in a CUDA graph of a fixed
              shape (``forward_rows`` rows, chosen from the input size, see :func:`default_forward_rows`)
              and replayed; samples of several images share a forward batch (rows are image-major).
+             ``ENGINE_TRITON_GPU_SIZING=1`` makes the interpreter use the GPU's launch parameters
+             (block sizes, warps, bf16 operands), which :mod:`kernels.compile_check` records to
+             compile every launch for a GPU target without one.
              ``ENGINE_TORCH_COMPILE=1`` (experimental, CUDA) compiles that part with torch.compile
              before the capture; ``ENGINE_FUSED=0`` turns the fused MLP / first-layer kernels off
              (to compare them with the generic path).
