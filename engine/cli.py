@@ -61,7 +61,22 @@ def run_certify(
     backend: str = "auto",
     precision: str = "auto",
 ) -> dict:
-    """Certify ``images[indices]`` one image at a time into a resumable log; returns the summary."""
+    """Certify ``images[indices]`` one image at a time into a resumable log; returns the summary.
+
+    The log is locked while this runs: a second run on the same ``out`` raises FileInUseError."""
+    from .fileio import ExclusiveLock
+
+    with ExclusiveLock(out):
+        return _run_certify_locked(
+            model, images, labels, indices, out, settings, sigma=sigma, n0=n0, n=n, alpha=alpha, batch_size=batch_size,
+            seed=seed, overwrite=overwrite, show_progress=show_progress, backend=backend, precision=precision,
+        )  # fmt: skip
+
+
+def _run_certify_locked(
+    model, images, labels, indices, out, settings, *, sigma, n0, n, alpha, batch_size, seed, overwrite, show_progress,
+    backend, precision,
+) -> dict:  # fmt: skip
     from tqdm.auto import tqdm
 
     from .data import to_float
@@ -708,12 +723,13 @@ def main(argv=None) -> int:
     if getattr(args, "shard", 0) >= getattr(args, "num_shards", 1):
         parser.error(f"--shard must be < --num-shards ({args.num_shards})")
     from .data import DataError
+    from .fileio import FileInUseError
     from .models import CheckpointError
     from .pacd import PoisonError
     from .results import ResultsError
 
     try:
         return args.func(args)
-    except (DataError, CheckpointError, ResultsError, PoisonError) as exc:
+    except (DataError, CheckpointError, ResultsError, PoisonError, FileInUseError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-__all__ = ["publish", "fsync_dir", "default_mode"]
+__all__ = ["publish", "fsync_dir", "default_mode", "ExclusiveLock", "FileInUseError"]
 
 
 def default_mode() -> int:
@@ -42,3 +42,57 @@ def publish(tmp: str | os.PathLike, path: str | os.PathLike) -> None:
         os.fsync(fh.fileno())
     os.replace(tmp, path)
     fsync_dir(path.parent if str(path.parent) else ".")
+
+
+class FileInUseError(RuntimeError):
+    """Another process is writing the same output (a second run of the same job)."""
+
+
+class ExclusiveLock:
+    """An advisory lock (``flock``) on ``path`` + ".lock", held while one process writes an output.
+
+    Two runs writing the same results log, checkpoint or poison would interleave their rows or
+    overwrite each other's state; the second one gets :class:`FileInUseError` naming the first's
+    process id instead. The lock is released on :meth:`release`, on exit of a ``with`` block, or
+    when the process dies (the kernel drops it), so a crash never leaves a stale lock behind.
+    Where ``fcntl`` is unavailable the lock does nothing.
+    """
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(str(path) + ".lock")
+        self._fh = None
+
+    def acquire(self) -> ExclusiveLock:
+        try:
+            import fcntl
+        except ImportError:  # not POSIX: no locking
+            return self
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fh = open(self.path, "a+")
+        try:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            fh.seek(0)
+            owner = fh.read().strip() or "unknown"
+            fh.close()
+            raise FileInUseError(
+                f"{self.path.with_suffix('')} is being written by another process (pid {owner}); "
+                "wait for it to finish or stop it first"
+            ) from None
+        fh.seek(0)
+        fh.truncate()
+        fh.write(str(os.getpid()))
+        fh.flush()
+        self._fh = fh
+        return self
+
+    def release(self) -> None:
+        if self._fh is not None:
+            self._fh.close()  # closing drops the flock
+            self._fh = None
+
+    def __enter__(self) -> ExclusiveLock:
+        return self.acquire()
+
+    def __exit__(self, *exc) -> None:
+        self.release()

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 
 from . import bilevel
 from .bilevel import AdamState, flat_params
-from .fileio import publish
+from .fileio import ExclusiveLock, publish
 
 __all__ = [
     "PoisonSet",
@@ -642,6 +642,8 @@ def poison(
     history: list[dict] = []
     start, reset_index = 0, 0
     ckpt = Path(checkpoint) if checkpoint is not None else None
+    # one writer per checkpoint; released before returning, or with this frame if an error ends the run
+    lock = ExclusiveLock(ckpt).acquire() if ckpt is not None else None
 
     if ckpt is not None and ckpt.exists():
         tensors, meta = _load_checkpoint(ckpt)
@@ -766,6 +768,8 @@ def poison(
         if bar is not None:
             bar.close()
     save_state(max(start, outer_steps))
+    if lock is not None:
+        lock.release()
     final = dict(settings)
     final.update(
         {"outer_steps": max(start, outer_steps), "seconds": time.perf_counter() - t_start, "history_tail": history[-20:]}

@@ -40,7 +40,7 @@ import torch.nn.functional as F
 
 from . import attacks, losses
 from .data import split_validation
-from .fileio import publish
+from .fileio import ExclusiveLock, publish
 from .smoothing import model_device
 
 __all__ = [
@@ -389,7 +389,10 @@ def train(
     steps_per_epoch = (n + batch_size - 1) // batch_size
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(schedule, epochs * steps_per_epoch))
 
+    lock = None
     try:
+        if checkpoint is not None:  # one writer per checkpoint: a second run of the same job is refused
+            lock = ExclusiveLock(checkpoint).acquire()
         start_epoch, history, partial = 0, [], None
         ckpt_path = None if checkpoint is None else Path(checkpoint)
         settings = None
@@ -486,3 +489,5 @@ def train(
     finally:
         if channels_last:  # hand the model back in the standard layout (same values)
             model.to(memory_format=torch.contiguous_format)
+        if lock is not None:
+            lock.release()

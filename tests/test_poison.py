@@ -84,6 +84,11 @@ def test_time_based_checkpoints(tiny, tmp_path):
     assert seen == [False, False, False] and _load_checkpoint(ckpt)[1]["step"] == 3  # only the final one
     with pytest.raises(ValueError, match="checkpoint_seconds"):
         poison(_tiny_mlp, train, val, outer_steps=1, checkpoint_seconds=-1, **SMALL)
+    from engine.fileio import ExclusiveLock, FileInUseError
+
+    with ExclusiveLock(ckpt), pytest.raises(FileInUseError):  # a second run on the same checkpoint is refused
+        poison(_tiny_mlp, train, val, outer_steps=4, checkpoint=ckpt, seed=3, **SMALL)
+    assert _load_checkpoint(ckpt)[1]["step"] == 3  # untouched
 
 
 def test_sign_updates_and_all_solvers_keep_invariants(tiny):
