@@ -64,65 +64,54 @@ def run_certify(
     """Certify ``images[indices]`` one image at a time into a resumable log; returns the summary.
 
     The log is locked while this runs: a second run on the same ``out`` raises FileInUseError."""
-    from .fileio import ExclusiveLock
-
-    with ExclusiveLock(out):
-        return _run_certify_locked(
-            model, images, labels, indices, out, settings, sigma=sigma, n0=n0, n=n, alpha=alpha, batch_size=batch_size,
-            seed=seed, overwrite=overwrite, show_progress=show_progress, backend=backend, precision=precision,
-        )  # fmt: skip
-
-
-def _run_certify_locked(
-    model, images, labels, indices, out, settings, *, sigma, n0, n, alpha, batch_size, seed, overwrite, show_progress,
-    backend, precision,
-) -> dict:  # fmt: skip
     from tqdm.auto import tqdm
 
     from .data import to_float
+    from .fileio import ExclusiveLock
     from .results import ResultsLog
     from .smoothing import certify
 
-    log = ResultsLog(out, settings, overwrite=overwrite)
-    planned = {"planned_images": len(indices)}
-    log.write_summary(extra=planned)
-    if log.repaired_bytes:
-        print(f"repaired {out}: dropped a truncated last line ({log.repaired_bytes} bytes)", file=sys.stderr)
-    todo = [i for i in indices if i not in log.done]
-    bar = tqdm(
-        total=len(indices),
-        initial=len(indices) - len(todo),
-        unit="img",
-        desc="certify",
-        disable=not show_progress,
-        dynamic_ncols=True,
-    )
-    try:
-        for i in todo:
-            x = to_float(images[i : i + 1])
-            t0 = time.perf_counter()
-            res = certify(
-                model,
-                x,
-                sigma=sigma,
-                n0=n0,
-                n=n,
-                alpha=alpha,
-                batch_size=batch_size,
-                seed=seed,
-                image_ids=torch.tensor([i]),
-                backend=backend,
-                precision=precision,
-            )
-            dt = time.perf_counter() - t0
-            log.append(i, int(labels[i]), int(res.prediction[0]), float(res.radius[0]), float(res.seconds[0]))
-            bar.set_postfix(samples_per_s=f"{(n0 + n) / dt:,.0f}")
-            bar.update(1)
-    finally:
-        bar.close()
-        summ = log.write_summary(extra=planned)
-        log.plot()
-    return summ
+    with ExclusiveLock(out):
+        log = ResultsLog(out, settings, overwrite=overwrite)
+        planned = {"planned_images": len(indices)}
+        log.write_summary(extra=planned)
+        if log.repaired_bytes:
+            print(f"repaired {out}: dropped a truncated last line ({log.repaired_bytes} bytes)", file=sys.stderr)
+        todo = [i for i in indices if i not in log.done]
+        bar = tqdm(
+            total=len(indices),
+            initial=len(indices) - len(todo),
+            unit="img",
+            desc="certify",
+            disable=not show_progress,
+            dynamic_ncols=True,
+        )
+        try:
+            for i in todo:
+                x = to_float(images[i : i + 1])
+                t0 = time.perf_counter()
+                res = certify(
+                    model,
+                    x,
+                    sigma=sigma,
+                    n0=n0,
+                    n=n,
+                    alpha=alpha,
+                    batch_size=batch_size,
+                    seed=seed,
+                    image_ids=torch.tensor([i]),
+                    backend=backend,
+                    precision=precision,
+                )
+                dt = time.perf_counter() - t0
+                log.append(i, int(labels[i]), int(res.prediction[0]), float(res.radius[0]), float(res.seconds[0]))
+                bar.set_postfix(samples_per_s=f"{(n0 + n) / dt:,.0f}")
+                bar.update(1)
+        finally:
+            bar.close()
+            summ = log.write_summary(extra=planned)
+            log.plot()
+        return summ
 
 
 def format_table(summary: dict) -> str:
@@ -141,13 +130,9 @@ def format_table(summary: dict) -> str:
 
 
 def cmd_merge(args) -> int:
-    from .results import ResultsError, merge_logs
+    from .results import merge_logs
 
-    try:
-        summ = merge_logs(args.logs, args.out, allow_partial=args.allow_partial, overwrite=args.overwrite)
-    except ResultsError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    summ = merge_logs(args.logs, args.out, allow_partial=args.allow_partial, overwrite=args.overwrite)  # errors: main()
     print(format_table(summ))
     print(f"wrote {args.out} ({summ['images']} images from {len(args.logs)} logs)")
     return 0

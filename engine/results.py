@@ -32,6 +32,11 @@ def summary_paths(out: str | os.PathLike) -> tuple[Path, Path]:
     return out.with_suffix(".json"), out.with_suffix(".png")
 
 
+def _format_row(row: tuple) -> str:
+    """One log line (with its newline) of ``(idx, label, predict, radius, correct, seconds)``."""
+    return f"{row[0]}\t{row[1]}\t{row[2]}\t{row[3]:.6f}\t{row[4]}\t{row[5]:.4f}\n"
+
+
 def _parse(line: str) -> tuple[int, int, int, float, int, float]:
     fields = line.split("\t")
     if len(fields) != 6:
@@ -129,7 +134,7 @@ class ResultsLog:
         correct = int(predict == label)
         row = (int(idx), int(label), int(predict), float(radius), correct, float(seconds))
         with open(self.path, "a") as fh:
-            fh.write(f"{row[0]}\t{row[1]}\t{row[2]}\t{row[3]:.6f}\t{row[4]}\t{row[5]:.4f}\n")
+            fh.write(_format_row(row))
             fh.flush()
             os.fsync(fh.fileno())
         self.rows[row[0]] = (row[0], row[1], row[2], float(f"{row[3]:.6f}"), row[4], row[5])
@@ -282,9 +287,7 @@ def merge_logs(paths, out: str | os.PathLike, *, allow_partial: bool = False, ov
     tmp = out.with_name(out.name + ".tmp")
     with open(tmp, "w") as fh:
         fh.write(HEADER + "\n")
-        for idx in sorted(merged):
-            r = merged[idx]
-            fh.write(f"{r[0]}\t{r[1]}\t{r[2]}\t{r[3]:.6f}\t{r[4]}\t{r[5]:.4f}\n")
+        fh.writelines(_format_row(merged[idx]) for idx in sorted(merged))
     publish(tmp, out)
     log = ResultsLog(out, settings)
     planned = [s.get("planned_images") for _, s, _ in logs]

@@ -10,6 +10,7 @@ import triton
 import triton.language as tl
 from kernel_testing import gpu
 from scipy import stats
+from test_noise import KAT
 
 from engine import noise
 from kernels import noisy_batch as nb
@@ -32,17 +33,8 @@ def _philox_kernel(c_ptr, out_ptr, k0, k1, N: tl.constexpr):
 
 
 def test_philox_known_answers_and_random_counters():
-    # Random123 known answers (as in tests/test_noise.py) plus random counters against the reference
-    kat = [
-        ((0, 0, 0, 0), (0, 0), (0x6627E8D5, 0xE169C58D, 0xBC57AC4C, 0x9B00DBD8)),
-        ((0xFFFFFFFF,) * 4, (0xFFFFFFFF,) * 2, (0x408F276D, 0x41C83B0E, 0xA20BC7C6, 0x6D5451FD)),
-        (
-            (0x243F6A88, 0x85A308D3, 0x13198A2E, 0x03707344),
-            (0xA4093822, 0x299F31D0),
-            (0xD16CFE09, 0x94FDCCEB, 0x5001E420, 0x24126EA1),
-        ),
-    ]
-    for counter, key, expected in kat:
+    # Random123 known answers (tests/test_noise.py) plus random counters against the reference
+    for counter, key, expected in KAT:
         c = torch.tensor([list(counter)] * 16, dtype=torch.int64)
         out = torch.empty_like(c)
         k0, k1, _ = key_words(key[0] | (key[1] << 32), 0)

@@ -100,6 +100,24 @@ class _Crash(Exception):
     pass
 
 
+def _reference_run(data_, common, torch_seed):
+    """(initial weights, trained model, history) of an uninterrupted run of the batch-norm tiny net."""
+    torch.manual_seed(torch_seed)
+    init = _state(_tiny(batchnorm=True))
+    ref = _tiny(batchnorm=True)
+    ref.load_state_dict(init)
+    _, ref_hist = engine.train(ref, data_, **common)
+    return init, ref, ref_hist
+
+
+def _assert_same_run(model, hist, ref, ref_hist):
+    """Bit-identical weights and the same history apart from wall-clock seconds."""
+    for k, v in ref.state_dict().items():
+        assert torch.equal(v, model.state_dict()[k]), k
+    strip = [{k: v for k, v in h.items() if k != "seconds"} for h in hist]
+    assert strip == [{k: v for k, v in h.items() if k != "seconds"} for h in ref_hist]
+
+
 @pytest.mark.parametrize(
     "method,optimizer,schedule,kw",
     [
@@ -114,12 +132,7 @@ def test_resume_gives_identical_weights(tmp_path, mnist, method, optimizer, sche
     common = dict(
         method=method, sigma=0.25, epochs=3, batch_size=50, lr=0.02, optimizer=optimizer, schedule=schedule, seed=5, **kw
     )
-    torch.manual_seed(1)
-    init = _state(_tiny(batchnorm=True))
-
-    ref = _tiny(batchnorm=True)
-    ref.load_state_dict(init)
-    _, ref_hist = engine.train(ref, data_, **common)
+    init, ref, ref_hist = _reference_run(data_, common, 1)
 
     ckpt = tmp_path / "run.ckpt.safetensors"
     model = _tiny(batchnorm=True)
@@ -146,10 +159,7 @@ def test_resume_gives_identical_weights(tmp_path, mnist, method, optimizer, sche
 
     model = _tiny(batchnorm=True)
     _, hist = engine.train(model, data_, checkpoint=ckpt, resume=True, **common)
-    for k, v in ref.state_dict().items():
-        assert torch.equal(v, model.state_dict()[k]), k
-    strip = [{k: v for k, v in h.items() if k != "seconds"} for h in hist]
-    assert strip == [{k: v for k, v in h.items() if k != "seconds"} for h in ref_hist]
+    _assert_same_run(model, hist, ref, ref_hist)
     if method == "smoothadv":
         assert [h["eps"] for h in hist] == [0.25, 0.5, 0.5]  # linear warm-up over 2 epochs
 
@@ -283,15 +293,10 @@ def test_resume_inside_an_epoch_gives_identical_weights(tmp_path, mnist, method,
     (x, y), _ = mnist
     data_ = (x[:230], y[:230])  # 5 batches of 50 per epoch, the last one short
     common = dict(method=method, sigma=0.25, epochs=2, batch_size=50, lr=0.02, seed=3, **kw)
-    torch.manual_seed(2)
-    init = _state(_tiny(batchnorm=True))
-    ref = _tiny(batchnorm=True)
-    ref.load_state_dict(init)
-    _, ref_hist = engine.train(ref, data_, **common)
+    init, ref, ref_hist = _reference_run(data_, common, 2)
 
     ckpt = tmp_path / "run.ckpt.safetensors"
-    stops = iter([(1, 3), (2, 1), (2, 4)])  # crash inside epoch 1, then twice inside epoch 2
-    for epoch, batch in stops:
+    for epoch, batch in [(1, 3), (2, 1), (2, 4)]:  # crash inside epoch 1, then twice inside epoch 2
 
         def crash(p, epoch=epoch, batch=batch):
             if p["epoch"] == epoch and p["batch"] == batch:
@@ -308,10 +313,7 @@ def test_resume_inside_an_epoch_gives_identical_weights(tmp_path, mnist, method,
     assert len(hist) == 2 and "partial_epoch" not in read_checkpoint_meta(ckpt)
     model = _tiny(batchnorm=True)
     _, hist = engine.train(model, data_, checkpoint=ckpt, resume=True, checkpoint_seconds=0, **common)
-    for k, v in ref.state_dict().items():
-        assert torch.equal(v, model.state_dict()[k]), k
-    strip = [{k: v for k, v in h.items() if k != "seconds"} for h in hist]
-    assert strip == [{k: v for k, v in h.items() if k != "seconds"} for h in ref_hist]
+    _assert_same_run(model, hist, ref, ref_hist)
     assert "partial_epoch" not in read_checkpoint_meta(ckpt)  # the final checkpoint is an epoch checkpoint
     with pytest.raises(ValueError, match="checkpoint_seconds"):
         engine.train(_tiny(), data_, checkpoint_seconds=1.0, **common)
