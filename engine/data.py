@@ -18,6 +18,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .fileio import publish
+
 __all__ = [
     "DataError",
     "load_mnist",
@@ -117,7 +119,7 @@ def write_idx(path: str | os.PathLike, array: np.ndarray) -> None:
             fh.write(payload)
     else:
         tmp.write_bytes(payload)
-    os.replace(tmp, path)
+    publish(tmp, path)
 
 
 def _find(root: Path, stem: str) -> Path:

@@ -163,7 +163,7 @@ class ResultsLog:
         summ = self.summary(extra=extra)
         tmp = self.json_path.with_name(self.json_path.name + ".tmp")
         tmp.write_text(json.dumps(summ, indent=2) + "\n")
-        os.replace(tmp, self.json_path)
+        publish(tmp, self.json_path)
         return summ
 
     def plot(self) -> Path | None:
@@ -193,7 +193,7 @@ class ResultsLog:
         tmp = self.png_path.with_name(self.png_path.stem + ".tmp.png")
         fig.savefig(tmp)
         plt.close(fig)
-        os.replace(tmp, self.png_path)
+        publish(tmp, self.png_path)
         return self.png_path
 
 
