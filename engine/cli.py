@@ -3,7 +3,8 @@
 Commands: ``certify`` (Cohen et al.'s certify over a data set, resumable), ``demo`` (the embedded
 default: train LeNet with Gaussian augmentation on the shipped MNIST subset and certify 100 test
 images), ``make-subset`` (cut a small MNIST subset), ``train`` (certified-robust training with a
-checkpoint every epoch and ``--resume``), ``poison`` (craft a PACD poison, resumable), ``evaluate``
+checkpoint every epoch and ``--resume``), ``poison`` (craft a PACD poison, resumable),
+``poison-snapshot`` (the poison of a running or stopped poisoning run, from its checkpoint), ``evaluate``
 (train a victim on clean or poisoned data and certify the target class, resumable).
 """
 
@@ -443,6 +444,20 @@ def cmd_poison(args) -> int:
     return 0
 
 
+def cmd_poison_snapshot(args) -> int:
+    from .pacd import PoisonSet
+
+    train_data, _ = _load_split(args)
+    ps = PoisonSet.from_checkpoint(args.checkpoint, train_data)
+    ps.settings.update({"dataset": args.dataset, "val_size": args.val_size})
+    ps.save(args.out)
+    print(
+        f"wrote {args.out}: the poison of {args.checkpoint} after {ps.settings['outer_steps']} outer steps, "
+        f"{len(ps)} images of class {ps.target_class}, L_inf {ps.linf(train_data):.4f} <= eps {ps.eps}"
+    )
+    return 0
+
+
 COMPARE_KEYS = ("victim_method", "arch", "sigma", "target_class", "images", "n", "poisoned", "acr",
                 "certified_accuracy", "clean_accuracy_other_classes")
 
@@ -665,6 +680,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue from OUT.ckpt")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_poison)
+
+    p = sub.add_parser(
+        "poison-snapshot", help="save the poison as it stands in a poisoning checkpoint (safe while the run goes on)"
+    )
+    p.add_argument("--checkpoint", required=True, help="the run's checkpoint (poison OUT.ckpt)")
+    p.add_argument("--dataset", choices=("mnist", "cifar10"), default="mnist")
+    p.add_argument("--data-root", default=None, help="data folder of the run (mnist: default the embedded subset)")
+    p.add_argument("--val-size", type=_int_at_least(1), default=5000, help="the run's --val-size")
+    p.add_argument("--out", required=True, help="poison .safetensors to write")
+    p.set_defaults(func=cmd_poison_snapshot)
 
     p = sub.add_parser("evaluate", help="train a victim on clean or poisoned data and certify the target class")
     p.add_argument("--poison", default=None, help="poison .safetensors")

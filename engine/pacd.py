@@ -227,6 +227,47 @@ class PoisonSet:
             meta["settings"],
         )
 
+    @classmethod
+    def from_checkpoint(cls, checkpoint: str | os.PathLike, train_data) -> "PoisonSet":
+        """The poison as it stands in a poisoning checkpoint (``poison(checkpoint=...)``), e.g. to
+        evaluate a long run part-way through while it goes on.
+
+        ``train_data`` must be the training set the run was started on (its target-class images are
+        checked against the run's hash of the clean originals). Reading is safe while the run writes:
+        checkpoints are replaced atomically. ``settings["outer_steps"]`` is the step of the snapshot.
+        """
+        path = Path(checkpoint)
+        if not path.is_file():
+            raise PoisonError(f"{path}: no such poisoning checkpoint")
+        tensors, meta = _load_checkpoint(path)
+        settings = meta.get("settings") or {}
+        missing = [k for k in ("target_class", "clean_sha256", "eps", "sigma", "method") if k not in settings]
+        if missing or "u" not in tensors:
+            raise PoisonError(f"{path}: incomplete poisoning checkpoint (missing {missing or ['u']})")
+        images, labels = train_data
+        labels = torch.as_tensor(labels).to(torch.int64)
+        target = int(settings["target_class"])
+        idx = (labels == target).nonzero().flatten()
+        if idx.numel() != tensors["u"].shape[0] or _hash_clean(images[idx], labels[idx]) != settings["clean_sha256"]:
+            raise PoisonError(
+                f"{path}: the training set's {idx.numel()} images of class {target} are not the originals this run "
+                f"poisons ({tensors['u'].shape[0]} images): pass the same training split the run was started on"
+            )
+        history = meta.get("history") or []
+        snap = dict(settings)
+        snap.update({"outer_steps": int(meta["step"]), "snapshot_of": str(path), "history_tail": history[-20:]})
+        return cls(
+            idx.clone(),
+            tensors["u"].to(torch.float32),
+            labels[idx].clone(),
+            settings["clean_sha256"],
+            float(settings["eps"]),
+            float(settings["sigma"]),
+            settings["method"],
+            target,
+            json.loads(json.dumps(snap)),
+        )
+
     def apply(self, train_data) -> tuple[torch.Tensor, torch.Tensor]:
         """The poisoned training set: float32 images in [0, 1] with the poison at ``indices``; labels unchanged.
 

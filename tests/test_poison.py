@@ -329,3 +329,45 @@ def test_pacd_evidence_script_tiny_end_to_end_and_resume(tmp_path):
     for m, r in json.loads(out.with_suffix(".json").read_text())["main"].items():
         for side in ("clean", "poisoned"):
             assert {k: r[side][k] for k in keys} == {k: report["main"][m][side][k] for k in keys}  # reused, not redone
+
+
+def test_snapshot_from_checkpoint(tiny, tmp_path):
+    """A checkpoint's poison equals the poison of a run stopped at that step; another training set is refused."""
+    import subprocess
+    import sys
+
+    train, val = tiny
+    ckpt = tmp_path / "ck.safetensors"
+    ps2 = poison(_tiny_mlp, train, val, outer_steps=2, checkpoint=ckpt, checkpoint_every=1, seed=5, **SMALL)
+    snap = PoisonSet.from_checkpoint(ckpt, train)
+    assert torch.equal(snap.images, ps2.images) and torch.equal(snap.indices, ps2.indices)
+    assert torch.equal(snap.labels, ps2.labels) and snap.clean_sha256 == ps2.clean_sha256
+    assert snap.settings["outer_steps"] == 2 and (snap.eps, snap.sigma, snap.method) == (0.1, 0.5, "gaussian")
+    _invariants(snap, train)
+    snap.save(tmp_path / "snap.safetensors")
+    assert torch.equal(PoisonSet.load(tmp_path / "snap.safetensors").apply(train)[0], ps2.apply(train)[0])
+    other = (train[0].clone(), train[1])
+    other[0][(train[1] == TARGET).nonzero()[0, 0]] ^= 1  # one pixel of one target-class image differs
+    with pytest.raises(PoisonError, match="not the originals"):
+        PoisonSet.from_checkpoint(ckpt, other)
+    with pytest.raises(PoisonError, match="no such"):
+        PoisonSet.from_checkpoint(tmp_path / "none.ckpt", train)
+    with pytest.raises(PoisonError, match="not a poisoning checkpoint"):
+        PoisonSet.from_checkpoint(tmp_path / "snap.safetensors", train)
+
+    # command line: a run's checkpoint -> poison file, on the same split
+    out = tmp_path / "p.safetensors"
+    base = [sys.executable, "-m", "engine", "poison", "--target-class", "8", "--sigma", "0.5", "--eps", "0.1", "--batch-clean",
+            "60", "--batch-poison", "20", "--batch-val", "10", "--k", "2", "--niter1", "1", "--niter2", "1", "--val-size", "9000",
+            "--arch", "mlp", "--out", str(out), "--quiet", "--checkpoint-every", "1", "--outer-steps", "1"]
+    proc = subprocess.run(base, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    cmd = [sys.executable, "-m", "engine", "poison-snapshot", "--checkpoint", str(out) + ".ckpt", "--val-size", "9000",
+           "--out", str(tmp_path / "s.safetensors")]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    s = PoisonSet.load(tmp_path / "s.safetensors")
+    assert torch.equal(s.images, PoisonSet.load(out).images) and s.settings["outer_steps"] == 1
+    proc = subprocess.run(cmd[:-4] + ["--val-size", "8000", "--out", str(tmp_path / "t.safetensors")], capture_output=True,
+                          text=True)
+    assert proc.returncode == 2 and "not the originals" in proc.stderr
