@@ -255,7 +255,7 @@ class PoisonSet:
             )
         history = meta.get("history") or []
         snap = dict(settings)
-        snap.update({"outer_steps": int(meta["step"]), "snapshot_of": str(path), "history_tail": history[-20:]})
+        snap.update({"outer_steps": int(meta["step"]), "snapshot_of": str(path), **_history_summary(history)})
         return cls(
             idx.clone(),
             tensors["u"].to(torch.float32),
@@ -446,6 +446,16 @@ class _RowAdam:
 # ----------------------------------------------------------------------------------------------
 # checkpoints
 # ----------------------------------------------------------------------------------------------
+
+
+def _history_summary(history: list[dict]) -> dict:
+    """What a poison set keeps of its run's per-step log: the last 20 entries, the upper objective at
+    every step and the seconds of all steps (over every invocation of a resumed run)."""
+    return {
+        "history_tail": history[-20:],
+        "upper_by_step": [round(float(e["upper"]), 6) for e in history],
+        "step_seconds_total": float(sum(e["seconds"] for e in history)),
+    }
 
 
 def _save_checkpoint(path: Path, tensors: dict[str, torch.Tensor], meta: dict) -> None:
@@ -813,7 +823,7 @@ def poison(
         lock.release()
     final = dict(settings)
     final.update(
-        {"outer_steps": max(start, outer_steps), "seconds": time.perf_counter() - t_start, "history_tail": history[-20:]}
+        {"outer_steps": max(start, outer_steps), "seconds": time.perf_counter() - t_start, **_history_summary(history)}
     )
     return PoisonSet(
         indices=pool_p.clone(),

@@ -305,7 +305,7 @@ def test_pacd_evidence_script_tiny_end_to_end_and_resume(tmp_path):
     script = Path(__file__).resolve().parent.parent / "bench" / "pacd_mnist_evidence.py"
     out = tmp_path / "pacd"
     args = [sys.executable, str(script), "--data-root", str(data.embedded_mnist_root()), "--work", str(tmp_path / "work"),
-            "--out", str(out), "--methods", "gaussian,macer", "--outer-steps", "2", "--train-size", "900", "--val-size",
+            "--out", str(out), "--methods", "gaussian,macer", "--outer-steps", "2,macer=1", "--train-size", "900", "--val-size",
             "300", "--batch-clean", "60", "--batch-poison", "20", "--batch-val", "10", "--k", "2", "--niter1", "2",
             "--niter2", "2", "--victim-epochs", "1", "--images", "3", "--n", "40", "--transfer", "--transfer-images", "2",
             "--transfer-n", "20", "--archs", "lenet,mlp", "--threads", "1"]  # fmt: skip
@@ -318,10 +318,20 @@ def test_pacd_evidence_script_tiny_end_to_end_and_resume(tmp_path):
         assert r["clean"]["images"] == 3 and r["clean"]["target_class"] == 8
     assert len(report["transfer"]) == 2 * 2 * 2  # crafted-for x victim x arch
     md = out.with_suffix(".md").read_text()
-    main_rows = [x for x in md.split("## Transfer")[0].splitlines() if x.startswith("| gaussian |") or x.startswith("| macer |")]
+    main_rows = [x for x in md.split("## Settings")[0].splitlines() if x.startswith("| gaussian |") or x.startswith("| macer |")]
     assert len(main_rows) == 2 and all(x.count("|") == 13 for x in main_rows)  # one side-by-side line per procedure
     poisons = {m: PoisonSet.load(tmp_path / "work" / f"poison_{m}.safetensors") for m in ("gaussian", "macer")}
-    assert all(ps.settings["outer_steps"] == 2 and ps.target_class == 8 for ps in poisons.values())
+    assert poisons["gaussian"].settings["outer_steps"] == 2 and poisons["macer"].settings["outer_steps"] == 1
+    assert all(ps.target_class == 8 and len(ps.settings["upper_by_step"]) == ps.settings["outer_steps"]
+               for ps in poisons.values())
+    assert report["outer_steps"] == {"gaussian": 2, "macer": 1} and report["victim_epochs"] == {"gaussian": 1, "macer": 1}
+    assert "| gaussian | 0.5 | 2 |" in md and "| macer | 0.75 | 1 |" in md  # settings table states the outer steps
+    assert md.count("goal met") + md.count("goal NOT met") == 2
+    bad = subprocess.run(args[:2] + ["--outer-steps", "gaussian=2", "--methods", "gaussian,macer"], capture_output=True,
+                         text=True)
+    assert bad.returncode != 0 and "--outer-steps gives no value for macer" in bad.stderr
+    bad = subprocess.run(args[:2] + ["--outer-steps", "gausian=2"], capture_output=True, text=True)
+    assert bad.returncode != 0 and "METHOD=N" in bad.stderr
     again = subprocess.run(args, capture_output=True, text=True)  # everything is reused
     assert again.returncode == 0, again.stderr[-3000:]
     assert "crafting poison" not in again.stdout
@@ -343,6 +353,9 @@ def test_snapshot_from_checkpoint(tiny, tmp_path):
     assert torch.equal(snap.images, ps2.images) and torch.equal(snap.indices, ps2.indices)
     assert torch.equal(snap.labels, ps2.labels) and snap.clean_sha256 == ps2.clean_sha256
     assert snap.settings["outer_steps"] == 2 and (snap.eps, snap.sigma, snap.method) == (0.1, 0.5, "gaussian")
+    for key in ("upper_by_step", "step_seconds_total", "history_tail"):  # the run's log, as in the finished poison
+        assert snap.settings[key] == ps2.settings[key]
+    assert len(snap.settings["upper_by_step"]) == 2 and snap.settings["step_seconds_total"] > 0
     _invariants(snap, train)
     snap.save(tmp_path / "snap.safetensors")
     assert torch.equal(PoisonSet.load(tmp_path / "snap.safetensors").apply(train)[0], ps2.apply(train)[0])
