@@ -280,8 +280,6 @@ def cmd_train(args) -> int:
     from . import data, models
     from .train import split_validation, train
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
     device = _device(args.device)
     out = Path(args.out)
     ckpt = train_checkpoint_path(out)
@@ -545,11 +543,17 @@ def _int_at_least(lo: int):
     return parse
 
 
+def _add_threads(p) -> None:
+    p.add_argument("--threads", type=_int_at_least(1), default=None,
+                   help="torch CPU threads (default: torch's; 1 on a machine shared with other jobs)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m engine", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("certify", help="certify a model over a data set (resumable TSV log + JSON + PNG)")
+    _add_threads(p)
     p.add_argument("--checkpoint", required=True, help="model .safetensors written by engine.models.save")
     p.add_argument("--dataset", choices=("mnist", "cifar10"), required=True)
     p.add_argument("--data-root", default=None, help="data folder (mnist: default the embedded subset)")
@@ -594,6 +598,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_merge)
 
     p = sub.add_parser("train", help="certified-robust training (checkpoint every epoch, --resume)")
+    _add_threads(p)
     p.add_argument("--method", choices=("standard", "gaussian", "smoothadv", "macer"), required=True)
     p.add_argument("--dataset", choices=("mnist", "cifar10"), required=True)
     p.add_argument("--data-root", default=None, help="data folder (mnist: default the embedded subset)")
@@ -624,7 +629,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--stop-after-epoch", type=_int_at_least(1), default=None, help="stop after this epoch; continue with --resume"
     )
-    p.add_argument("--threads", type=_int_at_least(1), default=None, help="torch CPU threads")
     p.add_argument("--device", default="auto")
     p.add_argument("--out", required=True, help="final model .safetensors (the epoch checkpoint is kept beside it)")
     p.add_argument("--resume", action="store_true", help="continue from the checkpoint beside --out")
@@ -647,6 +651,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_make_subset)
 
     p = sub.add_parser("poison", help="craft a PACD poison (ApproxGrad) against a certified-robust training procedure")
+    _add_threads(p)
     p.add_argument("--dataset", choices=("mnist", "cifar10"), default="mnist")
     p.add_argument("--data-root", default=None, help="data folder (mnist: default the embedded subset)")
     p.add_argument("--val-size", type=_int_at_least(1), default=5000, help="first images of the train split held out")
@@ -692,6 +697,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_poison_snapshot)
 
     p = sub.add_parser("evaluate", help="train a victim on clean or poisoned data and certify the target class")
+    _add_threads(p)
     p.add_argument("--poison", default=None, help="poison .safetensors")
     p.add_argument("--clean", action="store_true", help="clean victim (needs --target-class)")
     p.add_argument("--target-class", type=_int_at_least(0), default=None)
@@ -738,6 +744,8 @@ def main(argv=None) -> int:
     from .pacd import PoisonError
     from .results import ResultsError
 
+    if getattr(args, "threads", None):
+        torch.set_num_threads(args.threads)
     try:
         return args.func(args)
     except (DataError, CheckpointError, ResultsError, PoisonError, FileInUseError) as exc:

@@ -233,3 +233,31 @@ def test_shards_partition_the_run(tmp_path, checkpoint):
     assert proc.returncode == 2 and "incomplete" in proc.stderr
     proc = _run(["merge", *shards, "--out", str(tmp_path / "m5.tsv"), "--allow-partial"])
     assert proc.returncode == 0 and json.loads((tmp_path / "m5.json").read_text())["images"] == 9
+
+
+
+@pytest.mark.parametrize(
+    "command,func,extra",
+    [
+        ("certify", "cmd_certify", ["--checkpoint", "c", "--dataset", "mnist", "--sigma", "0.5", "--out", "o.tsv"]),
+        ("train", "cmd_train", ["--method", "gaussian", "--dataset", "mnist", "--arch", "lenet", "--sigma", "0.5", "--epochs",
+                                "1", "--out", "m.safetensors"]),
+        ("poison", "cmd_poison", ["--target-class", "8", "--sigma", "0.5", "--eps", "0.1", "--outer-steps", "1", "--out", "p"]),
+        ("evaluate", "cmd_evaluate", ["--clean", "--target-class", "8", "--victim-method", "gaussian", "--sigma", "0.5",
+                                      "--out-dir", "d"]),
+    ],
+)
+def test_threads_option_sets_torch_threads(command, func, extra, monkeypatch):
+    """--threads N reaches torch.set_num_threads before the command runs (long jobs on a shared machine)."""
+    from engine import cli
+
+    seen = []
+    monkeypatch.setattr(cli, func, lambda args: seen.append(torch.get_num_threads()) or 0)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        assert cli.main([command, *extra]) == 0
+        assert cli.main([command, "--threads", "1", *extra]) == 0
+    finally:
+        torch.set_num_threads(before)
+    assert seen == [2, 1]
