@@ -275,3 +275,31 @@ def test_cpu_fast_forward_model_pools_before_relu_exactly():
         assert [type(m).__name__ for m in model.modules()].index("ReLU") < [
             type(m).__name__ for m in model.modules()
         ].index("MaxPool2d")
+
+
+def test_maxpool2x2_equals_max_pool2d_bit_for_bit():
+    from engine.smoothing import MaxPool2x2, fast_forward_model
+
+    pool = MaxPool2x2()
+    g = torch.Generator().manual_seed(7)
+    for shape in [(5, 20, 24, 24), (3, 50, 8, 8), (2, 1, 2, 2), (4, 3, 7, 10), (2, 6, 9, 9), (1, 33, 6, 14)]:
+        x = torch.randn(shape, generator=g) * 100
+        x[0, 0, 0, 0] = float("inf")  # extreme values still picked exactly
+        x[-1, -1, -1, -1] = -float("inf")
+        for layout in (torch.channels_last, torch.contiguous_format):
+            xi = x.contiguous(memory_format=layout)
+            with torch.no_grad():
+                out = pool(xi)
+            ref = torch.nn.functional.max_pool2d(xi, 2)
+            assert out.shape == ref.shape and torch.equal(out, ref), (shape, layout)
+    # autograd inputs take max_pool2d (its gradient)
+    x = torch.randn(2, 3, 4, 4, requires_grad=True)
+    pool(x.contiguous(memory_format=torch.channels_last)).sum().backward()
+    assert x.grad is not None and float(x.grad.sum()) == 2 * 3 * 4
+    # certification's CPU model uses it for LeNet's 2x2 pools, and keeps other pools as they are
+    fast = fast_forward_model(_lenet(3), torch.device("cpu"), "auto")
+    assert sum(isinstance(m, MaxPool2x2) for m in fast.modules()) == 2
+    assert not any(type(m) is torch.nn.MaxPool2d for m in fast.modules())
+    other = torch.nn.Sequential(torch.nn.Conv2d(1, 2, 3), torch.nn.MaxPool2d(3, stride=2), torch.nn.Flatten())
+    kinds = [type(m).__name__ for m in fast_forward_model(other, torch.device("cpu"), "auto").modules()]
+    assert "MaxPool2d" in kinds and "MaxPool2x2" not in kinds
