@@ -19,6 +19,14 @@ def _noisy_batch_fake(x, row_image, row_sample, image_ids, seed, stream, sigma, 
     return x.new_empty((row_image.shape[0],) + tuple(x.shape[1:]), dtype=dtype)
 
 
+@torch.library.register_fake("engine::conv1_pool_relu")
+def _conv1_pool_relu_fake(x, weight, bias, mean, std):
+    torch._check(x.dim() == 4 and x.shape[1] == 1, lambda: "conv1_pool_relu: x must be (B, 1, H, W)")
+    torch._check(weight.dim() == 4 and weight.shape[1] == 1, lambda: "conv1_pool_relu: weight must be (O, 1, kh, kw)")
+    hp, wp = (x.shape[2] - weight.shape[2] + 1) // 2, (x.shape[3] - weight.shape[3] + 1) // 2
+    return x.new_empty((x.shape[0], weight.shape[0], hp, wp)).contiguous(memory_format=torch.channels_last)
+
+
 # -- fused Hessian-vector products (csrc/hvp_*.cpp, csrc/cuda/hvp_cuda.cu; see engine/hessian.py) --
 
 

@@ -16,6 +16,7 @@ from typing import Callable
 import numpy as np
 import torch
 
+from . import _ext
 from . import accel as _accel
 from . import noise as _noise
 from .stats import binomial_two_sided_pvalue, certified_radius, clopper_pearson_lower
@@ -153,7 +154,77 @@ def fast_forward_model(model: torch.nn.Module, device: torch.device, backend: st
         return model
     _pool_before_relu(clone)
     _fast_pools(clone)
+    _fuse_first_layer(clone)
     return _ChannelsLast(clone.to(memory_format=torch.channels_last)).eval()
+
+
+class Conv1PoolReLU(torch.nn.Module):
+    """``Normalize, Conv2d(1 -> O), MaxPool2d(2), ReLU`` as one op on the CPU (``engine::conv1_pool_relu``).
+
+    The first layer of LeNet-style networks, fused per sample so that the full-resolution convolution
+    output stays in cache (oneDNN runs a one-input-channel convolution far below the FMA rate and
+    writes all of it to memory before the pool reads it back). Equal to the unfused layers up to
+    float32 rounding of the convolution's sums. Inputs the op does not take (not a CPU float32 batch,
+    autograd, no extension) run through the original layers, kept as ``self.layers``.
+    """
+
+    def __init__(self, normalize: torch.nn.Module, conv: torch.nn.Conv2d, pool: torch.nn.Module, relu: torch.nn.Module):
+        super().__init__()
+        self.layers = torch.nn.Sequential(normalize, conv, pool, relu)
+
+    @staticmethod
+    def fusable(normalize, conv, pool, relu) -> bool:
+        from .models import Normalize
+
+        return (
+            type(normalize) is Normalize
+            and normalize.mean.numel() == 1
+            and type(conv) is torch.nn.Conv2d
+            and conv.in_channels == 1
+            and conv.groups == 1
+            and conv.padding_mode == "zeros"
+            and torch.nn.modules.utils._pair(conv.stride) == (1, 1)
+            and torch.nn.modules.utils._pair(conv.dilation) == (1, 1)
+            and torch.nn.modules.utils._pair(conv.padding) == (0, 0)
+            and conv.bias is not None
+            and isinstance(pool, MaxPool2x2)
+            and type(relu) is torch.nn.ReLU
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        normalize, conv = self.layers[0], self.layers[1]
+        if (
+            x.device.type != "cpu"
+            or x.dtype != torch.float32
+            or conv.weight.dtype != torch.float32
+            or x.dim() != 4
+            or x.shape[1] != 1
+            or x.shape[2] < conv.kernel_size[0] + 1
+            or x.shape[3] < conv.kernel_size[1] + 1
+            or (torch.is_grad_enabled() and (x.requires_grad or conv.weight.requires_grad))
+            or not _ext.available()
+        ):
+            return self.layers(x)
+        return torch.ops.engine.conv1_pool_relu(
+            x, conv.weight, conv.bias, float(normalize.mean.flatten()[0]), float(normalize.std.flatten()[0])
+        )
+
+
+def _fuse_first_layer(model: torch.nn.Module) -> None:
+    """Replace (in place) a leading ``Normalize, Conv2d(1 -> O), MaxPool2x2, ReLU`` of a Sequential
+    (after :func:`_pool_before_relu` and :func:`_fast_pools`) by :class:`Conv1PoolReLU`."""
+    if not isinstance(model, torch.nn.Sequential) or len(model) < 4:
+        return
+    keys = list(model._modules.keys())
+    parts = [model._modules[k] for k in keys[:4]]
+    if not Conv1PoolReLU.fusable(*parts):
+        return
+    fused = Conv1PoolReLU(*parts)
+    rest = [(k, model._modules[k]) for k in keys[4:]]
+    model._modules.clear()
+    model._modules[keys[0]] = fused
+    for k, m in rest:
+        model._modules[k] = m
 
 
 class MaxPool2x2(torch.nn.Module):
