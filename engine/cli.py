@@ -271,7 +271,7 @@ def train_checkpoint_path(out: str | Path) -> Path:
     return out.with_name(out.name[: -len(out.suffix)] + ".checkpoint" + out.suffix if out.suffix else out.name + ".checkpoint")
 
 
-TRAIN_METHOD_FLAGS = ("eps", "steps", "m", "warmup", "k", "beta", "gamma", "lbd")
+TRAIN_METHOD_FLAGS = ("eps", "steps", "m", "warmup", "k", "beta", "gamma", "lbd", "lbd_warmup")
 
 
 def cmd_train(args) -> int:
@@ -622,6 +622,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--beta", type=float, default=None, help="inverse temperature (16)")
     g.add_argument("--gamma", type=float, default=None, help="hinge (8)")
     g.add_argument("--lbd", type=float, default=None, help="weight of the robustness term (12)")
+    g.add_argument("--lbd-warmup", type=int, default=None,
+                   help="epochs over which lbd grows linearly from 0 (0: full lbd from the first epoch)")
     p.add_argument(
         "--val-size", type=_int_at_least(0), default=0, help="hold out this many training images for per-epoch validation"
     )

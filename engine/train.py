@@ -10,7 +10,9 @@ Methods (the lower-level problems of PACD; details in docs/ALGORITHMS.md section
   (required, >= 0), ``steps`` (10), ``m`` (1), ``warmup`` (1: epsilon grows linearly over the first
   ``warmup`` epochs, eps * min(1, (epoch + 1) / warmup) in epoch ``epoch`` counted from 0).
 - ``"macer"``: MACER (Zhai et al. 2020), :func:`engine.losses.macer`. Method arguments: ``k`` (16),
-  ``beta`` (16.0), ``gamma`` (8.0), ``lbd`` (12.0).
+  ``beta`` (16.0), ``gamma`` (8.0), ``lbd`` (12.0), ``lbd_warmup`` (0: the robustness term's weight is
+  lbd * min(1, epoch / lbd_warmup) in epoch ``epoch`` counted from 0, so the first epoch trains the
+  classification term alone and lbd is reached after ``lbd_warmup`` epochs; 0 = lbd from the start).
 
 Randomness: the data order of epoch e comes from a CPU generator seeded from (seed, e, 0), all noise
 of epoch e (drawn batch after batch, so fresh every batch and epoch) from a generator on the
@@ -61,7 +63,7 @@ METHOD_ARGS = {
     "standard": {},
     "gaussian": {},
     "smoothadv": {"eps": _REQUIRED, "steps": 10, "m": 1, "warmup": 1},
-    "macer": {"k": 16, "beta": 16.0, "gamma": 8.0, "lbd": 12.0},
+    "macer": {"k": 16, "beta": 16.0, "gamma": 8.0, "lbd": 12.0, "lbd_warmup": 0},
 }
 CHECKPOINT_FORMAT = "engine.train-checkpoint/1"
 RNG_DERIVATION = (
@@ -142,8 +144,16 @@ def _method_args(method: str, given: dict) -> dict:
         for name in ("steps", "m", "warmup"):
             losses._check_int(name, args[name], 1)
     elif method == "macer":
-        _, args["k"], args["beta"], args["gamma"], args["lbd"] = losses._check_macer(1.0, **args)
+        args["lbd_warmup"] = losses._check_int("lbd_warmup", args.pop("lbd_warmup"), 0)
+        _, args["k"], args["beta"], args["gamma"], args["lbd"] = losses._check_macer(
+            1.0, **{k: v for k, v in args.items() if k != "lbd_warmup"}
+        )
     return args
+
+
+def _macer_lbd(args: dict, epoch: int) -> float:
+    """MACER's robustness weight in epoch ``epoch`` (from 0): lbd * min(1, epoch / lbd_warmup)."""
+    return args["lbd"] * min(1.0, epoch / args["lbd_warmup"]) if args["lbd_warmup"] else args["lbd"]
 
 
 def _lr_lambda(schedule: str, total_steps: int):
@@ -171,7 +181,8 @@ def _batch_loss(method, model, x, y, sigma, args, epoch, g) -> tuple[torch.Tenso
         per, logits = losses._noisy_cross_entropy(model, x_adv, y, sigma, noise)
         loss, target = per.mean(), y.repeat_interleave(args["m"])
     else:  # macer
-        loss, _, _, logits = losses._macer(model, x, y, sigma, args["k"], args["beta"], args["gamma"], args["lbd"], g)
+        lbd = _macer_lbd(args, epoch)
+        loss, _, _, logits = losses._macer(model, x, y, sigma, args["k"], args["beta"], args["gamma"], lbd, g)
         logits = logits.reshape(-1, logits.shape[-1])
         target = y.repeat_interleave(args["k"])
     return loss, int((logits.detach().argmax(1) == target).sum()), int(target.shape[0])
@@ -477,6 +488,8 @@ def train(
             }
             if method == "smoothadv":
                 entry["eps"] = args["eps"] * min(1.0, (epoch + 1) / args["warmup"])
+            if method == "macer":
+                entry["lbd"] = _macer_lbd(args, epoch)
             if eval_data is not None:
                 entry.update(evaluate(model, eval_data, sigma=sigma, seed=seed))
             history.append(entry)

@@ -186,6 +186,8 @@ def test_resume_gives_identical_weights(tmp_path, mnist, method, optimizer, sche
         ({"method": "smoothadv", "eps": 0.5, "warmup": 0}, "warmup"),
         ({"method": "macer", "k": 0}, "k must"),
         ({"method": "macer", "lbd": -1.0}, "lbd"),
+        ({"method": "macer", "lbd_warmup": -1}, "lbd_warmup must"),
+        ({"method": "macer", "lbd_warmup": 1.5}, "lbd_warmup must"),
         ({"method": "gaussian", "eps": 0.5}, "takes no argument"),
         ({"method": "macer", "kk": 4}, "kk"),
         ({"optimizer": "rmsprop"}, "optimizer"),
@@ -342,3 +344,24 @@ def test_channels_last_training_matches_standard_layout(mnist):
         moved = max(moved, float((v - init[k]).abs().max()))
     assert moved > 1e-3  # the weights did train
     assert abs(runs[True][1][0]["loss"] - runs[False][1][0]["loss"]) < 1e-4
+
+
+def test_macer_lbd_warmup(mnist):
+    """lbd_warmup: epoch 0 trains the classification term alone (same weights as lbd 0), then lbd grows."""
+    (images, labels), _ = mnist
+    data_ = (images[:256], labels[:256])
+
+    def run(epochs, **kw):
+        torch.manual_seed(0)
+        model = _tiny()
+        _, hist = engine.train(model, data_, method="macer", sigma=0.5, epochs=epochs, batch_size=64, lr=0.05, seed=1, k=2,
+                               **kw)
+        return torch.cat([p.detach().flatten() for p in model.parameters()]), hist
+
+    w_warm, hist = run(1, lbd=3.0, lbd_warmup=2)
+    w_zero, _ = run(1, lbd=0.0)
+    w_full, hist_full = run(1, lbd=3.0)
+    assert torch.equal(w_warm, w_zero) and not torch.equal(w_warm, w_full)
+    assert hist[0]["lbd"] == 0.0 and hist_full[0]["lbd"] == 3.0
+    _, hist = run(4, lbd=3.0, lbd_warmup=2)
+    assert [h["lbd"] for h in hist] == [0.0, 1.5, 3.0, 3.0]
