@@ -365,3 +365,30 @@ def test_macer_lbd_warmup(mnist):
     assert hist[0]["lbd"] == 0.0 and hist_full[0]["lbd"] == 3.0
     _, hist = run(4, lbd=3.0, lbd_warmup=2)
     assert [h["lbd"] for h in hist] == [0.0, 1.5, 3.0, 3.0]
+
+
+def test_train_mnist_evidence_per_sigma_method_args():
+    """The evidence script's per-sigma MACER settings reach the train command line (underscores as dashes)."""
+    import argparse
+    import importlib.util
+
+    path = os.path.join(os.path.dirname(__file__), "..", "bench", "train_mnist_evidence.py")
+    spec = importlib.util.spec_from_file_location("train_mnist_evidence", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    args = argparse.Namespace(data_root="d", epochs={"macer": 5}, seed=0, device="cpu", train_size=None, threads=1,
+                              quiet=True)
+    for sigma, want in [(0.25, mod.METHOD_ARGS["macer"]), (0.5, {**mod.METHOD_ARGS["macer"], **mod.SIGMA_ARGS[("macer", 0.5)]})]:
+        cmd = mod.train_command(args, "macer", sigma, mod.REPO / "m.safetensors")
+        assert mod.method_args("macer", sigma) == want
+        for k, v in want.items():
+            i = cmd.index("--" + k.replace("_", "-"))
+            assert float(cmd[i + 1]) == float(v)
+    assert "--lbd-warmup" not in mod.train_command(args, "macer", 0.25, mod.REPO / "m.safetensors")
+    # the command parses: the train CLI accepts every flag the script passes
+    from engine.cli import build_parser
+
+    cmd = mod.train_command(args, "macer", 0.5, mod.REPO / "m.safetensors")
+    parsed = build_parser().parse_args(cmd[3:])
+    want = mod.method_args("macer", 0.5)
+    assert parsed.lbd_warmup == want["lbd_warmup"] and parsed.lbd == want["lbd"] and parsed.k == want["k"]
