@@ -98,32 +98,33 @@ __attribute__((always_inline)) inline void sample_kernel(const float* xin, int64
   }
 }
 
-// Compiled for AVX-512 and for AVX2 + FMA (chosen at run time) and for the baseline ISA.
-__attribute__((target("avx512f,avx512dq,avx512vl,avx2,fma"), optimize("O3,fp-contract=fast,no-predictive-commoning"))) void run_avx512(
-    const float* x, int64_t b0, int64_t b1, int64_t H, int64_t W, float mean, float stdv, const float* w,
-    const float* bias, int64_t O, int64_t kh, int64_t kw, float* out, int64_t out_stride) {
-  const int64_t Wo = W - kw + 1;
-  std::vector<float> rows(2 * Wo * O), xn(H * W);
+// Samples [b0, b1) with per-thread scratch buffers; inlined into one function per instruction set.
+template <int CW>
+__attribute__((always_inline)) inline void run_samples(const float* x, int64_t b0, int64_t b1, int64_t H, int64_t W,
+                                                       float mean, float stdv, const float* w, const float* bias,
+                                                       int64_t O, int64_t kh, int64_t kw, float* out,
+                                                       int64_t out_stride) {
+  std::vector<float> rows(2 * (W - kw + 1) * O), xn(H * W);
   for (int64_t b = b0; b < b1; ++b)
-    sample_kernel<16>(x + b * H * W, H, W, mean, stdv, w, bias, O, kh, kw, out + b * out_stride, rows.data(), xn.data());
+    sample_kernel<CW>(x + b * H * W, H, W, mean, stdv, w, bias, O, kh, kw, out + b * out_stride, rows.data(), xn.data());
 }
 
-__attribute__((target("avx2,fma"), optimize("O3,fp-contract=fast,no-predictive-commoning"))) void run_avx2(
-    const float* x, int64_t b0, int64_t b1, int64_t H, int64_t W, float mean, float stdv, const float* w,
-    const float* bias, int64_t O, int64_t kh, int64_t kw, float* out, int64_t out_stride) {
-  const int64_t Wo = W - kw + 1;
-  std::vector<float> rows(2 * Wo * O), xn(H * W);
-  for (int64_t b = b0; b < b1; ++b)
-    sample_kernel<8>(x + b * H * W, H, W, mean, stdv, w, bias, O, kh, kw, out + b * out_stride, rows.data(), xn.data());
+// The same code compiled for AVX-512, for AVX2 + FMA and for the baseline ISA (chosen at run time).
+#define ENGINE_CONV_POOL_ARGS                                                                                       \
+  const float *x, int64_t b0, int64_t b1, int64_t H, int64_t W, float mean, float stdv, const float *w,            \
+      const float *bias, int64_t O, int64_t kh, int64_t kw, float *out, int64_t out_stride
+#define ENGINE_CONV_POOL_OPT optimize("O3,fp-contract=fast,no-predictive-commoning")
+__attribute__((target("avx512f,avx512dq,avx512vl,avx2,fma"), ENGINE_CONV_POOL_OPT)) void run_avx512(ENGINE_CONV_POOL_ARGS) {
+  run_samples<16>(x, b0, b1, H, W, mean, stdv, w, bias, O, kh, kw, out, out_stride);
 }
-
-__attribute__((optimize("O3,fp-contract=fast,no-predictive-commoning"))) void run_generic(const float* x, int64_t b0, int64_t b1, int64_t H, int64_t W, float mean, float stdv, const float* w,
-                 const float* bias, int64_t O, int64_t kh, int64_t kw, float* out, int64_t out_stride) {
-  const int64_t Wo = W - kw + 1;
-  std::vector<float> rows(2 * Wo * O), xn(H * W);
-  for (int64_t b = b0; b < b1; ++b)
-    sample_kernel<4>(x + b * H * W, H, W, mean, stdv, w, bias, O, kh, kw, out + b * out_stride, rows.data(), xn.data());
+__attribute__((target("avx2,fma"), ENGINE_CONV_POOL_OPT)) void run_avx2(ENGINE_CONV_POOL_ARGS) {
+  run_samples<8>(x, b0, b1, H, W, mean, stdv, w, bias, O, kh, kw, out, out_stride);
 }
+__attribute__((ENGINE_CONV_POOL_OPT)) void run_generic(ENGINE_CONV_POOL_ARGS) {
+  run_samples<4>(x, b0, b1, H, W, mean, stdv, w, bias, O, kh, kw, out, out_stride);
+}
+#undef ENGINE_CONV_POOL_OPT
+#undef ENGINE_CONV_POOL_ARGS
 
 // 2: AVX-512, 1: AVX2 + FMA, 0: baseline; ENGINE_CPU_ISA=avx2|generic lowers it (tests run every variant).
 int64_t isa_level() {

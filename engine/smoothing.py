@@ -171,6 +171,7 @@ class Conv1PoolReLU(torch.nn.Module):
     def __init__(self, normalize: torch.nn.Module, conv: torch.nn.Conv2d, pool: torch.nn.Module, relu: torch.nn.Module):
         super().__init__()
         self.layers = torch.nn.Sequential(normalize, conv, pool, relu)
+        self.mean, self.std = float(normalize.mean.flatten()[0]), float(normalize.std.flatten()[0])
 
     @staticmethod
     def fusable(normalize, conv, pool, relu) -> bool:
@@ -192,7 +193,7 @@ class Conv1PoolReLU(torch.nn.Module):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        normalize, conv = self.layers[0], self.layers[1]
+        conv = self.layers[1]
         if (
             x.device.type != "cpu"
             or x.dtype != torch.float32
@@ -205,9 +206,7 @@ class Conv1PoolReLU(torch.nn.Module):
             or not _ext.available()
         ):
             return self.layers(x)
-        return torch.ops.engine.conv1_pool_relu(
-            x, conv.weight, conv.bias, float(normalize.mean.flatten()[0]), float(normalize.std.flatten()[0])
-        )
+        return torch.ops.engine.conv1_pool_relu(x, conv.weight, conv.bias, self.mean, self.std)
 
 
 def _fuse_first_layer(model: torch.nn.Module) -> None:
@@ -219,12 +218,9 @@ def _fuse_first_layer(model: torch.nn.Module) -> None:
     parts = [model._modules[k] for k in keys[:4]]
     if not Conv1PoolReLU.fusable(*parts):
         return
-    fused = Conv1PoolReLU(*parts)
-    rest = [(k, model._modules[k]) for k in keys[4:]]
-    model._modules.clear()
-    model._modules[keys[0]] = fused
-    for k, m in rest:
-        model._modules[k] = m
+    model._modules[keys[0]] = Conv1PoolReLU(*parts)  # keeps its place; the rest keep their order
+    for k in keys[1:4]:
+        del model._modules[k]
 
 
 class MaxPool2x2(torch.nn.Module):

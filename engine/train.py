@@ -144,11 +144,16 @@ def _method_args(method: str, given: dict) -> dict:
         for name in ("steps", "m", "warmup"):
             losses._check_int(name, args[name], 1)
     elif method == "macer":
-        args["lbd_warmup"] = losses._check_int("lbd_warmup", args.pop("lbd_warmup"), 0)
         _, args["k"], args["beta"], args["gamma"], args["lbd"] = losses._check_macer(
-            1.0, **{k: v for k, v in args.items() if k != "lbd_warmup"}
+            1.0, args["k"], args["beta"], args["gamma"], args["lbd"]
         )
+        args["lbd_warmup"] = losses._check_int("lbd_warmup", args["lbd_warmup"], 0)
     return args
+
+
+def _smoothadv_eps(args: dict, epoch: int) -> float:
+    """SmoothAdv's attack radius in epoch ``epoch`` (from 0): eps * min(1, (epoch + 1) / warmup)."""
+    return args["eps"] * min(1.0, (epoch + 1) / args["warmup"])
 
 
 def _macer_lbd(args: dict, epoch: int) -> float:
@@ -175,7 +180,7 @@ def _batch_loss(method, model, x, y, sigma, args, epoch, g) -> tuple[torch.Tenso
         per, logits = losses._gaussian_augmentation(model, x, y, sigma, g)
         loss, target = per.mean(), y
     elif method == "smoothadv":
-        eps = args["eps"] * min(1.0, (epoch + 1) / args["warmup"])
+        eps = _smoothadv_eps(args, epoch)
         noise = torch.randn((x.shape[0], args["m"]) + tuple(x.shape[1:]), generator=g, device=x.device, dtype=x.dtype)
         x_adv = attacks.smoothadv(model, x, y, sigma=sigma, eps=eps, steps=args["steps"], m=args["m"], generator=g, noise=noise)
         per, logits = losses._noisy_cross_entropy(model, x_adv, y, sigma, noise)
@@ -487,7 +492,7 @@ def train(
                 "lr": opt.param_groups[0]["lr"],
             }
             if method == "smoothadv":
-                entry["eps"] = args["eps"] * min(1.0, (epoch + 1) / args["warmup"])
+                entry["eps"] = _smoothadv_eps(args, epoch)
             if method == "macer":
                 entry["lbd"] = _macer_lbd(args, epoch)
             if eval_data is not None:
