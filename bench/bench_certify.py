@@ -78,8 +78,10 @@ DATASHEET_PEAKS = {
 }
 
 PROVIDERS = {  # name -> (backend, precision); "-compile": ENGINE_TORCH_COMPILE=1 (experimental),
-    # "-generic": ENGINE_FUSED=0 (CUDA graph of the model instead of the fused MLP / first-layer kernels)
+    # "-generic": ENGINE_FUSED=0 (CUDA graph of the model instead of the fused MLP / first-layer kernels;
+    # on the CPU oneDNN's convolution, pool and ReLU instead of the fused engine::conv_pool_relu stages)
     "engine": ("auto", "auto"),
+    "engine-generic": ("auto", "auto"),
     "engine-triton-compile": ("triton", "auto"),
     "engine-triton-generic": ("triton", "auto"),
     "engine-torch": ("torch", "fp32"),

@@ -18,9 +18,9 @@ TORCH_LIBRARY(engine, m) {
   // Noisy forward batch: out[r] = dtype(x[row_image[r]] + sigma * z(seed, image_ids[row_image[r]], row_sample[r], stream)).
   m.def("noisy_batch(Tensor x, Tensor row_image, Tensor row_sample, Tensor image_ids, int seed, int stream, float sigma, "
         "ScalarType dtype) -> Tensor");
-  // CPU certification's first layer, fused per sample (csrc/conv_pool_cpu.cpp): relu(maxpool2x2(conv2d((x - mean) / std,
-  // weight, bias))) for x (B, 1, H, W), weight (O, 1, kh, kw) -> (B, O, Hp, Wp) channels-last.
-  m.def("conv1_pool_relu(Tensor x, Tensor weight, Tensor bias, float mean, float std) -> Tensor");
+  // CPU certification's convolution stages, fused per sample (csrc/conv_pool_cpu.cpp): relu(maxpool2x2(conv2d((x - mean)
+  // / std, weight, bias))) for x (B, C, H, W), weight (O, C, kh, kw) -> (B, O, Hp, Wp) channels-last.
+  m.def("conv_pool_relu(Tensor x, Tensor weight, Tensor bias, float mean, float std) -> Tensor");
   // Fused Hessian-vector products (csrc/hvp*.{h,cpp}, csrc/cuda/hvp_cuda.cu). Pairs are stacked (2B, ...) = [a; R{a}].
   // ReLU of a pair in place: [z; R{z}] -> [relu(z); (z > 0) * R{z}].
   m.def("relu_rop_(Tensor(a!) pair) -> ()");

@@ -19,10 +19,10 @@ def _noisy_batch_fake(x, row_image, row_sample, image_ids, seed, stream, sigma, 
     return x.new_empty((row_image.shape[0],) + tuple(x.shape[1:]), dtype=dtype)
 
 
-@torch.library.register_fake("engine::conv1_pool_relu")
-def _conv1_pool_relu_fake(x, weight, bias, mean, std):
-    torch._check(x.dim() == 4 and x.shape[1] == 1, lambda: "conv1_pool_relu: x must be (B, 1, H, W)")
-    torch._check(weight.dim() == 4 and weight.shape[1] == 1, lambda: "conv1_pool_relu: weight must be (O, 1, kh, kw)")
+@torch.library.register_fake("engine::conv_pool_relu")
+def _conv_pool_relu_fake(x, weight, bias, mean, std):
+    torch._check(x.dim() == 4, lambda: "conv_pool_relu: x must be (B, C, H, W)")
+    torch._check(weight.dim() == 4 and weight.shape[1] == x.shape[1], lambda: "conv_pool_relu: weight must be (O, C, kh, kw)")
     hp, wp = (x.shape[2] - weight.shape[2] + 1) // 2, (x.shape[3] - weight.shape[3] + 1) // 2
     return x.new_empty((x.shape[0], weight.shape[0], hp, wp)).contiguous(memory_format=torch.channels_last)
 
