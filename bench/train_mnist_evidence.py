@@ -84,6 +84,10 @@ def _show(path) -> str:
     return str(path.relative_to(REPO)) if path.is_relative_to(REPO) else str(path)
 
 
+def _per_image(seconds) -> str:
+    return "-" if seconds is None else f"{seconds:.1f}"
+
+
 def _duration(seconds: float) -> str:
     return f"{seconds:.0f} s" if seconds < 600 else f"{seconds / 60:.0f} min"
 
@@ -234,8 +238,8 @@ def write_tables(args, rows: list[dict], device) -> None:
         f"{COMMON['batch']}, {COMMON['schedule']} schedule; epochs per method below (fewer than the papers on CPU).",
         "",
         "| method | sigma | epochs | ACR | cert. acc. r=0 | r=0.5 | r=1.0 | r=1.5 | base clean acc. | base noisy acc. "
-        "| train time | images |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| train time | certify s/image | images |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for r in rows:
         c = r["certified_accuracy"]
@@ -243,15 +247,17 @@ def write_tables(args, rows: list[dict], device) -> None:
             f"| {r['method']} {json.dumps(r['method_args']) if r['method_args'] else ''} | {r['sigma']:g} | {r['epochs']} | "
             f"{r['acr']:.3f} | {c['0']:.3f} | {c['0.5']:.3f} | {c['1']:.3f} | {c['1.5']:.3f} | "
             f"{r['base_test_accuracy']:.4f} | {r['base_noisy_test_accuracy']:.4f} | {_duration(r['train_seconds'])} | "
-            f"{r['images']} |"
+            f"{_per_image(r['certify_seconds_per_image'])} | {r['images']} |"
         )
     lines += [
         "",
         "cert. acc. r=0 is the smoothed classifier's accuracy (abstentions count as wrong); base clean / noisy acc. are "
         "the base LeNet's accuracy on all 10,000 test images, clean and under one Gaussian draw at sigma. "
-        f"Train time is the wall-clock time of the training run ({rec['threads']} torch thread(s)); runs are resumable "
-        "and may have shared the machine with other jobs, so times compare loosely. "
-        f"Code: commit {rec['git_commit']}.",
+        "Train time is the wall-clock time of the training run, certify s/image the mean over the certified images "
+        f"(this invocation: {rec['threads']} torch thread(s)); runs are resumable and may have shared the machine with "
+        "other jobs, so times compare loosely. "
+        f"Table assembled at commit {rec['git_commit']}; the runs it collects resume across commits (each row's "
+        "commands below reproduce it).",
         "",
         "Commands:",
         "",

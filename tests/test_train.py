@@ -284,7 +284,8 @@ def test_train_mnist_evidence_script_tiny(tmp_path):
     (row,) = rec["results"]
     assert row["images"] == 3 and row["epochs"] == 1 and row["train_images"] == 256 and 0 <= row["acr"] <= 2
     assert set(row["certified_accuracy"]) == {"0", "0.5", "1", "1.5"} and "engine train" in row["train_command"]
-    assert "| gaussian" in (tmp_path / "table.md").read_text()
+    table = (tmp_path / "table.md").read_text()
+    assert "| gaussian" in table and "certify s/image" in table
     proc = subprocess.run(args, capture_output=True, text=True, env=env)
     assert proc.returncode == 0 and "training skipped" in proc.stdout
     assert len((tmp_path / "work" / "gaussian_sigma0.5" / "certify.tsv").read_text().splitlines()) == 4
