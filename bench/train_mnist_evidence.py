@@ -15,9 +15,10 @@ assembles the whole table.
 Cost on this project's 2-core CPU (AMD EPYC, shared, 1 torch thread; bench/results/
 train-mnist-epoch-time-cpu.json): one 60k-image epoch takes about 46 s (gaussian), 580 s (smoothadv,
 T 10, m 1) and 960 s (macer, k 16); certifying one image at n 100,000 about 7 s (2 threads, idle
-machine, bench/results/certify-cpu.json) to 23 s (1 thread, loaded machine). With the default epochs
-(20 / 10 / 10) training takes about 2 x (15 + 97 + 160) min = 9 h and certifying 6 x 500 images
-6 to 19 h: a GPU, or fewer images, is advisable for the full table.
+machine, bench/results/certify-cpu.json) to 10-16 s (1 thread, two or three jobs on the 2 cores).
+The committed table (10 / 5 / 5 epochs, 6 x 500 images) took 15.6 CPU hours (3.8 h training, 11.8 h
+certifying), run as two or three 1-thread jobs side by side; with the default epochs (20 / 10 / 10)
+training alone takes about 9 h.
 
     python bench/train_mnist_evidence.py [--data-root /work/shared/data/mnist] [--work-dir runs/train_mnist_evidence]
         [--results bench/results/train_mnist_evidence] [--methods gaussian smoothadv macer] [--sigmas 0.25 0.5]
