@@ -144,18 +144,11 @@ __attribute__((always_inline)) inline void sample_kernel(const float* xin, const
                                                          float stdv, const float* w, const float* bias, float* out,
                                                          float* xc, float* rows) {
   const int64_t HW = g.H * g.W;
-  if (g.C == 1) {
-    if (normalize)
-      for (int64_t p = 0; p < HW; ++p) xc[p] = (xin[p] - mean) / stdv;  // the model's Normalize, same arithmetic
-    else
-      std::memcpy(xc, xin, HW * sizeof(float));
-  } else {
-    for (int64_t p = 0; p < HW; ++p)
-      for (int64_t ci = 0; ci < g.C; ++ci) {
-        const float v = xin[p * g.C + ci];
-        xc[ci * HW + p] = normalize ? (v - mean) / stdv : v;
-      }
-  }
+  for (int64_t p = 0; p < HW; ++p)  // (H, W, C) -> (C, H, W), with the model's Normalize (same arithmetic)
+    for (int64_t ci = 0; ci < g.C; ++ci) {
+      const float v = xin[p * g.C + ci];
+      xc[ci * HW + p] = normalize ? (v - mean) / stdv : v;
+    }
   if (g.kw == 5)  // LeNet's kernels
     conv_pool_rows<CWMAX, RMAX, OB, 5>(xc, g, w, bias, out, rows);
   else

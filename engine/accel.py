@@ -305,7 +305,7 @@ class TritonSampler:
             raise ValueError(f"model output must be logits of shape (N, num_classes), got {shape} for N = 1")
         self.num_classes = int(probe.shape[1])
 
-        fused = os.environ.get("ENGINE_FUSED", "1") != "0"  # ENGINE_FUSED=0: generic path only (comparisons)
+        fused = fused_kernels_enabled()
         self.mlp = mlp_counts.mlp_params(model, self.sample_shape, self.kernel_precision, device) if fused else None
         self.conv = None if self.mlp is not None or not fused else noisy_conv_pool.conv_pool_params(
             model, self.sample_shape, self.kernel_precision, device
@@ -456,6 +456,11 @@ def _cached_triton_sampler(model, example, precision) -> TritonSampler:
     _CACHE.append((key, weakref.ref(model), stamp, sampler))
     del _CACHE[:-CACHE_SIZE]
     return sampler
+
+
+def fused_kernels_enabled() -> bool:
+    """False under ``ENGINE_FUSED=0``: the generic paths only (benchmark comparisons), on CUDA and CPU."""
+    return os.environ.get("ENGINE_FUSED", "1") != "0"
 
 
 def clear_cache() -> None:

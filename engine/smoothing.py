@@ -9,7 +9,6 @@ any sharding of a data set, so results depend only on (model, x, ids, sigma, n0,
 from __future__ import annotations
 
 import copy
-import os
 import time
 from dataclasses import dataclass
 from typing import Callable
@@ -156,7 +155,7 @@ def fast_forward_model(model: torch.nn.Module, device: torch.device, backend: st
         return model
     _pool_before_relu(clone)
     _fast_pools(clone)
-    if os.environ.get("ENGINE_FUSED", "1") != "0":  # ENGINE_FUSED=0: oneDNN's layers only (comparisons)
+    if _accel.fused_kernels_enabled():  # ENGINE_FUSED=0: oneDNN's layers only (comparisons)
         _fuse_conv_stages(clone)
     return _ChannelsLast(clone.to(memory_format=torch.channels_last)).eval()
 
