@@ -297,8 +297,9 @@ def test_lower_products_agree_across_backends(method):
 
 
 def test_pacd_evidence_script_tiny_end_to_end_and_resume(tmp_path):
-    """bench/pacd_mnist_evidence.py on the embedded subset at toy settings: poisons, main table with clean
-    and poisoned victims side by side, transfer matrix; a second run reuses everything."""
+    """bench/pacd_mnist_evidence.py on the embedded subset at toy settings: --stage clean trains only the
+    clean victims, which the full run then reuses; poisons, main table with clean and poisoned victims side
+    by side, transfer matrix; a second run reuses everything."""
     import subprocess
     import sys
 
@@ -309,8 +310,15 @@ def test_pacd_evidence_script_tiny_end_to_end_and_resume(tmp_path):
             "300", "--batch-clean", "60", "--batch-poison", "20", "--batch-val", "10", "--k", "2", "--niter1", "2",
             "--niter2", "2", "--victim-epochs", "1", "--images", "3", "--n", "40", "--transfer", "--transfer-images", "2",
             "--transfer-n", "20", "--archs", "lenet,mlp", "--threads", "1"]  # fmt: skip
+    first = subprocess.run(args + ["--stage", "clean"], capture_output=True, text=True)  # clean victims only
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert "crafting poison" not in first.stdout and not list((tmp_path / "work").glob("poison_*"))
+    clean_victims = {m: tmp_path / "work" / "main" / m / "clean" / "victim.safetensors" for m in ("gaussian", "macer")}
+    stamps = {m: v.stat().st_mtime_ns for m, v in clean_victims.items()}
+    assert not out.with_suffix(".json").exists() and not (tmp_path / "work" / "main" / "gaussian" / "poisoned").exists()
     proc = subprocess.run(args, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    assert {m: v.stat().st_mtime_ns for m, v in clean_victims.items()} == stamps  # the clean stage's victims reused
     report = json.loads(out.with_suffix(".json").read_text())
     assert set(report["main"]) == {"gaussian", "macer"}
     for m, r in report["main"].items():
