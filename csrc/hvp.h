@@ -35,11 +35,14 @@ enum LayerKind : int64_t {
 //   kAlgoNhwc: CPU, NHWC activations, ATen (oneDNN) convolutions on channels-last views, NHWC kernels.
 enum Algo : int64_t { kAlgoAuto = 0, kAlgoAten = 1, kAlgoGemm = 2, kAlgoNhwc = 3 };
 
-// engine::hvp_sequential: one forward + R-forward + backward + R-backward sweep.
+// engine::hvp_sequential: one forward + R-forward + backward + R-backward sweep. The loss is the
+// weighted softmax cross-entropy of (y, weights), or, when logit_grad / logit_hess are given, any loss
+// given by its gradient (B, K) and Hessian blocks (G, m K, m K) over groups of m consecutive rows at the
+// network's logits (then y is not read and the returned loss is 0).
 std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>, at::Tensor> hvp_sequential(
     const at::Tensor& x, const at::Tensor& y, const std::optional<at::Tensor>& weights, at::TensorList params,
     at::TensorList tangents, at::TensorList buffers, at::IntArrayRef spec, bool want_param_grads, bool want_mixed,
-    int64_t algo);
+    int64_t algo, const std::optional<at::Tensor>& logit_grad, const std::optional<at::Tensor>& logit_hess);
 
 // Floor-mode / ceil-mode output size of a pooling window, exactly as ATen's pooling_output_shape.
 int64_t pooling_out_size(int64_t in, int64_t k, int64_t pad, int64_t stride, int64_t dil, bool ceil_mode);

@@ -642,7 +642,7 @@ struct WorkspaceCall {
 std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>, at::Tensor> hvp_sequential(
     const at::Tensor& x, const at::Tensor& y, const std::optional<at::Tensor>& weights, at::TensorList params,
     at::TensorList tangents, at::TensorList buffers, at::IntArrayRef spec, bool want_param_grads, bool want_mixed,
-    int64_t algo) {
+    int64_t algo, const std::optional<at::Tensor>& logit_grad, const std::optional<at::Tensor>& logit_hess) {
   TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble,
               "hvp_sequential: x must be float32 or float64, got ", x.scalar_type());
   TORCH_CHECK(x.dim() >= 2 && x.size(0) > 0, "hvp_sequential: x must have shape (B, ...) with B >= 1, got ", x.sizes());
@@ -708,7 +708,27 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>, at::Ten
   }
   TORCH_CHECK(cur.t.dim() == 2, "hvp_sequential: the network must end in (B, classes) logits, got ", cur.t.sizes());
   Tensor logits = cur.r_zero ? at::cat({cur.t, at::zeros_like(cur.t)}) : cur.t;
-  auto [loss, G] = call_softmax_xent_rop(logits, y, weights);
+  Tensor loss, G;
+  if (logit_grad.has_value() || logit_hess.has_value()) {
+    // a loss given by its expansion at the logits: dL/dz = g, R{dL/dz} = H R{z} block by block
+    TORCH_CHECK(logit_grad.has_value() && logit_hess.has_value(), "hvp_sequential: logit_grad and logit_hess go together");
+    const Tensor& g = *logit_grad;
+    const Tensor& H = *logit_hess;
+    const int64_t K = logits.size(1);
+    TORCH_CHECK(g.dim() == 2 && g.size(0) == B && g.size(1) == K, "hvp_sequential: logit_grad must be (", B, ", ", K,
+                ") like the logits, got ", g.sizes());
+    TORCH_CHECK(H.dim() == 3 && H.size(1) == H.size(2) && H.size(1) > 0 && H.size(1) % K == 0 &&
+                    H.size(0) * (H.size(1) / K) == B,
+                "hvp_sequential: logit_hess must be (G, m * ", K, ", m * ", K, ") with G * m = ", B, ", got ", H.sizes());
+    for (const Tensor* t : {&g, &H})
+      TORCH_CHECK(t->scalar_type() == x.scalar_type() && t->device() == x.device(),
+                  "hvp_sequential: logit_grad / logit_hess must have x's dtype and device");
+    const Tensor rz = logits.narrow(0, B, B).contiguous().view({H.size(0), H.size(1), 1});
+    G = at::cat({g.contiguous(), at::bmm(H.contiguous(), rz).view({B, K})});
+    loss = at::zeros({}, x.options());
+  } else {
+    std::tie(loss, G) = call_softmax_xent_rop(logits, y, weights);
+  }
 
   std::vector<Tensor> grads(want_param_grads ? P.size() : 0), hvs(want_param_grads ? P.size() : 0);
   Tensor mixed = at::empty({0}, x.options());

@@ -28,9 +28,11 @@ TORCH_LIBRARY(engine, m) {
   m.def("relu_rop_backward_(Tensor out_primal, Tensor(a!) grad_pair) -> ()");
   // Loss (1/B) sum_i w_i CE(z_i, y_i) of the primal logits, and the pair [dL/dz; R{dL/dz}] (2B, classes).
   m.def("softmax_xent_rop(Tensor logits_pair, Tensor y, Tensor? weights) -> (Tensor, Tensor)");
-  // Loss, gradient, H v and mixed term d/dx (grad_w L . v) of a sequential network (layer spec: csrc/hvp.h).
+  // Loss, gradient, H v and mixed term d/dx (grad_w L . v) of a sequential network (layer spec: csrc/hvp.h);
+  // the loss is the softmax cross-entropy, or the one given by logit_grad / logit_hess (csrc/hvp.h).
   m.def("hvp_sequential(Tensor x, Tensor y, Tensor? weights, Tensor[] params, Tensor[] tangents, Tensor[] buffers, "
-        "int[] spec, bool want_param_grads, bool want_mixed, int algo) -> (Tensor, Tensor[], Tensor[], Tensor)");
+        "int[] spec, bool want_param_grads, bool want_mixed, int algo, Tensor? logit_grad=None, "
+        "Tensor? logit_hess=None) -> (Tensor, Tensor[], Tensor[], Tensor)");
   // Frees the calling thread's pool of CPU scratch buffers of hvp_sequential; returns the bytes freed.
   m.def("hvp_release_workspace() -> int", &engine_hvp::release_workspace);
 }

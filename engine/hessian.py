@@ -9,6 +9,12 @@ batch::
   H v = (d^2 L / dw^2) v for a tangent v on w.
 - :func:`mixed_vjp` returns the mixed term d/dx (grad_w L . v), the derivative in the input x of the
   directional derivative of the gradient (ApproxGrad's poison gradient, Mehra & Hamm); same shape as x.
+- Other losses of the logits (MACER's, say) enter through ``expansion=``: a :class:`LogitExpansion`
+  (from :func:`expand_logit_loss`) holds the loss's value, gradient and Hessian blocks at the logits
+  model(x). Every backend then differentiates L(w, x) = l(model(x; w)) with l replaced by its
+  second-order expansion, which has the same first and second derivatives at that point, so grad, H v
+  and the mixed term are those of the true loss. One expansion serves every product at the same
+  weights and inputs (the solver's iterations), and the fused sweep needs no loss code of its own.
 
 Backends:
 
@@ -53,6 +59,8 @@ __all__ = [
     "hvp",
     "mixed_vjp",
     "HVPResult",
+    "LogitExpansion",
+    "expand_logit_loss",
     "BACKENDS",
     "trainable_parameters",
     "flatten",
@@ -96,6 +104,70 @@ class HVPResult:
         return flatten(self.hv)
 
 
+@dataclass(frozen=True)
+class LogitExpansion:
+    """A loss l(z) of the logits z (B, classes) by its value, gradient and Hessian at z = ``logits``.
+
+    l must be a sum over groups of ``group`` consecutive rows (the noisy copies of one input, say), so its
+    Hessian is block diagonal: ``hess`` (B / group, group * classes, group * classes), rows of a group
+    flattened row-major. ``grad`` is (B, classes), ``value`` 0-dim. :func:`expand_logit_loss` builds one.
+    """
+
+    logits: torch.Tensor
+    value: torch.Tensor
+    grad: torch.Tensor
+    hess: torch.Tensor
+
+    @property
+    def group(self) -> int:
+        return self.hess.shape[1] // self.logits.shape[1]
+
+    def surrogate(self, z: torch.Tensor) -> torch.Tensor:
+        """The second-order expansion of l at ``logits``, evaluated at z (differentiable in z)."""
+        n, width = self.hess.shape[0], self.hess.shape[1]
+        d = (z - self.logits).reshape(n, width)
+        return self.value + (self.grad.reshape(n, width) * d).sum() + 0.5 * torch.einsum("gi,gij,gj->", d, self.hess, d)
+
+
+def expand_logit_loss(group_loss, logits: torch.Tensor, *args: torch.Tensor, group: int = 1) -> LogitExpansion:
+    """Value, gradient and block Hessian of l(z) = sum_g group_loss(z_g, *args_g) at z = ``logits``.
+
+    group_loss(z_g, *a_g) -> 0-dim: the loss of one group, z_g (group, classes); each tensor of ``args``
+    has B / group rows, row g going to group g (labels, say). Evaluated with torch.func (vmap of grad and
+    of jacrev of grad), so group_loss must be written in torch operations without data-dependent Python
+    control flow. ``logits`` (B, classes) is detached.
+    """
+    if not isinstance(logits, torch.Tensor) or logits.dim() != 2 or not logits.is_floating_point():
+        raise ValueError(f"logits must be a floating (B, classes) tensor, got {getattr(logits, 'shape', type(logits))}")
+    if not isinstance(group, int) or group < 1 or logits.shape[0] % group:
+        raise ValueError(f"group must be a positive integer dividing B = {logits.shape[0]}, got {group!r}")
+    n, classes = logits.shape[0] // group, logits.shape[1]
+    for i, a in enumerate(args):
+        if not isinstance(a, torch.Tensor) or a.dim() < 1 or a.shape[0] != n:
+            raise ValueError(f"args[{i}] must be a tensor with {n} rows (one per group), got "
+                             f"{tuple(getattr(a, 'shape', ())) if isinstance(a, torch.Tensor) else type(a).__name__}")
+    z = logits.detach().reshape(n, group, classes)
+    grad_fn = torch.func.grad_and_value(group_loss)
+    (grad, value) = torch.func.vmap(grad_fn)(z, *args)
+    hess = torch.func.vmap(torch.func.jacrev(torch.func.grad(group_loss)))(z, *args)
+    width = group * classes
+    return LogitExpansion(logits.detach(), value.sum().detach(), grad.reshape(n * group, classes).detach(),
+                          hess.reshape(n, width, width).detach())
+
+
+def _check_expansion(expansion, x):
+    if not isinstance(expansion, LogitExpansion):
+        raise TypeError(f"expansion must be a LogitExpansion (engine.hessian.expand_logit_loss), got "
+                        f"{type(expansion).__name__}")
+    z = expansion.logits
+    if z.shape[0] != x.shape[0]:
+        raise ValueError(f"expansion is for {z.shape[0]} rows of logits, x has {x.shape[0]}")
+    for name in ("logits", "value", "grad", "hess"):
+        t = getattr(expansion, name)
+        if t.dtype != x.dtype or t.device != x.device:
+            raise ValueError(f"expansion.{name} is {t.dtype} on {t.device}, x is {x.dtype} on {x.device}")
+
+
 # -- parameters and tangents ---------------------------------------------------------------------------
 
 
@@ -137,8 +209,10 @@ def _check_batchnorm_eval(model: nn.Module) -> None:
             )
 
 
-def _validate(model, x, y, v, weights, backend):
-    """Checked (params, names, x, y, tangents, weights); raises ValueError / TypeError naming the input."""
+def _validate(model, x, y, v, weights, backend, expansion=None):
+    """Checked (params, names, x, y, tangents, weights); raises ValueError / TypeError naming the input.
+
+    With an ``expansion`` y is not used (None allowed: zeros stand in) and weights must be None."""
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if not isinstance(model, nn.Module):
@@ -147,6 +221,12 @@ def _validate(model, x, y, v, weights, backend):
         raise ValueError(f"x must be a floating tensor of shape (B, C, H, W) (or (B, ...)) with B >= 1, got "
                          f"{getattr(x, 'dtype', type(x))} {tuple(getattr(x, 'shape', ()))}")
     B = x.shape[0]
+    if expansion is not None:
+        _check_expansion(expansion, x)
+        if weights is not None:
+            raise ValueError("weights do not apply to a loss given by an expansion (weight its group_loss instead)")
+        if y is None:
+            y = torch.zeros(B, dtype=torch.int64, device=x.device)
     named = trainable_parameters(model)
     if not named:
         raise ValueError("model has no trainable parameters (requires_grad=True)")
@@ -191,9 +271,14 @@ def _validate(model, x, y, v, weights, backend):
     return params, tuple(n for n, _ in named), x, y, tuple(v), weights
 
 
-def _loss(logits: torch.Tensor, y: torch.Tensor, weights: torch.Tensor | None) -> torch.Tensor:
+def _loss(logits: torch.Tensor, y: torch.Tensor, weights: torch.Tensor | None, expansion=None) -> torch.Tensor:
     if logits.dim() != 2 or logits.shape[0] != y.shape[0]:
         raise ValueError(f"the model must return (B, classes) logits with B = {y.shape[0]}, got {tuple(logits.shape)}")
+    if expansion is not None:
+        if logits.shape != expansion.logits.shape:
+            raise ValueError(f"the model returns logits {tuple(logits.shape)}, the expansion is for "
+                             f"{tuple(expansion.logits.shape)}")
+        return expansion.surrogate(logits)
     if int(y.max()) >= logits.shape[1]:
         raise ValueError(f"y holds class {int(y.max())}, but the model has {logits.shape[1]} classes")
     if weights is None:
@@ -338,7 +423,7 @@ def fused_support(model: nn.Module, x: torch.Tensor) -> tuple[bool, str | None]:
     return reason is None, reason
 
 
-def _run_fused(model, x, y, v, weights, want_params, want_mixed, algo):
+def _run_fused(model, x, y, v, weights, want_params, want_mixed, algo, expansion=None):
     if algo not in _ALGOS:
         raise ValueError(f"algo must be one of {tuple(_ALGOS)}, got {algo!r}")
     reason = _fused_unavailable(model, x)
@@ -351,7 +436,10 @@ def _run_fused(model, x, y, v, weights, want_params, want_mixed, algo):
         with torch.no_grad():
             loss, grads, hvs, mixed = torch.ops.engine.hvp_sequential(
                 x.detach(), y, weights, [p.detach() for p in plan.params], [t.detach() for t in tangents],
-                list(plan.buffers), list(plan.spec), want_params, want_mixed, _ALGOS[algo])
+                list(plan.buffers), list(plan.spec), want_params, want_mixed, _ALGOS[algo],
+                None if expansion is None else expansion.grad, None if expansion is None else expansion.hess)
+        if expansion is not None:
+            loss = expansion.value
     except RuntimeError as exc:
         if "softmax_xent_rop: label" in str(exc):  # y beyond the model's classes: a bad input like the others
             raise ValueError(str(exc).split("\n")[0]) from None
@@ -368,17 +456,17 @@ def _run_fused(model, x, y, v, weights, want_params, want_mixed, algo):
     return loss, tuple(grad), tuple(hv), mixed
 
 
-def hvp_fused(model, x, y, v, *, weights=None, algo: str = "auto") -> HVPResult:
+def hvp_fused(model, x, y, v, *, weights=None, algo: str = "auto", expansion=None) -> HVPResult:
     """:func:`hvp` on the fused op; ``algo``: "auto", "aten", "gemm" or "nhwc" (csrc/hvp.h)."""
-    params, _, x, y, v, weights = _validate(model, x, y, v, weights, "fused")
-    loss, grad, hv, _ = _run_fused(model, x, y, v, weights, True, False, algo)
+    params, _, x, y, v, weights = _validate(model, x, y, v, weights, "fused", expansion)
+    loss, grad, hv, _ = _run_fused(model, x, y, v, weights, True, False, algo, expansion)
     return HVPResult(loss, grad, hv, "fused")
 
 
-def mixed_vjp_fused(model, x, y, v, *, weights=None, algo: str = "auto") -> torch.Tensor:
+def mixed_vjp_fused(model, x, y, v, *, weights=None, algo: str = "auto", expansion=None) -> torch.Tensor:
     """:func:`mixed_vjp` on the fused op (``algo`` as in :func:`hvp_fused`)."""
-    _, _, x, y, v, weights = _validate(model, x, y, v, weights, "fused")
-    return _run_fused(model, x, y, v, weights, False, True, algo)[3]
+    _, _, x, y, v, weights = _validate(model, x, y, v, weights, "fused", expansion)
+    return _run_fused(model, x, y, v, weights, False, True, algo, expansion)[3]
 
 
 def release_workspace() -> int:
@@ -412,38 +500,38 @@ def softmax_xent_rop_ref(logits_pair: torch.Tensor, y: torch.Tensor, weights: to
     return loss, torch.cat([g, rg])
 
 
-def _functional_loss(model, names, x, y, weights):
+def _functional_loss(model, names, x, y, weights, expansion=None):
     def loss(ps, xx):
-        return _loss(torch.func.functional_call(model, dict(zip(names, ps)), (xx,)), y, weights)
+        return _loss(torch.func.functional_call(model, dict(zip(names, ps)), (xx,)), y, weights, expansion)
 
     return loss
 
 
-def hvp_torch_func(model, x, y, v, *, weights=None) -> HVPResult:
+def hvp_torch_func(model, x, y, v, *, weights=None, expansion=None) -> HVPResult:
     """Reference :func:`hvp`: ``torch.func.jvp`` of ``torch.func.grad_and_value`` (forward-over-reverse)."""
-    params, names, x, y, v, weights = _validate(model, x, y, v, weights, "torch_func")
-    loss = _functional_loss(model, names, x, y, weights)
+    params, names, x, y, v, weights = _validate(model, x, y, v, weights, "torch_func", expansion)
+    loss = _functional_loss(model, names, x, y, weights, expansion)
     primals = tuple(p.detach() for p in params)
     (grad, value), (hv, _) = torch.func.jvp(lambda *ps: torch.func.grad_and_value(lambda q: loss(q, x))(ps),
                                             primals, tuple(t.detach() for t in v))
     return HVPResult(value.detach(), tuple(grad), tuple(hv), "torch_func")
 
 
-def mixed_vjp_torch_func(model, x, y, v, *, weights=None) -> torch.Tensor:
+def mixed_vjp_torch_func(model, x, y, v, *, weights=None, expansion=None) -> torch.Tensor:
     """Reference :func:`mixed_vjp`: ``torch.func.jvp`` in w of ``torch.func.grad`` in x."""
-    params, names, x, y, v, weights = _validate(model, x, y, v, weights, "torch_func")
-    loss = _functional_loss(model, names, x, y, weights)
+    params, names, x, y, v, weights = _validate(model, x, y, v, weights, "torch_func", expansion)
+    loss = _functional_loss(model, names, x, y, weights, expansion)
     xd = x.detach()
     _, mixed = torch.func.jvp(lambda *ps: torch.func.grad(lambda xx: loss(ps, xx))(xd), tuple(p.detach() for p in params),
                               tuple(t.detach() for t in v))
     return mixed
 
 
-def _double_backward(model, x, y, v, weights, wrt_input):
-    params, _, x, y, v, weights = _validate(model, x, y, v, weights, "double_backward")
+def _double_backward(model, x, y, v, weights, wrt_input, expansion=None):
+    params, _, x, y, v, weights = _validate(model, x, y, v, weights, "double_backward", expansion)
     with torch.enable_grad():
         xx = x.detach().requires_grad_(wrt_input)
-        loss = _loss(model(xx), y, weights)
+        loss = _loss(model(xx), y, weights, expansion)
         grad = torch.autograd.grad(loss, params, create_graph=True, allow_unused=True)
         grad = tuple(torch.zeros_like(p) if g is None else g for g, p in zip(grad, params))
         dot = sum((g * t).sum() for g, t in zip(grad, v))
@@ -456,15 +544,15 @@ def _double_backward(model, x, y, v, weights, wrt_input):
     return loss.detach(), tuple(g.detach() for g in grad), second
 
 
-def hvp_double_backward(model, x, y, v, *, weights=None) -> HVPResult:
+def hvp_double_backward(model, x, y, v, *, weights=None, expansion=None) -> HVPResult:
     """Reference :func:`hvp`: ``torch.autograd.grad`` twice (reverse-over-reverse)."""
-    loss, grad, hv = _double_backward(model, x, y, v, weights, False)
+    loss, grad, hv = _double_backward(model, x, y, v, weights, False, expansion)
     return HVPResult(loss, grad, hv, "double_backward")
 
 
-def mixed_vjp_double_backward(model, x, y, v, *, weights=None) -> torch.Tensor:
+def mixed_vjp_double_backward(model, x, y, v, *, weights=None, expansion=None) -> torch.Tensor:
     """Reference :func:`mixed_vjp`: gradient in x of grad_w L . v (reverse-over-reverse)."""
-    return _double_backward(model, x, y, v, weights, True)[2][0]
+    return _double_backward(model, x, y, v, weights, True, expansion)[2][0]
 
 
 # -- public API ----------------------------------------------------------------------------------------------
@@ -483,8 +571,8 @@ def _choose(model, x, backend) -> str:
     return "torch_func"
 
 
-def hvp(model: nn.Module, x: torch.Tensor, y: torch.Tensor, v, *, weights: torch.Tensor | None = None,
-        backend: str = "auto") -> HVPResult:
+def hvp(model: nn.Module, x: torch.Tensor, y: torch.Tensor | None, v, *, weights: torch.Tensor | None = None,
+        backend: str = "auto", expansion: LogitExpansion | None = None) -> HVPResult:
     """Loss, gradient and Hessian-vector product of the weighted cross-entropy in the trainable parameters.
 
     model: classifier returning (B, classes) logits; x: (B, C, H, W) floating, on the model's device and
@@ -492,27 +580,29 @@ def hvp(model: nn.Module, x: torch.Tensor, y: torch.Tensor, v, *, weights: torch
     1-D tensor); weights: optional (B,) per-sample weights (L = (1/B) sum_i weights[i] CE_i).
     Returns :class:`HVPResult` (loss 0-dim; grad and hv per trainable parameter, ``model.parameters()``
     order). All backends compute the same quantities (up to rounding).
+    expansion: another loss of the logits instead of the cross-entropy (module docstring), expanded at
+    model(x) at the current weights; y may then be None and weights must be None.
     """
-    _validate(model, x, y, v, weights, backend)
+    _validate(model, x, y, v, weights, backend, expansion)
     chosen = _choose(model, x, backend)
     if chosen == "fused":
-        return hvp_fused(model, x, y, v, weights=weights)
+        return hvp_fused(model, x, y, v, weights=weights, expansion=expansion)
     if chosen == "torch_func":
-        return hvp_torch_func(model, x, y, v, weights=weights)
-    return hvp_double_backward(model, x, y, v, weights=weights)
+        return hvp_torch_func(model, x, y, v, weights=weights, expansion=expansion)
+    return hvp_double_backward(model, x, y, v, weights=weights, expansion=expansion)
 
 
-def mixed_vjp(model: nn.Module, x: torch.Tensor, y: torch.Tensor, v, *, weights: torch.Tensor | None = None,
-              backend: str = "auto") -> torch.Tensor:
+def mixed_vjp(model: nn.Module, x: torch.Tensor, y: torch.Tensor | None, v, *, weights: torch.Tensor | None = None,
+              backend: str = "auto", expansion: LogitExpansion | None = None) -> torch.Tensor:
     """The mixed second derivative d/dx (grad_w L . v), shape of x (B, C, H, W).
 
     Arguments as in :func:`hvp`. This is R_v{grad_x L}: the derivative of the input gradient along the
     parameter tangent v, ApproxGrad's correction term (d/du grad_w G)^T p with p = v.
     """
-    _validate(model, x, y, v, weights, backend)
+    _validate(model, x, y, v, weights, backend, expansion)
     chosen = _choose(model, x, backend)
     if chosen == "fused":
-        return mixed_vjp_fused(model, x, y, v, weights=weights)
+        return mixed_vjp_fused(model, x, y, v, weights=weights, expansion=expansion)
     if chosen == "torch_func":
-        return mixed_vjp_torch_func(model, x, y, v, weights=weights)
-    return mixed_vjp_double_backward(model, x, y, v, weights=weights)
+        return mixed_vjp_torch_func(model, x, y, v, weights=weights, expansion=expansion)
+    return mixed_vjp_double_backward(model, x, y, v, weights=weights, expansion=expansion)

@@ -106,12 +106,27 @@ def _check_macer(sigma, k, beta, gamma, lbd) -> tuple[float, int, float, float, 
 def _macer(model, x, y, sigma, k, beta, gamma, lbd, generator):
     """MACER terms. Returns (loss scalar, classification (B,), robustness (B,), logits (B, k, classes))."""
     b = x.shape[0]
-    noise = torch.randn((b, k) + tuple(x.shape[1:]), generator=generator, device=x.device, dtype=x.dtype)
-    noisy = (x.unsqueeze(1) + sigma * noise).reshape((b * k,) + tuple(x.shape[1:]))
-    logits = model(noisy)
+    logits = model(macer_inputs(x, sigma, k, generator))
     logits = logits.reshape(b, k, logits.shape[-1])
     if logits.shape[-1] < 2:
         raise ValueError(f"macer needs at least 2 classes, the model returns {logits.shape[-1]}")
+    cls, rob = macer_terms(logits, y, sigma, beta, gamma)
+    loss = (cls.sum() + lbd * rob.sum()) / b
+    return loss, cls, rob, logits
+
+
+def macer_inputs(x, sigma: float, k: int, generator) -> torch.Tensor:
+    """The (B * k, C, H, W) noisy copies MACER's model sees: x[:, None] + sigma * noise, one noise draw of
+    shape (B, k, C, H, W) from ``generator`` (copies of one input adjacent)."""
+    b = x.shape[0]
+    noise = torch.randn((b, k) + tuple(x.shape[1:]), generator=generator, device=x.device, dtype=x.dtype)
+    return (x.unsqueeze(1) + sigma * noise).reshape((b * k,) + tuple(x.shape[1:]))
+
+
+def macer_terms(logits, y, sigma: float, beta: float, gamma: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """MACER's per-input terms from the logits (B, k, classes) of the noisy copies: classification (B,)
+    and robustness (B,) (the loss is (cls.sum() + lbd * rob.sum()) / B). Written without data-dependent
+    control flow, so torch.func can vmap and differentiate it (engine.hessian.expand_logit_loss)."""
     # classification: -log(mean_k softmax(logits)_y + 1e-10)
     p_soft = F.softmax(logits, dim=-1).mean(1)
     cls = -torch.log(p_soft.gather(1, y[:, None]).squeeze(1) + 1e-10)
@@ -123,8 +138,7 @@ def _macer(model, x, y, sigma, k, beta, gamma, lbd, generator):
     gap = torch.special.ndtri(p1) - torch.special.ndtri(p2)  # finite: |Phi^-1| <= 4.75 after the clamp
     mask = (top2_idx[:, 0] == y) & (gap.abs() <= gamma)
     rob = torch.where(mask, (sigma / 2) * (gamma - gap), torch.zeros_like(gap))
-    loss = (cls.sum() + lbd * rob.sum()) / b
-    return loss, cls, rob, logits
+    return cls, rob
 
 
 def macer(model, x, y, *, sigma, k=16, beta=16.0, gamma=8.0, lbd=12.0, generator=None) -> torch.Tensor:

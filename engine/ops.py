@@ -48,7 +48,8 @@ def _softmax_xent_rop_fake(logits_pair, y, weights):
 
 
 @torch.library.register_fake("engine::hvp_sequential")
-def _hvp_sequential_fake(x, y, weights, params, tangents, buffers, spec, want_param_grads, want_mixed, algo):
+def _hvp_sequential_fake(x, y, weights, params, tangents, buffers, spec, want_param_grads, want_mixed, algo,
+                         logit_grad=None, logit_hess=None):
     torch._check(len(params) == len(tangents), lambda: "hvp_sequential: one tangent per parameter")
     grads = [torch.empty_like(p, memory_format=torch.contiguous_format) for p in params] if want_param_grads else []
     hvs = [torch.empty_like(p, memory_format=torch.contiguous_format) for p in params] if want_param_grads else []

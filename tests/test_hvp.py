@@ -468,3 +468,99 @@ def test_cuda_fused_matches_torch_func(arch, monkeypatch):
 @needs_cuda
 def test_cuda_opcheck_hvp_sequential():
     torch.library.opcheck(torch.ops.engine.hvp_sequential.default, _op_args("odd", device="cuda"))
+
+
+# -- other losses of the logits, through their expansion -----------------------------------------------------
+
+
+def _coupled_loss(z, t):
+    """A smooth non-cross-entropy loss of one group of rows z (m, K) that couples the rows; t: a per-group weight."""
+    return t * torch.logsumexp(z, -1).pow(2).sum() + (z[0] * z[-1]).sum() + torch.tanh(z).pow(3).sum()
+
+
+def _macer_group(z, yi):
+    from engine.losses import macer_terms
+
+    cls, rob = macer_terms(z[None], yi[None], 0.5, 2.0, 8.0)
+    return cls[0] + 1.5 * rob[0]
+
+
+def _true_derivatives(model, x, group_loss, args, group, v):
+    """grad, H v and mixed term of L(w, x) = sum_g group_loss(model(x)_g, *args_g) by torch.func on the whole loss."""
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    primals = tuple(p.detach() for p in model.parameters() if p.requires_grad)
+
+    def L(ps, xx):
+        z = torch.func.functional_call(model, dict(zip(names, ps)), (xx,))
+        return torch.func.vmap(group_loss)(z.reshape(-1, group, z.shape[-1]), *args).sum()
+
+    (g, val), (hv, _) = torch.func.jvp(lambda *ps: torch.func.grad_and_value(lambda q: L(q, x))(ps), primals, tuple(v))
+    _, mixed = torch.func.jvp(lambda *ps: torch.func.grad(lambda xx: L(ps, xx))(x), primals, tuple(v))
+    return val, g, hv, mixed
+
+
+@pytest.mark.parametrize("arch,group,loss", [("odd", 3, "coupled"), ("odd2", 2, "macer"), ("lenet", 3, "macer"),
+                                             ("mlp", 1, "coupled")])  # fmt: skip
+def test_logit_expansion_equals_true_loss_float64(arch, group, loss):
+    """Every backend with a loss given by its expansion at the logits returns the gradient, H v and mixed term
+    of the true loss (torch.func on the whole composite), group sizes 1-3, odd shapes."""
+    torch.manual_seed(11)
+    model, x, _, v, _ = make_case(arch, batch=6)
+    classes = ARCHS[arch][2]
+    n = 6 // group
+    fn = _coupled_loss if loss == "coupled" else _macer_group
+    args = (torch.rand(n, dtype=x.dtype) + 0.5,) if loss == "coupled" else (torch.randint(0, classes, (n,)),)
+    with torch.no_grad():
+        z = model(x)
+    expansion = hessian.expand_logit_loss(fn, z, *args, group=group)
+    assert expansion.group == group and expansion.hess.shape == (n, group * classes, group * classes)
+    torch.testing.assert_close(expansion.hess, expansion.hess.transpose(1, 2), rtol=1e-10, atol=1e-12)
+    val, g, hv, mixed = _true_derivatives(model, x, fn, args, group, v)
+    assert float(hessian.flatten(hv).norm()) > 0 and float(mixed.norm()) > 0
+    backends = ["torch_func", "double_backward"] + (["fused"] if _ext.available() else [])
+    for backend in backends:
+        res = hessian.hvp(model, x, None, v, backend=backend, expansion=expansion)
+        assert rel(res.loss, val) < 1e-12, backend
+        assert rel(res.grad, g) < 1e-10 and rel(res.hv, hv) < 1e-10, backend
+        for h, r in zip(res.hv, hv):
+            assert rel(h, r) < 1e-9, backend
+        assert rel(hessian.mixed_vjp(model, x, None, v, backend=backend, expansion=expansion), mixed) < 1e-10, backend
+    if _ext.available():
+        for algo in CPU_ALGOS:
+            res = hessian.hvp_fused(model, x, None, v, algo=algo, expansion=expansion)
+            assert rel(res.hv, hv) < 1e-10, algo
+            assert rel(hessian.mixed_vjp_fused(model, x, None, v, algo=algo, expansion=expansion), mixed) < 1e-10, algo
+
+
+def test_logit_expansion_bad_inputs():
+    model, x, y, v, w = make_case("odd", batch=4)
+    with torch.no_grad():
+        z = model(x)
+    exp = hessian.expand_logit_loss(_coupled_loss, z, torch.ones(2, dtype=x.dtype), group=2)
+    with pytest.raises(ValueError, match="weights do not apply"):
+        hessian.hvp(model, x, y, v, weights=w, expansion=exp)
+    with pytest.raises(ValueError, match="expansion is for 4 rows"):
+        hessian.hvp(model, x[:2], None, v, expansion=exp)
+    with pytest.raises(TypeError, match="LogitExpansion"):
+        hessian.mixed_vjp(model, x, None, v, expansion=(z, 0))
+    with pytest.raises(ValueError, match="expansion.hess is torch.float32"):
+        hessian.hvp(model, x, None, v, expansion=hessian.LogitExpansion(exp.logits, exp.value, exp.grad, exp.hess.float()))
+    with pytest.raises(ValueError, match="group must be a positive integer dividing B = 4"):
+        hessian.expand_logit_loss(_coupled_loss, z, torch.ones(2), group=3)
+    with pytest.raises(ValueError, match=r"args\[0\] must be a tensor with 2 rows"):
+        hessian.expand_logit_loss(_coupled_loss, z, torch.ones(3), group=2)
+
+
+@needs_ext
+def test_hvp_sequential_logit_expansion_op_checks():
+    """The op's own checks on logit_grad / logit_hess, and opcheck with them."""
+    args = _op_args("odd")  # B = 3, 3 classes
+    g = torch.randn(3, 3, dtype=torch.float64)
+    h = torch.randn(3, 3, 3, dtype=torch.float64)
+    torch.library.opcheck(torch.ops.engine.hvp_sequential.default, args + (g, h))
+    with pytest.raises(RuntimeError, match="logit_grad and logit_hess go together"):
+        torch.ops.engine.hvp_sequential(*args, g, None)
+    with pytest.raises(RuntimeError, match="logit_hess must be"):
+        torch.ops.engine.hvp_sequential(*args, g, torch.randn(2, 3, 3, dtype=torch.float64))
+    with pytest.raises(RuntimeError, match="logit_grad must be"):
+        torch.ops.engine.hvp_sequential(*args, g[:2], h)

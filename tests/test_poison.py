@@ -268,18 +268,24 @@ def test_macer_and_smoothadv_lower_levels(tiny, method, margs):
     assert ps.method == method and ps.settings["method_args"][key] == margs[key]
 
 
-@pytest.mark.parametrize("method", ["gaussian", "smoothadv"])
+@pytest.mark.parametrize("method", ["gaussian", "smoothadv", "macer"])
 def test_lower_products_agree_across_backends(method):
-    """The fused second-order products of a PACD step equal torch.func's on the same frozen noise (float64)."""
+    """The fused second-order products of a PACD step equal torch.func's on the same frozen noise (float64).
+    MACER: the products on its loss's expansion at the logits (fused, double_backward) equal torch.func on
+    the whole loss (its torch_func backend and the generic FuncLower), robustness term active (beta 2)."""
     from engine import bilevel
-    from engine.pacd import _Functional, _Lower, _Step
+    from engine.pacd import _Functional, _Lower, _method_args, _Step
 
     torch.manual_seed(0)
     model = _tiny_mlp().double().eval()
-    step = _Step(xc=torch.rand(9, 1, 28, 28, dtype=torch.float64), yc=torch.randint(0, 10, (9,)), pos=torch.arange(4),
-                 yp=torch.full((4,), TARGET), xv=torch.rand(3, 1, 28, 28, dtype=torch.float64), seed=123)
+    xc = torch.rand(9, 1, 28, 28, dtype=torch.float64)
+    yc = model(xc).argmax(1).detach() if method == "macer" else torch.randint(0, 10, (9,))  # MACER's hinge needs y = top
+    step = _Step(xc=xc, yc=yc, pos=torch.arange(4), yp=torch.full((4,), TARGET),
+                 xv=torch.rand(3, 1, 28, 28, dtype=torch.float64), seed=123)
     u = torch.rand(4, 1, 28, 28, dtype=torch.float64)
-    lower = _Lower(method, model, step, 0.5, {"eps": 0.3, "steps": 2, "m": 1} if method == "smoothadv" else {})
+    margs = {"smoothadv": {"eps": 0.3, "steps": 2, "m": 1}, "gaussian": {},
+             "macer": _method_args("macer", {"k": 3, "beta": 2.0, "gamma": 8.0, "lbd": 2.0})}[method]  # fmt: skip
+    lower = _Lower(method, model, step, 0.5, margs)
     lower.prepare(u)
     n = sum(p.numel() for p in model.parameters())
     v = torch.randn(n, dtype=torch.float64)
@@ -294,6 +300,14 @@ def test_lower_products_agree_across_backends(method):
         torch.testing.assert_close(hv, results["generic"][0], rtol=1e-10, atol=1e-14, msg=name)
         torch.testing.assert_close(mx, results["generic"][1], rtol=1e-10, atol=1e-14, msg=name)
     assert results["fused"][1].shape == u.shape
+    if method == "macer":  # both MACER terms carry weight here, or the check would miss the robustness one
+        from engine.losses import macer_inputs, macer_terms
+        from engine.pacd import _generator
+
+        x = torch.cat([step.xc, u])
+        z = model(macer_inputs(x, 0.5, 3, _generator(x.device, step.seed, 7))).reshape(13, 3, 10)
+        cls, rob = macer_terms(z, lower.y, 0.5, 2.0, 8.0)
+        assert float(cls.abs().sum()) > 0 and int((rob != 0).sum()) >= 2
 
 
 def test_pacd_evidence_script_tiny_end_to_end_and_resume(tmp_path):
