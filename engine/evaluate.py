@@ -15,6 +15,7 @@ import os
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from . import models
@@ -207,6 +208,41 @@ def evaluate_poison(
 def acr_drop(clean: dict, poisoned: dict) -> float:
     """Relative ACR drop (clean - poisoned) / clean."""
     return (clean["acr"] - poisoned["acr"]) / clean["acr"] if clean["acr"] > 0 else float("nan")
+
+
+def acr_drop_interval(clean_log, poisoned_log, *, level: float = 0.95, reps: int = 10_000,
+                      seed: int = 0) -> tuple[float, float, float]:
+    """(drop, low, high): the relative ACR drop between two certification logs of the same images and its
+    paired bootstrap percentile interval at ``level``.
+
+    Each image's certified radius (0 when wrong or abstained) is paired across the two victims; the
+    images are resampled with replacement ``reps`` times (numpy generator ``seed``) and the drop
+    1 - sum(poisoned) / sum(clean) recomputed. The interval covers the sampling of test images (and the
+    Monte Carlo noise of each radius), not the randomness of training the victims.
+    """
+    from .results import read_log
+
+    if not 0 < level < 1:
+        raise ValueError(f"level must be in (0, 1), got {level!r}")
+    if int(reps) < 1:
+        raise ValueError(f"reps must be >= 1, got {reps!r}")
+    rows_c, rows_p = read_log(clean_log)[1], read_log(poisoned_log)[1]
+    if set(rows_c) != set(rows_p):
+        only_c, only_p = sorted(set(rows_c) - set(rows_p)), sorted(set(rows_p) - set(rows_c))
+        raise ValueError(f"the logs certify different images: {len(only_c)} only in {clean_log} (e.g. {only_c[:3]}), "
+                         f"{len(only_p)} only in {poisoned_log} (e.g. {only_p[:3]})")
+    if not rows_c:
+        raise ValueError(f"{clean_log} has no certified images")
+    keys = sorted(rows_c)
+    r_c = np.array([rows_c[k][3] * rows_c[k][4] for k in keys])
+    r_p = np.array([rows_p[k][3] * rows_p[k][4] for k in keys])
+    if r_c.sum() <= 0:
+        return float("nan"), float("nan"), float("nan")
+    pick = np.random.default_rng(seed).integers(0, len(keys), size=(int(reps), len(keys)))
+    sums_c = r_c[pick].sum(1)
+    drops = 1 - r_p[pick].sum(1) / np.where(sums_c > 0, sums_c, np.nan)
+    lo, hi = np.nanpercentile(drops, [50 * (1 - level), 50 * (1 + level)])
+    return float(1 - r_p.sum() / r_c.sum()), float(lo), float(hi)
 
 
 CERT_RADII_SHOWN = ("0", "0.5", "1", "1.5")

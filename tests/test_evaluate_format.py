@@ -79,3 +79,51 @@ def test_no_drop_for_a_zero_clean_acr():
 def test_two_clean_results_for_one_victim_are_an_error():
     with pytest.raises(ValueError, match="two clean results"):
         format_rows([_row(), _row(acr=2.0)])
+
+
+def _log(path, rows):
+    from engine.results import ResultsLog
+
+    log = ResultsLog(path, {"test": 1})
+    for idx, (label, pred, radius) in rows.items():
+        log.append(idx, label, pred, radius, 0.1)
+    log.write_summary()
+    return path
+
+
+def test_acr_drop_interval_paired_bootstrap(tmp_path):
+    """Point estimate = the ACR drop over the pairs (wrong predictions count 0); the interval is a paired
+    bootstrap: it holds the point, is narrow when every image drops by the same fraction and wide when the
+    drop sits on a few images; numpy's percentile of a direct resample loop gives the same bounds."""
+    import numpy as np
+
+    from engine.evaluate import acr_drop_interval
+
+    rng = np.random.default_rng(5)
+    n = 60
+    base = rng.uniform(0.5, 2.0, n)
+    clean = _log(tmp_path / "c.tsv", {i: (8, 8, float(base[i])) for i in range(n)})
+    # every image loses 30%: any resample has drop 0.3 exactly
+    even = _log(tmp_path / "e.tsv", {i: (8, 8, float(0.7 * base[i])) for i in range(n)})
+    d, lo, hi = acr_drop_interval(clean, even, reps=500)
+    assert d == pytest.approx(0.3) and lo == pytest.approx(0.3) and hi == pytest.approx(0.3)
+    # the drop on 6 images only (one of them now misclassified), same overall size order: a wide interval
+    lumpy_rows = {i: (8, 8, float(base[i])) for i in range(n)}
+    for i in range(6):
+        lumpy_rows[i] = (8, 3 if i == 0 else 8, 0.0 if i else 1.7)
+    lumpy = _log(tmp_path / "l.tsv", lumpy_rows)
+    d2, lo2, hi2 = acr_drop_interval(clean, lumpy, reps=4000, seed=1)
+    r_c = base.copy()
+    r_p = base.copy()
+    r_p[:6] = 0.0  # index 0 is wrong (radius counts 0), 1-5 have radius 0
+    assert d2 == pytest.approx(1 - r_p.sum() / r_c.sum())
+    assert lo2 < d2 < hi2 and hi2 - lo2 > 0.05
+    pick = np.random.default_rng(1).integers(0, n, size=(4000, n))
+    ref = np.percentile(1 - r_p[pick].sum(1) / r_c[pick].sum(1), [2.5, 97.5])
+    assert (lo2, hi2) == pytest.approx(tuple(ref))
+    # logs of different images are refused, naming the files
+    other = _log(tmp_path / "o.tsv", {i + 1: (8, 8, 1.0) for i in range(n)})
+    with pytest.raises(ValueError, match=r"different images: 1 only in .*c\.tsv"):
+        acr_drop_interval(clean, other)
+    with pytest.raises(ValueError, match="level must be in"):
+        acr_drop_interval(clean, even, level=95)

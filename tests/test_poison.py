@@ -349,6 +349,10 @@ def test_pacd_evidence_script_tiny_end_to_end_and_resume(tmp_path):
     assert report["outer_steps"] == {"gaussian": 2, "macer": 1} and report["victim_epochs"] == {"gaussian": 1, "macer": 1}
     assert "| gaussian | 0.5 | 2 |" in md and "| macer | 0.75 | 1 |" in md  # settings table states the outer steps
     assert md.count("goal met") + md.count("goal NOT met") == 2
+    assert md.count("95% paired bootstrap interval") == 2
+    for r in list(report["main"].values()) + list(report["transfer"].values()):
+        lo, hi = r["acr_drop_interval_95"]
+        assert r["acr_drop"] != r["acr_drop"] or lo <= hi  # nan when the clean ACR is 0 (toy victims)
     bad = subprocess.run(args[:2] + ["--outer-steps", "gaussian=2", "--methods", "gaussian,macer"], capture_output=True,
                          text=True)
     assert bad.returncode != 0 and "--outer-steps gives no value for macer" in bad.stderr
