@@ -564,3 +564,18 @@ def test_hvp_sequential_logit_expansion_op_checks():
         torch.ops.engine.hvp_sequential(*args, g, torch.randn(2, 3, 3, dtype=torch.float64))
     with pytest.raises(RuntimeError, match="logit_grad must be"):
         torch.ops.engine.hvp_sequential(*args, g[:2], h)
+
+
+@needs_cuda
+def test_logit_expansion_fused_cuda_float64():
+    """The expansion path of the CUDA sweep against the whole-loss torch.func reference on the GPU."""
+    torch.manual_seed(12)
+    model, x, _, v, _ = make_case("odd2", batch=6, device="cuda")
+    yi = torch.randint(0, 4, (3,), device="cuda")
+    with torch.no_grad():
+        z = model(x)
+    expansion = hessian.expand_logit_loss(_macer_group, z, yi, group=2)
+    val, g, hv, mixed = _true_derivatives(model, x, _macer_group, (yi,), 2, v)
+    res = hessian.hvp_fused(model, x, None, v, expansion=expansion)
+    assert rel(res.grad, g) < 1e-10 and rel(res.hv, hv) < 1e-10
+    assert rel(hessian.mixed_vjp_fused(model, x, None, v, expansion=expansion), mixed) < 1e-10
