@@ -312,7 +312,8 @@ def test_lower_products_agree_across_backends(method):
 
 def test_pacd_evidence_script_tiny_end_to_end_and_resume(tmp_path):
     """bench/pacd_mnist_evidence.py on the embedded subset at toy settings: --stage clean trains only the
-    clean victims, which the full run then reuses; poisons, main table with clean and poisoned victims side
+    clean victims and --stage transfer --archs mlp one part of the transfer matrix, which the full run then
+    reuses; poisons, main table with clean and poisoned victims side
     by side, transfer matrix; a second run reuses everything."""
     import subprocess
     import sys
@@ -330,9 +331,21 @@ def test_pacd_evidence_script_tiny_end_to_end_and_resume(tmp_path):
     clean_victims = {m: tmp_path / "work" / "main" / m / "clean" / "victim.safetensors" for m in ("gaussian", "macer")}
     stamps = {m: v.stat().st_mtime_ns for m, v in clean_victims.items()}
     assert not out.with_suffix(".json").exists() and not (tmp_path / "work" / "main" / "gaussian" / "poisoned").exists()
+    # the MLP part of the transfer matrix alone (crafts the poisons it needs), in its own report
+    part_out = tmp_path / "pacd_mlp"
+    part_args = args[: args.index("--out") + 1] + [str(part_out)] + args[args.index("--out") + 2 :]
+    part = subprocess.run(part_args + ["--stage", "transfer", "--archs", "mlp"], capture_output=True, text=True)
+    assert part.returncode == 0, part.stderr[-3000:]
+    part_report = json.loads(part_out.with_suffix(".json").read_text())
+    assert part_report["main"] == {} and sorted(part_report["transfer"]) == sorted(
+        f"{c}->{v}/mlp" for c in ("gaussian", "macer") for v in ("gaussian", "macer"))
+    assert "(not run in this invocation: --stage transfer)" in part_out.with_suffix(".md").read_text()
+    mlp_victim = tmp_path / "work" / "transfer" / "mlp" / "macer" / "gaussian" / "victim.safetensors"
+    mlp_stamp = mlp_victim.stat().st_mtime_ns
     proc = subprocess.run(args, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert {m: v.stat().st_mtime_ns for m, v in clean_victims.items()} == stamps  # the clean stage's victims reused
+    assert mlp_victim.stat().st_mtime_ns == mlp_stamp  # and the transfer stage's
     report = json.loads(out.with_suffix(".json").read_text())
     assert set(report["main"]) == {"gaussian", "macer"}
     for m, r in report["main"].items():
