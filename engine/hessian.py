@@ -147,9 +147,12 @@ def expand_logit_loss(group_loss, logits: torch.Tensor, *args: torch.Tensor, gro
             raise ValueError(f"args[{i}] must be a tensor with {n} rows (one per group), got "
                              f"{tuple(getattr(a, 'shape', ())) if isinstance(a, torch.Tensor) else type(a).__name__}")
     z = logits.detach().reshape(n, group, classes)
-    grad_fn = torch.func.grad_and_value(group_loss)
-    (grad, value) = torch.func.vmap(grad_fn)(z, *args)
-    hess = torch.func.vmap(torch.func.jacrev(torch.func.grad(group_loss)))(z, *args)
+
+    def grad_with_aux(zg, *ag):  # the gradient, and (gradient, value) carried out of jacrev as its aux
+        g, val = torch.func.grad_and_value(group_loss)(zg, *ag)
+        return g, (g, val)
+
+    hess, (grad, value) = torch.func.vmap(torch.func.jacrev(grad_with_aux, has_aux=True))(z, *args)
     width = group * classes
     return LogitExpansion(logits.detach(), value.sum().detach(), grad.reshape(n * group, classes).detach(),
                           hess.reshape(n, width, width).detach())

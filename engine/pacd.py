@@ -404,45 +404,35 @@ class _Lower:
         differentiates the whole loss with torch.func (the plain reference, about 2x slower).
         """
         u_batch = u_batch.detach()
-        if self.method == "macer" and backend != "torch_func":
+        if self.method != "macer" or backend != "torch_func":
             from .hessian import expand_logit_loss, mixed_vjp
             from .hessian import hvp as hvp_op
-            from .losses import macer_inputs, macer_terms
 
-            m = self.margs
-            x = torch.cat([self.step.xc, u_batch])
-            b, k = x.shape[0], m["k"]
-            noisy = macer_inputs(x, self.sigma, k, _generator(x.device, self.step.seed, key)).detach()
-            with torch.no_grad():
-                logits = self.model(noisy)
-
-            def group_loss(z, yi):  # one input's k copies: its share of the batch loss
-                cls, rob = macer_terms(z[None], yi[None], self.sigma, m["beta"], m["gamma"])
-                return (cls[0] + m["lbd"] * rob[0]) / b
-
-            expansion = expand_logit_loss(group_loss, logits, self.y, group=k)
             n_clean = self.step.xc.shape[0]
+            if self.method == "macer":
+                from .losses import macer_inputs, macer_terms
+
+                m = self.margs
+                x = torch.cat([self.step.xc, u_batch])
+                b, copies = x.shape[0], m["k"]
+                inputs = macer_inputs(x, self.sigma, copies, _generator(x.device, self.step.seed, key)).detach()
+                with torch.no_grad():
+                    logits = self.model(inputs)
+
+                def group_loss(z, yi):  # one input's k copies: its share of the batch loss
+                    cls, rob = macer_terms(z[None], yi[None], self.sigma, m["beta"], m["gamma"])
+                    return (cls[0] + m["lbd"] * rob[0]) / b
+
+                y, expansion = None, expand_logit_loss(group_loss, logits, self.y, group=copies)
+            else:
+                inputs, y, expansion, copies = self.noisy_inputs(u_batch, key).detach(), self.y, None, 1
 
             def hvp(v):
-                return hvp_op(self.model, noisy, None, v, backend=backend, expansion=expansion).hv_flat
+                return hvp_op(self.model, inputs, y, v, backend=backend, expansion=expansion).hv_flat
 
-            def mixed(p):
-                r = mixed_vjp(self.model, noisy, None, p, backend=backend, expansion=expansion)
-                return r.reshape((b, k) + tuple(x.shape[1:])).sum(1)[n_clean:]
-
-            return hvp, mixed
-        if self.method != "macer":
-            from .hessian import hvp as hvp_op
-            from .hessian import mixed_vjp
-
-            x = self.noisy_inputs(u_batch, key).detach()
-            n_clean = self.step.xc.shape[0]
-
-            def hvp(v):
-                return hvp_op(self.model, x, self.y, v, backend=backend).hv_flat
-
-            def mixed(p):
-                return mixed_vjp(self.model, x, self.y, p, backend=backend)[n_clean:]
+            def mixed(p):  # the input gradient of each copy, summed per image (one copy: unchanged)
+                r = mixed_vjp(self.model, inputs, y, p, backend=backend, expansion=expansion)
+                return r.reshape((-1, copies) + tuple(r.shape[1:])).sum(1)[n_clean:]
 
             return hvp, mixed
         params = {n: p.detach() for n, p in self.model.named_parameters() if p.requires_grad}
