@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from . import bilevel
 from .bilevel import AdamState, flat_params
 from .fileio import ExclusiveLock, publish
+from .smoothing import pool_first_view
 
 __all__ = [
     "PoisonSet",
@@ -348,6 +349,7 @@ class _Lower:
 
     def __init__(self, method: str, model: torch.nn.Module, step: _Step, sigma: float, margs: dict):
         self.method, self.model, self.step, self.sigma, self.margs = method, model, step, sigma, margs
+        self.forward = pool_first_view(model)  # same layers and gradients, faster to train (smoothing.pool_first_view)
         self.y = torch.cat([step.yc, step.yp])
         self.delta = None
 
@@ -360,7 +362,7 @@ class _Lower:
         x = torch.cat([self.step.xc, u_batch.detach()])
         g = _generator(x.device, self.step.seed, 11)
         adv = smoothadv(
-            self.model,
+            self.forward,
             x,
             self.y,
             sigma=self.sigma,
@@ -702,6 +704,8 @@ def poison(
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(derive_seed(seed, r, 1))
             m = model_fn().to(device)
+        if device.type == "cpu" and any(isinstance(c, torch.nn.Conv2d) for c in m.modules()):
+            m.to(memory_format=torch.channels_last)  # oneDNN's fast layout (as engine.train); checkpoints store it contiguous
         return m, torch.optim.Adam(flat_params(m), lr=lr_w)
 
     model, opt_w = fresh_model(0)
@@ -792,7 +796,7 @@ def poison(
             lower.prepare(u_batch)
             lower_loss = float("nan")
             for it in range(niter1):
-                loss = lower.loss(model, u_batch, 100 + it)
+                loss = lower.loss(lower.forward, u_batch, 100 + it)
                 opt_w.zero_grad(set_to_none=True)
                 loss.backward()
                 opt_w.step()
@@ -800,7 +804,8 @@ def poison(
             model.eval()  # the smoothed classifier (upper level) and the second-order products use eval mode
             params = flat_params(model)
             f_val, counted = soft_radius_objective(
-                model, batch.xv, target_class, sigma=sigma, k=k, beta=beta, a=a, generator=_generator(device, batch.seed, 5)
+                lower.forward, batch.xv, target_class, sigma=sigma, k=k, beta=beta, a=a,
+                generator=_generator(device, batch.seed, 5),
             )
             grads = torch.autograd.grad(f_val, params, allow_unused=True)
             g_w = torch.cat([(gr if gr is not None else torch.zeros_like(p)).reshape(-1) for gr, p in zip(grads, params)])

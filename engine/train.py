@@ -43,7 +43,7 @@ import torch.nn.functional as F
 from . import attacks, losses
 from .data import split_validation
 from .fileio import ExclusiveLock, publish
-from .smoothing import model_device
+from .smoothing import model_device, pool_first_view
 
 __all__ = [
     "train",
@@ -396,6 +396,7 @@ def train(
         channels_last = device.type == "cpu" and any(isinstance(m, torch.nn.Conv2d) for m in model.modules())
     if channels_last:  # before the optimizer is built: parameters keep their identity, only their strides change
         model.to(memory_format=torch.channels_last)
+    forward = pool_first_view(model)  # same layers and parameters, ReLU after each max-pool (same gradients)
     params = [p for p in model.parameters() if p.requires_grad]
     if optimizer == "sgd":
         opt = torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
@@ -457,7 +458,7 @@ def train(
                 idx = order[i : i + batch_size]
                 x = _as_float(images[idx]).to(device)
                 y = labels[idx].to(device)
-                loss, c, k = _batch_loss(method, model, x, y, sigma, args, epoch, g_dev)
+                loss, c, k = _batch_loss(method, forward, x, y, sigma, args, epoch, g_dev)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()

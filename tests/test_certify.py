@@ -277,6 +277,48 @@ def test_cpu_fast_forward_model_pools_before_relu_exactly():
         ].index("MaxPool2d")
 
 
+def test_pool_first_view_shares_layers_and_gives_the_same_gradients():
+    from engine.smoothing import pool_first_view
+
+    torch.manual_seed(3)
+    nested = torch.nn.Sequential(
+        torch.nn.Conv2d(1, 4, 3),
+        torch.nn.BatchNorm2d(4),
+        torch.nn.ReLU(),
+        torch.nn.MaxPool2d(3, stride=2, padding=1, ceil_mode=True),
+        torch.nn.Sequential(torch.nn.Conv2d(4, 5, 3), torch.nn.ReLU(inplace=True), torch.nn.MaxPool2d(2)),
+        torch.nn.ReLU(),
+        torch.nn.MaxPool2d(1, return_indices=False),
+        torch.nn.Flatten(),
+        torch.nn.Linear(10, 7),
+    ).double()
+    view = pool_first_view(nested)
+    order = [type(m).__name__ for m in view.modules() if isinstance(m, (torch.nn.ReLU, torch.nn.MaxPool2d))]
+    assert order == ["MaxPool2d", "ReLU", "MaxPool2d", "ReLU", "MaxPool2d", "ReLU"]
+    assert [id(p) for p in view.parameters()] == [id(p) for p in nested.parameters()]  # the same parameter objects
+    assert [type(m).__name__ for m in nested.modules()][3:5] == ["ReLU", "MaxPool2d"]  # the original keeps its order
+    x = torch.randn(5, 1, 13, 11, dtype=torch.float64)  # odd sizes: ceil-mode and padded windows
+    x[0] = -x[0].abs()  # an image whose first-layer windows are mostly non-positive (zero gradient in both orders)
+    for mode in ("train", "eval"):
+        getattr(nested, mode)()
+        assert view[1].training == (mode == "train")  # mode set on the model reaches the view's layers
+        grads = []
+        for module in (nested, view):
+            nested.zero_grad()
+            out = module(x)
+            (out * torch.linspace(-1, 1, out.numel(), dtype=out.dtype).view_as(out)).sum().backward()
+            grads.append((out.detach(), [p.grad.clone() for p in nested.parameters()]))
+        assert torch.equal(grads[0][0], grads[1][0])
+        for a, b in zip(grads[0][1], grads[1][1]):
+            assert torch.equal(a, b)
+    plain = torch.nn.Sequential(torch.nn.Conv2d(1, 2, 3), torch.nn.MaxPool2d(2), torch.nn.ReLU())
+    assert pool_first_view(plain) is plain  # nothing to swap: the module itself
+    indexed = torch.nn.Sequential(torch.nn.ReLU(), torch.nn.MaxPool2d(2, return_indices=True))
+    assert pool_first_view(indexed) is indexed
+    lenet = _lenet(3)
+    assert pool_first_view(lenet) is not lenet
+
+
 def test_maxpool2x2_equals_max_pool2d_bit_for_bit():
     from engine.smoothing import MaxPool2x2, fast_forward_model
 

@@ -123,6 +123,23 @@ def test_backends_agree_float64(arch, weighted):
 
 
 @needs_ext
+@pytest.mark.parametrize("arch", ["lenet", "odd"])
+def test_fused_with_channels_last_weights(arch):
+    """Conv weights in channels-last storage (PACD's and engine.train's CPU layout): same products (float64)."""
+    model, x, y, v, w = make_case(arch)
+    ref = hessian.hvp_torch_func(model, x, y, v, weights=w)
+    ref_mixed = hessian.mixed_vjp_torch_func(model, x, y, v, weights=w)
+    model.to(memory_format=torch.channels_last)
+    assert any(p.dim() == 4 and not p.is_contiguous() for p in model.parameters())
+    v_cl = [t.contiguous(memory_format=torch.channels_last) if t.dim() == 4 else t for t in v]
+    for algo in CPU_ALGOS:
+        for tangent in (v, v_cl, hessian.flatten(v)):
+            res = hessian.hvp_fused(model, x, y, tangent, weights=w, algo=algo)
+            assert rel(res.grad, ref.grad) < 1e-10 and rel(res.hv, ref.hv) < 1e-10, algo
+            assert rel(hessian.mixed_vjp_fused(model, x, y, tangent, weights=w, algo=algo), ref_mixed) < 1e-10, algo
+
+
+@needs_ext
 @pytest.mark.parametrize("arch", ["lenet", "odd", "odd2"])
 def test_backends_agree_float32(arch):
     model, x, y, v, w = make_case(arch, dtype=torch.float32, batch=6)
