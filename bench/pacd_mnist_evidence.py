@@ -11,7 +11,8 @@ Everything resumes: finished poisons, victims and certified images are reused. `
 and certifies only the clean victims of the main table (they need no poison), so they can run beside
 the crafting on another core; ``--stage transfer`` runs only the transfer matrix (for the ``--archs`` given,
 so two processes with different ``--archs`` and ``--out`` share the work), and a final ``--transfer`` run
-assembles the whole report from the reused results.
+assembles the whole report from the reused results. Transfer victims trained with exactly the settings of a
+main-table victim (LeNet, the same epochs) reuse that victim and are only certified again.
 
     python bench/pacd_mnist_evidence.py --work runs/pacd --outer-steps 2750      (paper setting)
     python bench/pacd_mnist_evidence.py --work runs/pacd --outer-steps gaussian=300,macer=150,smoothadv=150 \
@@ -216,6 +217,8 @@ def main(argv=None) -> int:
                     n=args.transfer_n,
                     device=args.device,
                     progress=True,
+                    # a main-table victim with the same settings (LeNet, same epochs) is certified again, not retrained
+                    reuse_victims_from=[work / f"main/{victim}/clean", work / f"main/{victim}/poisoned"],
                 )
                 print(f"== transfer: {arch} {victim} victims", flush=True)
                 clean = evaluate_poison(

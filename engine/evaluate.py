@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import time
 from pathlib import Path
 
@@ -19,6 +20,7 @@ import numpy as np
 import torch
 
 from . import models
+from .fileio import publish
 from .pacd import PoisonSet, derive_seed
 
 __all__ = ["evaluate_poison", "target_test_indices", "acr_drop", "format_rows", "RADII"]
@@ -73,6 +75,7 @@ def evaluate_poison(
     alpha: float = 0.001,
     batch: int | None = None,
     out_dir: str | os.PathLike,
+    reuse_victims_from=(),
     device: str | torch.device = "cpu",
     progress: bool = False,
 ) -> dict:
@@ -87,6 +90,10 @@ def evaluate_poison(
         sigma: noise level of training and certification.
         n_images: random test images of the target class to certify (same ones for every victim).
         out_dir: the victim checkpoint, certification log (certify.tsv/.json/.png) and summary.json.
+        reuse_victims_from: other evaluation directories; a victim there trained with exactly these
+            settings (architecture, procedure and its arguments, epochs, optimiser, seed, data and poison)
+            is copied into ``out_dir`` instead of training another (e.g. the transfer matrix reusing the
+            main table's victims, certified again with other images or n).
 
     Returns:
         dict with acr, certified_accuracy (at :data:`RADII`), clean accuracy of the base classifier on
@@ -127,11 +134,16 @@ def evaluate_poison(
     ckpt = out_dir / "victim.safetensors"
     model = None
     train_seconds = None
-    if ckpt.exists():
-        loaded = models.load(ckpt, device=device)
-        if loaded.engine_meta["meta"].get("train_settings") == json.loads(json.dumps(train_settings)):
-            model = loaded
-            train_seconds = loaded.engine_meta["meta"].get("train_seconds")
+    wanted = json.loads(json.dumps(train_settings))
+    for source in [ckpt] + [Path(d) / "victim.safetensors" for d in reuse_victims_from]:
+        if source.exists() and models.read_meta(source)["meta"].get("train_settings") == wanted:
+            if source != ckpt:
+                tmp = ckpt.with_name(ckpt.name + ".tmp")
+                shutil.copyfile(source, tmp)
+                publish(tmp, ckpt)
+            model = models.load(ckpt, device=device)
+            train_seconds = model.engine_meta["meta"].get("train_seconds")
+            break
     if model is None:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(derive_seed(seed, 5))

@@ -423,3 +423,35 @@ def test_snapshot_from_checkpoint(tiny, tmp_path):
     proc = subprocess.run(cmd[:-4] + ["--val-size", "8000", "--out", str(tmp_path / "t.safetensors")], capture_output=True,
                           text=True)
     assert proc.returncode == 2 and "not the originals" in proc.stderr
+
+
+def test_evaluate_reuses_a_victim_with_the_same_settings_only(tiny, tmp_path, monkeypatch):
+    """reuse_victims_from: a victim trained with identical settings elsewhere is copied and certified anew;
+    one trained otherwise (other epochs) is not."""
+    import sys
+
+    from engine.evaluate import evaluate_poison
+
+    train_module = sys.modules["engine.train"]  # (engine.train is also the function's name in the package)
+
+    train, _ = tiny
+    test = (train[0][:60], train[1][:60])
+    common = dict(target_class=TARGET, victim_method="gaussian", arch="mlp", sigma=0.5, epochs=1, n_images=3, n0=10)
+    first = evaluate_poison(None, train, test, n=50, out_dir=tmp_path / "a", **common)
+    trained = {"calls": 0}
+    real_train = train_module.train
+
+    def counting_train(*a, **k):
+        trained["calls"] += 1
+        return real_train(*a, **k)
+
+    monkeypatch.setattr(train_module, "train", counting_train)
+    again = evaluate_poison(None, train, test, n=80, out_dir=tmp_path / "b", reuse_victims_from=[tmp_path / "x", tmp_path / "a"],
+                            **common)
+    assert trained["calls"] == 0 and again["n"] == 80 and again["train_seconds"] == first["train_seconds"]
+    a, b = models.load(tmp_path / "a" / "victim.safetensors"), models.load(tmp_path / "b" / "victim.safetensors")
+    assert all(torch.equal(p, q) for p, q in zip(a.state_dict().values(), b.state_dict().values()))
+    assert again["clean_accuracy_other_classes"] == first["clean_accuracy_other_classes"]
+    other = evaluate_poison(None, train, test, n=50, out_dir=tmp_path / "c", reuse_victims_from=[tmp_path / "a"],
+                            **{**common, "epochs": 2})
+    assert trained["calls"] == 1 and other["train_settings"]["epochs"] == 2
