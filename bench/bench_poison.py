@@ -51,12 +51,13 @@ class Result:
     projected_full_run_s: float
     full_run_steps: int
     steps_timed: int
+    phase_seconds: dict  # mean seconds per timed step of each phase: lower (niter1 steps), upper, solve, poison
 
 
 def run(cfg: Config, device: torch.device, train, val, steps: int) -> Result:
     kwargs = {"hvp_backend": cfg.hvp_backend}
     sigma = 0.5 if cfg.method == "gaussian" else 0.75
-    times = []
+    entries = []
     poison(
         lambda: models.build(cfg.arch),
         train,
@@ -73,10 +74,12 @@ def run(cfg: Config, device: torch.device, train, val, steps: int) -> Result:
         niter1=cfg.niter1,
         niter2=cfg.niter2,
         device=device,
-        log=lambda e: times.append(e["seconds"]),
+        log=entries.append,
         **kwargs,
     )
-    per_step = sum(times[1:]) / max(1, len(times) - 1)  # the first step warms up
+    timed = entries[1:]  # the first step warms up
+    per_step = sum(e["seconds"] for e in timed) / max(1, len(timed))
+    phases = {k: round(sum(e["phases"].get(k, 0.0) for e in timed) / max(1, len(timed)), 4) for k in entries[0]["phases"]}
     full = FULL_STEPS[cfg.method]
     return Result(
         cfg.method,
@@ -86,7 +89,8 @@ def run(cfg: Config, device: torch.device, train, val, steps: int) -> Result:
         per_step,
         per_step * full,
         full,
-        len(times) - 1,
+        len(timed),
+        phases,
     )
 
 
@@ -98,14 +102,17 @@ def main(argv=None) -> int:
     parser.add_argument("--backends", default="torch_func,fused", help="engine.hvp backends, the first is the baseline")
     parser.add_argument("--data-root", default="/work/shared/data/mnist", help="MNIST folder (embedded subset if missing)")
     parser.add_argument("--out", default=None)
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     device = resolve_device(args.device)
     root = Path(args.data_root)
     images, labels = data.load_mnist(root if root.is_dir() else data.embedded_mnist_root(), "train")
     train, val = data.split_validation(images, labels, min(5000, images.shape[0] // 10))
     print(f"device: {device_name(device)}; torch {torch.__version__}; train {train[0].shape[0]} images")
-    head = ("method", "hvp backend", "batch", "s/step", "projected s", "steps", "speed-up")
-    print("{:10s} {:14s} {:16s} {:>8s} {:>12s} {:>6s} {:>9s}".format(*head))
+    head = ("method", "hvp backend", "batch", "s/step", "projected s", "steps", "speed-up", "  seconds per phase")
+    print("{:10s} {:14s} {:16s} {:>8s} {:>12s} {:>6s} {:>9s} {}".format(*head))
     results = []
     t0 = time.perf_counter()
     for method in args.methods.split(","):
@@ -116,7 +123,8 @@ def main(argv=None) -> int:
             base = base or r.seconds_per_step
             print(
                 f"{r.method:10s} {r.hvp_backend:14s} {r.batch:16s} {r.seconds_per_step:8.2f} {r.projected_full_run_s:12.0f} "
-                f"{r.full_run_steps:6d} {base / r.seconds_per_step:8.2f}x",
+                f"{r.full_run_steps:6d} {base / r.seconds_per_step:8.2f}x   "
+                + " ".join(f"{k} {v:.2f}" for k, v in r.phase_seconds.items()),
                 flush=True,
             )
     print(f"total {time.perf_counter() - t0:.0f} s")

@@ -446,6 +446,21 @@ class _Lower:
         return fl.hvp, fl.mixed
 
 
+class _PhaseClock:
+    """Seconds of the phases of one outer step (the device is synchronised at each lap)."""
+
+    def __init__(self, device: torch.device):
+        self.device, self.laps = device, {}
+        self.last = time.perf_counter()
+
+    def lap(self, name: str) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        now = time.perf_counter()
+        self.laps[name] = round(now - self.last, 6)
+        self.last = now
+
+
 class _RowAdam:
     """Adam on the rows of a tensor, each row with its own step count (only the batch rows move)."""
 
@@ -792,6 +807,7 @@ def poison(
             )
             lower = _Lower(method, model, batch, sigma, margs)
             u_batch = u[pos.to(device)]
+            clock = _PhaseClock(device)
             model.train()
             lower.prepare(u_batch)
             lower_loss = float("nan")
@@ -801,6 +817,7 @@ def poison(
                 loss.backward()
                 opt_w.step()
                 lower_loss = float(loss.detach())
+            clock.lap("lower")
             model.eval()  # the smoothed classifier (upper level) and the second-order products use eval mode
             params = flat_params(model)
             f_val, counted = soft_radius_objective(
@@ -810,10 +827,12 @@ def poison(
             grads = torch.autograd.grad(f_val, params, allow_unused=True)
             g_w = torch.cat([(gr if gr is not None else torch.zeros_like(p)).reshape(-1) for gr, p in zip(grads, params)])
             moved = 0.0
+            clock.lap("upper")
             if float(g_w.abs().max()) > 0:
                 hvp, mixed = lower.products(u_batch, 999, hvp_backend)
                 kwargs = {"state": p_state} if solver == "approxgrad" else {}
                 p_vec = bilevel.SOLVERS[solver](hvp, g_w.detach(), p_vec, steps=niter2, lr=lr_p, damping=damping, **kwargs)
+                clock.lap("solve")
                 grad_u = -mixed(p_vec)
                 if u_update == "adam":
                     new = u_opt.step(u, pos.to(device), grad_u, lr_u)
@@ -823,6 +842,9 @@ def poison(
                 new = torch.minimum(torch.maximum(new, x0b - eps), x0b + eps).clamp_(0.0, 1.0)
                 moved = float((new - u_batch).abs().max())
                 u[pos.to(device)] = new
+                clock.lap("poison")
+            for name in ("solve", "poison"):  # no hypergradient this step (no validation image counted)
+                clock.laps.setdefault(name, 0.0)
             entry = {
                 "step": step + 1,
                 "upper": float(f_val.detach()),
@@ -831,6 +853,7 @@ def poison(
                 "linf": float((u - x0).abs().max()),
                 "moved": moved,
                 "seconds": time.perf_counter() - t0,
+                "phases": clock.laps,
             }
             history.append(entry)
             if log is not None:

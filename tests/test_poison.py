@@ -74,9 +74,14 @@ def test_time_based_checkpoints(tiny, tmp_path):
         if entry["step"] > 1:
             seen.append((entry["step"], _load_checkpoint(ckpt)[1]["step"]))
 
+    entries = []
     poison(_tiny_mlp, train, val, outer_steps=4, checkpoint=ckpt, checkpoint_every=1000, checkpoint_seconds=0, seed=3,
-           log=log, **SMALL)  # fmt: skip
+           log=lambda e: (log(e), entries.append(e)), **SMALL)  # fmt: skip
     assert seen == [(2, 1), (3, 2), (4, 3)]
+    for e in entries:  # each step's phases, timed one after another inside the step
+        assert list(e["phases"]) == ["lower", "upper", "solve", "poison"]
+        assert all(v >= 0 for v in e["phases"].values()) and sum(e["phases"].values()) <= e["seconds"] + 1e-6
+    assert any(e["phases"]["solve"] > 0 and e["moved"] > 0 for e in entries)
     seen.clear()
     ckpt.unlink()
     poison(_tiny_mlp, train, val, outer_steps=3, checkpoint=ckpt, checkpoint_every=1000, checkpoint_seconds=None,
