@@ -9,10 +9,11 @@ Stage 3 (transfer): every poison (and clean data) x every victim procedure x {Le
 ``--transfer-images`` / ``--transfer-n``.
 Everything resumes: finished poisons, victims and certified images are reused. ``--stage clean`` trains
 and certifies only the clean victims of the main table (they need no poison), so they can run beside
-the crafting on another core; ``--stage transfer`` runs only the transfer matrix (for the ``--archs`` given,
-so two processes with different ``--archs`` and ``--out`` share the work), and a final ``--transfer`` run
-assembles the whole report from the reused results. Transfer victims trained with exactly the settings of a
-main-table victim (LeNet, the same epochs) reuse that victim and are only certified again.
+the crafting on another core, and ``--stage poisoned`` only the poisoned ones; ``--stage transfer`` runs
+only the transfer matrix (for the ``--archs`` given, so two processes with different ``--archs`` and
+``--out`` share the work), and a final ``--transfer`` run assembles the whole report from the reused
+results. Transfer victims trained with exactly the settings of a main-table victim (LeNet, the same
+epochs) reuse that victim and are only certified again.
 
     python bench/pacd_mnist_evidence.py --work runs/pacd --outer-steps 2750      (paper setting)
     python bench/pacd_mnist_evidence.py --work runs/pacd --outer-steps gaussian=300,macer=150,smoothadv=150 \
@@ -107,9 +108,9 @@ def main(argv=None) -> int:
     p.add_argument("--transfer-epochs", default=None,
                    help="transfer victims' epochs (N or per procedure; default --victim-epochs)")
     p.add_argument("--archs", default="lenet,mlp")
-    p.add_argument("--stage", choices=("poison", "clean", "main", "transfer", "all"), default="all",
-                   help="poison: craft only; clean: clean victims of the main table only; main: no transfer; "
-                   "transfer: the transfer matrix only")
+    p.add_argument("--stage", choices=("poison", "clean", "poisoned", "main", "transfer", "all"), default="all",
+                   help="poison: craft only; clean / poisoned: the clean / poisoned victims of the main table only; "
+                   "main: no transfer; transfer: the transfer matrix only")
     p.add_argument("--device", default="cpu")
     p.add_argument("--val-size", type=int, default=5000, help="validation images held out of the training set")
     p.add_argument("--train-size", type=int, default=None, help="use a random subset of this many training images "
@@ -194,6 +195,9 @@ def main(argv=None) -> int:
             progress=True,
         )
         print(f"== main table: {m} victims", flush=True)
+        if args.stage == "poisoned":  # the poisoned victim alone (its clean counterpart may be running elsewhere)
+            evaluate_poison(poisons[m], train, test, out_dir=work / f"main/{m}/poisoned", **common)
+            continue
         clean = evaluate_poison(None, train, test, target_class=TARGET, out_dir=work / f"main/{m}/clean", **common)
         if args.stage == "clean":
             continue
@@ -201,7 +205,7 @@ def main(argv=None) -> int:
         rows += [clean, bad]
         _, lo, hi = acr_drop_interval(work / f"main/{m}/clean/certify.tsv", work / f"main/{m}/poisoned/certify.tsv")
         main[m] = {"clean": clean, "poisoned": bad, "acr_drop": acr_drop(clean, bad), "acr_drop_interval_95": [lo, hi]}
-    if args.stage == "clean":
+    if args.stage in ("clean", "poisoned"):
         return 0
     transfer, transfer_rows = {}, []
     if args.stage == "transfer" or (args.transfer and args.stage == "all"):

@@ -347,10 +347,25 @@ def test_pacd_evidence_script_tiny_end_to_end_and_resume(tmp_path):
     assert "(not run in this invocation: --stage transfer)" in part_out.with_suffix(".md").read_text()
     mlp_victim = tmp_path / "work" / "transfer" / "mlp" / "macer" / "gaussian" / "victim.safetensors"
     mlp_stamp = mlp_victim.stat().st_mtime_ns
+    # the poisoned main-table victim of one procedure alone
+    alone = subprocess.run(args + ["--stage", "poisoned", "--methods", "gaussian", "--outer-steps", "2"], capture_output=True,
+                           text=True)
+    assert alone.returncode == 0, alone.stderr[-3000:]
+    work_main = tmp_path / "work" / "main"
+    assert (work_main / "gaussian" / "poisoned" / "summary.json").exists() and not (work_main / "macer" / "poisoned").exists()
+    poisoned_stamp = (work_main / "gaussian" / "poisoned" / "victim.safetensors").stat().st_mtime_ns
     proc = subprocess.run(args, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert {m: v.stat().st_mtime_ns for m, v in clean_victims.items()} == stamps  # the clean stage's victims reused
     assert mlp_victim.stat().st_mtime_ns == mlp_stamp  # and the transfer stage's
+    assert (work_main / "gaussian" / "poisoned" / "victim.safetensors").stat().st_mtime_ns == poisoned_stamp
+    # LeNet transfer victims with the main table's settings are its victims, certified again
+    tr = tmp_path / "work" / "transfer" / "lenet"
+    for mine, theirs in ((tr / "gaussian" / "clean", work_main / "gaussian" / "clean"),
+                         (tr / "macer" / "macer", work_main / "macer" / "poisoned")):
+        assert (mine / "victim.safetensors").read_bytes() == (theirs / "victim.safetensors").read_bytes()
+    assert (tr / "gaussian" / "macer" / "victim.safetensors").read_bytes() != (
+        work_main / "gaussian" / "poisoned" / "victim.safetensors").read_bytes()  # another poison: its own victim
     report = json.loads(out.with_suffix(".json").read_text())
     assert set(report["main"]) == {"gaussian", "macer"}
     for m, r in report["main"].items():
