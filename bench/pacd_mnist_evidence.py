@@ -88,6 +88,25 @@ def per_method(text: str, methods: list[str], name: str) -> dict[str, int]:
     return {m: out.get(m, default) for m in methods}
 
 
+def transfer_matrix(transfer: dict, methods: list[str], archs: list[str]) -> str:
+    """Markdown matrix of the class-8 ACR drops: one row per poison (crafted for), one column per victim
+    procedure x architecture; each cell "drop (95% interval)", the diagonal of each architecture being the
+    matched procedure."""
+    cols = [(v, a) for a in archs for v in methods]
+    lines = ["| poison crafted for | " + " | ".join(f"{v} / {a}" for v, a in cols) + " |", "|---|" + "---|" * len(cols)]
+    for crafted in methods:
+        cells = []
+        for v, a in cols:
+            r = transfer.get(f"{crafted}->{v}/{a}")
+            if r is None or r["acr_drop"] != r["acr_drop"]:
+                cells.append("-")
+                continue
+            lo, hi = r["acr_drop_interval_95"]
+            cells.append(f"{100 * r['acr_drop']:.1f}% ({100 * lo:.1f} to {100 * hi:.1f})")
+        lines.append(f"| {crafted} | " + " | ".join(cells) + " |")
+    return "ACR drop on the target class (95% paired bootstrap interval over the certified images):\n\n" + "\n".join(lines)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--data-root", default="/work/shared/data/mnist")
@@ -316,6 +335,8 @@ def main(argv=None) -> int:
             "## Transfer (poison crafted for the method in the poison column, victim / arch in the first columns)",
             "",
             f"Victim epochs {json.dumps(transfer_epochs)}, {args.transfer_images} images, n {args.transfer_n:,}.",
+            "",
+            transfer_matrix(transfer, methods, args.archs.split(",")),
             "",
             format_rows(transfer_rows),
         ]

@@ -382,7 +382,10 @@ def test_pacd_evidence_script_tiny_end_to_end_and_resume(tmp_path):
     assert report["outer_steps"] == {"gaussian": 2, "macer": 1} and report["victim_epochs"] == {"gaussian": 1, "macer": 1}
     assert "| gaussian | 0.5 | 2 |" in md and "| macer | 0.75 | 1 |" in md  # settings table states the outer steps
     assert md.count("goal met") + md.count("goal NOT met") == 2
-    assert md.count("95% paired bootstrap interval") == 2
+    assert md.split("## Settings")[0].count("95% paired bootstrap interval") == 2
+    head = "| poison crafted for | gaussian / lenet | macer / lenet | gaussian / mlp | macer / mlp |"
+    matrix = md.split(head)[1].strip().splitlines()[1:3]  # the rows after the separator
+    assert [x.split(" | ")[0] for x in matrix] == ["| gaussian", "| macer"] and all(x.count("|") == 6 for x in matrix)
     for r in list(report["main"].values()) + list(report["transfer"].values()):
         lo, hi = r["acr_drop_interval_95"]
         assert r["acr_drop"] != r["acr_drop"] or lo <= hi  # nan when the clean ACR is 0 (toy victims)
