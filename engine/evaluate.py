@@ -4,7 +4,9 @@
 data, certifies a fixed random sample of test images of the target class (Cohen et al.'s CERTIFY,
 by default n0 100, n 100,000, alpha 0.001) and reports ACR, certified accuracy at radii and the clean
 accuracy on the other classes. Everything is resumable: a victim already trained with the same
-settings is reloaded, and the certification log resumes where it stopped.
+settings is reloaded, an interrupted victim training continues from its checkpoint (every epoch and
+every ``train_checkpoint_seconds`` inside one; the same weights as an uninterrupted run), and the
+certification log resumes where it stopped.
 """
 
 from __future__ import annotations
@@ -53,6 +55,60 @@ def _accuracy(model, images, labels, device, batch_size=2000) -> float:
     return correct / max(1, images.shape[0])
 
 
+def _train_victim(arch, device, train_ckpt: Path, progress: bool, checkpoint_seconds, data, **train_args):
+    """Build the victim (init from ``train_args["seed"]``) and train it with a resumable checkpoint at ``train_ckpt``.
+
+    Returns (model, history, train_seconds); train_seconds sums the epochs' training time when the run
+    resumed (the wall time of earlier calls is not known), else it is this call's wall time.
+    """
+    import warnings
+
+    from .models import CheckpointError
+    from .train import train
+
+    def build():
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(derive_seed(train_args["seed"], 5))
+            return models.build(arch).to(device)
+
+    bar = None
+    callback = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=None, desc=f"train[{train_args['method']}/{arch}]", unit="batch", dynamic_ncols=True)
+
+        def callback(info):
+            bar.total = info["epochs"] * info["batches"]
+            bar.set_postfix(epoch=f"{info['epoch']}/{info['epochs']}", loss=f"{info['loss']:.3f}",
+                            acc=f"{info['accuracy']:.3f}", refresh=False)
+            bar.update((info["epoch"] - 1) * info["batches"] + info["batch"] - bar.n)  # jumps ahead on resume
+
+    resumed = train_ckpt.exists()
+    t0 = time.perf_counter()
+    try:
+        try:
+            model = build()
+            model, history = train(model, data, checkpoint=train_ckpt, resume=True, checkpoint_seconds=checkpoint_seconds,
+                                   progress=callback, **train_args)
+        except CheckpointError as exc:
+            if not resumed:
+                raise
+            warnings.warn(f"{train_ckpt}: not resumed, training the victim again ({exc})", RuntimeWarning, stacklevel=3)
+            resumed = False
+            t0 = time.perf_counter()
+            model = build()
+            model, history = train(model, data, checkpoint=train_ckpt, resume=False, checkpoint_seconds=checkpoint_seconds,
+                                   progress=callback, **train_args)
+    finally:
+        if bar is not None:
+            bar.close()
+    seconds = time.perf_counter() - t0
+    if resumed:
+        seconds = float(sum(h.get("seconds", 0.0) for h in history))
+    return model, history, seconds
+
+
 def evaluate_poison(
     poison_set: PoisonSet | None,
     train_data,
@@ -78,6 +134,7 @@ def evaluate_poison(
     reuse_victims_from=(),
     device: str | torch.device = "cpu",
     progress: bool = False,
+    train_checkpoint_seconds: float | None = 300.0,
 ) -> dict:
     """Train a victim on clean (``poison_set=None``) or poisoned data and certify the target class.
 
@@ -94,13 +151,17 @@ def evaluate_poison(
             settings (architecture, procedure and its arguments, epochs, optimiser, seed, data and poison)
             is copied into ``out_dir`` instead of training another (e.g. the transfer matrix reusing the
             main table's victims, certified again with other images or n).
+        progress: progress bars for the victim's training (batches) and the certification (samples).
+        train_checkpoint_seconds: while a victim trains, ``out_dir/victim.train.ckpt`` is written after
+            every epoch and this often inside one (None: epochs only); a later call with the same
+            settings resumes from it (a checkpoint of other settings is replaced, with a warning) and
+            it is removed once the victim is saved.
 
     Returns:
         dict with acr, certified_accuracy (at :data:`RADII`), clean accuracy of the base classifier on
         the other classes and on the target class, abstain rate, training time, settings.
     """
     from .cli import run_certify
-    from .train import train
 
     if poison_set is None and target_class is None:
         raise ValueError("a clean evaluation needs target_class")
@@ -145,25 +206,13 @@ def evaluate_poison(
             train_seconds = model.engine_meta["meta"].get("train_seconds")
             break
     if model is None:
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(derive_seed(seed, 5))
-            model = models.build(arch).to(device)
-        t0 = time.perf_counter()
-        _, history = train(
-            model,
-            (train_x, train_y),
-            method=victim_method,
-            sigma=sigma,
-            epochs=epochs,
-            batch_size=batch_size,
-            lr=lr,
-            optimizer=optimizer,
-            schedule=schedule,
-            seed=seed,
-            **dict(method_args or {}),
+        model, history, train_seconds = _train_victim(
+            arch, device, out_dir / "victim.train.ckpt", progress, train_checkpoint_seconds,
+            (train_x, train_y), method=victim_method, sigma=sigma, epochs=epochs, batch_size=batch_size, lr=lr,
+            optimizer=optimizer, schedule=schedule, seed=seed, **dict(method_args or {}),
         )
-        train_seconds = time.perf_counter() - t0
         models.save(model, ckpt, train_settings=train_settings, history=history, train_seconds=train_seconds)
+        (out_dir / "victim.train.ckpt").unlink(missing_ok=True)
     model.eval()
     indices = target_test_indices(test_y, target, n_images, seed=0)
     cert_settings = {

@@ -478,3 +478,65 @@ def test_evaluate_reuses_a_victim_with_the_same_settings_only(tiny, tmp_path, mo
     other = evaluate_poison(None, train, test, n=50, out_dir=tmp_path / "c", reuse_victims_from=[tmp_path / "a"],
                             **{**common, "epochs": 2})
     assert trained["calls"] == 1 and other["train_settings"]["epochs"] == 2
+
+
+def test_evaluate_resumes_an_interrupted_victim_training(tiny, tmp_path, monkeypatch):
+    """A victim training that crashes after an epoch continues from out_dir's checkpoint on the next call and
+    ends with the weights of an uninterrupted run; the checkpoint is removed once the victim is saved, and a
+    checkpoint of other settings is replaced (with a warning), not resumed."""
+    import sys
+
+    from engine.evaluate import evaluate_poison
+
+    train_module = sys.modules["engine.train"]
+    real_train = train_module.train
+    train, _ = tiny
+    test = (train[0][:60], train[1][:60])
+    common = dict(target_class=TARGET, victim_method="gaussian", arch="mlp", sigma=0.5, epochs=2, n_images=3, n0=10, n=40)
+    whole = evaluate_poison(None, train, test, out_dir=tmp_path / "a", **common)
+    assert not (tmp_path / "a" / "victim.train.ckpt").exists()
+
+    class Crash(RuntimeError):
+        pass
+
+    def crash_after_epoch_1(*a, **k):
+        real_train(*a, **{**k, "stop_after_epoch": 1})
+        raise Crash("power cut")
+
+    monkeypatch.setattr(train_module, "train", crash_after_epoch_1)
+    with pytest.raises(Crash):
+        evaluate_poison(None, train, test, out_dir=tmp_path / "b", **common)
+    with pytest.raises(Crash):
+        evaluate_poison(None, train, test, out_dir=tmp_path / "c", **{**common, "lr": 0.03})
+    assert (tmp_path / "b" / "victim.train.ckpt").exists() and not (tmp_path / "b" / "victim.safetensors").exists()
+    assert train_module.read_checkpoint_meta(tmp_path / "b" / "victim.train.ckpt")["epoch"] == 1
+    calls = []
+
+    epochs_run = set()
+
+    def recording_train(*a, **k):
+        calls.append(k["checkpoint"])
+        shown = k["progress"]
+
+        def progress(info):
+            epochs_run.add(info["epoch"])
+            if shown is not None:
+                shown(info)
+
+        return real_train(*a, **{**k, "progress": progress})
+
+    monkeypatch.setattr(train_module, "train", recording_train)
+    resumed = evaluate_poison(None, train, test, out_dir=tmp_path / "b", progress=True, **common)
+    assert calls == [tmp_path / "b" / "victim.train.ckpt"] and not calls[0].exists()
+    assert epochs_run == {2}  # continued after the checkpointed epoch 1, not trained again
+    a, b = models.load(tmp_path / "a" / "victim.safetensors"), models.load(tmp_path / "b" / "victim.safetensors")
+    assert all(torch.equal(p, q) for p, q in zip(a.state_dict().values(), b.state_dict().values()))
+    assert resumed["acr"] == whole["acr"] and resumed["train_seconds"] > 0
+    # the stale checkpoint (lr 0.03) moved into a fresh directory is not continued with lr 0.01: trained again
+    (tmp_path / "d").mkdir()
+    (tmp_path / "c" / "victim.train.ckpt").rename(tmp_path / "d" / "victim.train.ckpt")
+    with pytest.warns(RuntimeWarning, match="not resumed"):
+        evaluate_poison(None, train, test, out_dir=tmp_path / "d", **common)
+    d = models.load(tmp_path / "d" / "victim.safetensors")
+    assert all(torch.equal(p, q) for p, q in zip(a.state_dict().values(), d.state_dict().values()))
+    assert not (tmp_path / "d" / "victim.train.ckpt").exists()
