@@ -274,9 +274,30 @@ def train_checkpoint_path(out: str | Path) -> Path:
 TRAIN_METHOD_FLAGS = ("eps", "steps", "m", "warmup", "k", "beta", "gamma", "lbd", "lbd_warmup")
 
 
-def cmd_train(args) -> int:
+def train_progress_bar(images: int, desc: str = ""):
+    """(progress, close): an :func:`engine.train` ``progress`` callback drawing one tqdm bar per epoch (``images``
+    inputs, running loss and accuracy; ``desc`` before "epoch e/E"), and a function closing a bar left open."""
     from tqdm.auto import tqdm
 
+    bar = None
+
+    def progress(p):
+        nonlocal bar
+        if p["batch"] == 1 or bar is None:  # (a run resumed inside an epoch starts past batch 1)
+            bar = tqdm(total=images, desc=f"{desc}epoch {p['epoch']}/{p['epochs']}", unit="img", dynamic_ncols=True)
+        bar.update(p["samples"] - bar.n)
+        bar.set_postfix(loss=f"{p['loss']:.4f}", acc=f"{p['accuracy']:.4f}", refresh=False)
+        if p["batch"] == p["batches"]:
+            bar.close()
+
+    def close():
+        if bar is not None:
+            bar.close()
+
+    return progress, close
+
+
+def cmd_train(args) -> int:
     from . import data, models
     from .train import split_validation, train
 
@@ -291,18 +312,7 @@ def cmd_train(args) -> int:
     torch.manual_seed(args.seed)  # weight initialisation
     model = models.build(args.arch).to(device)
     method_args = {k: getattr(args, k) for k in TRAIN_METHOD_FLAGS if getattr(args, k) is not None}
-    bar = None
-
-    def progress(p):
-        nonlocal bar
-        if args.quiet:
-            return
-        if p["batch"] == 1:
-            bar = tqdm(total=train_x.shape[0], desc=f"epoch {p['epoch']}/{p['epochs']}", unit="img", dynamic_ncols=True)
-        bar.update(p["samples"] - bar.n)
-        bar.set_postfix(loss=f"{p['loss']:.4f}", acc=f"{p['accuracy']:.4f}", refresh=False)
-        if p["batch"] == p["batches"]:
-            bar.close()
+    progress, close_bar = (None, lambda: None) if args.quiet else train_progress_bar(train_x.shape[0])
 
     def log(e):
         text = f"epoch {e['epoch']}: loss {e['loss']:.4f} acc {e['accuracy']:.4f} ({e['seconds']:.1f}s"
@@ -339,8 +349,7 @@ def cmd_train(args) -> int:
             **method_args,
         )
     except ValueError as exc:
-        if bar is not None:
-            bar.close()
+        close_bar()
         print(f"error: {exc}", file=sys.stderr)
         return 2
     if len(history) < args.epochs:

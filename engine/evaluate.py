@@ -71,38 +71,29 @@ def _train_victim(arch, device, train_ckpt: Path, progress: bool, checkpoint_sec
             torch.manual_seed(derive_seed(train_args["seed"], 5))
             return models.build(arch).to(device)
 
-    bar = None
-    callback = None
+    callback, close_bar = (None, lambda: None)
     if progress:
-        from tqdm.auto import tqdm
+        from .cli import train_progress_bar
 
-        bar = tqdm(total=None, desc=f"train[{train_args['method']}/{arch}]", unit="batch", dynamic_ncols=True)
+        callback, close_bar = train_progress_bar(data[0].shape[0], f"train[{train_args['method']}/{arch}] ")
 
-        def callback(info):
-            bar.total = info["epochs"] * info["batches"]
-            bar.set_postfix(epoch=f"{info['epoch']}/{info['epochs']}", loss=f"{info['loss']:.3f}",
-                            acc=f"{info['accuracy']:.3f}", refresh=False)
-            bar.update((info["epoch"] - 1) * info["batches"] + info["batch"] - bar.n)  # jumps ahead on resume
+    def run(resume: bool):
+        return train(build(), data, checkpoint=train_ckpt, resume=resume, checkpoint_seconds=checkpoint_seconds,
+                     progress=callback, **train_args)
 
     resumed = train_ckpt.exists()
     t0 = time.perf_counter()
     try:
-        try:
-            model = build()
-            model, history = train(model, data, checkpoint=train_ckpt, resume=True, checkpoint_seconds=checkpoint_seconds,
-                                   progress=callback, **train_args)
-        except CheckpointError as exc:
-            if not resumed:
-                raise
-            warnings.warn(f"{train_ckpt}: not resumed, training the victim again ({exc})", RuntimeWarning, stacklevel=3)
-            resumed = False
-            t0 = time.perf_counter()
-            model = build()
-            model, history = train(model, data, checkpoint=train_ckpt, resume=False, checkpoint_seconds=checkpoint_seconds,
-                                   progress=callback, **train_args)
+        model, history = run(resume=True)
+    except CheckpointError as exc:
+        if not resumed:
+            raise
+        warnings.warn(f"{train_ckpt}: not resumed, training the victim again ({exc})", RuntimeWarning, stacklevel=3)
+        resumed = False
+        t0 = time.perf_counter()
+        model, history = run(resume=False)
     finally:
-        if bar is not None:
-            bar.close()
+        close_bar()
     seconds = time.perf_counter() - t0
     if resumed:
         seconds = float(sum(h.get("seconds", 0.0) for h in history))
@@ -206,13 +197,14 @@ def evaluate_poison(
             train_seconds = model.engine_meta["meta"].get("train_seconds")
             break
     if model is None:
+        train_ckpt = out_dir / "victim.train.ckpt"
         model, history, train_seconds = _train_victim(
-            arch, device, out_dir / "victim.train.ckpt", progress, train_checkpoint_seconds,
+            arch, device, train_ckpt, progress, train_checkpoint_seconds,
             (train_x, train_y), method=victim_method, sigma=sigma, epochs=epochs, batch_size=batch_size, lr=lr,
             optimizer=optimizer, schedule=schedule, seed=seed, **dict(method_args or {}),
         )
         models.save(model, ckpt, train_settings=train_settings, history=history, train_seconds=train_seconds)
-        (out_dir / "victim.train.ckpt").unlink(missing_ok=True)
+        train_ckpt.unlink(missing_ok=True)
     model.eval()
     indices = target_test_indices(test_y, target, n_images, seed=0)
     cert_settings = {
