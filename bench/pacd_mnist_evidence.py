@@ -11,7 +11,8 @@ Everything resumes: finished poisons, victims and certified images are reused. `
 and certifies only the clean victims of the main table (they need no poison), so they can run beside
 the crafting on another core, and ``--stage poisoned`` only the poisoned ones; ``--stage transfer`` runs
 only the transfer matrix (for the ``--archs`` given, so two processes with different ``--archs`` and
-``--out`` share the work), and a final ``--transfer`` run assembles the whole report from the reused
+``--out`` share the work; ``--crafted`` limits it to the rows of some poisons, so those of a finished
+poison run while another is still being crafted), and a final ``--transfer`` run assembles the whole report from the reused
 results. Transfer victims trained with exactly the settings of a main-table victim (LeNet, the same
 epochs) reuse that victim and are only certified again.
 
@@ -88,13 +89,13 @@ def per_method(text: str, methods: list[str], name: str) -> dict[str, int]:
     return {m: out.get(m, default) for m in methods}
 
 
-def transfer_matrix(transfer: dict, methods: list[str], archs: list[str]) -> str:
+def transfer_matrix(transfer: dict, methods: list[str], archs: list[str], crafted_for: list[str] | None = None) -> str:
     """Markdown matrix of the class-8 ACR drops: one row per poison (crafted for), one column per victim
     procedure x architecture; each cell "drop (95% interval)", the diagonal of each architecture being the
     matched procedure."""
     cols = [(v, a) for a in archs for v in methods]
     lines = ["| poison crafted for | " + " | ".join(f"{v} / {a}" for v, a in cols) + " |", "|---|" + "---|" * len(cols)]
-    for crafted in methods:
+    for crafted in methods if crafted_for is None else crafted_for:
         cells = []
         for v, a in cols:
             r = transfer.get(f"{crafted}->{v}/{a}")
@@ -127,6 +128,9 @@ def main(argv=None) -> int:
     p.add_argument("--transfer-epochs", default=None,
                    help="transfer victims' epochs (N or per procedure; default --victim-epochs)")
     p.add_argument("--archs", default="lenet,mlp")
+    p.add_argument("--crafted", default=None,
+                   help="transfer: apply only these poisons (default all of --methods; the victims are still every "
+                   "procedure of --methods), so the rows of a finished poison can run while another is being crafted")
     p.add_argument("--stage", choices=("poison", "clean", "poisoned", "main", "transfer", "all"), default="all",
                    help="poison: craft only; clean / poisoned: the clean / poisoned victims of the main table only; "
                    "main: no transfer; transfer: the transfer matrix only")
@@ -145,6 +149,17 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    methods = args.methods.split(",")
+    unknown = [m for m in methods if m not in SIGMA]
+    if unknown:
+        raise SystemExit(f"error: --methods: unknown procedure(s) {unknown}; choose from {sorted(SIGMA)}")
+    outer_steps = per_method(args.outer_steps, methods, "--outer-steps")
+    victim_epochs = per_method(args.victim_epochs, methods, "--victim-epochs")
+    transfer_epochs = per_method(args.transfer_epochs or args.victim_epochs, methods, "--transfer-epochs")
+    crafted_for = methods if args.crafted is None else args.crafted.split(",")
+    outside = [m for m in crafted_for if m not in methods]
+    if outside:
+        raise SystemExit(f"error: --crafted: {outside} not among --methods {methods}")
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     images, labels = data.load_mnist(args.data_root, "train")
@@ -153,17 +168,10 @@ def main(argv=None) -> int:
         images, labels = images[keep], labels[keep]
     train, val = data.split_validation(images, labels, args.val_size)
     test = data.load_mnist(args.data_root, "test")
-    methods = args.methods.split(",")
-    unknown = [m for m in methods if m not in SIGMA]
-    if unknown:
-        raise SystemExit(f"error: --methods: unknown procedure(s) {unknown}; choose from {sorted(SIGMA)}")
-    outer_steps = per_method(args.outer_steps, methods, "--outer-steps")
-    victim_epochs = per_method(args.victim_epochs, methods, "--victim-epochs")
-    transfer_epochs = per_method(args.transfer_epochs or args.victim_epochs, methods, "--transfer-epochs")
     commands = {"evidence": " ".join(["python", *sys.argv])}
 
     poisons: dict[str, PoisonSet] = {}
-    for m in methods if args.stage != "clean" else []:
+    for m in {"clean": [], "transfer": crafted_for}.get(args.stage, methods):
         path = work / f"poison_{m}.safetensors"
         if path.exists() and PoisonSet.load(path).settings.get("outer_steps", -1) >= outer_steps[m]:
             poisons[m] = PoisonSet.load(path)
@@ -248,7 +256,7 @@ def main(argv=None) -> int:
                     None, train, test, target_class=TARGET, out_dir=work / f"transfer/{arch}/{victim}/clean", **common
                 )
                 transfer_rows.append(clean)
-                for crafted in methods:
+                for crafted in crafted_for:
                     bad = evaluate_poison(
                         poisons[crafted], train, test, out_dir=work / f"transfer/{arch}/{victim}/{crafted}", **common
                     )
@@ -336,7 +344,7 @@ def main(argv=None) -> int:
             "",
             f"Victim epochs {json.dumps(transfer_epochs)}, {args.transfer_images} images, n {args.transfer_n:,}.",
             "",
-            transfer_matrix(transfer, methods, args.archs.split(",")),
+            transfer_matrix(transfer, methods, args.archs.split(","), crafted_for),
             "",
             format_rows(transfer_rows),
         ]

@@ -336,15 +336,22 @@ def test_pacd_evidence_script_tiny_end_to_end_and_resume(tmp_path):
     clean_victims = {m: tmp_path / "work" / "main" / m / "clean" / "victim.safetensors" for m in ("gaussian", "macer")}
     stamps = {m: v.stat().st_mtime_ns for m, v in clean_victims.items()}
     assert not out.with_suffix(".json").exists() and not (tmp_path / "work" / "main" / "gaussian" / "poisoned").exists()
-    # the MLP part of the transfer matrix alone (crafts the poisons it needs), in its own report
+    # the MLP part of the transfer matrix alone, for the GA poison alone (crafts only the poison it needs),
+    # in its own report
     part_out = tmp_path / "pacd_mlp"
     part_args = args[: args.index("--out") + 1] + [str(part_out)] + args[args.index("--out") + 2 :]
-    part = subprocess.run(part_args + ["--stage", "transfer", "--archs", "mlp"], capture_output=True, text=True)
+    bad = subprocess.run(part_args + ["--stage", "transfer", "--crafted", "smoothadv"], capture_output=True, text=True)
+    assert bad.returncode != 0 and "--crafted: ['smoothadv'] not among --methods" in bad.stderr
+    part = subprocess.run(part_args + ["--stage", "transfer", "--archs", "mlp", "--crafted", "gaussian"],
+                          capture_output=True, text=True)
     assert part.returncode == 0, part.stderr[-3000:]
+    assert not (tmp_path / "work" / "poison_macer.safetensors").exists()
     part_report = json.loads(part_out.with_suffix(".json").read_text())
-    assert part_report["main"] == {} and sorted(part_report["transfer"]) == sorted(
-        f"{c}->{v}/mlp" for c in ("gaussian", "macer") for v in ("gaussian", "macer"))
-    assert "(not run in this invocation: --stage transfer)" in part_out.with_suffix(".md").read_text()
+    assert part_report["main"] == {} and sorted(part_report["transfer"]) == ["gaussian->gaussian/mlp", "gaussian->macer/mlp"]
+    part_md = part_out.with_suffix(".md").read_text()
+    assert "(not run in this invocation: --stage transfer)" in part_md
+    part_matrix = part_md.split("| poison crafted for | gaussian / mlp | macer / mlp |")[1].strip().split("\n\n")[0]
+    assert [x.split(" | ")[0] for x in part_matrix.splitlines()[1:]] == ["| gaussian"]  # one row: the GA poison
     mlp_victim = tmp_path / "work" / "transfer" / "mlp" / "macer" / "gaussian" / "victim.safetensors"
     mlp_stamp = mlp_victim.stat().st_mtime_ns
     # the poisoned main-table victim of one procedure alone
