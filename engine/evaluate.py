@@ -44,6 +44,37 @@ def _digest(obj) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:16]
 
 
+_CERT_FILES = ("certify.tsv", "certify.json", "certify.png", "summary.json")
+
+
+def _set_aside(out_dir: Path, names, victim: str, why: str) -> None:
+    """Move the files ``names`` of ``out_dir`` (those present) into ``out_dir/superseded/<victim>``
+    (a fresh folder each time), with a RuntimeWarning: results of another victim are kept, not mixed
+    with the new ones nor overwritten."""
+    import warnings
+
+    present = [n for n in names if (out_dir / n).exists()]
+    if not present:
+        return
+    dest = out_dir / "superseded" / victim
+    k = 1
+    while dest.exists():
+        k += 1
+        dest = out_dir / "superseded" / f"{victim}-{k}"
+    dest.mkdir(parents=True)
+    for n in present:
+        os.replace(out_dir / n, dest / n)
+    warnings.warn(f"{out_dir}: {why}; its {', '.join(present)} moved to {dest}", RuntimeWarning, stacklevel=3)
+
+
+def _certified_victim(out_dir: Path) -> str | None:
+    """The victim digest the certification log in ``out_dir`` was written for (None: no readable one)."""
+    try:
+        return json.loads((out_dir / "certify.json").read_text())["settings"]["victim"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
 @torch.no_grad()
 def _accuracy(model, images, labels, device, batch_size=2000) -> float:
     model.eval()
@@ -138,6 +169,8 @@ def evaluate_poison(
         sigma: noise level of training and certification.
         n_images: random test images of the target class to certify (same ones for every victim).
         out_dir: the victim checkpoint, certification log (certify.tsv/.json/.png) and summary.json.
+            A victim or certification found there of other settings (e.g. of an earlier version of the
+            poison) is moved into ``out_dir/superseded/<its victim digest>/`` with a RuntimeWarning.
         reuse_victims_from: other evaluation directories; a victim there trained with exactly these
             settings (architecture, procedure and its arguments, epochs, optimiser, seed, data and poison)
             is copied into ``out_dir`` instead of training another (e.g. the transfer matrix reusing the
@@ -187,6 +220,16 @@ def evaluate_poison(
     model = None
     train_seconds = None
     wanted = json.loads(json.dumps(train_settings))
+    digest = _digest(train_settings)
+    if ckpt.exists():  # a victim of other settings (e.g. of an earlier poison) is kept, with its results
+        try:
+            stored = models.read_meta(ckpt)["meta"].get("train_settings")
+            old = _digest(stored)
+        except Exception:  # unreadable: not overwritten either
+            stored, old = None, "unreadable"
+        if stored != wanted:
+            stale = ["victim.safetensors"] + (list(_CERT_FILES) if _certified_victim(out_dir) in (old, None) else [])
+            _set_aside(out_dir, stale, old, "the victim there was trained with other settings")
     for source in [ckpt] + [Path(d) / "victim.safetensors" for d in reuse_victims_from]:
         if source.exists() and models.read_meta(source)["meta"].get("train_settings") == wanted:
             if source != ckpt:
@@ -206,9 +249,12 @@ def evaluate_poison(
         models.save(model, ckpt, train_settings=train_settings, history=history, train_seconds=train_seconds)
         train_ckpt.unlink(missing_ok=True)
     model.eval()
+    certified = _certified_victim(out_dir)
+    if certified is not None and certified != digest:  # results of another victim (its weights already gone)
+        _set_aside(out_dir, _CERT_FILES, certified, "the certification there is of another victim")
     indices = target_test_indices(test_y, target, n_images, seed=0)
     cert_settings = {
-        "victim": _digest(train_settings),
+        "victim": digest,
         "target_class": target,
         "sigma": float(sigma),
         "n0": n0,

@@ -487,6 +487,57 @@ def test_evaluate_reuses_a_victim_with_the_same_settings_only(tiny, tmp_path, mo
     assert trained["calls"] == 1 and other["train_settings"]["epochs"] == 2
 
 
+def test_evaluate_sets_aside_the_victim_and_results_of_other_settings(tiny, tmp_path, monkeypatch):
+    """An out_dir holding a victim of other settings (e.g. of an earlier version of the poison) and its
+    certification: both are moved into out_dir/superseded/<victim digest>/ unchanged, with a warning, and the
+    new victim is trained and certified; a certification of another victim beside the right victim is moved
+    aside too (no retraining); a victim copied in by reuse_victims_from does not overwrite one of other settings."""
+    import shutil
+    import sys
+
+    from engine.evaluate import evaluate_poison
+
+    train_module = sys.modules["engine.train"]
+    train, _ = tiny
+    test = (train[0][:60], train[1][:60])
+    common = dict(target_class=TARGET, victim_method="gaussian", arch="mlp", sigma=0.5, n_images=3, n0=10, n=40)
+    a = tmp_path / "a"
+    first = evaluate_poison(None, train, test, out_dir=a, epochs=1, **common)
+    old_files = {n: (a / n).read_bytes() for n in ("victim.safetensors", "certify.tsv", "certify.json", "summary.json")}
+    old_digest = json.loads((a / "certify.json").read_text())["settings"]["victim"]
+    with pytest.warns(RuntimeWarning, match="trained with other settings"):
+        second = evaluate_poison(None, train, test, out_dir=a, epochs=2, **common)
+    kept = a / "superseded" / old_digest
+    assert {n: (kept / n).read_bytes() for n in old_files} == old_files  # the old victim and its results, intact
+    assert json.loads(old_files["summary.json"])["acr"] == first["acr"]
+    assert second["train_settings"]["epochs"] == 2 and models.read_meta(a / "victim.safetensors")["meta"][
+        "train_settings"]["epochs"] == 2
+    new_digest = json.loads((a / "certify.json").read_text())["settings"]["victim"]
+    assert new_digest != old_digest and len((a / "certify.tsv").read_text().splitlines()) == 1 + 3
+    # the new victim beside the old victim's certification (its weights already replaced): only re-certified
+    b = tmp_path / "b"
+    b.mkdir()
+    shutil.copyfile(a / "victim.safetensors", b / "victim.safetensors")
+    for n in ("certify.tsv", "certify.json", "summary.json"):
+        shutil.copyfile(kept / n, b / n)
+    calls = []
+    real_train = train_module.train
+    monkeypatch.setattr(train_module, "train", lambda *x, **k: calls.append(1) or real_train(*x, **k))
+    with pytest.warns(RuntimeWarning, match="certification there is of another victim"):
+        third = evaluate_poison(None, train, test, out_dir=b, epochs=2, **common)
+    assert calls == [] and third["acr"] == second["acr"]
+    assert (b / "superseded" / old_digest / "certify.tsv").read_bytes() == old_files["certify.tsv"]
+    assert json.loads((b / "certify.json").read_text())["settings"]["victim"] == new_digest
+    # a victim reused from elsewhere replaces no victim of other settings
+    c = tmp_path / "c"
+    c.mkdir()
+    shutil.copyfile(kept / "victim.safetensors", c / "victim.safetensors")
+    with pytest.warns(RuntimeWarning, match="trained with other settings"):
+        evaluate_poison(None, train, test, out_dir=c, epochs=2, reuse_victims_from=[a], **common)
+    assert calls == [] and (c / "superseded" / old_digest / "victim.safetensors").read_bytes() == old_files["victim.safetensors"]
+    assert (c / "victim.safetensors").read_bytes() == (a / "victim.safetensors").read_bytes()
+
+
 def test_evaluate_resumes_an_interrupted_victim_training(tiny, tmp_path, monkeypatch):
     """A victim training that crashes after an epoch continues from out_dir's checkpoint on the next call and
     ends with the weights of an uninterrupted run; the checkpoint is removed once the victim is saved, and a
