@@ -89,13 +89,13 @@ def per_method(text: str, methods: list[str], name: str) -> dict[str, int]:
     return {m: out.get(m, default) for m in methods}
 
 
-def transfer_matrix(transfer: dict, methods: list[str], archs: list[str], crafted_for: list[str] | None = None) -> str:
-    """Markdown matrix of the class-8 ACR drops: one row per poison (crafted for), one column per victim
+def transfer_matrix(transfer: dict, methods: list[str], archs: list[str], crafted_for: list[str]) -> str:
+    """Markdown matrix of the class-8 ACR drops: one row per poison (``crafted_for``), one column per victim
     procedure x architecture; each cell "drop (95% interval)", the diagonal of each architecture being the
     matched procedure."""
     cols = [(v, a) for a in archs for v in methods]
     lines = ["| poison crafted for | " + " | ".join(f"{v} / {a}" for v, a in cols) + " |", "|---|" + "---|" * len(cols)]
-    for crafted in methods if crafted_for is None else crafted_for:
+    for crafted in crafted_for:
         cells = []
         for v, a in cols:
             r = transfer.get(f"{crafted}->{v}/{a}")
