@@ -16,6 +16,7 @@ import json
 import os
 import shutil
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -51,8 +52,6 @@ def _set_aside(out_dir: Path, names, victim: str, why: str) -> None:
     """Move the files ``names`` of ``out_dir`` (those present) into ``out_dir/superseded/<victim>``
     (a fresh folder each time), with a RuntimeWarning: results of another victim are kept, not mixed
     with the new ones nor overwritten."""
-    import warnings
-
     present = [n for n in names if (out_dir / n).exists()]
     if not present:
         return
@@ -230,15 +229,18 @@ def evaluate_poison(
         if stored != wanted:
             stale = ["victim.safetensors"] + (list(_CERT_FILES) if _certified_victim(out_dir) in (old, None) else [])
             _set_aside(out_dir, stale, old, "the victim there was trained with other settings")
-    for source in [ckpt] + [Path(d) / "victim.safetensors" for d in reuse_victims_from]:
-        if source.exists() and models.read_meta(source)["meta"].get("train_settings") == wanted:
-            if source != ckpt:
+    # a victim still in out_dir has these settings (any other was set aside above); without one, a victim
+    # trained with them elsewhere is copied in
+    if not ckpt.exists():
+        for source in (Path(d) / "victim.safetensors" for d in reuse_victims_from):
+            if source.exists() and models.read_meta(source)["meta"].get("train_settings") == wanted:
                 tmp = ckpt.with_name(ckpt.name + ".tmp")
                 shutil.copyfile(source, tmp)
                 publish(tmp, ckpt)
-            model = models.load(ckpt, device=device)
-            train_seconds = model.engine_meta["meta"].get("train_seconds")
-            break
+                break
+    if ckpt.exists():
+        model = models.load(ckpt, device=device)
+        train_seconds = model.engine_meta["meta"].get("train_seconds")
     if model is None:
         train_ckpt = out_dir / "victim.train.ckpt"
         model, history, train_seconds = _train_victim(
