@@ -19,6 +19,7 @@ import json
 import math
 import os
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -623,7 +624,8 @@ def poison(
         outer_steps: outer iterations; each runs ``niter1`` Adam(lr_w) steps on the lower model,
             one solve and one poison step (Adam with lr_u, or signed steps with u_update="sign").
         reset_every: re-initialise the lower model every this many epochs (epoch = N / (batch_clean
-            + batch_poison) outer steps; 0 = never).
+            + batch_poison) outer steps; 0 = never). A run too short for one re-initialisation warns;
+            the PoisonSet's settings give the number done ("lower_resets").
         batch_clean, batch_poison, batch_val: minibatch sizes; k, beta, a: upper objective settings.
         checkpoint: path of a resumable state file written every ``checkpoint_every`` steps, also
             after any step that ends ``checkpoint_seconds`` (None: no time limit) after the last
@@ -686,6 +688,13 @@ def poison(
     n_poison = pool_p.numel()
     steps_per_epoch = math.ceil(x_all.shape[0] / (bc + bp))
     reset_period = reset_every * steps_per_epoch
+    if reset_period and 0 < outer_steps <= reset_period:
+        warnings.warn(
+            f"reset_every={reset_every} epochs is {reset_period} outer steps here, outer_steps={outer_steps}: the lower "
+            "model is never re-initialised, so the poison is crafted against a single training run; lower reset_every "
+            "to craft against training from scratch several times",
+            stacklevel=2,
+        )
     poison_epoch = math.ceil(n_poison / bp)
 
     settings = {
@@ -873,7 +882,12 @@ def poison(
         lock.release()
     final = dict(settings)
     final.update(
-        {"outer_steps": max(start, outer_steps), "seconds": time.perf_counter() - t_start, **_history_summary(history)}
+        {
+            "outer_steps": max(start, outer_steps),
+            "lower_resets": (max(start, outer_steps) - 1) // reset_period if reset_period and max(start, outer_steps) else 0,
+            "seconds": time.perf_counter() - t_start,
+            **_history_summary(history),
+        }
     )
     return PoisonSet(
         indices=pool_p.clone(),

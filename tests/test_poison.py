@@ -1,6 +1,7 @@
 """PACD poisoning: poison-set files, projection invariants, resume, and the attack's effect."""
 
 import json
+import warnings
 from pathlib import Path
 
 import pytest
@@ -94,6 +95,17 @@ def test_time_based_checkpoints(tiny, tmp_path):
     with ExclusiveLock(ckpt), pytest.raises(FileInUseError):  # a second run on the same checkpoint is refused
         poison(_tiny_mlp, train, val, outer_steps=4, checkpoint=ckpt, seed=3, **SMALL)
     assert _load_checkpoint(ckpt)[1]["step"] == 3  # untouched
+
+
+def test_lower_model_resets_are_counted_and_a_run_without_one_warns(tiny):
+    train, val = tiny  # 300 training images, batches of 60 + 20: 4 outer steps per epoch
+    with pytest.warns(UserWarning, match="never re-initialised"):
+        ps = poison(_tiny_mlp, train, val, outer_steps=2, **{**SMALL, "reset_every": 1})
+    assert ps.settings["lower_resets"] == 0
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*never re-initialised")
+        ps = poison(_tiny_mlp, train, val, outer_steps=9, **{**SMALL, "reset_every": 1, "niter1": 1, "niter2": 1})
+    assert ps.settings["lower_resets"] == 2  # at steps 4 and 8
 
 
 def test_sign_updates_and_all_solvers_keep_invariants(tiny):
