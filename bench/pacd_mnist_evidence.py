@@ -66,9 +66,9 @@ def victim_args(method: str, epochs: int) -> dict:
 PAPER_OUTER_STEPS = 2750  # ALGORITHMS.md: MNIST GA needs about 2,750 outer steps
 
 
-def per_method(text: str, methods: list[str], name: str) -> dict[str, int]:
+def per_method(text: str, methods: list[str], name: str, cast=int) -> dict:
     """``"300"`` (every method) or ``"gaussian=300,macer=150"`` (listed methods; the others keep the
-    first bare number given, else an error naming the option)."""
+    first bare number given, else an error naming the option); numbers parsed by ``cast``."""
     default, out = None, {}
     for part in str(text).split(","):
         key, sep, value = part.partition("=")
@@ -76,9 +76,9 @@ def per_method(text: str, methods: list[str], name: str) -> dict[str, int]:
             if sep:
                 if key.strip() not in SIGMA:
                     raise ValueError
-                out[key.strip()] = int(value)
+                out[key.strip()] = cast(value)
             else:
-                default = int(key)
+                default = cast(key)
         except ValueError:
             raise SystemExit(f"error: {name} takes N or METHOD=N[,METHOD=N...] with METHOD in {sorted(SIGMA)}, got {text!r}")
     missing = [m for m in methods if m not in out and default is None]
@@ -117,6 +117,8 @@ def main(argv=None) -> int:
     p.add_argument("--outer-steps", default=str(PAPER_OUTER_STEPS),
                    help="outer steps of every poison (N) or per procedure (gaussian=300,macer=150,...)")
     p.add_argument("--reset-every", type=int, default=10)
+    p.add_argument("--lr-p", default="0.01", help="ApproxGrad step size: X or per procedure (gaussian=0.01,macer=1e-4); "
+                   "bench/results/pacd_mnist_lower_diag.json: 0.01 diverges on MACER's lower-level Hessian")
     p.add_argument("--lr-u", type=float, default=0.1)
     p.add_argument("--eps", type=float, default=0.1)
     p.add_argument("--victim-epochs", default="20", help="victim training epochs: N or per procedure (gaussian=10,macer=3)")
@@ -154,6 +156,7 @@ def main(argv=None) -> int:
     if unknown:
         raise SystemExit(f"error: --methods: unknown procedure(s) {unknown}; choose from {sorted(SIGMA)}")
     outer_steps = per_method(args.outer_steps, methods, "--outer-steps")
+    lr_p = per_method(args.lr_p, methods, "--lr-p", cast=float)
     victim_epochs = per_method(args.victim_epochs, methods, "--victim-epochs")
     transfer_epochs = per_method(args.transfer_epochs or args.victim_epochs, methods, "--transfer-epochs")
     crafted_for = methods if args.crafted is None else args.crafted.split(",")
@@ -173,8 +176,9 @@ def main(argv=None) -> int:
     poisons: dict[str, PoisonSet] = {}
     for m in {"clean": [], "transfer": crafted_for}.get(args.stage, methods):
         path = work / f"poison_{m}.safetensors"
-        if path.exists() and PoisonSet.load(path).settings.get("outer_steps", -1) >= outer_steps[m]:
-            poisons[m] = PoisonSet.load(path)
+        done = PoisonSet.load(path) if path.exists() else None
+        if done is not None and done.settings.get("outer_steps", -1) >= outer_steps[m] and done.settings.get("lr_p") == lr_p[m]:
+            poisons[m] = done
             continue
         t0 = time.perf_counter()
         print(f"== crafting poison against {m} (sigma {SIGMA[m]}, {outer_steps[m]} outer steps)", flush=True)
@@ -189,6 +193,7 @@ def main(argv=None) -> int:
             outer_steps=outer_steps[m],
             reset_every=args.reset_every,
             lr_u=args.lr_u,
+            lr_p=lr_p[m],
             method_args=LOWER_ARGS[m],
             batch_clean=args.batch_clean,
             batch_poison=args.batch_poison,
