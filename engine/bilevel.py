@@ -64,24 +64,34 @@ def adam_step(x: torch.Tensor, grad: torch.Tensor, state: AdamState, lr: float) 
     return x - lr * m_hat / (v_hat.sqrt() + state.eps)
 
 
+def _record(trace: list | None, residual: torch.Tensor, g: torch.Tensor) -> None:
+    if trace is not None:
+        trace.append(float(residual.norm() / g.norm().clamp_min(1e-30)))
+
+
 def solve_approxgrad(hvp: HVP, g: torch.Tensor, p: torch.Tensor, *, steps: int, lr: float, damping: float,
-                     state: AdamState | None = None) -> torch.Tensor:
+                     state: AdamState | None = None, trace: list | None = None) -> torch.Tensor:
     """``steps`` Adam steps on r(p) = ||(H + s I) p - g||^2 from the warm start ``p``.
 
     The gradient 2 (H + s I) ((H + s I) p - g) costs two Hessian-vector products (H symmetric).
+    ``trace`` (a list) receives ||(H + s I) p - g|| / ||g|| at every iterate evaluated (the warm start
+    first, not the returned p): above 1 the solve is worse than p = 0 (too large a step for H's curvature).
     """
     state = state if state is not None else AdamState()
     for _ in range(steps):
         residual = hvp(p) + damping * p - g
+        _record(trace, residual, g)
         grad = 2.0 * (hvp(residual) + damping * residual)
         p = adam_step(p, grad, state, lr)
     return p
 
 
 def solve_cg(hvp: HVP, g: torch.Tensor, p: torch.Tensor, *, steps: int, damping: float, tol: float = 1e-12,
-             **_) -> torch.Tensor:
-    """``steps`` iterations of conjugate gradient on (H + s I) p = g from the warm start ``p``."""
+             trace: list | None = None, **_) -> torch.Tensor:
+    """``steps`` iterations of conjugate gradient on (H + s I) p = g from the warm start ``p``
+    (``trace``: relative residuals as in :func:`solve_approxgrad`, the returned p's last)."""
     r = g - (hvp(p) + damping * p)
+    _record(trace, r, g)
     d = r.clone()
     rr = torch.dot(r, r)
     for _ in range(steps):
@@ -94,6 +104,7 @@ def solve_cg(hvp: HVP, g: torch.Tensor, p: torch.Tensor, *, steps: int, damping:
         step = rr / curvature
         p = p + step * d
         r = r - step * ad
+        _record(trace, r, g)
         rr_new = torch.dot(r, r)
         d = r + (rr_new / rr) * d
         rr = rr_new
@@ -101,14 +112,17 @@ def solve_cg(hvp: HVP, g: torch.Tensor, p: torch.Tensor, *, steps: int, damping:
 
 
 def solve_neumann(hvp: HVP, g: torch.Tensor, p: torch.Tensor, *, steps: int, lr: float, damping: float,
-                  **_) -> torch.Tensor:
+                  trace: list | None = None, **_) -> torch.Tensor:
     """``steps`` Richardson iterations p <- p + lr (g - (H + s I) p) from ``p``.
 
     From p = 0 this is the Neumann-series approximation lr * sum_{j<steps} (I - lr (H + s I))^j g of
     (H + s I)^{-1} g; it converges when lr < 2 / lambda_max(H + s I) and H + s I is positive definite.
+    ``trace``: relative residuals as in :func:`solve_approxgrad`.
     """
     for _ in range(steps):
-        p = p + lr * (g - (hvp(p) + damping * p))
+        r = g - (hvp(p) + damping * p)
+        _record(trace, r, g)
+        p = p + lr * r
     return p
 
 

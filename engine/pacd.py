@@ -791,6 +791,7 @@ def poison(
 
         bar = tqdm(total=outer_steps, initial=min(start, outer_steps), desc=f"poison[{method}]", unit="step", dynamic_ncols=True)
     t_start = last_save = time.perf_counter()
+    warned_solve = False
     try:
         for step in range(start, outer_steps):
             r = step // reset_period if reset_period else 0
@@ -835,12 +836,24 @@ def poison(
             )
             grads = torch.autograd.grad(f_val, params, allow_unused=True)
             g_w = torch.cat([(gr if gr is not None else torch.zeros_like(p)).reshape(-1) for gr, p in zip(grads, params)])
-            moved = 0.0
+            moved, solve_residual = 0.0, None
             clock.lap("upper")
             if float(g_w.abs().max()) > 0:
                 hvp, mixed = lower.products(u_batch, 999, hvp_backend)
                 kwargs = {"state": p_state} if solver == "approxgrad" else {}
-                p_vec = bilevel.SOLVERS[solver](hvp, g_w.detach(), p_vec, steps=niter2, lr=lr_p, damping=damping, **kwargs)
+                trace: list[float] = []
+                p_vec = bilevel.SOLVERS[solver](hvp, g_w.detach(), p_vec, steps=niter2, lr=lr_p, damping=damping,
+                                                trace=trace, **kwargs)  # fmt: skip
+                if trace:
+                    solve_residual = [trace[0], trace[-1]]
+                    if trace[-1] > 1.0 and not warned_solve:
+                        warned_solve = True
+                        warnings.warn(
+                            f"step {step + 1}: the {solver} solve ends with residual ||(H + sI) p - g|| / ||g|| = "
+                            f"{trace[-1]:.3g} (from {trace[0]:.3g}), worse than p = 0: it diverges on this lower level's "
+                            f"Hessian and the poison step follows an unreliable direction; lower lr_p (now {lr_p:g})",
+                            stacklevel=2,
+                        )
                 clock.lap("solve")
                 grad_u = -mixed(p_vec)
                 if u_update == "adam":
@@ -861,6 +874,7 @@ def poison(
                 "lower_loss": lower_loss,
                 "linf": float((u - x0).abs().max()),
                 "moved": moved,
+                "solve_residual": solve_residual,
                 "seconds": time.perf_counter() - t0,
                 "phases": clock.laps,
             }

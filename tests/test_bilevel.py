@@ -138,3 +138,31 @@ def test_hvp_and_mixed_against_autograd():
     torch.testing.assert_close(lower.mixed(v), mixed, rtol=1e-12, atol=1e-14)
     with pytest.raises(ValueError, match="flat vector"):
         lower.hvp(torch.zeros(D + 2, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("solver", ["approxgrad", "cg", "neumann"])
+def test_solver_trace_reports_the_relative_residual(solver):
+    """``trace`` gets ||(H + sI) p - g|| / ||g|| of the iterates: falling on a benign SPD system, and for
+    ApproxGrad and Neumann above 1 (worse than p = 0) when the step is too large for H's curvature."""
+    torch.manual_seed(0)
+    q, _ = torch.linalg.qr(torch.randn(12, 12, dtype=torch.float64))
+    eig = torch.linspace(0.5, 2.0, 12, dtype=torch.float64)
+    h = q @ torch.diag(eig) @ q.T
+    g = torch.randn(12, dtype=torch.float64)
+
+    def hvp(v):
+        return h @ v
+
+    lr = {"approxgrad": 0.2, "neumann": 0.5, "cg": None}[solver]
+    trace: list = []
+    p = bilevel.SOLVERS[solver](hvp, g, torch.zeros(12, dtype=torch.float64), steps=8, lr=lr, damping=0.0, trace=trace)
+    assert trace[0] == pytest.approx(1.0) and len(trace) == (9 if solver == "cg" else 8)
+    if solver == "cg":  # the last entry is the returned p's residual
+        assert trace[-1] == pytest.approx(float((h @ p - g).norm() / g.norm()), rel=1e-6, abs=1e-12)
+    assert trace[-1] < 0.5 * trace[0]
+    if solver != "cg":
+        big = q @ torch.diag(eig * 1000) @ q.T
+        trace = []
+        bilevel.SOLVERS[solver](lambda v: big @ v, g, torch.zeros(12, dtype=torch.float64), steps=8,
+                                lr={"approxgrad": 5.0, "neumann": 0.01}[solver], damping=0.0, trace=trace)  # fmt: skip
+        assert trace[-1] > 1.0

@@ -610,3 +610,16 @@ def test_evaluate_resumes_an_interrupted_victim_training(tiny, tmp_path, monkeyp
     d = models.load(tmp_path / "d" / "victim.safetensors")
     assert all(torch.equal(p, q) for p, q in zip(a.state_dict().values(), d.state_dict().values()))
     assert not (tmp_path / "d" / "victim.train.ckpt").exists()
+
+
+def test_solve_residuals_logged_and_a_diverging_solve_warns(tiny):
+    train, val = tiny
+    log: list = []
+    ps = poison(_tiny_mlp, train, val, outer_steps=2, log=log.append, **SMALL)
+    for entry in log:
+        first, last = entry["solve_residual"]
+        assert first == pytest.approx(1.0) if entry["step"] == 1 else first > 0  # p starts at 0
+        assert 0 < last < 10
+    assert ps.settings["history_tail"][-1]["solve_residual"] == log[-1]["solve_residual"]
+    with pytest.warns(UserWarning, match="worse than p = 0"):
+        poison(_tiny_mlp, train, val, outer_steps=2, lr_p=100.0, **SMALL)
