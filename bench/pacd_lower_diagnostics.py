@@ -33,6 +33,7 @@ import json
 import platform
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -62,34 +63,58 @@ def cosine(a, b) -> float:
     return float((a * b).sum() / (a.norm() * b.norm()).clamp_min(1e-30))
 
 
-def step_diagnostics(model, tensors, settings, train, val, target: int, seed: int, cg_steps: int,
-                     lr_p_grid=()) -> dict:
-    method, sigma, margs = settings["method"], settings["sigma"], settings["method_args"]
+@dataclass
+class _Batch:
+    """One outer step rebuilt at the checkpoint: minibatch, lower level, upper objective and products."""
+
+    step: _Step
+    u_batch: torch.Tensor
+    x0: torch.Tensor  # the clean originals of the poison batch
+    lower: _Lower
+    f: torch.Tensor
+    counted: float
+    g_w: torch.Tensor
+    hvp: object
+    mixed: object
+
+
+def _outer_step(model, tensors, settings, train, xv_all, target: int, g: torch.Generator, seed: int) -> _Batch:
+    """A fresh minibatch of the run's sizes drawn from ``g`` (clean, poison rows of the checkpoint's u,
+    validation), its lower level at ``model`` and the upper objective's weight gradient, as a step computes them."""
     images, labels = train
     pool_p = (labels == target).nonzero().flatten()
     pool_c = (labels != target).nonzero().flatten()
-    g = torch.Generator().manual_seed(seed)
     ci = pool_c[torch.randperm(pool_c.numel(), generator=g)[: settings["batch_clean"]]]
     pos = torch.randperm(pool_p.numel(), generator=g)[: settings["batch_poison"]]
-    xv_all = val[0][val[1] == target].float() / 255
     xv = xv_all[torch.randperm(xv_all.shape[0], generator=g)[: settings["batch_val"]]]
-    u = tensors["u"]
     step = _Step(xc=images[ci].float() / 255, yc=labels[ci], pos=pos, yp=labels[pool_p[pos]], xv=xv, seed=seed)
-    u_batch = u[pos]
-    lower = _Lower(method, model, step, sigma, margs)
+    u_batch = tensors["u"][pos]
+    lower = _Lower(settings["method"], model, step, settings["sigma"], settings["method_args"])
     lower.prepare(u_batch)
-    params = bilevel.flat_params(model)
-    f, counted = soft_radius_objective(lower.forward, xv, target, sigma=sigma, k=settings["k"], beta=settings["beta"],
-                                       a=settings["a"], generator=_generator("cpu", seed, 5))  # fmt: skip
-    g_w = torch.cat([t.reshape(-1) for t in torch.autograd.grad(f, params)]).detach()
+    f, counted = soft_radius_objective(lower.forward, xv, target, sigma=settings["sigma"], k=settings["k"],
+                                       beta=settings["beta"], a=settings["a"], generator=_generator("cpu", seed, 5))  # fmt: skip
+    g_w = torch.cat([t.reshape(-1) for t in torch.autograd.grad(f, bilevel.flat_params(model))]).detach()
     hvp, mixed = lower.products(u_batch, 999)
+    return _Batch(step, u_batch, images[pool_p[pos]].float() / 255, lower, f, counted, g_w, hvp, mixed)
+
+
+def _target_images(val, target: int) -> torch.Tensor:
+    return val[0][val[1] == target].float() / 255
+
+
+def step_diagnostics(model, tensors, meta, train, val, target: int, seed: int, cg_steps: int, lr_p_grid=()) -> dict:
+    settings = meta["settings"]
+    method, sigma, margs = settings["method"], settings["sigma"], settings["method_args"]
+    bt = _outer_step(model, tensors, settings, train, _target_images(val, target), target,
+                     torch.Generator().manual_seed(seed), seed)  # fmt: skip
+    step, u_batch, lower, f, counted, g_w, hvp, mixed = bt.step, bt.u_batch, bt.lower, bt.f, bt.counted, bt.g_w, bt.hvp, bt.mixed
     s = settings["damping"]
 
     def residual(p):
         return float((hvp(p) + s * p - g_w).norm() / g_w.norm())
 
     p_warm = tensors["p"]
-    state = _adam_state(tensors, {"p_t": settings["_p_t"]})
+    state = _adam_state(tensors, meta)
     t0 = time.perf_counter()
     p_ag = bilevel.solve_approxgrad(hvp, g_w, p_warm.clone(), steps=settings["niter2"], lr=settings["lr_p"], damping=s,
                                     state=state)  # fmt: skip
@@ -154,27 +179,15 @@ def step_diagnostics(model, tensors, settings, train, val, target: int, seed: in
 def lookahead(base, tensors, meta, train, val, target: int, batches: int, steps: int, seed: int) -> dict:
     settings = meta["settings"]
     method, sigma, margs, eps = settings["method"], settings["sigma"], settings["method_args"], settings["eps"]
-    images, labels = train
-    pool_p = (labels == target).nonzero().flatten()
-    pool_c = (labels != target).nonzero().flatten()
-    xv_all = val[0][val[1] == target].float() / 255
+    xv_all = _target_images(val, target)
     variants = ["warm", "zero", "first_order", "random"] + (["classification_only"] if method == "macer" else [])
     deltas = {v: [] for v in variants}
     for b in range(batches):
         g = torch.Generator().manual_seed(seed + 1000 + b)
-        ci = pool_c[torch.randperm(pool_c.numel(), generator=g)[: settings["batch_clean"]]]
-        pos = torch.randperm(pool_p.numel(), generator=g)[: settings["batch_poison"]]
-        xv = xv_all[torch.randperm(xv_all.shape[0], generator=g)[: settings["batch_val"]]]
-        xv_eval = xv_all[torch.randperm(xv_all.shape[0], generator=g)[:500]]
-        step = _Step(xc=images[ci].float() / 255, yc=labels[ci], pos=pos, yp=labels[pool_p[pos]], xv=xv, seed=seed + b)
-        u_batch, x0 = tensors["u"][pos], images[pool_p[pos]].float() / 255
         model = copy.deepcopy(base).eval()
-        lower = _Lower(method, model, step, sigma, margs)
-        lower.prepare(u_batch)
-        f, _ = soft_radius_objective(lower.forward, xv, target, sigma=sigma, k=settings["k"], beta=settings["beta"],
-                                     a=settings["a"], generator=_generator("cpu", step.seed, 5))  # fmt: skip
-        g_w = torch.cat([t.reshape(-1) for t in torch.autograd.grad(f, bilevel.flat_params(model))]).detach()
-        hvp, mixed = lower.products(u_batch, 999)
+        bt = _outer_step(model, tensors, settings, train, xv_all, target, g, seed + b)
+        xv_eval = xv_all[torch.randperm(xv_all.shape[0], generator=g)[:500]]
+        step, u_batch, x0, lower, g_w, hvp, mixed = bt.step, bt.u_batch, bt.x0, bt.lower, bt.g_w, bt.hvp, bt.mixed
         solve = {"steps": settings["niter2"], "lr": settings["lr_p"], "damping": settings["damping"]}
         dirs = {
             "warm": -mixed(bilevel.solve_approxgrad(hvp, g_w, tensors["p"].clone(), state=_adam_state(tensors, meta), **solve)),
@@ -241,7 +254,7 @@ def main(argv=None) -> int:
     for m in args.methods.split(","):
         ckpt = work / f"poison_{m}.ckpt"
         tensors, meta = _load_checkpoint(ckpt)
-        settings = {**meta["settings"], "_p_t": meta["p_t"]}
+        settings = meta["settings"]
         model = models.lenet_mnist()
         model.load_state_dict({k[2:]: v for k, v in tensors.items() if k.startswith("w.")})
         model.eval()
@@ -253,7 +266,7 @@ def main(argv=None) -> int:
             if path.exists():
                 row[f"victim_{kind}"] = model_metrics(models.load(path).eval(), test, args.target, sigma, 100, args.seed)
         print(f"== {m}: models done, step diagnostics ...", flush=True)
-        row["step"] = step_diagnostics(model, tensors, settings, train, val, args.target, args.seed, args.cg_steps,
+        row["step"] = step_diagnostics(model, tensors, meta, train, val, args.target, args.seed, args.cg_steps,
                                        [float(v) for v in args.lr_p_grid.split(",") if v])
         if args.lookahead_batches:
             row["lookahead"] = lookahead(model, tensors, meta, train, val, args.target, args.lookahead_batches,
