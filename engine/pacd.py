@@ -891,14 +891,15 @@ def poison(
     finally:
         if bar is not None:
             bar.close()
-    save_state(max(start, outer_steps))
+    steps_done = max(start, outer_steps)
+    save_state(steps_done)
     if lock is not None:
         lock.release()
     final = dict(settings)
     final.update(
         {
-            "outer_steps": max(start, outer_steps),
-            "lower_resets": (max(start, outer_steps) - 1) // reset_period if reset_period and max(start, outer_steps) else 0,
+            "outer_steps": steps_done,
+            "lower_resets": (steps_done - 1) // reset_period if reset_period and steps_done else 0,
             "seconds": time.perf_counter() - t_start,
             **_history_summary(history),
         }
