@@ -64,9 +64,15 @@ def adam_step(x: torch.Tensor, grad: torch.Tensor, state: AdamState, lr: float) 
     return x - lr * m_hat / (v_hat.sqrt() + state.eps)
 
 
-def _record(trace: list | None, residual: torch.Tensor, g: torch.Tensor) -> None:
-    if trace is not None:
-        trace.append(float(residual.norm() / g.norm().clamp_min(1e-30)))
+def _record(pending: list | None, residual: torch.Tensor, g: torch.Tensor) -> None:
+    # kept as tensors until the solve ends (_flush): no device sync per iterate on CUDA
+    if pending is not None:
+        pending.append((residual.norm() / g.norm().clamp_min(1e-30)).detach())
+
+
+def _flush(trace: list | None, pending: list | None) -> None:
+    if trace is not None and pending:
+        trace.extend(torch.stack(pending).tolist())
 
 
 def solve_approxgrad(hvp: HVP, g: torch.Tensor, p: torch.Tensor, *, steps: int, lr: float, damping: float,
@@ -78,11 +84,13 @@ def solve_approxgrad(hvp: HVP, g: torch.Tensor, p: torch.Tensor, *, steps: int, 
     first, not the returned p): above 1 the solve is worse than p = 0 (too large a step for H's curvature).
     """
     state = state if state is not None else AdamState()
+    pending = [] if trace is not None else None
     for _ in range(steps):
         residual = hvp(p) + damping * p - g
-        _record(trace, residual, g)
+        _record(pending, residual, g)
         grad = 2.0 * (hvp(residual) + damping * residual)
         p = adam_step(p, grad, state, lr)
+    _flush(trace, pending)
     return p
 
 
@@ -90,8 +98,9 @@ def solve_cg(hvp: HVP, g: torch.Tensor, p: torch.Tensor, *, steps: int, damping:
              trace: list | None = None, **_) -> torch.Tensor:
     """``steps`` iterations of conjugate gradient on (H + s I) p = g from the warm start ``p``
     (``trace``: relative residuals as in :func:`solve_approxgrad`, the returned p's last)."""
+    pending = [] if trace is not None else None
     r = g - (hvp(p) + damping * p)
-    _record(trace, r, g)
+    _record(pending, r, g)
     d = r.clone()
     rr = torch.dot(r, r)
     for _ in range(steps):
@@ -104,10 +113,11 @@ def solve_cg(hvp: HVP, g: torch.Tensor, p: torch.Tensor, *, steps: int, damping:
         step = rr / curvature
         p = p + step * d
         r = r - step * ad
-        _record(trace, r, g)
+        _record(pending, r, g)
         rr_new = torch.dot(r, r)
         d = r + (rr_new / rr) * d
         rr = rr_new
+    _flush(trace, pending)
     return p
 
 
@@ -119,10 +129,12 @@ def solve_neumann(hvp: HVP, g: torch.Tensor, p: torch.Tensor, *, steps: int, lr:
     (H + s I)^{-1} g; it converges when lr < 2 / lambda_max(H + s I) and H + s I is positive definite.
     ``trace``: relative residuals as in :func:`solve_approxgrad`.
     """
+    pending = [] if trace is not None else None
     for _ in range(steps):
         r = g - (hvp(p) + damping * p)
-        _record(trace, r, g)
+        _record(pending, r, g)
         p = p + lr * r
+    _flush(trace, pending)
     return p
 
 
