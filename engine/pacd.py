@@ -899,7 +899,7 @@ def poison(
     final.update(
         {
             "outer_steps": steps_done,
-            "lower_resets": (steps_done - 1) // reset_period if reset_period and steps_done else 0,
+            "lower_resets": reset_index,  # the re-initialisation of the last step done (0: none)
             "seconds": time.perf_counter() - t_start,
             **_history_summary(history),
         }
