@@ -487,6 +487,17 @@ class _RowAdam:
 # ----------------------------------------------------------------------------------------------
 
 
+def _solve_advice(solver: str, lr_p: float, damping: float) -> str:
+    """What to change when a solve ends above the residual of p = 0 (the warning in :func:`poison`)."""
+    if solver == "cg":  # no step size: CG stops at a non-positive curvature and its residual need not fall
+        return (f"H + sI is not positive definite along the solve or CG's residual rose before it converged; "
+                f"raise damping (now {damping:g}) or use approxgrad with a small lr_p")
+    if solver == "neumann":
+        return (f"the iteration diverges when lr_p >= 2 / lambda_max(H + sI) or H + sI has a negative eigenvalue; "
+                f"lower lr_p (now {lr_p:g}) or raise damping (now {damping:g})")
+    return f"it diverges on this lower level's Hessian; lower lr_p (now {lr_p:g})"
+
+
 def _history_summary(history: list[dict]) -> dict:
     """What a poison set keeps of its run's per-step log: the last 20 entries, the upper objective at
     every step and the seconds of all steps (over every invocation of a resumed run)."""
@@ -850,8 +861,8 @@ def poison(
                         warned_solve = True
                         warnings.warn(
                             f"step {step + 1}: the {solver} solve ends with residual ||(H + sI) p - g|| / ||g|| = "
-                            f"{trace[-1]:.3g} (from {trace[0]:.3g}), worse than p = 0: it diverges on this lower level's "
-                            f"Hessian and the poison step follows an unreliable direction; lower lr_p (now {lr_p:g})",
+                            f"{trace[-1]:.3g} (from {trace[0]:.3g}), worse than p = 0, so the poison step follows an "
+                            f"unreliable direction: {_solve_advice(solver, lr_p, damping)}",
                             stacklevel=2,
                         )
                 clock.lap("solve")

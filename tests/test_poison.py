@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from engine import data, models
-from engine.pacd import PoisonError, PoisonSet, derive_seed, poison, soft_radius_objective
+from engine.pacd import PoisonError, PoisonSet, _solve_advice, derive_seed, poison, soft_radius_objective
 
 TARGET = 3
 
@@ -621,5 +621,9 @@ def test_solve_residuals_logged_and_a_diverging_solve_warns(tiny):
         assert first == pytest.approx(1.0) if entry["step"] == 1 else first > 0  # p starts at 0
         assert 0 < last < 10
     assert ps.settings["history_tail"][-1]["solve_residual"] == log[-1]["solve_residual"]
-    with pytest.warns(UserWarning, match="worse than p = 0"):
+    with pytest.warns(UserWarning, match=r"worse than p = 0.*lower lr_p \(now 100\)"):
         poison(_tiny_mlp, train, val, outer_steps=2, lr_p=100.0, **SMALL)
+    with pytest.warns(UserWarning, match=r"worse than p = 0.*2 / lambda_max"):
+        poison(_tiny_mlp, train, val, outer_steps=2, lr_p=100.0, solver="neumann", **SMALL)
+    # CG has no step size: its advice is the damping, never lr_p
+    assert "damping (now 0.001)" in _solve_advice("cg", 0.01, 1e-3) and "lr_p (now" not in _solve_advice("cg", 0.01, 1e-3)
