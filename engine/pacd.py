@@ -495,7 +495,7 @@ def _solve_advice(solver: str, lr_p: float, damping: float) -> str:
     if solver == "neumann":
         return (f"the iteration diverges when lr_p >= 2 / lambda_max(H + sI) or H + sI has a negative eigenvalue; "
                 f"lower lr_p (now {lr_p:g}) or raise damping (now {damping:g})")
-    return f"it diverges on this lower level's Hessian; lower lr_p (now {lr_p:g})"
+    return f"ApproxGrad diverges on this lower level's Hessian; lower lr_p (now {lr_p:g})"
 
 
 def _history_summary(history: list[dict]) -> dict:
