@@ -21,7 +21,8 @@ epochs) reuse that victim and are only certified again.
         --victim-epochs gaussian=10,macer=3,smoothadv=3 --images 200 --threads 1      (reduced for a CPU)
 
 ``--outer-steps``, ``--victim-epochs`` and ``--transfer-epochs`` take one number or one per procedure;
-a poison is extended by re-running with more outer steps (it resumes from its checkpoint). The report
+a poison is extended by re-running with more outer steps (it resumes from its checkpoint). ``--lower-args``
+changes the crafting lower levels' procedure arguments (a poison crafted with others is not reused). The report
 states every reduction against the paper's settings and whether the >= 40% ACR-drop goal is met.
 """
 
@@ -40,7 +41,7 @@ from common import device_name, git_commit, resolve_device  # noqa: E402
 
 from engine import data, models  # noqa: E402
 from engine.evaluate import acr_drop, acr_drop_interval, evaluate_poison, format_rows  # noqa: E402
-from engine.pacd import PoisonSet, poison  # noqa: E402
+from engine.pacd import PoisonSet, _method_args, poison  # noqa: E402
 
 TARGET = 8
 SIGMA = {"gaussian": 0.5, "macer": 0.75, "smoothadv": 0.75}
@@ -61,6 +62,25 @@ def victim_args(method: str, epochs: int) -> dict:
     if method == "smoothadv":
         return {"eps": 1.0, "steps": 10, "m": 1, "warmup": min(2, epochs)}
     return {}
+
+
+def lower_args(text: str | None) -> dict:
+    """The crafting lower levels' procedure arguments: LOWER_ARGS with ``--lower-args`` merged in, a JSON object
+    ``{METHOD: {ARG: VALUE}}`` (e.g. ``{"smoothadv": {"eps": 1.0}}``, the victims' SmoothAdv radius); each
+    result is completed with engine.poison's defaults, and an unknown procedure or argument is an error."""
+    given = {}
+    if text:
+        try:
+            given = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise SystemExit(f"error: --lower-args is not JSON ({exc}): {text!r}") from None
+        if not isinstance(given, dict) or any(m not in SIGMA or not isinstance(v, dict) for m, v in given.items()):
+            raise SystemExit(f"error: --lower-args takes a JSON object {{METHOD: {{ARG: VALUE}}}} with METHOD in "
+                             f"{sorted(SIGMA)}, got {text!r}")
+    try:
+        return {m: _method_args(m, {**LOWER_ARGS[m], **given.get(m, {})}) for m in LOWER_ARGS}
+    except ValueError as exc:
+        raise SystemExit(f"error: --lower-args: {exc}") from None
 
 
 PAPER_OUTER_STEPS = 2750  # ALGORITHMS.md: MNIST GA needs about 2,750 outer steps
@@ -120,6 +140,8 @@ def main(argv=None) -> int:
     p.add_argument("--lr-p", default="0.01", help="ApproxGrad step size: X or per procedure (gaussian=0.01,macer=1e-4); "
                    "bench/results/pacd_mnist_lower_diag.json: 0.01 diverges on MACER's lower-level Hessian")
     p.add_argument("--lr-u", type=float, default=0.1)
+    p.add_argument("--lower-args", default=None, help='crafting lower-level procedure arguments over the defaults, JSON '
+                   '{METHOD: {ARG: VALUE}}, e.g. \'{"smoothadv": {"eps": 1.0}}\' (the victims\' SmoothAdv radius)')
     p.add_argument("--eps", type=float, default=0.1)
     p.add_argument("--victim-epochs", default="20", help="victim training epochs: N or per procedure (gaussian=10,macer=3)")
     p.add_argument("--images", type=int, default=500)
@@ -157,6 +179,7 @@ def main(argv=None) -> int:
         raise SystemExit(f"error: --methods: unknown procedure(s) {unknown}; choose from {sorted(SIGMA)}")
     outer_steps = per_method(args.outer_steps, methods, "--outer-steps")
     lr_p = per_method(args.lr_p, methods, "--lr-p", cast=float)
+    largs = lower_args(args.lower_args)
     victim_epochs = per_method(args.victim_epochs, methods, "--victim-epochs")
     transfer_epochs = per_method(args.transfer_epochs or args.victim_epochs, methods, "--transfer-epochs")
     crafted_for = methods if args.crafted is None else args.crafted.split(",")
@@ -177,7 +200,8 @@ def main(argv=None) -> int:
     for m in {"clean": [], "transfer": crafted_for}.get(args.stage, methods):
         path = work / f"poison_{m}.safetensors"
         done = PoisonSet.load(path) if path.exists() else None
-        if done is not None and done.settings.get("outer_steps", -1) >= outer_steps[m] and done.settings.get("lr_p") == lr_p[m]:
+        if (done is not None and done.settings.get("outer_steps", -1) >= outer_steps[m] and done.settings.get("lr_p") == lr_p[m]
+                and done.settings.get("method_args") == largs[m]):
             poisons[m] = done
             continue
         t0 = time.perf_counter()
@@ -194,7 +218,7 @@ def main(argv=None) -> int:
             reset_every=args.reset_every,
             lr_u=args.lr_u,
             lr_p=lr_p[m],
-            method_args=LOWER_ARGS[m],
+            method_args=largs[m],
             batch_clean=args.batch_clean,
             batch_poison=args.batch_poison,
             batch_val=args.batch_val,

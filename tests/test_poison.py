@@ -327,6 +327,27 @@ def test_lower_products_agree_across_backends(method):
         assert float(cls.abs().sum()) > 0 and int((rob != 0).sum()) >= 2
 
 
+def test_pacd_evidence_lower_args():
+    """--lower-args merges per-procedure arguments over the driver's lower levels, completed with engine.poison's
+    defaults; bad JSON, an unknown procedure or an unknown argument is an error naming the option."""
+    import importlib.util
+
+    script = Path(__file__).resolve().parent.parent / "bench" / "pacd_mnist_evidence.py"
+    spec = importlib.util.spec_from_file_location("pacd_mnist_evidence", script)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    assert mod.lower_args(None) == mod.LOWER_ARGS
+    got = mod.lower_args('{"smoothadv": {"eps": 1.0}, "macer": {"k": 16}}')
+    assert got["smoothadv"] == {"eps": 1.0, "steps": 10, "m": 1} and got["gaussian"] == {}
+    assert got["macer"] == {**mod.LOWER_ARGS["macer"], "k": 16}
+    assert mod.LOWER_ARGS["smoothadv"]["eps"] == 0.5  # the defaults are not changed in place
+    for bad, msg in (("{eps: 1}", "not JSON"), ('{"smoothadvv": {"eps": 1}}', "METHOD: {ARG: VALUE}"),
+                     ('{"smoothadv": 1}', "METHOD: {ARG: VALUE}"), ('{"smoothadv": {"epsilon": 1}}', "epsilon")):
+        with pytest.raises(SystemExit, match="--lower-args") as exc:
+            mod.lower_args(bad)
+        assert msg in str(exc.value)
+
+
 def test_pacd_evidence_script_tiny_end_to_end_and_resume(tmp_path):
     """bench/pacd_mnist_evidence.py on the embedded subset at toy settings: --stage clean trains only the
     clean victims and --stage transfer --archs mlp one part of the transfer matrix, which the full run then
@@ -341,7 +362,7 @@ def test_pacd_evidence_script_tiny_end_to_end_and_resume(tmp_path):
             "--out", str(out), "--methods", "gaussian,macer", "--outer-steps", "2,macer=1", "--train-size", "900", "--val-size",
             "300", "--batch-clean", "60", "--batch-poison", "20", "--batch-val", "10", "--k", "2", "--niter1", "2",
             "--niter2", "2", "--victim-epochs", "1", "--images", "3", "--n", "40", "--transfer", "--transfer-images", "2",
-            "--transfer-n", "20", "--archs", "lenet,mlp", "--threads", "1"]  # fmt: skip
+            "--transfer-n", "20", "--archs", "lenet,mlp", "--threads", "1", "--lower-args", '{"macer": {"k": 3}}']  # fmt: skip
     first = subprocess.run(args + ["--stage", "clean"], capture_output=True, text=True)  # clean victims only
     assert first.returncode == 0, first.stderr[-3000:]
     assert "crafting poison" not in first.stdout and not list((tmp_path / "work").glob("poison_*"))
@@ -396,6 +417,7 @@ def test_pacd_evidence_script_tiny_end_to_end_and_resume(tmp_path):
     assert len(main_rows) == 2 and all(x.count("|") == 13 for x in main_rows)  # one side-by-side line per procedure
     poisons = {m: PoisonSet.load(tmp_path / "work" / f"poison_{m}.safetensors") for m in ("gaussian", "macer")}
     assert poisons["gaussian"].settings["outer_steps"] == 2 and poisons["macer"].settings["outer_steps"] == 1
+    assert poisons["macer"].settings["method_args"] == {"k": 3, "beta": 16.0, "gamma": 8.0, "lbd": 1.0}  # --lower-args
     assert all(ps.target_class == 8 and len(ps.settings["upper_by_step"]) == ps.settings["outer_steps"]
                for ps in poisons.values())
     assert report["outer_steps"] == {"gaussian": 2, "macer": 1} and report["victim_epochs"] == {"gaussian": 1, "macer": 1}
