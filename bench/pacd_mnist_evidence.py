@@ -40,6 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import device_name, git_commit, resolve_device  # noqa: E402
 
 from engine import data, models  # noqa: E402
+from engine.bilevel import SOLVERS  # noqa: E402
 from engine.evaluate import acr_drop, acr_drop_interval, evaluate_poison, format_rows  # noqa: E402
 from engine.pacd import PoisonSet, _method_args, poison  # noqa: E402
 
@@ -83,6 +84,13 @@ def lower_args(text: str | None) -> dict:
         raise SystemExit(f"error: --lower-args: {exc}") from None
 
 
+def _solver_name(text: str) -> str:
+    """one of approxgrad, cg, neumann"""
+    if text.strip() not in SOLVERS:
+        raise ValueError(text)
+    return text.strip()
+
+
 PAPER_OUTER_STEPS = 2750  # ALGORITHMS.md: MNIST GA needs about 2,750 outer steps
 
 
@@ -100,11 +108,14 @@ def per_method(text: str, methods: list[str], name: str, cast=int) -> dict:
             else:
                 default = cast(key)
         except ValueError:
-            raise SystemExit(f"error: {name} takes N or METHOD=N[,METHOD=N...] with METHOD in {sorted(SIGMA)}, got {text!r}")
+            what = f"VALUE ({cast.__doc__})" if cast.__doc__ and cast not in (int, float) else "N"
+            raise SystemExit(f"error: {name} takes {what} or METHOD={what.split()[0]}[,...] with METHOD in {sorted(SIGMA)}, "
+                             f"got {text!r}")
     missing = [m for m in methods if m not in out and default is None]
     if missing:
         raise SystemExit(f"error: {name} gives no value for {', '.join(missing)}")
-    if any(v < 0 for v in out.values()) or (default is not None and default < 0):
+    numbers = [v for v in [*out.values(), default] if isinstance(v, (int, float))]
+    if any(v < 0 for v in numbers):
         raise SystemExit(f"error: {name} must not be negative, got {text!r}")
     return {m: out.get(m, default) for m in methods}
 
@@ -139,6 +150,10 @@ def main(argv=None) -> int:
     p.add_argument("--reset-every", type=int, default=10)
     p.add_argument("--lr-p", default="0.01", help="ApproxGrad step size: X or per procedure (gaussian=0.01,macer=1e-4); "
                    "bench/results/pacd_mnist_lower_diag.json: 0.01 diverges on MACER's lower-level Hessian")
+    p.add_argument("--solver", default="approxgrad", help="inner solver of (H + damping I) p = dF/dw: approxgrad, cg or "
+                   "neumann, one for all or per procedure (gaussian=approxgrad,macer=cg)")
+    p.add_argument("--damping", default="1e-3", help="damping s of the inner solve: X or per procedure (macer=1000); a "
+                   "damping above the largest negative curvature makes an indefinite lower-level Hessian's system definite")
     p.add_argument("--lr-u", type=float, default=0.1)
     p.add_argument("--lower-args", default=None, help='crafting lower-level procedure arguments over the defaults, JSON '
                    '{METHOD: {ARG: VALUE}}, e.g. \'{"smoothadv": {"eps": 1.0}}\' (the victims\' SmoothAdv radius)')
@@ -179,6 +194,8 @@ def main(argv=None) -> int:
         raise SystemExit(f"error: --methods: unknown procedure(s) {unknown}; choose from {sorted(SIGMA)}")
     outer_steps = per_method(args.outer_steps, methods, "--outer-steps")
     lr_p = per_method(args.lr_p, methods, "--lr-p", cast=float)
+    solver = per_method(args.solver, methods, "--solver", cast=_solver_name)
+    damping = per_method(args.damping, methods, "--damping", cast=float)
     largs = lower_args(args.lower_args)
     victim_epochs = per_method(args.victim_epochs, methods, "--victim-epochs")
     transfer_epochs = per_method(args.transfer_epochs or args.victim_epochs, methods, "--transfer-epochs")
@@ -201,7 +218,8 @@ def main(argv=None) -> int:
         path = work / f"poison_{m}.safetensors"
         done = PoisonSet.load(path) if path.exists() else None
         if (done is not None and done.settings.get("outer_steps", -1) >= outer_steps[m] and done.settings.get("lr_p") == lr_p[m]
-                and done.settings.get("method_args") == largs[m]):
+                and done.settings.get("method_args") == largs[m] and done.settings.get("solver") == solver[m]
+                and done.settings.get("damping") == damping[m]):
             poisons[m] = done
             continue
         t0 = time.perf_counter()
@@ -218,6 +236,8 @@ def main(argv=None) -> int:
             reset_every=args.reset_every,
             lr_u=args.lr_u,
             lr_p=lr_p[m],
+            solver=solver[m],
+            damping=damping[m],
             method_args=largs[m],
             batch_clean=args.batch_clean,
             batch_poison=args.batch_poison,

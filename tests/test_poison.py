@@ -348,6 +348,26 @@ def test_pacd_evidence_lower_args():
         assert msg in str(exc.value)
 
 
+def test_pacd_evidence_solver_and_damping_per_procedure():
+    """--solver and --damping take one value or one per procedure, like --lr-p; a solver name outside approxgrad /
+    cg / neumann or a negative damping is an error naming the option and the choices."""
+    import importlib.util
+
+    script = Path(__file__).resolve().parent.parent / "bench" / "pacd_mnist_evidence.py"
+    spec = importlib.util.spec_from_file_location("pacd_mnist_evidence", script)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    methods = ["gaussian", "macer", "smoothadv"]
+    assert mod.per_method("approxgrad,macer=cg", methods, "--solver", cast=mod._solver_name) == {
+        "gaussian": "approxgrad", "macer": "cg", "smoothadv": "approxgrad"}
+    assert mod.per_method("1e-3,macer=1000", methods, "--damping", cast=float) == {
+        "gaussian": 1e-3, "macer": 1000.0, "smoothadv": 1e-3}
+    with pytest.raises(SystemExit, match=r"--solver takes VALUE \(one of approxgrad, cg, neumann\).*got 'cg,macer=newton'"):
+        mod.per_method("cg,macer=newton", methods, "--solver", cast=mod._solver_name)
+    with pytest.raises(SystemExit, match="--damping must not be negative"):
+        mod.per_method("macer=-1,0", methods, "--damping", cast=float)
+
+
 def test_pacd_evidence_script_tiny_end_to_end_and_resume(tmp_path):
     """bench/pacd_mnist_evidence.py on the embedded subset at toy settings: --stage clean trains only the
     clean victims and --stage transfer --archs mlp one part of the transfer matrix, which the full run then
@@ -362,7 +382,8 @@ def test_pacd_evidence_script_tiny_end_to_end_and_resume(tmp_path):
             "--out", str(out), "--methods", "gaussian,macer", "--outer-steps", "2,macer=1", "--train-size", "900", "--val-size",
             "300", "--batch-clean", "60", "--batch-poison", "20", "--batch-val", "10", "--k", "2", "--niter1", "2",
             "--niter2", "2", "--victim-epochs", "1", "--images", "3", "--n", "40", "--transfer", "--transfer-images", "2",
-            "--transfer-n", "20", "--archs", "lenet,mlp", "--threads", "1", "--lower-args", '{"macer": {"k": 3}}']  # fmt: skip
+            "--transfer-n", "20", "--archs", "lenet,mlp", "--threads", "1", "--lower-args", '{"macer": {"k": 3}}',
+            "--solver", "approxgrad,macer=cg", "--damping", "1e-3,macer=10"]  # fmt: skip
     first = subprocess.run(args + ["--stage", "clean"], capture_output=True, text=True)  # clean victims only
     assert first.returncode == 0, first.stderr[-3000:]
     assert "crafting poison" not in first.stdout and not list((tmp_path / "work").glob("poison_*"))
@@ -418,6 +439,8 @@ def test_pacd_evidence_script_tiny_end_to_end_and_resume(tmp_path):
     poisons = {m: PoisonSet.load(tmp_path / "work" / f"poison_{m}.safetensors") for m in ("gaussian", "macer")}
     assert poisons["gaussian"].settings["outer_steps"] == 2 and poisons["macer"].settings["outer_steps"] == 1
     assert poisons["macer"].settings["method_args"] == {"k": 3, "beta": 16.0, "gamma": 8.0, "lbd": 1.0}  # --lower-args
+    assert (poisons["macer"].settings["solver"], poisons["macer"].settings["damping"]) == ("cg", 10.0)  # per procedure
+    assert (poisons["gaussian"].settings["solver"], poisons["gaussian"].settings["damping"]) == ("approxgrad", 1e-3)
     assert all(ps.target_class == 8 and len(ps.settings["upper_by_step"]) == ps.settings["outer_steps"]
                for ps in poisons.values())
     assert report["outer_steps"] == {"gaussian": 2, "macer": 1} and report["victim_epochs"] == {"gaussian": 1, "macer": 1}
