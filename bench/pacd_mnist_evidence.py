@@ -217,9 +217,9 @@ def main(argv=None) -> int:
     for m in {"clean": [], "transfer": crafted_for}.get(args.stage, methods):
         path = work / f"poison_{m}.safetensors"
         done = PoisonSet.load(path) if path.exists() else None
-        if (done is not None and done.settings.get("outer_steps", -1) >= outer_steps[m] and done.settings.get("lr_p") == lr_p[m]
-                and done.settings.get("method_args") == largs[m] and done.settings.get("solver") == solver[m]
-                and done.settings.get("damping") == damping[m]):
+        same = {"lr_p": lr_p[m], "method_args": largs[m], "solver": solver[m], "damping": damping[m]}
+        if (done is not None and done.settings.get("outer_steps", -1) >= outer_steps[m]
+                and all(done.settings.get(k) == v for k, v in same.items())):
             poisons[m] = done
             continue
         t0 = time.perf_counter()
