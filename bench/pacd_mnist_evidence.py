@@ -32,6 +32,7 @@ import argparse
 import json
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -42,7 +43,7 @@ from common import device_name, git_commit, resolve_device  # noqa: E402
 from engine import data, models  # noqa: E402
 from engine.bilevel import SOLVERS  # noqa: E402
 from engine.evaluate import acr_drop, acr_drop_interval, evaluate_poison, format_rows  # noqa: E402
-from engine.pacd import PoisonSet, _method_args, poison  # noqa: E402
+from engine.pacd import PoisonError, PoisonSet, _method_args, init_record, poison  # noqa: E402
 
 TARGET = 8
 SIGMA = {"gaussian": 0.5, "macer": 0.75, "smoothadv": 0.75}
@@ -92,6 +93,34 @@ def _solver_name(text: str) -> str:
 
 
 PAPER_OUTER_STEPS = 2750  # ALGORITHMS.md: MNIST GA needs about 2,750 outer steps
+
+
+@dataclass
+class _Init:
+    poison: PoisonSet
+    settings_init: dict  # what engine.poison records as settings["init"] (compared before a crafted poison is reused)
+
+
+def init_poisons(text: str | None, methods: list[str]) -> dict[str, _Init]:
+    """``--init-poison``: METHOD=FILE pairs, each file a PoisonSet crafted for that METHOD's target class."""
+    out: dict[str, _Init] = {}
+    for part in (text or "").split(","):
+        if not part.strip():
+            continue
+        method, sep, path = part.partition("=")
+        method = method.strip()
+        if not sep or not path.strip():
+            raise SystemExit(f"error: --init-poison: expected METHOD=FILE, got {part!r}")
+        if method not in methods:
+            raise SystemExit(f"error: --init-poison: {method!r} is not among --methods {methods}")
+        if method in out:
+            raise SystemExit(f"error: --init-poison: {method} given twice")
+        try:
+            ps = PoisonSet.load(path.strip())
+        except PoisonError as exc:
+            raise SystemExit(f"error: --init-poison {method}: {exc}") from None
+        out[method] = _Init(ps, init_record(ps))
+    return out
 
 
 def per_method(text: str, methods: list[str], name: str, cast=int) -> dict:
@@ -154,6 +183,9 @@ def main(argv=None) -> int:
                    "neumann, one for all or per procedure (gaussian=approxgrad,macer=cg)")
     p.add_argument("--damping", default="1e-3", help="damping s of the inner solve: X or per procedure (macer=1000); a "
                    "damping above the largest negative curvature makes an indefinite lower-level Hessian's system definite")
+    p.add_argument("--init-poison", default=None, help="warm-start crafting from earlier poisons: METHOD=FILE[,METHOD=FILE] "
+                   "(engine.poison's init: the schedule continues after the file's outer steps; --outer-steps counts new "
+                   "steps)")
     p.add_argument("--lr-u", type=float, default=0.1)
     p.add_argument("--lower-args", default=None, help='crafting lower-level procedure arguments over the defaults, JSON '
                    '{METHOD: {ARG: VALUE}}, e.g. \'{"smoothadv": {"eps": 1.0}}\' (the victims\' SmoothAdv radius)')
@@ -197,6 +229,7 @@ def main(argv=None) -> int:
     solver = per_method(args.solver, methods, "--solver", cast=_solver_name)
     damping = per_method(args.damping, methods, "--damping", cast=float)
     largs = lower_args(args.lower_args)
+    init = init_poisons(args.init_poison, methods)
     victim_epochs = per_method(args.victim_epochs, methods, "--victim-epochs")
     transfer_epochs = per_method(args.transfer_epochs or args.victim_epochs, methods, "--transfer-epochs")
     crafted_for = methods if args.crafted is None else args.crafted.split(",")
@@ -217,7 +250,8 @@ def main(argv=None) -> int:
     for m in {"clean": [], "transfer": crafted_for}.get(args.stage, methods):
         path = work / f"poison_{m}.safetensors"
         done = PoisonSet.load(path) if path.exists() else None
-        same = {"lr_p": lr_p[m], "method_args": largs[m], "solver": solver[m], "damping": damping[m]}
+        same = {"lr_p": lr_p[m], "method_args": largs[m], "solver": solver[m], "damping": damping[m],
+                "init": None if m not in init else init[m].settings_init}
         if (done is not None and done.settings.get("outer_steps", -1) >= outer_steps[m]
                 and all(done.settings.get(k) == v for k, v in same.items())):
             poisons[m] = done
@@ -238,6 +272,7 @@ def main(argv=None) -> int:
             lr_p=lr_p[m],
             solver=solver[m],
             damping=damping[m],
+            init=init[m].poison if m in init else None,
             method_args=largs[m],
             batch_clean=args.batch_clean,
             batch_poison=args.batch_poison,

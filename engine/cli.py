@@ -401,7 +401,7 @@ def _method_args(args) -> dict:
 
 def cmd_poison(args) -> int:
     from . import models
-    from .pacd import poison
+    from .pacd import PoisonSet, poison
 
     out = Path(args.out)
     ckpt = out.with_name(out.name + ".ckpt")
@@ -409,6 +409,7 @@ def cmd_poison(args) -> int:
         print(f"error: {ckpt} exists: pass --resume to continue that run, or remove it", file=sys.stderr)
         return 2
     train_data, val_data = _load_split(args)
+    init = PoisonSet.load(args.init) if args.init is not None else None  # a bad file: PoisonError naming it
 
     def log(entry):
         if args.log_every and entry["step"] % args.log_every == 0:
@@ -440,6 +441,7 @@ def cmd_poison(args) -> int:
         checkpoint=ckpt,
         checkpoint_every=args.checkpoint_every,
         checkpoint_seconds=60.0 * args.checkpoint_minutes,
+        init=init,
         method_args=_method_args(args),
         device=_device(args.device),
         progress=not args.quiet,
@@ -693,6 +695,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--log-every", type=_int_at_least(0), default=0, help="print a JSON line every K steps (0: never)")
     p.add_argument("--device", default="auto")
     p.add_argument("--out", required=True, help="poison .safetensors (its checkpoint is OUT.ckpt)")
+    p.add_argument("--init", default=None, help="warm-start from this poison .safetensors (same data and target class): "
+                   "its images, the schedule continuing after its outer steps; --outer-steps counts the new steps")
     p.add_argument("--resume", action="store_true", help="continue from OUT.ckpt")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_poison)

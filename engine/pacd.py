@@ -134,6 +134,18 @@ def _content_hash(tensors: dict[str, torch.Tensor], meta: dict) -> str:
     return h.hexdigest()
 
 
+def init_record(ps: "PoisonSet") -> dict:
+    """What a run warm-started from ``ps`` (``poison(init=ps)``) records as ``settings["init"]``."""
+    return json.loads(json.dumps({
+        "sha256": _content_hash(ps._tensors(), ps._meta()),
+        "outer_steps": int(ps.settings.get("outer_steps", 0)),
+        "total_outer_steps": int(ps.settings.get("total_outer_steps", ps.settings.get("outer_steps", 0))),
+        "method": ps.method,
+        "eps": ps.eps,
+        **{k: ps.settings[k] for k in ("solver", "damping", "method_args", "seed") if k in ps.settings},
+    }))
+
+
 @dataclass
 class PoisonSet:
     """A clean-label poison: replacements for some training images.
@@ -613,6 +625,7 @@ def poison(
     checkpoint: str | os.PathLike | None = None,
     checkpoint_every: int = 50,
     checkpoint_seconds: float | None = 600.0,
+    init: PoisonSet | None = None,
     method_args: dict | None = None,
     device: str | torch.device = "cpu",
     hvp_backend: str = "auto",
@@ -642,6 +655,15 @@ def poison(
             after any step that ends ``checkpoint_seconds`` (None: no time limit) after the last
             write, and at the end; an existing one with the same settings is resumed (``outer_steps``
             may grow).
+        init: warm start from an earlier poison of the same training set and target class (e.g. to
+            craft further from a finished run whose checkpoint is gone): the poisoned images start at
+            ``init``'s, projected onto this run's eps box around the originals, and the step schedule
+            (minibatches, noise keys, lower-model re-initialisations) continues after ``init``'s
+            ``total_outer_steps`` (its ``outer_steps`` unless it was itself warm-started) instead of
+            replaying it; the lower model, p and the optimiser states start afresh (a checkpoint
+            resumes exactly, a warm start does not). ``outer_steps`` counts the steps of this run;
+            the PoisonSet's ``settings["init"]`` names ``init`` (content sha256, outer steps) and
+            ``settings["total_outer_steps"]`` adds them up.
         hvp_backend: second-order backend of :func:`engine.hvp` ("auto": the fused extension op where
             the model is supported, else torch.func); MACER's loss enters through its expansion at the
             logits, or, with "torch_func", as a whole through torch.func (see ``_Lower.products``).
@@ -707,6 +729,22 @@ def poison(
             stacklevel=2,
         )
     poison_epoch = math.ceil(n_poison / bp)
+    offset, init_info = 0, None
+    if init is not None:
+        if not isinstance(init, PoisonSet):
+            raise TypeError(f"init must be a PoisonSet, got {type(init).__name__}")
+        if init.target_class != int(target_class) or init.clean_sha256 != clean_hash or not torch.equal(
+            init.indices.to(torch.int64), pool_p
+        ):
+            raise PoisonError(
+                f"init: a poison of class {init.target_class} ({len(init)} images, originals {init.clean_sha256[:12]}) "
+                f"is not one of this training set's {n_poison} images of class {target_class} "
+                f"(originals {clean_hash[:12]}): warm-start from a poison crafted on the same training split"
+            )
+        if tuple(init.images.shape[1:]) != tuple(x0.shape[1:]):
+            raise PoisonError(f"init: poison images {tuple(init.images.shape[1:])} do not match {tuple(x0.shape[1:])}")
+        offset = _count("init's outer_steps", init.settings.get("total_outer_steps", init.settings.get("outer_steps", 0)), 0)
+        init_info = init_record(init)
 
     settings = {
         "target_class": int(target_class),
@@ -734,6 +772,8 @@ def poison(
         "train_size": int(x_all.shape[0]),
         "steps_per_epoch": steps_per_epoch,
     }
+    if init_info is not None:
+        settings["init"] = init_info
 
     def fresh_model(r: int):
         with torch.random.fork_rng(devices=[]):
@@ -743,16 +783,19 @@ def poison(
             m.to(memory_format=torch.channels_last)  # oneDNN's fast layout (as engine.train); checkpoints store it contiguous
         return m, torch.optim.Adam(flat_params(m), lr=lr_w)
 
-    model, opt_w = fresh_model(0)
+    reset_index = offset // reset_period if reset_period else 0
+    model, opt_w = fresh_model(reset_index)
     shapes = [list(p.shape) for p in flat_params(model)]
     settings["param_shapes"] = shapes
     n_params = sum(p.numel() for p in flat_params(model))
     p_vec = torch.zeros(n_params, device=device)
     p_state = AdamState()
     u = x0.clone()
+    if init is not None:
+        u = torch.minimum(torch.maximum(init.images.to(device, torch.float32), x0 - eps), x0 + eps).clamp_(0.0, 1.0)
     u_opt = _RowAdam(u)
     history: list[dict] = []
-    start, reset_index = 0, 0
+    start = 0
     ckpt = Path(checkpoint) if checkpoint is not None else None
     # one writer per checkpoint; released before returning, or with this frame if an error ends the run
     lock = ExclusiveLock(ckpt).acquire() if ckpt is not None else None
@@ -804,7 +847,8 @@ def poison(
     t_start = last_save = time.perf_counter()
     warned_solve = False
     try:
-        for step in range(start, outer_steps):
+        for local in range(start, outer_steps):
+            step = offset + local  # the schedule's step (after init's steps on a warm start)
             r = step // reset_period if reset_period else 0
             if r != reset_index:
                 reset_index = r
@@ -860,7 +904,7 @@ def poison(
                     if trace[-1] > 1.0 and not warned_solve:
                         warned_solve = True
                         warnings.warn(
-                            f"step {step + 1}: the {solver} solve ends with residual ||(H + sI) p - g|| / ||g|| = "
+                            f"step {local + 1}: the {solver} solve ends with residual ||(H + sI) p - g|| / ||g|| = "
                             f"{trace[-1]:.3g} (from {trace[0]:.3g}), worse than p = 0, so the poison step follows an "
                             f"unreliable direction: {_solve_advice(solver, lr_p, damping)}",
                             stacklevel=2,
@@ -879,7 +923,7 @@ def poison(
             for name in ("solve", "poison"):  # no hypergradient this step (no validation image counted)
                 clock.laps.setdefault(name, 0.0)
             entry = {
-                "step": step + 1,
+                "step": local + 1,
                 "upper": float(f_val.detach()),
                 "counted": counted,
                 "lower_loss": lower_loss,
@@ -896,8 +940,8 @@ def poison(
                 bar.set_postfix(upper=f"{entry['upper']:.4f}", linf=f"{entry['linf']:.3f}", lower=f"{lower_loss:.3f}")
                 bar.update(1)
             overdue = checkpoint_seconds is not None and time.perf_counter() - last_save >= checkpoint_seconds
-            if (step + 1) % checkpoint_every == 0 or overdue:
-                save_state(step + 1)
+            if (local + 1) % checkpoint_every == 0 or overdue:
+                save_state(local + 1)
                 last_save = time.perf_counter()
     finally:
         if bar is not None:
@@ -910,6 +954,7 @@ def poison(
     final.update(
         {
             "outer_steps": steps_done,
+            "total_outer_steps": offset + steps_done,
             "lower_resets": reset_index,  # the re-initialisation of the last step done (0: none)
             "seconds": time.perf_counter() - t_start,
             **_history_summary(history),

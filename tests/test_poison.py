@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from engine import data, models
-from engine.pacd import PoisonError, PoisonSet, _solve_advice, derive_seed, poison, soft_radius_objective
+from engine.pacd import PoisonError, PoisonSet, _solve_advice, derive_seed, init_record, poison, soft_radius_objective
 
 TARGET = 3
 
@@ -465,6 +465,21 @@ def test_pacd_evidence_script_tiny_end_to_end_and_resume(tmp_path):
     for m, r in json.loads(out.with_suffix(".json").read_text())["main"].items():
         for side in ("clean", "poisoned"):
             assert {k: r[side][k] for k in keys} == {k: report["main"][m][side][k] for k in keys}  # reused, not redone
+    # --init-poison: crafting warm-started from the finished GA poison (in another work folder), then reused
+    first_ga = tmp_path / "work" / "poison_gaussian.safetensors"
+    warm_args = args + ["--work", str(tmp_path / "work2"), "--stage", "poison", "--methods", "gaussian", "--outer-steps", "1",
+                        "--init-poison", f"gaussian={first_ga}"]
+    warm = subprocess.run(warm_args, capture_output=True, text=True)
+    assert warm.returncode == 0, warm.stderr[-3000:]
+    warm_ps = PoisonSet.load(tmp_path / "work2" / "poison_gaussian.safetensors")
+    assert warm_ps.settings["init"]["outer_steps"] == 2 and warm_ps.settings["total_outer_steps"] == 3
+    assert warm_ps.settings["init"]["sha256"] == init_record(PoisonSet.load(first_ga))["sha256"]
+    rerun = subprocess.run(warm_args, capture_output=True, text=True)
+    assert rerun.returncode == 0 and "crafting poison" not in rerun.stdout
+    for bad_init, msg in ((f"macer={first_ga}", "'macer' is not among --methods"), ("gaussian", "expected METHOD=FILE"),
+                          (f"gaussian={tmp_path / 'none.safetensors'}", "no such poison set")):
+        bad = subprocess.run(warm_args[:-1] + [bad_init], capture_output=True, text=True)
+        assert bad.returncode != 0 and "--init-poison" in bad.stderr and msg in bad.stderr, bad.stderr[-2000:]
 
 
 def test_snapshot_from_checkpoint(tiny, tmp_path):
@@ -672,3 +687,64 @@ def test_solve_residuals_logged_and_a_diverging_solve_warns(tiny):
         poison(_tiny_mlp, train, val, outer_steps=2, lr_p=100.0, solver="neumann", **SMALL)
     # CG has no step size: its advice is the damping, never lr_p
     assert "damping (now 0.001)" in _solve_advice("cg", 0.01, 1e-3) and "lr_p (now" not in _solve_advice("cg", 0.01, 1e-3)
+
+
+@pytest.mark.filterwarnings("ignore:step .: the approxgrad solve")
+def test_warm_start_from_a_poison_set(tiny, tmp_path, monkeypatch):
+    import engine.pacd as pacd
+
+    train, val = tiny
+    first = poison(_tiny_mlp, train, val, outer_steps=4, seed=3, **SMALL)  # moves (see the first test)
+    path = tmp_path / "first.safetensors"
+    first.save(path)
+    first = PoisonSet.load(path)
+    # no new steps: the poison starts at init's images (inside this run's box), projected onto a smaller eps
+    same = poison(_tiny_mlp, train, val, outer_steps=0, seed=3, init=first, **SMALL)
+    assert torch.equal(same.images, first.images)
+    small = poison(_tiny_mlp, train, val, outer_steps=0, seed=3, init=first, **{**SMALL, "eps": 0.03})
+    x0 = train[0][first.indices].float() / 255
+    assert float((small.images - x0).abs().max()) <= 0.03 + 1e-6 < float((first.images - x0).abs().max())
+    assert torch.equal(small.images, torch.minimum(torch.maximum(first.images, x0 - 0.03), x0 + 0.03))
+    # the schedule continues after init's 4 steps: minibatch keys (seed, step, 2) for steps 4 and 5, not 0 and 1
+    keys = []
+    real = pacd._generator
+
+    def spy(device, *parts):
+        if len(parts) == 3 and parts[2] == 2:
+            keys.append(parts[1])
+        return real(device, *parts)
+
+    monkeypatch.setattr(pacd, "_generator", spy)
+    warm = poison(_tiny_mlp, train, val, outer_steps=2, seed=3, init=first, **SMALL)
+    assert keys == [4, 5]
+    monkeypatch.setattr(pacd, "_generator", real)
+    _invariants(warm, train)
+    assert not torch.equal(warm.images, first.images)
+    assert warm.settings["outer_steps"] == 2 and warm.settings["total_outer_steps"] == 6
+    assert warm.settings["init"]["outer_steps"] == 4 and warm.settings["init"]["sha256"] == pacd.init_record(first)["sha256"]
+    assert [e["step"] for e in warm.settings.get("history", [])] in ([], [1, 2])
+    # a warm start of a warm start continues after both
+    keys.clear()
+    monkeypatch.setattr(pacd, "_generator", spy)
+    poison(_tiny_mlp, train, val, outer_steps=1, seed=3, init=warm, **SMALL)
+    monkeypatch.setattr(pacd, "_generator", real)
+    assert keys == [6]
+    # interrupted and resumed from its checkpoint, a warm-started run gives the same poison as an uninterrupted one
+    ckpt = tmp_path / "warm.ckpt"
+    poison(_tiny_mlp, train, val, outer_steps=1, seed=3, init=first, checkpoint=ckpt, checkpoint_every=1, **SMALL)
+    resumed = poison(_tiny_mlp, train, val, outer_steps=2, seed=3, init=first, checkpoint=ckpt, checkpoint_every=1, **SMALL)
+    assert torch.equal(resumed.images, warm.images)
+    # ... and its checkpoint is not resumed with another init (or none)
+    with pytest.raises(PoisonError, match="other settings.*init"):
+        poison(_tiny_mlp, train, val, outer_steps=3, seed=3, init=warm, checkpoint=ckpt, **SMALL)
+    with pytest.raises(PoisonError, match="other settings.*init"):
+        poison(_tiny_mlp, train, val, outer_steps=3, seed=3, checkpoint=ckpt, **SMALL)
+    # a poison of another class or another training set is refused, naming init
+    other_class = poison(_tiny_mlp, train, val, outer_steps=0, seed=3, **{**SMALL, "target_class": 5})
+    with pytest.raises(PoisonError, match="init: a poison of class 5"):
+        poison(_tiny_mlp, train, val, outer_steps=1, seed=3, init=other_class, **SMALL)
+    shifted = (train[0][1:], train[1][1:])
+    with pytest.raises(PoisonError, match="init: .*same training split"):
+        poison(_tiny_mlp, shifted, val, outer_steps=1, seed=3, init=first, **SMALL)
+    with pytest.raises(TypeError, match="init must be a PoisonSet"):
+        poison(_tiny_mlp, train, val, outer_steps=1, seed=3, init=str(path), **SMALL)
