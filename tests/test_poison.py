@@ -689,7 +689,7 @@ def test_solve_residuals_logged_and_a_diverging_solve_warns(tiny):
     assert "damping (now 0.001)" in _solve_advice("cg", 0.01, 1e-3) and "lr_p (now" not in _solve_advice("cg", 0.01, 1e-3)
 
 
-@pytest.mark.filterwarnings("ignore:step .: the approxgrad solve")
+@pytest.mark.filterwarnings(r"ignore:step \d+. the approxgrad solve")
 def test_warm_start_from_a_poison_set(tiny, tmp_path, monkeypatch):
     import engine.pacd as pacd
 
