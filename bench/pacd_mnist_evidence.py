@@ -32,7 +32,6 @@ import argparse
 import json
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -95,15 +94,10 @@ def _solver_name(text: str) -> str:
 PAPER_OUTER_STEPS = 2750  # ALGORITHMS.md: MNIST GA needs about 2,750 outer steps
 
 
-@dataclass
-class _Init:
-    poison: PoisonSet
-    settings_init: dict  # what engine.poison records as settings["init"] (compared before a crafted poison is reused)
-
-
-def init_poisons(text: str | None, methods: list[str]) -> dict[str, _Init]:
-    """``--init-poison``: METHOD=FILE pairs, each file a PoisonSet crafted for that METHOD's target class."""
-    out: dict[str, _Init] = {}
+def init_poisons(text: str | None, methods: list[str]) -> dict[str, tuple[PoisonSet, dict]]:
+    """``--init-poison``: METHOD=FILE pairs, each file a PoisonSet crafted for that METHOD's target class, with
+    what engine.poison records of it as settings["init"] (compared before a crafted poison is reused)."""
+    out: dict[str, tuple[PoisonSet, dict]] = {}
     for part in (text or "").split(","):
         if not part.strip():
             continue
@@ -119,7 +113,7 @@ def init_poisons(text: str | None, methods: list[str]) -> dict[str, _Init]:
             ps = PoisonSet.load(path.strip())
         except PoisonError as exc:
             raise SystemExit(f"error: --init-poison {method}: {exc}") from None
-        out[method] = _Init(ps, init_record(ps))
+        out[method] = (ps, init_record(ps))
     return out
 
 
@@ -251,7 +245,7 @@ def main(argv=None) -> int:
         path = work / f"poison_{m}.safetensors"
         done = PoisonSet.load(path) if path.exists() else None
         same = {"lr_p": lr_p[m], "method_args": largs[m], "solver": solver[m], "damping": damping[m],
-                "init": None if m not in init else init[m].settings_init}
+                "init": init[m][1] if m in init else None}
         if (done is not None and done.settings.get("outer_steps", -1) >= outer_steps[m]
                 and all(done.settings.get(k) == v for k, v in same.items())):
             poisons[m] = done
@@ -272,7 +266,7 @@ def main(argv=None) -> int:
             lr_p=lr_p[m],
             solver=solver[m],
             damping=damping[m],
-            init=init[m].poison if m in init else None,
+            init=init[m][0] if m in init else None,
             method_args=largs[m],
             batch_clean=args.batch_clean,
             batch_poison=args.batch_poison,
