@@ -721,13 +721,6 @@ def poison(
     n_poison = pool_p.numel()
     steps_per_epoch = math.ceil(x_all.shape[0] / (bc + bp))
     reset_period = reset_every * steps_per_epoch
-    if reset_period and 0 < outer_steps <= reset_period:
-        warnings.warn(
-            f"reset_every={reset_every} epochs is {reset_period} outer steps here, outer_steps={outer_steps}: the lower "
-            "model is never re-initialised, so the poison is crafted against a single training run; lower reset_every "
-            "to craft against training from scratch several times",
-            stacklevel=2,
-        )
     poison_epoch = math.ceil(n_poison / bp)
     offset, init_info = 0, None
     if init is not None:
@@ -745,6 +738,14 @@ def poison(
             raise PoisonError(f"init: poison images {tuple(init.images.shape[1:])} do not match {tuple(x0.shape[1:])}")
         offset = _count("init's outer_steps", init.settings.get("total_outer_steps", init.settings.get("outer_steps", 0)), 0)
         init_info = init_record(init)
+
+    if reset_period and outer_steps > 0 and offset // reset_period == (offset + outer_steps - 1) // reset_period:
+        warnings.warn(
+            f"reset_every={reset_every} epochs is {reset_period} outer steps here, outer_steps={outer_steps}: the lower "
+            "model is never re-initialised, so the poison is crafted against a single training run; lower reset_every "
+            "to craft against training from scratch several times",
+            stacklevel=2,
+        )
 
     settings = {
         "target_class": int(target_class),

@@ -739,6 +739,13 @@ def test_warm_start_from_a_poison_set(tiny, tmp_path, monkeypatch):
         poison(_tiny_mlp, train, val, outer_steps=3, seed=3, init=warm, checkpoint=ckpt, **SMALL)
     with pytest.raises(PoisonError, match="other settings.*init"):
         poison(_tiny_mlp, train, val, outer_steps=3, seed=3, checkpoint=ckpt, **SMALL)
+    # the never-re-initialised warning looks at the steps this run does (here 4 per epoch, schedule steps 4-7 / 4-8)
+    with pytest.warns(UserWarning, match="never re-initialised"):
+        poison(_tiny_mlp, train, val, outer_steps=4, seed=3, init=first, **{**SMALL, "reset_every": 1})
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*never re-initialised")
+        crossed = poison(_tiny_mlp, train, val, outer_steps=5, seed=3, init=first, **{**SMALL, "reset_every": 1})
+    assert crossed.settings["lower_resets"] == 2
     # a poison of another class or another training set is refused, naming init
     other_class = poison(_tiny_mlp, train, val, outer_steps=0, seed=3, **{**SMALL, "target_class": 5})
     with pytest.raises(PoisonError, match="init: a poison of class 5"):
