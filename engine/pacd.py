@@ -583,6 +583,11 @@ def _float_images(images: torch.Tensor, name: str) -> torch.Tensor:
     return x
 
 
+def _project(x: torch.Tensor, x0: torch.Tensor, eps: float) -> torch.Tensor:
+    """x projected onto the L_inf box of radius eps around the originals x0, then onto [0, 1]."""
+    return torch.minimum(torch.maximum(x, x0 - eps), x0 + eps).clamp_(0.0, 1.0)
+
+
 def _positive(name: str, value, allow_zero: bool = False) -> float:
     value = float(value)
     if not math.isfinite(value) or value < 0 or (value == 0 and not allow_zero):
@@ -736,8 +741,8 @@ def poison(
             )
         if tuple(init.images.shape[1:]) != tuple(x0.shape[1:]):
             raise PoisonError(f"init: poison images {tuple(init.images.shape[1:])} do not match {tuple(x0.shape[1:])}")
-        offset = _count("init's outer_steps", init.settings.get("total_outer_steps", init.settings.get("outer_steps", 0)), 0)
         init_info = init_record(init)
+        offset = _count("init's total_outer_steps", init_info["total_outer_steps"], 0)
 
     if reset_period and outer_steps > 0 and offset // reset_period == (offset + outer_steps - 1) // reset_period:
         warnings.warn(
@@ -793,7 +798,7 @@ def poison(
     p_state = AdamState()
     u = x0.clone()
     if init is not None:
-        u = torch.minimum(torch.maximum(init.images.to(device, torch.float32), x0 - eps), x0 + eps).clamp_(0.0, 1.0)
+        u = _project(init.images.to(device, torch.float32), x0, eps)
     u_opt = _RowAdam(u)
     history: list[dict] = []
     start = 0
@@ -917,7 +922,7 @@ def poison(
                 else:
                     new = u_batch - lr_u * grad_u.sign()
                 x0b = x0[pos.to(device)]
-                new = torch.minimum(torch.maximum(new, x0b - eps), x0b + eps).clamp_(0.0, 1.0)
+                new = _project(new, x0b, eps)
                 moved = float((new - u_batch).abs().max())
                 u[pos.to(device)] = new
                 clock.lap("poison")
