@@ -36,9 +36,13 @@ def _summary(directory: Path) -> dict:
 def pair_result(clean_dir: Path, poisoned_dir: Path) -> dict:
     """ACRs, drop and paired 95% interval of one clean / poisoned pair of evaluation directories."""
     clean, bad = _summary(clean_dir), _summary(poisoned_dir)
-    if clean.get("poisoned") or not bad.get("poisoned", True):
+    for directory, summary in ((clean_dir, clean), (poisoned_dir, bad)):
+        if not isinstance(summary.get("poisoned"), bool):
+            raise SystemExit(f"error: {directory}/summary.json does not say whether its victim was poisoned "
+                             f"(no boolean 'poisoned'): not an engine evaluation summary")
+    if clean["poisoned"] or not bad["poisoned"]:
         raise SystemExit(f"error: expected a clean victim in {clean_dir} and a poisoned one in {poisoned_dir}, "
-                         f"got poisoned={clean.get('poisoned')} / {bad.get('poisoned')}")
+                         f"got poisoned={clean['poisoned']} / {bad['poisoned']}")
     try:
         _, lo, hi = acr_drop_interval(clean_dir / "certify.tsv", poisoned_dir / "certify.tsv")
     except ValueError as exc:

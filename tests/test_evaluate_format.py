@@ -170,7 +170,13 @@ def test_pacd_pair_report(tmp_path):
     empty = tmp_path / "empty"
     empty.mkdir()
     other = victim("other", base, True, first=1)
+    vague = victim("vague", base, True)
+    summary = json.loads((vague / "summary.json").read_text())
+    del summary["poisoned"]
+    (vague / "summary.json").write_text(json.dumps(summary))
     for pair, msg in ((f"x={empty},{bad}", "holds no summary.json"), (f"x={bad},{clean}", "expected a clean victim"),
+                      (f"x={clean},{vague}", "vague/summary.json does not say whether"),
+                      (f"x={vague},{bad}", "vague/summary.json does not say whether"),
                       (f"x={clean},{other}", "different images"), (f"x={clean}", "LABEL=CLEAN_DIR,POISONED_DIR")):
         with pytest.raises(SystemExit, match=msg):
             mod.main(["--pair", pair, "--what", "toy", "--out", str(out)])
