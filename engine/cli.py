@@ -4,7 +4,8 @@ Commands: ``certify`` (Cohen et al.'s certify over a data set, resumable), ``dem
 default: train LeNet with Gaussian augmentation on the shipped MNIST subset and certify 100 test
 images), ``make-subset`` (cut a small MNIST subset), ``train`` (certified-robust training with a
 checkpoint every epoch and ``--resume``), ``poison`` (craft a PACD poison, resumable),
-``poison-snapshot`` (the poison of a running or stopped poisoning run, from its checkpoint), ``evaluate``
+``poison-snapshot`` (the poison of a running or stopped poisoning run, from its checkpoint),
+``poison-combine`` (one poison from several of the same data and settings), ``evaluate``
 (train a victim on clean or poisoned data and certify the target class, resumable).
 """
 
@@ -467,6 +468,22 @@ def cmd_poison_snapshot(args) -> int:
     return 0
 
 
+def cmd_poison_combine(args) -> int:
+    from .pacd import PoisonSet, combine_poisons
+
+    if len(args.poisons) < 2:
+        print(f"error: poison-combine needs two or more poison files, got {len(args.poisons)}", file=sys.stderr)
+        return 2
+    train_data, _ = _load_split(args)
+    parts = [PoisonSet.load(path) for path in args.poisons]
+    ps = combine_poisons(parts, train_data, args.how)
+    ps.settings.update({"dataset": args.dataset, "val_size": args.val_size})
+    ps.save(args.out)
+    print(f"wrote {args.out}: {args.how} of {len(parts)} poisons, {len(ps)} images of class {ps.target_class}, "
+          f"L_inf {ps.linf(train_data):.4f} <= eps {ps.eps}")
+    return 0
+
+
 COMPARE_KEYS = ("victim_method", "arch", "sigma", "target_class", "images", "n", "poisoned", "acr",
                 "certified_accuracy", "clean_accuracy_other_classes")
 
@@ -710,6 +727,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--val-size", type=_int_at_least(1), default=5000, help="the run's --val-size")
     p.add_argument("--out", required=True, help="poison .safetensors to write")
     p.set_defaults(func=cmd_poison_snapshot)
+
+    p = sub.add_parser("poison-combine", help="one poison from several of the same data, class and settings "
+                       "(vote: eps along the sign of their summed perturbations; mean: their average)")
+    p.add_argument("poisons", nargs="+", help="poison .safetensors files (two or more)")
+    p.add_argument("--how", choices=("vote", "mean"), default="vote")
+    p.add_argument("--dataset", choices=("mnist", "cifar10"), default="mnist")
+    p.add_argument("--data-root", default=None, help="data folder of the poisons (mnist: default the embedded subset)")
+    p.add_argument("--val-size", type=_int_at_least(1), default=5000, help="the poisons' --val-size")
+    p.add_argument("--out", required=True, help="poison .safetensors to write")
+    p.set_defaults(func=cmd_poison_combine)
 
     p = sub.add_parser("evaluate", help="train a victim on clean or poisoned data and certify the target class")
     _add_threads(p)

@@ -36,6 +36,7 @@ __all__ = [
     "PoisonSet",
     "PoisonError",
     "poison",
+    "combine_poisons",
     "soft_radius_objective",
     "derive_seed",
     "METHODS",
@@ -599,6 +600,65 @@ def _count(name: str, value, lo: int) -> int:
     if isinstance(value, bool) or int(value) != value or int(value) < lo:
         raise ValueError(f"{name} must be an integer >= {lo}, got {value!r}")
     return int(value)
+
+
+COMBINE = ("vote", "mean")
+# settings that describe one run rather than the crafting (a combined poison keeps them per input in combined_from)
+_RUN_KEYS = ("outer_steps", "total_outer_steps", "lower_resets", "seconds", "history_tail", "upper_by_step",
+             "step_seconds_total", "wall_seconds_last_invocation", "init", "snapshot_of", "combine", "combined_from",
+             "combined_differ")
+
+
+def combine_poisons(poisons: list[PoisonSet], train_data, how: str = "vote") -> PoisonSet:
+    """One poison from several crafted for the same training set, class, procedure, sigma and eps (e.g. runs that
+    ended at different vertices of the eps box with the same effect), to keep their common direction.
+
+    how="vote": every pixel moves by eps along the sign of the summed perturbations sum_i (u_i - x0) (0 where that
+    sum is 0), then onto [0, 1]: a vertex of the feasible set, like a finished run. how="mean": the average of the
+    poisoned images (a convex combination, so inside the box). ``train_data`` must be the training set the poisons
+    were crafted from (checked as :meth:`PoisonSet.apply` does). Settings: those all inputs share (less the
+    per-run ones: steps, times, logs), ``combined_from`` (each input's :func:`init_record`: sha256, steps, solver,
+    damping, method_args), ``combined_differ`` (the settings the inputs do not share), ``combine`` (``how``),
+    ``outer_steps`` 0 and ``total_outer_steps`` the largest of the inputs' (so a warm start from it continues
+    every input's schedule).
+    """
+    if how not in COMBINE:
+        raise ValueError(f"how must be one of {COMBINE}, got {how!r}")
+    poisons = list(poisons)
+    if len(poisons) < 2 or not all(isinstance(ps, PoisonSet) for ps in poisons):
+        raise TypeError(f"poisons must be two or more PoisonSets, got {[type(ps).__name__ for ps in poisons]}")
+    first = poisons[0]
+    for i, ps in enumerate(poisons[1:], 1):
+        same = (ps.target_class, ps.method, ps.sigma, ps.eps, ps.clean_sha256) == (
+            first.target_class, first.method, first.sigma, first.eps, first.clean_sha256)
+        if not same or not torch.equal(ps.indices, first.indices) or ps.images.shape != first.images.shape:
+            raise PoisonError(
+                f"poisons[{i}] ({ps.method}, class {ps.target_class}, sigma {ps.sigma}, eps {ps.eps}, {len(ps)} images, "
+                f"originals {ps.clean_sha256[:12]}) is not a poison of the same images and settings as poisons[0] "
+                f"({first.method}, class {first.target_class}, sigma {first.sigma}, eps {first.eps}, {len(first)} images, "
+                f"originals {first.clean_sha256[:12]})"
+            )
+    first.apply(train_data)  # refuses another training set
+    x0 = _float_images(train_data[0][first.indices], "train_data")
+    stack = torch.stack([ps.images.to(torch.float32) for ps in poisons])
+    if how == "mean":
+        images = _project(stack.to(torch.float64).mean(0).to(torch.float32), x0, first.eps)
+    else:
+        direction = (stack.to(torch.float64) - x0.to(torch.float64)).sum(0).sign().to(torch.float32)
+        images = _project(x0 + first.eps * direction, x0, first.eps)
+    records = [init_record(ps) for ps in poisons]
+    shared = [k for k in first.settings if k not in _RUN_KEYS and all(
+        k in ps.settings and ps.settings[k] == first.settings[k] for ps in poisons)]
+    settings = {k: first.settings[k] for k in shared}
+    settings.update({
+        "combine": how,
+        "combined_from": records,  # each input's solver, damping, method_args and steps
+        "combined_differ": sorted({k for ps in poisons for k in ps.settings} - set(shared) - set(_RUN_KEYS)),
+        "outer_steps": 0,
+        "total_outer_steps": max(r["total_outer_steps"] for r in records),
+    })
+    return PoisonSet(first.indices.clone(), images, first.labels.clone(), first.clean_sha256, first.eps, first.sigma,
+                     first.method, first.target_class, json.loads(json.dumps(settings)))
 
 
 def poison(

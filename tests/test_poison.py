@@ -755,3 +755,67 @@ def test_warm_start_from_a_poison_set(tiny, tmp_path, monkeypatch):
         poison(_tiny_mlp, shifted, val, outer_steps=1, seed=3, init=first, **SMALL)
     with pytest.raises(TypeError, match="init must be a PoisonSet"):
         poison(_tiny_mlp, train, val, outer_steps=1, seed=3, init=str(path), **SMALL)
+
+
+@pytest.mark.filterwarnings(r"ignore:step \d+. the (approxgrad|cg) solve")
+def test_combine_poisons(tiny, tmp_path):
+    """combine_poisons: the vote moves every pixel by eps along the sign of the summed perturbations (0 where it
+    is 0), the mean averages the images; both keep the invariants, record their inputs and the settings they do
+    not share, and refuse poisons of other images or settings and another training set; the command line too."""
+    from engine import cli
+    from engine.pacd import _hash_clean, combine_poisons
+
+    train, val = tiny
+    small = {**SMALL, "lr_u": 0.1}
+    parts = [poison(_tiny_mlp, train, val, outer_steps=5, seed=s, **small) for s in (1, 2)]  # 5 steps: every image moved
+    parts.append(poison(_tiny_mlp, train, val, outer_steps=6, seed=3, solver="cg", **small))
+    x0 = (train[0][parts[0].indices].float() / 255).double()  # the originals as the poisons hold them (float32)
+    d = torch.stack([ps.images.double() - x0 for ps in parts])
+    vote = combine_poisons(parts, train, "vote")
+    _invariants(vote, train)
+    expected = (x0 + 0.1 * d.sum(0).sign()).clamp(x0 - 0.1, x0 + 0.1).clamp(0, 1)
+    assert torch.allclose(vote.images.double(), expected, atol=1e-6)
+    agree = (d > 1e-6).all(0) & (x0 <= 0.9)  # every input moved up, with room for eps: the vote moves up by eps
+    assert bool(agree.any()) and torch.allclose(vote.images.double()[agree], x0[agree] + 0.1, atol=1e-6)
+    zero = d.abs().sum(0) == 0
+    assert torch.equal(vote.images.double()[zero].float(), x0[zero].float())
+    mean = combine_poisons(parts, train, "mean")
+    _invariants(mean, train)
+    assert torch.allclose(mean.images.double(), torch.stack([ps.images.double() for ps in parts]).mean(0), atol=1e-6)
+    s = vote.settings
+    assert s["combine"] == "vote" and [r["sha256"] for r in s["combined_from"]] == [init_record(ps)["sha256"] for ps in parts]
+    assert s["combined_differ"] == ["seed", "solver"] and "solver" not in s and s["lr_u"] == 0.1
+    assert s["total_outer_steps"] == 6 and s["outer_steps"] == 0 and "upper_by_step" not in s
+    vote.save(tmp_path / "v.safetensors")
+    assert torch.equal(PoisonSet.load(tmp_path / "v.safetensors").images, vote.images)
+    assert init_record(vote)["total_outer_steps"] == 6  # a warm start from it continues after every input's steps
+
+    with pytest.raises(ValueError, match="how must be one of"):
+        combine_poisons(parts, train, "median")
+    with pytest.raises(TypeError, match="two or more"):
+        combine_poisons(parts[:1], train)
+    wide = PoisonSet(parts[1].indices, parts[1].images, parts[1].labels, parts[1].clean_sha256, 0.2, 0.5, "gaussian", TARGET)
+    with pytest.raises(PoisonError, match=r"poisons\[1\] .*eps 0.2.* is not a poison of the same images and settings"):
+        combine_poisons([parts[0], wide], train)
+    other = (train[0].clone(), train[1])
+    other[0][parts[0].indices[0]] ^= 1
+    with pytest.raises(PoisonError, match="not the originals"):
+        combine_poisons(parts, other)
+
+    # command line, on a split of the embedded subset: two poisons pushing every pixel up / down by eps
+    images, labels = data.load_mnist(data.embedded_mnist_root(), "train")
+    (tx, ty), _ = data.split_validation(images, labels, 9000)
+    idx = (ty == 8).nonzero().flatten()
+    base = tx[idx].float() / 255
+    for name, sign in (("up", 1), ("down", -1)):
+        PoisonSet(idx, (base + sign * 0.1).clamp(0, 1), ty[idx], _hash_clean(tx[idx], ty[idx]), 0.1, 0.5, "gaussian",
+                  8).save(tmp_path / f"{name}.safetensors")
+    out = tmp_path / "c.safetensors"
+    argv = ["poison-combine", str(tmp_path / "up.safetensors"), str(tmp_path / "down.safetensors"), "--val-size", "9000"]
+    assert cli.main(argv + ["--how", "mean", "--out", str(out)]) == 0
+    c = PoisonSet.load(out)
+    assert torch.allclose(c.images, ((base + 0.1).clamp(0, 1) + (base - 0.1).clamp(0, 1)) / 2, atol=1e-6)
+    assert c.settings["combine"] == "mean" and c.settings["val_size"] == 9000
+    assert cli.main(argv + ["--out", str(out)]) == 0  # vote: +eps where the sum is positive (near 0), else -eps or 0
+    assert cli.main(argv[:2] + ["--out", str(out)]) == 2
+    assert cli.main(argv[:3] + ["--val-size", "8000", "--out", str(out)]) == 2  # another split
