@@ -471,8 +471,8 @@ def cmd_poison_snapshot(args) -> int:
 def cmd_poison_combine(args) -> int:
     from .pacd import PoisonSet, combine_poisons
 
-    if len(args.poisons) < 2:
-        print(f"error: poison-combine needs two or more poison files, got {len(args.poisons)}", file=sys.stderr)
+    if args.how == "mean" and len(args.poisons) < 2:
+        print(f"error: poison-combine --how mean needs two or more poison files, got {len(args.poisons)}", file=sys.stderr)
         return 2
     train_data, _ = _load_split(args)
     parts = [PoisonSet.load(path) for path in args.poisons]
@@ -730,7 +730,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("poison-combine", help="one poison from several of the same data, class and settings "
                        "(vote: eps along the sign of their summed perturbations; mean: their average)")
-    p.add_argument("poisons", nargs="+", help="poison .safetensors files (two or more)")
+    p.add_argument("poisons", nargs="+", help="poison .safetensors files (two or more for mean; one for vote moves "
+                   "that poison out to the vertex along its own signs)")
     p.add_argument("--how", choices=("vote", "mean"), default="vote")
     p.add_argument("--dataset", choices=("mnist", "cifar10"), default="mnist")
     p.add_argument("--data-root", default=None, help="data folder of the poisons (mnist: default the embedded subset)")

@@ -614,8 +614,9 @@ def combine_poisons(poisons: list[PoisonSet], train_data, how: str = "vote") -> 
     ended at different vertices of the eps box with the same effect), to keep their common direction.
 
     how="vote": every pixel moves by eps along the sign of the summed perturbations sum_i (u_i - x0) (0 where that
-    sum is 0), then onto [0, 1]: a vertex of the feasible set, like a finished run. how="mean": the average of the
-    poisoned images (a convex combination, so inside the box). ``train_data`` must be the training set the poisons
+    sum is 0), then onto [0, 1]: a vertex of the feasible set, like a finished run; of a single poison, that poison
+    moved out to the vertex along its own signs. how="mean": the average of the poisoned images (a convex
+    combination, so inside the box; needs two or more). ``train_data`` must be the training set the poisons
     were crafted from (checked as :meth:`PoisonSet.apply` does). Settings: those all inputs share (less the
     per-run ones: steps, times, logs), ``combined_from`` (each input's :func:`init_record`: sha256, steps, solver,
     damping, method_args), ``combined_differ`` (the settings the inputs do not share), ``combine`` (``how``),
@@ -625,8 +626,10 @@ def combine_poisons(poisons: list[PoisonSet], train_data, how: str = "vote") -> 
     if how not in COMBINE:
         raise ValueError(f"how must be one of {COMBINE}, got {how!r}")
     poisons = list(poisons)
-    if len(poisons) < 2 or not all(isinstance(ps, PoisonSet) for ps in poisons):
-        raise TypeError(f"poisons must be two or more PoisonSets, got {[type(ps).__name__ for ps in poisons]}")
+    least = 1 if how == "vote" else 2
+    if len(poisons) < least or not all(isinstance(ps, PoisonSet) for ps in poisons):
+        raise TypeError(f"poisons must be {'one' if least == 1 else 'two'} or more PoisonSets for how={how!r}, "
+                        f"got {[type(ps).__name__ for ps in poisons]}")
     first = poisons[0]
     for i, ps in enumerate(poisons[1:], 1):
         same = (ps.target_class, ps.method, ps.sigma, ps.eps, ps.clean_sha256) == (

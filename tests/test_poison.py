@@ -792,8 +792,16 @@ def test_combine_poisons(tiny, tmp_path):
 
     with pytest.raises(ValueError, match="how must be one of"):
         combine_poisons(parts, train, "median")
-    with pytest.raises(TypeError, match="two or more"):
-        combine_poisons(parts[:1], train)
+    with pytest.raises(TypeError, match="two or more PoisonSets for how='mean'"):
+        combine_poisons(parts[:1], train, "mean")
+    with pytest.raises(TypeError, match="one or more PoisonSets for how='vote'"):
+        combine_poisons([], train)
+    snap = combine_poisons(parts[2:], train)  # one poison: out to the vertex along its own signs
+    _invariants(snap, train)
+    expected = (x0 + 0.1 * d[2].sign()).clamp(x0 - 0.1, x0 + 0.1).clamp(0, 1)
+    assert torch.allclose(snap.images.double(), expected, atol=1e-6)
+    moved = d[2].abs() > 1e-6
+    assert bool(moved.any()) and not torch.allclose(snap.images.double(), parts[2].images.double(), atol=1e-3)
     wide = PoisonSet(parts[1].indices, parts[1].images, parts[1].labels, parts[1].clean_sha256, 0.2, 0.5, "gaussian", TARGET)
     with pytest.raises(PoisonError, match=r"poisons\[1\] .*eps 0.2.* is not a poison of the same images and settings"):
         combine_poisons([parts[0], wide], train)
@@ -817,5 +825,7 @@ def test_combine_poisons(tiny, tmp_path):
     assert torch.allclose(c.images, ((base + 0.1).clamp(0, 1) + (base - 0.1).clamp(0, 1)) / 2, atol=1e-6)
     assert c.settings["combine"] == "mean" and c.settings["val_size"] == 9000
     assert cli.main(argv + ["--out", str(out)]) == 0  # vote: +eps where the sum is positive (near 0), else -eps or 0
-    assert cli.main(argv[:2] + ["--out", str(out)]) == 2
+    assert cli.main(argv[:2] + ["--how", "mean", "--out", str(out)]) == 2  # mean of one
+    assert cli.main(argv[:2] + ["--val-size", "9000", "--out", str(out)]) == 0  # vote of one: every pixel up by eps
+    assert torch.allclose(PoisonSet.load(out).images, (base + 0.1).clamp(0, 1), atol=1e-6)
     assert cli.main(argv[:3] + ["--val-size", "8000", "--out", str(out)]) == 2  # another split
