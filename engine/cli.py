@@ -479,7 +479,8 @@ def cmd_poison_combine(args) -> int:
     ps = combine_poisons(parts, train_data, args.how)
     ps.settings.update({"dataset": args.dataset, "val_size": args.val_size})
     ps.save(args.out)
-    print(f"wrote {args.out}: {args.how} of {len(parts)} poisons, {len(ps)} images of class {ps.target_class}, "
+    inputs = f"{len(parts)} poison{'s' if len(parts) > 1 else ''}"
+    print(f"wrote {args.out}: {args.how} of {inputs}, {len(ps)} images of class {ps.target_class}, "
           f"L_inf {ps.linf(train_data):.4f} <= eps {ps.eps}")
     return 0
 
