@@ -476,7 +476,7 @@ def cmd_poison_combine(args) -> int:
         return 2
     train_data, _ = _load_split(args)
     parts = [PoisonSet.load(path) for path in args.poisons]
-    ps = combine_poisons(parts, train_data, args.how)
+    ps = combine_poisons(parts, train_data, args.how, mixed_methods=args.mixed_methods)
     ps.settings.update({"dataset": args.dataset, "val_size": args.val_size})
     ps.save(args.out)
     inputs = f"{len(parts)} poison{'s' if len(parts) > 1 else ''}"
@@ -734,6 +734,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("poisons", nargs="+", help="poison .safetensors files (two or more for mean; one for vote moves "
                    "that poison out to the vertex along its own signs)")
     p.add_argument("--how", choices=("vote", "mean"), default="vote")
+    p.add_argument("--mixed-methods", action="store_true", help="also combine poisons crafted against different "
+                   "procedures (the result's method names them all, e.g. macer+smoothadv)")
     p.add_argument("--dataset", choices=("mnist", "cifar10"), default="mnist")
     p.add_argument("--data-root", default=None, help="data folder of the poisons (mnist: default the embedded subset)")
     p.add_argument("--val-size", type=_int_at_least(1), default=5000, help="the poisons' --val-size")

@@ -609,7 +609,8 @@ _RUN_KEYS = ("outer_steps", "total_outer_steps", "lower_resets", "seconds", "his
              "combined_differ")
 
 
-def combine_poisons(poisons: list[PoisonSet], train_data, how: str = "vote") -> PoisonSet:
+def combine_poisons(poisons: list[PoisonSet], train_data, how: str = "vote", *,
+                    mixed_methods: bool = False) -> PoisonSet:
     """One poison from several crafted for the same training set, class, procedure, sigma and eps (e.g. runs that
     ended at different vertices of the eps box with the same effect), to keep their common direction.
 
@@ -622,6 +623,11 @@ def combine_poisons(poisons: list[PoisonSet], train_data, how: str = "vote") -> 
     damping, method_args), ``combined_differ`` (the settings the inputs do not share), ``combine`` (``how``),
     ``outer_steps`` 0 and ``total_outer_steps`` the largest of the inputs' (so a warm start from it continues
     every input's schedule).
+
+    mixed_methods: also combine poisons crafted against different procedures (e.g. a SmoothAdv and a MACER
+    poison of the same images, sigma and eps); the result's ``method`` is their names joined by "+" in sorted
+    order (e.g. "macer+smoothadv"), and ``settings["combined_methods"]`` lists each input's. Off by default, so
+    that a poison of another procedure given by mistake is refused.
     """
     if how not in COMBINE:
         raise ValueError(f"how must be one of {COMBINE}, got {how!r}")
@@ -632,14 +638,16 @@ def combine_poisons(poisons: list[PoisonSet], train_data, how: str = "vote") -> 
                         f"got {[type(ps).__name__ for ps in poisons]}")
     first = poisons[0]
     for i, ps in enumerate(poisons[1:], 1):
-        same = (ps.target_class, ps.method, ps.sigma, ps.eps, ps.clean_sha256) == (
-            first.target_class, first.method, first.sigma, first.eps, first.clean_sha256)
+        same = (ps.target_class, ps.sigma, ps.eps, ps.clean_sha256) == (
+            first.target_class, first.sigma, first.eps, first.clean_sha256)
+        same = same and (mixed_methods or ps.method == first.method)
         if not same or not torch.equal(ps.indices, first.indices) or ps.images.shape != first.images.shape:
+            hint = "" if mixed_methods or ps.method == first.method else " (mixed_methods=True combines procedures)"
             raise PoisonError(
                 f"poisons[{i}] ({ps.method}, class {ps.target_class}, sigma {ps.sigma}, eps {ps.eps}, {len(ps)} images, "
                 f"originals {ps.clean_sha256[:12]}) is not a poison of the same images and settings as poisons[0] "
                 f"({first.method}, class {first.target_class}, sigma {first.sigma}, eps {first.eps}, {len(first)} images, "
-                f"originals {first.clean_sha256[:12]})"
+                f"originals {first.clean_sha256[:12]}){hint}"
             )
     first.apply(train_data)  # refuses another training set
     x0 = _float_images(train_data[0][first.indices], "train_data")
@@ -660,8 +668,11 @@ def combine_poisons(poisons: list[PoisonSet], train_data, how: str = "vote") -> 
         "outer_steps": 0,
         "total_outer_steps": max(r["total_outer_steps"] for r in records),
     })
+    methods = sorted({ps.method for ps in poisons})
+    if len(methods) > 1:
+        settings["combined_methods"] = [ps.method for ps in poisons]
     return PoisonSet(first.indices.clone(), images, first.labels.clone(), first.clean_sha256, first.eps, first.sigma,
-                     first.method, first.target_class, json.loads(json.dumps(settings)))
+                     "+".join(methods), first.target_class, json.loads(json.dumps(settings)))
 
 
 def poison(

@@ -1,5 +1,6 @@
 """PACD poisoning: poison-set files, projection invariants, resume, and the attack's effect."""
 
+import dataclasses
 import json
 import warnings
 from pathlib import Path
@@ -809,6 +810,16 @@ def test_combine_poisons(tiny, tmp_path):
     other[0][parts[0].indices[0]] ^= 1
     with pytest.raises(PoisonError, match="not the originals"):
         combine_poisons(parts, other)
+    # poisons of other procedures: refused unless mixed_methods; then the method names them all
+    macer = dataclasses.replace(parts[1], method="macer")
+    with pytest.raises(PoisonError, match=r"poisons\[1\] \(macer.*mixed_methods=True combines procedures"):
+        combine_poisons([parts[0], macer], train)
+    mixed = combine_poisons([parts[0], macer, parts[2]], train, mixed_methods=True)
+    assert mixed.method == "gaussian+macer" and mixed.settings["combined_methods"] == ["gaussian", "macer", "gaussian"]
+    assert torch.equal(mixed.images, vote.images)  # the same images: only the names differ
+    assert "combined_methods" not in combine_poisons(parts, train, mixed_methods=True).settings
+    with pytest.raises(PoisonError, match=r"poisons\[1\] .*eps 0.2"):
+        combine_poisons([parts[0], wide], train, mixed_methods=True)  # eps, sigma and images must still agree
 
     # command line, on a split of the embedded subset: two poisons pushing every pixel up / down by eps
     images, labels = data.load_mnist(data.embedded_mnist_root(), "train")
@@ -829,3 +840,9 @@ def test_combine_poisons(tiny, tmp_path):
     assert cli.main(argv[:2] + ["--val-size", "9000", "--out", str(out)]) == 0  # vote of one: every pixel up by eps
     assert torch.allclose(PoisonSet.load(out).images, (base + 0.1).clamp(0, 1), atol=1e-6)
     assert cli.main(argv[:3] + ["--val-size", "8000", "--out", str(out)]) == 2  # another split
+    PoisonSet(idx, (base + 0.1).clamp(0, 1), ty[idx], _hash_clean(tx[idx], ty[idx]), 0.1, 0.5, "smoothadv",
+              8).save(tmp_path / "sa.safetensors")
+    argv = ["poison-combine", str(tmp_path / "sa.safetensors"), str(tmp_path / "down.safetensors"), "--val-size", "9000"]
+    assert cli.main(argv + ["--out", str(out)]) == 2  # procedures differ
+    assert cli.main(argv + ["--mixed-methods", "--how", "mean", "--out", str(out)]) == 0
+    assert PoisonSet.load(out).method == "gaussian+smoothadv"
