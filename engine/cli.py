@@ -20,6 +20,8 @@ from pathlib import Path
 
 import torch
 
+from .pacd import COMBINE
+
 __all__ = ["main", "run_certify", "train_checkpoint_path"]
 
 
@@ -733,7 +735,7 @@ def build_parser() -> argparse.ArgumentParser:
                        "(vote: eps along the sign of their summed perturbations; mean: their average)")
     p.add_argument("poisons", nargs="+", help="poison .safetensors files (two or more for mean; one for vote moves "
                    "that poison out to the vertex along its own signs)")
-    p.add_argument("--how", choices=("vote", "mean"), default="vote")
+    p.add_argument("--how", choices=COMBINE, default=COMBINE[0])
     p.add_argument("--mixed-methods", action="store_true", help="also combine poisons crafted against different "
                    "procedures (the result's method names them all, e.g. macer+smoothadv)")
     p.add_argument("--dataset", choices=("mnist", "cifar10"), default="mnist")
