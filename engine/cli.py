@@ -5,7 +5,8 @@ default: train LeNet with Gaussian augmentation on the shipped MNIST subset and 
 images), ``make-subset`` (cut a small MNIST subset), ``train`` (certified-robust training with a
 checkpoint every epoch and ``--resume``), ``poison`` (craft a PACD poison, resumable),
 ``poison-snapshot`` (the poison of a running or stopped poisoning run, from its checkpoint),
-``poison-combine`` (one poison from several of the same data and settings), ``evaluate``
+``poison-combine`` (one poison from several of the same data and settings; of several
+procedures with ``--mixed-methods``), ``evaluate``
 (train a victim on clean or poisoned data and certify the target class, resumable).
 """
 
