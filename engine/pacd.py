@@ -638,11 +638,11 @@ def combine_poisons(poisons: list[PoisonSet], train_data, how: str = "vote", *,
                         f"got {[type(ps).__name__ for ps in poisons]}")
     first = poisons[0]
     for i, ps in enumerate(poisons[1:], 1):
-        same = (ps.target_class, ps.sigma, ps.eps, ps.clean_sha256) == (
+        method_ok = mixed_methods or ps.method == first.method
+        same = method_ok and (ps.target_class, ps.sigma, ps.eps, ps.clean_sha256) == (
             first.target_class, first.sigma, first.eps, first.clean_sha256)
-        same = same and (mixed_methods or ps.method == first.method)
         if not same or not torch.equal(ps.indices, first.indices) or ps.images.shape != first.images.shape:
-            hint = "" if mixed_methods or ps.method == first.method else " (mixed_methods=True combines procedures)"
+            hint = "" if method_ok else " (mixed_methods=True combines procedures)"
             raise PoisonError(
                 f"poisons[{i}] ({ps.method}, class {ps.target_class}, sigma {ps.sigma}, eps {ps.eps}, {len(ps)} images, "
                 f"originals {ps.clean_sha256[:12]}) is not a poison of the same images and settings as poisons[0] "
