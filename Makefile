@@ -5,11 +5,12 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.engine-installed
 
-.PHONY: setup demo test lint bench nvcc-check triton-check clean
+.PHONY: setup demo test lint bench nvcc-check triton-check install-check clean
 
-$(STAMP): requirements.txt setup.py $(wildcard csrc/*.cpp csrc/*.h csrc/**/*.cu)
+$(STAMP): requirements.txt setup.py pyproject.toml $(wildcard csrc/*.cpp csrc/*.h csrc/**/*.cu)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q -r requirements.txt
+	$(PY) -m pip uninstall -q -y engine 2>/dev/null || true  # the distribution's name before 0.2.0
 	$(PY) -m pip install -q --no-build-isolation -e .
 	touch $(STAMP)
 
@@ -22,7 +23,7 @@ test: $(STAMP)
 	$(PY) -m pytest tests
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check engine kernels tests bench setup.py
+	$(VENV)/bin/ruff check .
 
 bench: $(STAMP)
 	$(PY) bench/bench_certify.py
@@ -31,7 +32,19 @@ nvcc-check: $(STAMP)
 	csrc/nvcc_check.sh
 
 triton-check: $(STAMP)
-	env -u TRITON_INTERPRET $(PY) -m kernels.compile_check --arch 90
+	env -u TRITON_INTERPRET $(PY) -m engine.kernels.compile_check --arch 90
+
+# `pip install .` into a fresh virtual environment (outside the source tree): the package imports, the console
+# script runs, and no top-level `kernels` package is installed. torch is installed first at the pinned version.
+CHECK_VENV ?= /tmp/pacd-engine-install-check
+install-check:
+	rm -rf $(CHECK_VENV) && $(PYTHON) -m venv $(CHECK_VENV)
+	$(CHECK_VENV)/bin/python -m pip install -q torch==2.13.0
+	$(CHECK_VENV)/bin/python -m pip install -q .
+	cd /tmp && $(CHECK_VENV)/bin/python -c "import importlib.util as u, engine, engine.kernels, engine._ext as e; \
+	  assert u.find_spec('kernels') is None, 'top-level kernels installed'; \
+	  print('engine', engine.__version__, 'extension', e.available())"
+	cd /tmp && $(CHECK_VENV)/bin/pacd-engine --version && $(CHECK_VENV)/bin/pacd-engine certify --help > /dev/null
 
 clean:
 	rm -rf build engine/_C*.so *.egg-info

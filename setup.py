@@ -1,4 +1,4 @@
-"""Build the engine package and its extension ``engine._C``.
+"""Build the extension ``engine._C`` (the package's metadata lives in pyproject.toml).
 
 ``csrc/*.cpp`` always build (CppExtension). ``csrc/**/*.cu`` are added (CUDAExtension) only when
 torch is a CUDA build and CUDA_HOME is set. ``ENGINE_SKIP_EXTENSION=1`` skips the extension entirely
@@ -9,7 +9,7 @@ sources.
 import glob
 import os
 
-from setuptools import find_packages, setup
+from setuptools import setup
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -49,13 +49,4 @@ def _extensions():
 
 ext_modules, cmdclass = _extensions()
 
-setup(
-    name="engine",
-    version="0.1.0",
-    description="Randomized-smoothing certification, certified-robust training and PACD poisoning",
-    packages=find_packages(include=["engine", "engine.*", "kernels", "kernels.*"]),
-    package_data={"engine": ["assets/mnist_small/*"]},
-    python_requires=">=3.10",
-    ext_modules=ext_modules,
-    cmdclass=cmdclass,
-)
+setup(ext_modules=ext_modules, cmdclass=cmdclass)

@@ -14,9 +14,8 @@ import sys
 
 import numpy as np
 import torch
+from engine.kernels import class_counts as cc
 from kernel_bench import bench_main, triton_ok
-
-from kernels import class_counts as cc
 
 
 def cases(device, quick):

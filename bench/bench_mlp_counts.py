@@ -12,12 +12,12 @@ from __future__ import annotations
 import sys
 
 import torch
+from engine.kernels import class_counts as cc
+from engine.kernels import mlp_counts as mc
 from kernel_bench import bench_main, triton_ok
 
 from engine import models, noise
 from engine.accel import numerics
-from kernels import class_counts as cc
-from kernels import mlp_counts as mc
 
 
 def cases(device, quick):

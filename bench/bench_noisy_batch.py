@@ -12,10 +12,10 @@ from __future__ import annotations
 import sys
 
 import torch
+from engine.kernels import noisy_batch as nb
 from kernel_bench import bench_main, triton_ok
 
 from engine import _ext, noise
-from kernels import noisy_batch as nb
 
 
 def cases(device, quick):

@@ -12,11 +12,11 @@ import sys
 
 import torch
 import torch.nn.functional as F
+from engine.kernels import noisy_conv_pool as ncp
 from kernel_bench import bench_main, triton_ok
 
 from engine import models, noise
 from engine.accel import numerics
-from kernels import noisy_conv_pool as ncp
 
 
 def cases(device, quick):

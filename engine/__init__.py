@@ -14,6 +14,7 @@ Public API (a contract; other tools call these names):
 """
 
 from . import _ext, attacks, data, losses, metrics, models, noise
+from ._version import __version__
 from .evaluate import evaluate_poison
 from .hessian import HVPResult, hvp, mixed_vjp
 from .pacd import PoisonSet, poison
@@ -39,5 +40,5 @@ __all__ = [
     "hvp",
     "mixed_vjp",
     "HVPResult",
+    "__version__",
 ]
-__version__ = "0.1.0"

@@ -11,12 +11,12 @@ Backends
 ``"cpp"``    the same loop with the extension's noise op.
 ``"triton"`` Triton kernels (CUDA, or the CPU interpreter under ``TRITON_INTERPRET=1``):
 
-             - MLPs of the ``mlp_mnist`` form run entirely in :mod:`kernels.mlp_counts` (noise, three
+             - MLPs of the ``mlp_mnist`` form run entirely in :mod:`engine.kernels.mlp_counts` (noise, three
                layers, counting; neither the noisy batch nor the logits reach memory);
              - nets starting ``Normalize, Conv2d, ReLU, MaxPool2d(2)`` (``lenet_mnist``) compute their
-               first layer from in-kernel noise (:mod:`kernels.noisy_conv_pool`), run the rest in
-               PyTorch, and fuse the last ``nn.Linear`` with the counting (:mod:`kernels.class_counts`);
-             - any other model: the noise kernel (:mod:`kernels.noisy_batch`) writes the forward batch,
+               first layer from in-kernel noise (:mod:`engine.kernels.noisy_conv_pool`), run the rest in
+               PyTorch, and fuse the last ``nn.Linear`` with the counting (:mod:`engine.kernels.class_counts`);
+             - any other model: the noise kernel (:mod:`engine.kernels.noisy_batch`) writes the forward batch,
                the model runs in PyTorch, its last linear layer (when it can be split off: Sequential
                ending in ``nn.Linear``, ``engine.models`` ResNets) is fused with the counting, or the
                counting kernel reads the logits.
@@ -25,7 +25,7 @@ Backends
              shape (``forward_rows`` rows, chosen from the input size, see :func:`default_forward_rows`)
              and replayed; samples of several images share a forward batch (rows are image-major).
              ``ENGINE_TRITON_GPU_SIZING=1`` makes the interpreter use the GPU's launch parameters
-             (block sizes, warps, bf16 operands), which :mod:`kernels.compile_check` records to
+             (block sizes, warps, bf16 operands), which :mod:`engine.kernels.compile_check` records to
              compile every launch for a GPU target without one.
              ``ENGINE_TORCH_COMPILE=1`` (experimental, CUDA) compiles that part with torch.compile
              before the capture; ``ENGINE_FUSED=0`` turns the fused MLP / first-layer kernels off
@@ -284,9 +284,9 @@ class TritonSampler:
     """Sampler of the "triton" backend (see the module docstring); built once per (model, input shape)."""
 
     def __init__(self, model: nn.Module, example: torch.Tensor, precision: str, forward_rows: int | None = None):
-        from kernels import mlp_counts, noisy_conv_pool
-        from kernels._launch import interpreting, recording_for_gpu, require_runnable
-        from kernels.class_counts import PRECISIONS as KERNEL_PRECISIONS
+        from engine.kernels import mlp_counts, noisy_conv_pool
+        from engine.kernels._launch import interpreting, recording_for_gpu, require_runnable
+        from engine.kernels.class_counts import PRECISIONS as KERNEL_PRECISIONS
 
         device = example.device
         require_runnable(device, "backend 'triton'")
@@ -332,8 +332,8 @@ class TritonSampler:
 
     def _fused_kernel_compiles(self, example: torch.Tensor) -> bool:
         """Launch the fused kernel once (compiling it); False, with a warning, if that fails on this GPU."""
-        from kernels.mlp_counts import launch_mlp_counts
-        from kernels.noisy_conv_pool import launch_noisy_conv_pool
+        from engine.kernels.mlp_counts import launch_mlp_counts
+        from engine.kernels.noisy_conv_pool import launch_noisy_conv_pool
 
         x_flat = example[:1].to(self.device, torch.float32).reshape(1, -1).contiguous()
         ids = torch.zeros(1, dtype=torch.int64, device=self.device)
@@ -390,10 +390,10 @@ class TritonSampler:
         return self.body(inp)
 
     def __call__(self, x, ids, num, stream, *, sigma, seed, progress=None) -> torch.Tensor:
-        from kernels.class_counts import launch_class_counts, launch_linear_counts
-        from kernels.mlp_counts import launch_mlp_counts
-        from kernels.noisy_batch import launch_noisy_batch
-        from kernels.noisy_conv_pool import launch_noisy_conv_pool
+        from engine.kernels.class_counts import launch_class_counts, launch_linear_counts
+        from engine.kernels.mlp_counts import launch_mlp_counts
+        from engine.kernels.noisy_batch import launch_noisy_batch
+        from engine.kernels.noisy_conv_pool import launch_noisy_conv_pool
 
         batch = x.shape[0]
         total = batch * num

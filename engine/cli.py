@@ -580,8 +580,11 @@ def _add_threads(p) -> None:
                    help="torch CPU threads (default: torch's; 1 on a machine shared with other jobs)")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m engine", description=__doc__.split("\n")[0])
+def build_parser(prog: str = "python -m engine") -> argparse.ArgumentParser:
+    from ._version import __version__
+
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n")[0])
+    parser.add_argument("--version", action="version", version=f"pacd-engine {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("certify", help="certify a model over a data set (resumable TSV log + JSON + PNG)")
@@ -783,7 +786,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
-    parser = build_parser()
+    """Entry point of ``python -m engine`` and of the ``pacd-engine`` console script."""
+    script = Path(sys.argv[0]).name if sys.argv and sys.argv[0] else ""
+    parser = build_parser("pacd-engine" if script.startswith("pacd-engine") else "python -m engine")
     args = parser.parse_args(argv)
     if getattr(args, "shard", 0) >= getattr(args, "num_shards", 1):
         parser.error(f"--shard must be < --num-shards ({args.num_shards})")

@@ -289,7 +289,7 @@ def noisy_batch(x, row_image, row_sample, image_ids, *, seed, stream, sigma, dty
     if backend not in ("auto", "torch", "cpp", "triton"):
         raise ValueError(f"backend must be 'auto', 'torch', 'cpp' or 'triton', got {backend!r}")
     if backend == "triton":
-        from kernels.noisy_batch import noisy_batch as noisy_batch_triton
+        from engine.kernels.noisy_batch import noisy_batch as noisy_batch_triton
 
         return noisy_batch_triton(x, row_image, row_sample, image_ids, seed=seed, stream=stream, sigma=sigma, dtype=dtype)
     if backend == "auto":

@@ -18,7 +18,7 @@ def interpreting() -> bool:
 
 def recording_for_gpu() -> bool:
     """True when the interpreter runs with the GPU's launch parameters (``ENGINE_TRITON_GPU_SIZING=1``):
-    :mod:`kernels.compile_check` records launches that way to compile them for a GPU target."""
+    :mod:`engine.kernels.compile_check` records launches that way to compile them for a GPU target."""
     return interpreting() and os.environ.get(GPU_SIZING_ENV, "0") not in ("", "0")
 
 

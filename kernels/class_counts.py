@@ -250,7 +250,7 @@ def class_counts(logits: torch.Tensor, row_image: torch.Tensor, num_images: int)
         ValueError: on NaN or infinite logits.
     """
     row_image = _check_counts_args(logits, row_image, num_images, "logits")
-    require_runnable(logits.device, "kernels.class_counts")
+    require_runnable(logits.device, "engine.kernels.class_counts")
     num_classes = logits.shape[1]
     counts = torch.zeros(num_images * num_classes, dtype=torch.int64, device=logits.device)
     bad = torch.zeros(1, dtype=torch.int32, device=logits.device)
@@ -283,7 +283,7 @@ def linear_counts(h, weight, bias, row_image, num_images, *, precision: str = "f
         raise ValueError(f"precision must be one of {tuple(PRECISIONS)}, got {precision!r}")
     if not isinstance(weight, torch.Tensor) or weight.dim() != 2 or weight.shape[1] != h.shape[1]:
         raise ValueError(f"weight must be (K, {h.shape[1]}), got {getattr(weight, 'shape', type(weight))}")
-    require_runnable(h.device, "kernels.linear_counts")
+    require_runnable(h.device, "engine.kernels.linear_counts")
     dtype, input_precision = PRECISIONS[precision]
     num_classes = weight.shape[0]
     w = weight.detach().to(device=h.device, dtype=dtype).contiguous()

@@ -16,7 +16,7 @@ It fails (exit 1) when a kernel does not compile, when registers x threads excee
 registers of an SM, when shared memory exceeds the target's per-block limit, or when a kernel the
 package defines was never launched. Spills are reported.
 
-    python -m kernels.compile_check [--arch 90] [--out bench/results/triton_compile-sm90.json]
+    python -m engine.kernels.compile_check [--arch 90] [--out bench/results/triton_compile-sm90.json]
 """
 
 from __future__ import annotations
@@ -33,11 +33,11 @@ import tempfile
 from pathlib import Path
 
 KERNELS = (
-    "kernels.noisy_batch:_noisy_batch_kernel",
-    "kernels.class_counts:_class_counts_kernel",
-    "kernels.class_counts:_linear_counts_kernel",
-    "kernels.mlp_counts:_mlp_counts_kernel",
-    "kernels.noisy_conv_pool:_noisy_conv_pool_kernel",
+    "engine.kernels.noisy_batch:_noisy_batch_kernel",
+    "engine.kernels.class_counts:_class_counts_kernel",
+    "engine.kernels.class_counts:_linear_counts_kernel",
+    "engine.kernels.mlp_counts:_mlp_counts_kernel",
+    "engine.kernels.noisy_conv_pool:_noisy_conv_pool_kernel",
 )
 # per-block shared memory (opt-in maximum) and registers per SM, by compute capability
 SHARED_LIMIT = {80: 166912, 86: 101376, 89: 101376, 90: 232448, 100: 232448}
@@ -103,9 +103,10 @@ def _record_launches(path: Path) -> None:
 def _representative_launches(torch) -> None:
     import warnings
 
+    from engine.kernels import class_counts, noisy_batch
+
     import engine
     from engine import models
-    from kernels import class_counts, noisy_batch
 
     warnings.simplefilter("ignore")
     gen = torch.Generator().manual_seed(0)
@@ -222,7 +223,7 @@ def main(argv=None) -> int:
             env = {**os.environ, "TRITON_INTERPRET": "1", "ENGINE_TRITON_GPU_SIZING": "1", "ENGINE_FORWARD_ROWS": "16"}
             root = str(Path(__file__).resolve().parent.parent)
             env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "") if env.get("PYTHONPATH") else root
-            child = subprocess.run([sys.executable, "-m", "kernels.compile_check", "--record-only", str(path)],
+            child = subprocess.run([sys.executable, "-m", "engine.kernels.compile_check", "--record-only", str(path)],
                                    env=env, capture_output=True, text=True, cwd=root)  # fmt: skip
             if child.returncode != 0:
                 print(child.stdout + child.stderr, file=sys.stderr)
@@ -255,7 +256,7 @@ def main(argv=None) -> int:
             "target": f"cuda:sm_{args.arch}",
             "triton": triton.__version__,
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "command": " ".join(["python -m kernels.compile_check", *(argv if argv is not None else sys.argv[1:])]),
+            "command": " ".join(["python -m engine.kernels.compile_check", *(argv if argv is not None else sys.argv[1:])]),
             "note": "compiled ahead of time on a machine without a GPU; resource usage from cuobjdump; not run",
             "results": results,
             "missing": missing,

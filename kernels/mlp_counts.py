@@ -242,7 +242,7 @@ def mlp_counts(model, x, image_ids, num, *, seed, stream, sigma, precision="fp32
         (B, num_classes) int64 counts on x's device.
     """
     ids = _check(x, image_ids, num, seed, stream)
-    require_runnable(x.device, "kernels.mlp_counts")
+    require_runnable(x.device, "engine.kernels.mlp_counts")
     params = mlp_params(model, tuple(x.shape[1:]), precision, device=x.device)
     if params is None:
         raise ValueError("mlp_counts: model must be Sequential(Normalize, Flatten, Linear, ReLU, Linear, ReLU, Linear) "

@@ -4,7 +4,7 @@
 as ``dtype(float32(x[row_image[r]] + float32(sigma * z)))`` where ``z`` is the keyed noise of
 (image_ids[row_image[r]], row_sample[r]) in :mod:`engine.noise`. It gives the same bits as the
 plain-PyTorch reference :func:`noisy_batch_ref` (= ``engine.noise.noisy_batch_ref``), the C++ CPU
-op and the CUDA op; see :mod:`kernels.philox_normal` for what makes that hold on a GPU.
+op and the CUDA op; see :mod:`engine.kernels.philox_normal` for what makes that hold on a GPU.
 
 One program covers a tile of BLOCK_R rows x BLOCK_G Philox blocks (4 pixels each): it evaluates
 every Philox block once, turns its 4 words into 4 normals and stores the 4 pixels contiguously.
@@ -99,7 +99,7 @@ def noisy_batch(x, row_image, row_sample, image_ids, *, seed, stream, sigma, dty
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {DTYPES}, got {dtype}")
     device = x.device
-    require_runnable(device, "kernels.noisy_batch")
+    require_runnable(device, "engine.kernels.noisy_batch")
     row_image = as_index("row_image", row_image, device)
     row_sample = as_index("row_sample", row_sample, device)
     image_ids = as_index("image_ids", image_ids, device)
@@ -122,7 +122,7 @@ def launch_noisy_batch(x_flat, image_ids, out, *, seed, stream, sigma, row_image
     """Fill ``out`` (rows, pixels...) from float32 contiguous ``x_flat`` (B, pixels); no checks.
 
     Rows: explicit ``row_image`` / ``row_sample`` (R,) int64 tensors, or ``packed = (start, num,
-    total)`` (see :mod:`kernels.packed_rows`; padding rows are left untouched).
+    total)`` (see :mod:`engine.kernels.packed_rows`; padding rows are left untouched).
     """
     rows = out.shape[0]
     num_pixels = x_flat.shape[1] if x_flat.dim() == 2 else 0

@@ -12,7 +12,7 @@ weight matrix ``W_d[(ci, u, v), co] = W[co, ci, u - dy, v - dx]`` (zero outside 
 the convolution at (2 ph + dy, 2 pw + dx), so ``out = relu(max_d(patch @ W_d) + b)``. The patch is
 evaluated once per pooled output (36 noise values for LeNet's 5x5 kernel instead of 4 x 25).
 
-Rows are packed as in :mod:`kernels.mlp_counts` (global row ``start + r``, image ``q // num``,
+Rows are packed as in :mod:`engine.kernels.mlp_counts` (global row ``start + r``, image ``q // num``,
 sample ``q % num``), so the noise is the engine's stream bit for bit. Reference:
 :func:`noisy_conv_pool_ref` (``noisy_batch_ref`` + ``F.conv2d`` + ``relu`` + ``max_pool2d`` in float32).
 """
@@ -238,7 +238,7 @@ def noisy_conv_pool(model, x, image_ids, num, *, seed, stream, sigma, precision=
     if ids.dim() != 1 or ids.shape[0] != x.shape[0]:
         raise ValueError(f"image_ids must be 1-D with one id per image ({x.shape[0]}), got {tuple(ids.shape)}")
     _noise._check_key(seed, stream)
-    require_runnable(x.device, "kernels.noisy_conv_pool")
+    require_runnable(x.device, "engine.kernels.noisy_conv_pool")
     params = conv_pool_params(model, tuple(x.shape[1:]), precision, device=x.device)
     if params is None:
         raise ValueError("noisy_conv_pool: model must start Normalize, Conv2d(stride 1, no padding), ReLU, MaxPool2d(2)")

@@ -2,10 +2,9 @@
 
 import pytest
 import torch
+from engine.kernels import class_counts as cc
+from engine.kernels.packed_rows import packed_rows_ref
 from kernel_testing import MIN_GAP, gpu, top2_gap
-
-from kernels import class_counts as cc
-from kernels.packed_rows import packed_rows_ref
 
 
 @pytest.mark.parametrize("rows,classes,images", [(1000, 10, 3), (7, 3, 2), (513, 100, 5), (300, 1, 1), (600, 17, 40)])

@@ -7,11 +7,11 @@ checks in float64 that the fixed test rows have top-2 gaps >= MIN_GAP (see tests
 
 import pytest
 import torch
+from engine.kernels import mlp_counts as mc
 from kernel_testing import MIN_GAP, float64_logits, gpu, packed_noisy_rows, top2_gap
 from torch import nn
 
 from engine import models
-from kernels import mlp_counts as mc
 
 
 def _mlp(seed, hidden=48, shape=(1, 28, 28), classes=10, mean=(0.1307,), std=(0.3081,)):

@@ -8,14 +8,14 @@ import pytest
 import torch
 import triton
 import triton.language as tl
+from engine.kernels import noisy_batch as nb
+from engine.kernels.packed_rows import packed_rows_ref
+from engine.kernels.philox_normal import EXACT, key_words, philox4x32
 from kernel_testing import gpu
 from scipy import stats
 from test_noise import KAT
 
 from engine import noise
-from kernels import noisy_batch as nb
-from kernels.packed_rows import packed_rows_ref
-from kernels.philox_normal import EXACT, key_words, philox4x32
 
 
 @triton.jit

@@ -2,11 +2,11 @@
 
 import pytest
 import torch
+from engine.kernels import noisy_conv_pool as ncp
 from kernel_testing import gpu
 from torch import nn
 
 from engine import models
-from kernels import noisy_conv_pool as ncp
 
 
 def _odd_net():
