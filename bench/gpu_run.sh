@@ -2,7 +2,7 @@
 # One call on a GPU machine (the device tool): build the extension against the machine's torch,
 # run the test suite (CUDA tests included), run the benchmarks, and leave logs and JSON in $OUT.
 #   bash bench/gpu_run.sh [bench_certify bench_hvp mixed_precision ...]   (default: every bench/bench_*.py
-#                                                                       and bench/mixed_precision.py)
+#                                                                       and bench/experiments/mixed_precision/mixed_precision.py)
 #   SKIP_TESTS=1 bash bench/gpu_run.sh ...                   (benchmarks only, e.g. a second call)
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -32,7 +32,7 @@ dev=$($PY -c "import torch; print(torch.cuda.get_device_name(0).replace(' ', '-'
 for b in "${benches[@]}"; do
   echo "== $b"
   if [ "$b" = mixed_precision ]; then  # bf16 vs fp32 certified decisions on the GPU (paired, same noise)
-    $PY bench/mixed_precision.py --device cuda --sigma 0.5 --epochs 2 --images 300 --n 10000 \
+    $PY bench/experiments/mixed_precision/mixed_precision.py --device cuda --sigma 0.5 --epochs 2 --images 300 --n 10000 \
       --checkpoint "$OUT/lenet_mixed_precision.safetensors" --out-json "$OUT/mixed_precision-$dev.json" \
       --out-md "$OUT/mixed_precision-$dev.md" 2>&1 | tee "$OUT/$b.log" | tail -30
     continue

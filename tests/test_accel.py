@@ -125,7 +125,7 @@ def test_predict_triton_equals_torch(monkeypatch):
 
 def test_bf16_stays_close_to_fp32(monkeypatch):
     # bf16 changes the base classifier slightly: counts move by the few samples whose decision the
-    # rounding flips (bench/results/mixed_precision-*.md quantifies it on a trained model)
+    # rounding flips (bench/experiments/mixed_precision/results/mixed_precision-*.md quantifies it on a trained model)
     monkeypatch.setenv("ENGINE_FORWARD_ROWS", "128")
     model = _resnet()
     x = torch.rand(2, 3, 32, 32)

@@ -21,7 +21,8 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def _tracked_copy(dest: Path) -> Path:
     try:
-        files = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=ROOT, capture_output=True, check=True).stdout
+        files = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=ROOT,
+                               capture_output=True, check=True).stdout
     except (OSError, subprocess.CalledProcessError):
         pytest.skip("not a git checkout: cannot list the tracked files")
     for name in files.decode().split("\0"):

@@ -12,7 +12,7 @@ the models of one invocation: instances run side by side (distinct --methods / -
 each) should write their own --results, and a final run of the full command (which redoes nothing)
 assembles the whole table.
 
-Cost on this project's 2-core CPU (AMD EPYC, shared, 1 torch thread; bench/results/
+Cost on this project's 2-core CPU (AMD EPYC, shared, 1 torch thread; bench/experiments/train_mnist/results/
 train-mnist-epoch-time-cpu.json): one 60k-image epoch takes about 46 s (gaussian), 580 s (smoothadv,
 T 10, m 1) and 960 s (macer, k 16); certifying one image at n 100,000 about 7 s (2 threads, idle
 machine, bench/results/certify-cpu.json) to 10-16 s (1 thread, two or three jobs on the 2 cores).
@@ -20,10 +20,13 @@ The committed table (10 / 5 / 5 epochs, 6 x 500 images) took 15.6 CPU hours (3.8
 certifying), run as two or three 1-thread jobs side by side; with the default epochs (20 / 10 / 10)
 training alone takes about 9 h.
 
-    python bench/train_mnist_evidence.py [--data-root /work/shared/data/mnist] [--work-dir runs/train_mnist_evidence]
-        [--results bench/results/train_mnist_evidence] [--methods gaussian smoothadv macer] [--sigmas 0.25 0.5]
+    python bench/experiments/train_mnist/train_mnist_evidence.py [--data-root /work/shared/data/mnist]
+        [--work-dir runs/train_mnist_evidence]
+        [--results bench/experiments/train_mnist/results/train_mnist_evidence]
+        [--methods gaussian smoothadv macer] [--sigmas 0.25 0.5]
         [--epochs-gaussian 20 --epochs-smoothadv 10 --epochs-macer 10] [--images 500] [--n 100000] [--threads 2]
-    python bench/train_mnist_evidence.py --time-epoch 20 [--out bench/results/train-epoch-time-cpu.json]
+    python bench/experiments/train_mnist/train_mnist_evidence.py --time-epoch 20
+        [--out bench/experiments/train_mnist/results/train-epoch-time-cpu.json]
         (seconds per full 60k-image epoch of each method, extrapolated from 20 timed batches)
 """
 
@@ -41,9 +44,10 @@ from pathlib import Path
 
 import torch
 
-REPO = Path(__file__).resolve().parent.parent
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parents[2]
 sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(REPO / "bench"))  # bench/common.py
 from common import append_json, device_name, git_commit, record, resolve_device  # noqa: E402
 
 from engine import data, metrics, models  # noqa: E402
@@ -221,7 +225,7 @@ def write_tables(args, rows: list[dict], device) -> None:
         "torch": torch.__version__,
         "threads": torch.get_num_threads() if args.threads is None else args.threads,
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "command": shlex.join(["python", "bench/train_mnist_evidence.py", *sys.argv[1:]]),
+        "command": shlex.join(["python", "bench/experiments/train_mnist/train_mnist_evidence.py", *sys.argv[1:]]),
         "git_commit": git_commit(),
         "data_root": str(args.data_root),
         "certify": {"images": args.images, "n0": args.n0, "n": args.n, "alpha": args.alpha, "seed": args.seed},
@@ -320,7 +324,7 @@ def main(argv=None) -> int:
     p.add_argument("--data-root", default="/work/shared/data/mnist", help="canonical MNIST idx files")
     p.add_argument("--work-dir", default=str(REPO / "runs" / "train_mnist_evidence"), help="models and certify logs")
     p.add_argument(
-        "--results", default=str(REPO / "bench" / "results" / "train_mnist_evidence"), help="table path prefix (.md, .json)"
+        "--results", default=str(HERE / "results" / "train_mnist_evidence"), help="table path prefix (.md, .json)"
     )
     p.add_argument("--methods", nargs="+", choices=tuple(METHOD_ARGS), default=list(METHOD_ARGS))
     p.add_argument("--sigmas", nargs="+", type=float, default=[0.25, 0.5])
@@ -338,8 +342,15 @@ def main(argv=None) -> int:
     p.add_argument("--quiet", action="store_true")
     p.add_argument("--time-epoch", type=int, default=None, metavar="BATCHES", help="only time BATCHES batches of each method")
     p.add_argument("--out", default=None, help="with --time-epoch: JSON file to append the timing record to")
+    p.add_argument("--print-commands", action="store_true", help="print the training commands (one per line) and stop")
     args = p.parse_args(argv)
     args.epochs = {m: getattr(args, f"epochs_{m}") for m in METHOD_ARGS}
+    if args.print_commands:
+        for method in args.methods:
+            for sigma in args.sigmas:
+                ckpt = Path(args.work_dir) / f"{method}_sigma{sigma:g}" / "lenet.safetensors"
+                print(shlex.join(train_command(args, method, sigma, ckpt)))
+        return 0
     if args.threads:
         torch.set_num_threads(args.threads)
     device = resolve_device(args.device)

@@ -14,7 +14,8 @@ abstain decision by far less than sampling error does. The script reports D, the
 with a Clopper-Pearson upper bound, the changes of counts, predictions and radii, and the ratio of
 each radius change to the radius' sampling standard deviation (delta method).
 
-    python bench/mixed_precision.py [--images 300] [--n 10000] [--out-md bench/results/mixed_precision-cpu.md]
+    python bench/experiments/mixed_precision/mixed_precision.py [--images 300] [--n 10000]
+        [--out-md bench/experiments/mixed_precision/results/mixed_precision-cpu.md]
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ from engine.accel import numerics
 from engine.smoothing import fast_forward_model
 from engine.stats import certified_radius, clopper_pearson_lower
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # bench/common.py
 from common import record, resolve_device  # noqa: E402
 
 SHARED_MNIST = Path("/work/shared/data/mnist")
@@ -108,14 +109,15 @@ def main(argv=None) -> int:
     parser.add_argument("--batch", type=int, default=1000)
     parser.add_argument("--checkpoint", default="runs/mixed_precision/lenet_gaussian.safetensors")
     parser.add_argument("--device", default="cpu", help="cpu (the study committed) or cuda (autocast on the GPU)")
-    parser.add_argument("--out-json", default=None, help="default bench/results/mixed_precision-<device>.json")
-    parser.add_argument("--out-md", default=None, help="default bench/results/mixed_precision-<device>.md")
+    parser.add_argument("--out-json", default=None, help="default results/mixed_precision-<device>.json beside this script")
+    parser.add_argument("--out-md", default=None, help="default results/mixed_precision-<device>.md beside this script")
     parser.add_argument("--compare-seed", type=int, default=1, help="fp32 run with this seed: the sampling yardstick")
     parser.add_argument("--reuse-rows", default=None, help="JSON of an earlier run with the same settings: skip the paired pass")
     args = parser.parse_args(argv)
     device = resolve_device(args.device)
-    args.out_json = args.out_json or f"bench/results/mixed_precision-{device.type}.json"
-    args.out_md = args.out_md or f"bench/results/mixed_precision-{device.type}.md"
+    results = Path(__file__).resolve().parent / "results"
+    args.out_json = args.out_json or str(results / f"mixed_precision-{device.type}.json")
+    args.out_md = args.out_md or str(results / f"mixed_precision-{device.type}.md")
     root = Path(args.data_root) if args.data_root else data.embedded_mnist_root()
     args.data_root = str(root)
     model, meta = train_lenet(root, args.epochs, args.sigma, args.seed, Path(args.checkpoint), device)
