@@ -26,7 +26,8 @@ from . import models
 from .fileio import publish
 from .pacd import PoisonSet, derive_seed
 
-__all__ = ["evaluate_poison", "target_test_indices", "acr_drop", "format_rows", "RADII"]
+__all__ = ["evaluate_poison", "target_test_indices", "acr_drop", "acr_drop_interval", "pair_evaluations", "format_rows",
+           "RADII"]
 
 RADII = (0.0, 0.25, 0.5, 0.75, 1.0, 1.25, 1.5, 1.75, 2.0)
 
@@ -344,6 +345,35 @@ def acr_drop_interval(clean_log, poisoned_log, *, level: float = 0.95, reps: int
     drops = 1 - r_p[pick].sum(1) / np.where(sums_c > 0, sums_c, np.nan)
     lo, hi = np.nanpercentile(drops, [50 * (1 - level), 50 * (1 + level)])
     return float(1 - r_p.sum() / r_c.sum()), float(lo), float(hi)
+
+
+def pair_evaluations(clean_dir, poisoned_dir) -> dict:
+    """One clean / poisoned pair of evaluation directories (``evaluate_poison(out_dir=...)``) side by side: their
+    ACRs from ``summary.json``, the relative drop and its paired 95% interval over the certified images of their
+    ``certify.tsv`` (:func:`acr_drop_interval`). ValueError names the directory that is not a finished evaluation,
+    sides given the wrong way round, or logs of different images."""
+    clean_dir, poisoned_dir = Path(clean_dir), Path(poisoned_dir)
+    summaries = []
+    for directory in (clean_dir, poisoned_dir):
+        path = directory / "summary.json"
+        if not path.is_file():
+            raise ValueError(f"{directory} holds no summary.json: not a finished evaluation directory")
+        try:
+            summary = json.loads(path.read_text())
+        except ValueError as exc:
+            raise ValueError(f"{path} is not valid JSON ({exc})") from None
+        if not isinstance(summary, dict) or not isinstance(summary.get("poisoned"), bool):
+            raise ValueError(f"{path} does not say whether its victim was poisoned (no boolean 'poisoned'): "
+                             f"not an engine evaluation summary")
+        summaries.append(summary)
+    clean, bad = summaries
+    if clean["poisoned"] or not bad["poisoned"]:
+        raise ValueError(f"expected a clean victim in {clean_dir} and a poisoned one in {poisoned_dir}, "
+                         f"got poisoned={clean['poisoned']} / {bad['poisoned']}")
+    _, lo, hi = acr_drop_interval(clean_dir / "certify.tsv", poisoned_dir / "certify.tsv")
+    return {"clean_dir": str(clean_dir), "poisoned_dir": str(poisoned_dir), "acr_clean": clean["acr"],
+            "acr_poisoned": bad["acr"], "acr_drop": acr_drop(clean, bad), "acr_drop_interval_95": [lo, hi],
+            "clean": clean, "poisoned": bad}
 
 
 CERT_RADII_SHOWN = ("0", "0.5", "1", "1.5")

@@ -129,54 +129,51 @@ def test_acr_drop_interval_paired_bootstrap(tmp_path):
         acr_drop_interval(clean, even, level=95)
 
 
-def test_pacd_pair_report(tmp_path):
-    """bench/pacd_pair.py: the JSON holds each pair's ACRs from summary.json, the drop and the paired interval of
-    acr_drop_interval on the two certify.tsv; a directory without summary.json, swapped clean / poisoned sides,
-    logs of different images and a malformed --pair are errors naming what is wrong."""
-    import importlib.util
+def _victim_dir(tmp_path, name, radii, poisoned, first=0):
     import json
-    from pathlib import Path
 
     import numpy as np
 
-    from engine.evaluate import acr_drop_interval
+    d = tmp_path / name
+    d.mkdir()
+    _log(d / "certify.tsv", {first + i: (8, 8, float(r)) for i, r in enumerate(radii)})
+    (d / "summary.json").write_text(json.dumps({"acr": float(np.mean(radii)), "poisoned": poisoned, "images": len(radii),
+                                                "n": 1000}))
+    return d
 
-    script = Path(__file__).resolve().parent.parent / "bench" / "pacd_pair.py"
-    spec = importlib.util.spec_from_file_location("pacd_pair", script)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+
+def test_pair_evaluations(tmp_path):
+    """engine.evaluate.pair_evaluations: each pair's ACRs from summary.json, the drop and the paired interval of
+    acr_drop_interval on the two certify.tsv; a directory without summary.json, swapped clean / poisoned sides,
+    a summary that does not say whether it was poisoned and logs of different images are errors naming what is wrong."""
+    import json
+
+    import numpy as np
+
+    from engine.evaluate import acr_drop_interval, pair_evaluations
+
     rng = np.random.default_rng(11)
     base = rng.uniform(0.2, 2.0, 40)
-
-    def victim(name, radii, poisoned, first=0):
-        d = tmp_path / name
-        d.mkdir()
-        _log(d / "certify.tsv", {first + i: (8, 8, float(r)) for i, r in enumerate(radii)})
-        (d / "summary.json").write_text(json.dumps({"acr": float(np.mean(radii)), "poisoned": poisoned, "images": 40,
-                                                    "n": 1000}))
-        return d
-
-    clean = victim("clean", base, False)
-    bad = victim("bad", base * rng.uniform(0.3, 0.9, 40), True)
-    out = tmp_path / "r.json"
-    assert mod.main(["--pair", f"x={clean},{bad}", "--what", "toy", "--command", "cmd 1", "--threads-per-run", "1",
-                     "--out", str(out)]) == 0
-    report = json.loads(out.read_text())
-    r = report["results"]["x"]
+    clean = _victim_dir(tmp_path, "clean", base, False)
+    bad = _victim_dir(tmp_path, "bad", base * rng.uniform(0.3, 0.9, 40), True)
+    r = pair_evaluations(clean, bad)
     d, lo, hi = acr_drop_interval(clean / "certify.tsv", bad / "certify.tsv")
     assert r["acr_drop"] == pytest.approx(d) and r["acr_drop_interval_95"] == pytest.approx([lo, hi])
     assert r["acr_clean"] == pytest.approx(base.mean()) and lo < d < hi
-    assert report["commands"] == ["cmd 1"] and report["threads_per_run"] == 1 and report["what"] == "toy"
+    assert r["clean_dir"] == str(clean) and r["poisoned"]["poisoned"] is True
     empty = tmp_path / "empty"
     empty.mkdir()
-    other = victim("other", base, True, first=1)
-    vague = victim("vague", base, True)
+    other = _victim_dir(tmp_path, "other", base, True, first=1)
+    vague = _victim_dir(tmp_path, "vague", base, True)
     summary = json.loads((vague / "summary.json").read_text())
     del summary["poisoned"]
     (vague / "summary.json").write_text(json.dumps(summary))
-    for pair, msg in ((f"x={empty},{bad}", "holds no summary.json"), (f"x={bad},{clean}", "expected a clean victim"),
-                      (f"x={clean},{vague}", "vague/summary.json does not say whether"),
-                      (f"x={vague},{bad}", "vague/summary.json does not say whether"),
-                      (f"x={clean},{other}", "different images"), (f"x={clean}", "LABEL=CLEAN_DIR,POISONED_DIR")):
-        with pytest.raises(SystemExit, match=msg):
-            mod.main(["--pair", pair, "--what", "toy", "--out", str(out)])
+    broken = _victim_dir(tmp_path, "broken", base, True)
+    (broken / "summary.json").write_text("{not json")
+    for pair, msg in (((empty, bad), "holds no summary.json"), ((bad, clean), "expected a clean victim"),
+                      ((clean, vague), "vague/summary.json does not say whether"),
+                      ((vague, bad), "vague/summary.json does not say whether"),
+                      ((clean, broken), "broken/summary.json is not valid JSON"),
+                      ((clean, other), "different images")):
+        with pytest.raises(ValueError, match=msg):
+            pair_evaluations(*pair)

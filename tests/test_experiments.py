@@ -55,3 +55,37 @@ def test_train_mnist_commands_parse_with_the_cli():
     assert (parsed[0].lbd, parsed[0].lbd_warmup) == (4, None)  # sigma 0.25: lbd 4 from the first epoch
     assert (parsed[1].lbd, parsed[1].lbd_warmup) == (1, 2)  # sigma 0.5: lbd 1, switched on over 2 epochs
     assert "--lbd-warmup" not in cmds[0]
+
+
+def test_pacd_pair_report(tmp_path):
+    """pacd_pair.py writes the JSON of engine.evaluate.pair_evaluations for each --pair, with the commands given;
+    a bad pair is one error line."""
+    import numpy as np
+
+    from engine.evaluate import pair_evaluations
+    from engine.results import ResultsLog
+
+    def victim(name, radii, poisoned):
+        d = tmp_path / name
+        d.mkdir()
+        log = ResultsLog(d / "certify.tsv", {"test": 1})
+        for i, r in enumerate(radii):
+            log.append(i, 8, 8, float(r), 0.1)
+        (d / "summary.json").write_text(json.dumps({"acr": float(np.mean(radii)), "poisoned": poisoned, "images": 40,
+                                                    "n": 1000}))
+        return d
+
+    rng = np.random.default_rng(3)
+    base = rng.uniform(0.2, 2.0, 40)
+    clean, bad = victim("clean", base, False), victim("bad", base * rng.uniform(0.3, 0.9, 40), True)
+    out = tmp_path / "r.json"
+    proc = _run("pacd_mnist/pacd_pair.py", "--pair", f"x={clean},{bad}", "--what", "toy", "--command", "cmd 1",
+                "--threads-per-run", "1", "--out", out)
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(out.read_text())
+    assert report["results"]["x"] == json.loads(json.dumps(pair_evaluations(clean, bad)))
+    assert report["commands"] == ["cmd 1"] and report["threads_per_run"] == 1 and report["what"] == "toy"
+    assert "| x |" in proc.stdout
+    for pair, msg in ((f"x={bad},{clean}", "error: expected a clean victim"), (f"x={clean}", "LABEL=CLEAN_DIR,POISONED_DIR")):
+        proc = _run("pacd_mnist/pacd_pair.py", "--pair", pair, "--what", "toy", "--out", out)
+        assert proc.returncode != 0 and msg in proc.stderr and "Traceback" not in proc.stderr

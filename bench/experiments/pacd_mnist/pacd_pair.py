@@ -1,10 +1,10 @@
 """Side-by-side report of clean and poisoned victims evaluated with ``python -m engine evaluate`` (or
 ``engine.evaluate_poison``): for each pair of output directories, the ACRs from their ``summary.json``, the
-relative ACR drop and its paired bootstrap interval over the certified images (their ``certify.tsv``,
-``engine.evaluate.acr_drop_interval``), written as one JSON with the commands that produced the directories.
+relative ACR drop and its paired bootstrap interval over the certified images (their ``certify.tsv``;
+``engine.evaluate.pair_evaluations``), written as one JSON with the commands that produced the directories.
 
-    python bench/pacd_pair.py --pair damped=runs/clean,runs/poisoned --what "..." \
-        --command "python -m engine evaluate ..." --threads-per-run 1 --out bench/results/x.json
+    python bench/experiments/pacd_mnist/pacd_pair.py --pair damped=runs/clean,runs/poisoned --what "..." \
+        --command "python -m engine evaluate ..." --threads-per-run 1 --out bench/experiments/pacd_mnist/results/x.json
 
 The two directories of a pair must certify the same test images (the same --images and target class), or
 the interval is refused with the files named.
@@ -20,36 +20,10 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # bench/common.py
 from common import device_name, git_commit  # noqa: E402
 
-from engine.evaluate import acr_drop, acr_drop_interval  # noqa: E402
-
-
-def _summary(directory: Path) -> dict:
-    path = directory / "summary.json"
-    if not path.exists():
-        raise SystemExit(f"error: {directory} holds no summary.json: not a finished evaluation directory")
-    return json.loads(path.read_text())
-
-
-def pair_result(clean_dir: Path, poisoned_dir: Path) -> dict:
-    """ACRs, drop and paired 95% interval of one clean / poisoned pair of evaluation directories."""
-    clean, bad = _summary(clean_dir), _summary(poisoned_dir)
-    for directory, summary in ((clean_dir, clean), (poisoned_dir, bad)):
-        if not isinstance(summary.get("poisoned"), bool):
-            raise SystemExit(f"error: {directory}/summary.json does not say whether its victim was poisoned "
-                             f"(no boolean 'poisoned'): not an engine evaluation summary")
-    if clean["poisoned"] or not bad["poisoned"]:
-        raise SystemExit(f"error: expected a clean victim in {clean_dir} and a poisoned one in {poisoned_dir}, "
-                         f"got poisoned={clean['poisoned']} / {bad['poisoned']}")
-    try:
-        _, lo, hi = acr_drop_interval(clean_dir / "certify.tsv", poisoned_dir / "certify.tsv")
-    except ValueError as exc:
-        raise SystemExit(f"error: {exc}") from None
-    return {"clean_dir": str(clean_dir), "poisoned_dir": str(poisoned_dir), "acr_clean": clean["acr"],
-            "acr_poisoned": bad["acr"], "acr_drop": acr_drop(clean, bad), "acr_drop_interval_95": [lo, hi],
-            "clean": clean, "poisoned": bad}
+from engine.evaluate import pair_evaluations  # noqa: E402
 
 
 def _parse_pair(text: str) -> tuple[str, Path, Path]:
@@ -72,7 +46,10 @@ def main(argv=None) -> int:
     labels = [label for label, _, _ in pairs]
     if len(set(labels)) != len(labels):
         raise SystemExit(f"error: --pair labels repeat: {labels}")
-    results = {label: pair_result(c, b) for label, c, b in pairs}
+    try:
+        results = {label: pair_evaluations(c, b) for label, c, b in pairs}
+    except ValueError as exc:
+        raise SystemExit(f"error: {exc}") from None
     device = device_name(torch.device("cpu")).rsplit(",", 1)[0]
     report = {"what": args.what, "commands": args.command, "date": time.strftime("%Y-%m-%d"), "device": device,
               "threads_per_run": args.threads_per_run, "git_commit": git_commit(), "torch": torch.__version__,
