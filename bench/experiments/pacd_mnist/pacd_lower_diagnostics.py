@@ -1,6 +1,6 @@
 """Diagnostics of PACD's lower level at the end of crafting, per procedure (why a poison does or does not work).
 
-For each crafting checkpoint of ``bench/pacd_mnist_evidence.py`` (``<work>/poison_<method>.ckpt``):
+For each crafting checkpoint of ``bench/experiments/pacd_mnist/pacd_mnist_evidence.py`` (``<work>/poison_<method>.ckpt``):
 
 - The crafting lower model against the victims trained from scratch on clean and on poisoned data
   (``<work>/main/<method>/{clean,poisoned}/victim.safetensors``): test accuracy, target-class accuracy
@@ -38,7 +38,7 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[3]))
 
 from engine import bilevel, data, models  # noqa: E402
 from engine.losses import PROB_CLAMP, macer_inputs  # noqa: E402
@@ -234,7 +234,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--work", default="runs/pacd")
     p.add_argument("--methods", default="gaussian,macer,smoothadv")
-    p.add_argument("--data-root", default=str(Path(__file__).resolve().parents[2] / "shared/data/mnist"))
+    p.add_argument("--data-root", default=str(Path(__file__).resolve().parents[4] / "shared/data/mnist"))
     p.add_argument("--val-size", type=int, default=5000)
     p.add_argument("--target", type=int, default=8)
     p.add_argument("--cg-steps", type=int, default=30)
