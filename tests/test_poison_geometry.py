@@ -1,29 +1,17 @@
-"""bench/pacd_poison_geometry.py: where a poison sits in its eps box and [0, 1], and how two poisons agree."""
+"""engine.geometry: where a poison sits in its eps box and [0, 1], and how two poisons agree."""
 
-import importlib.util
-import json
 import math
-from pathlib import Path
 
 import pytest
 import torch
 
 import engine
 from engine import data
-from engine.pacd import _hash_clean
-
-_SCRIPT = Path(__file__).resolve().parent.parent / "bench" / "pacd_poison_geometry.py"
-
-
-@pytest.fixture(scope="module")
-def geo():
-    spec = importlib.util.spec_from_file_location("pacd_poison_geometry", _SCRIPT)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+from engine import geometry as geo
+from engine.pacd import PoisonError, _hash_clean
 
 
-def test_geometry_counts_each_bound(geo):
+def test_geometry_counts_each_bound():
     """Five pixels, one of each kind, counted by hand: at 0 and unmoved (a [0, 1] bound), moved by +eps and -eps
     (the eps bound), moved by eps / 2 inside, and clipped at 1 after eps / 2 (a [0, 1] bound only)."""
     x0 = torch.tensor([0.0, 0.5, 0.3, 0.5, 0.95], dtype=torch.float64)
@@ -42,7 +30,7 @@ def test_geometry_counts_each_bound(geo):
         geo.geometry(u, x0[:4], eps=0.1)
 
 
-def test_agreement_by_hand(geo):
+def test_agreement_by_hand():
     a = torch.tensor([0.1, -0.1, 0.005, 0.1])
     b = torch.tensor([0.1, 0.1, 0.1, 0.0])
     r = geo.agreement(a, b, min_abs=0.01)
@@ -70,20 +58,15 @@ def _poison(train, target, u_of):
                             0.1, 0.5, "gaussian", target, {"total_outer_steps": 3, "solver": "cg"})
 
 
-def test_report_on_saved_poisons(geo, tmp_path):
-    """End to end on the embedded MNIST split: a poison at +eps everywhere (clipped at 1) and its negation agree on
-    no sign and have cosine -1 where neither clips; the JSON holds both; a poison of other originals is refused with
-    its file named, and poisons of different images are not compared."""
+def test_report_on_poisons_of_the_embedded_split():
+    """On the embedded MNIST split: a poison at +eps everywhere (clipped at 1) and its negation agree on no sign and
+    have cosine between -1 and 0 (-1 where neither clips); a poison of other originals is refused with its name,
+    and poisons of different images are not compared."""
     images, labels = data.load_mnist(data.embedded_mnist_root(), "train")
     train, _ = data.split_validation(images, labels, 1000)
     up = _poison(train, 8, lambda x: (x + 0.1).clamp(0, 1))
     down = _poison(train, 8, lambda x: (x - 0.1).clamp(0, 1))
-    up.save(tmp_path / "up.safetensors")
-    down.save(tmp_path / "down.safetensors")
-    out = tmp_path / "g.json"
-    assert geo.main([str(tmp_path / "up.safetensors"), str(tmp_path / "down.safetensors"), "--val-size", "1000",
-                     "--out", str(out)]) == 0
-    rep = json.loads(out.read_text())
+    rep = geo.report({"up": up, "down": down}, train)
     x0 = data.to_float(train[0][up.indices]).double()
     g_up = rep["poisons"]["up"]
     assert g_up["images"] == len(up) and g_up["total_outer_steps"] == 3 and g_up["solver"] == "cg"
@@ -92,19 +75,15 @@ def test_report_on_saved_poisons(geo, tmp_path):
     pair = rep["pairs"]["up / down"]
     assert pair["sign_agreement"] == 0.0 and pair["free_sign_agreement"] == 0.0
     assert -1 < pair["cosine"] < 0
-    assert rep["val_size"] == 1000 and "pacd_poison_geometry.py" in rep["command"]
+    assert rep["min_abs"] == 0.01 and rep["tol"] == 1e-4
 
     other = _poison(train, 3, lambda x: x)
-    other.save(tmp_path / "other.safetensors")
-    with pytest.raises(SystemExit, match="different training images"):
-        geo.main([str(tmp_path / "up.safetensors"), str(tmp_path / "other.safetensors"), "--val-size", "1000"])
-    with pytest.raises(SystemExit, match="up.safetensors: labels at the poison indices differ"):
-        geo.main([str(tmp_path / "up.safetensors"), "--val-size", "500"])  # another split: other images there
-    root = tmp_path / "tampered"  # the same labels, one pixel changed in every 8
-    root.mkdir()
-    changed = images.clone()
-    changed[labels == 8, 0, 0, 0] ^= 1
-    data.write_idx(root / "train-images-idx3-ubyte", changed[:, 0].numpy())
-    data.write_idx(root / "train-labels-idx1-ubyte", labels.to(torch.uint8).numpy())
-    with pytest.raises(SystemExit, match="up.safetensors: the training images at the poison indices are not the originals"):
-        geo.main([str(tmp_path / "up.safetensors"), "--val-size", "1000", "--data-root", str(root)])
+    with pytest.raises(ValueError, match="different training images"):
+        geo.report({"up": up, "other": other}, train)
+    other_split, _ = data.split_validation(images, labels, 500)  # another split: other images at the indices
+    with pytest.raises(PoisonError, match="up: labels at the poison indices differ"):
+        geo.report({"up": up}, other_split)
+    changed = train[0].clone()  # the same labels, one pixel changed in every 8
+    changed[train[1] == 8, 0, 0, 0] ^= 1
+    with pytest.raises(PoisonError, match="up: the training images at the poison indices are not the originals"):
+        geo.report({"up": up}, (changed, train[1]))
