@@ -185,8 +185,8 @@ __attribute__((ENGINE_CONV_POOL_OPT)) void run_generic(ENGINE_CONV_POOL_ARGS) {
 #undef ENGINE_CONV_POOL_OPT
 #undef ENGINE_CONV_POOL_ARGS
 
-// 2: AVX-512, 1: AVX2 + FMA, 0: baseline; ENGINE_CPU_ISA=avx2|generic lowers it (tests run every variant).
-int64_t isa_level() {
+// The best variant this CPU runs: 2: AVX-512 (F, DQ, VL), 1: AVX2 + FMA, 0: baseline.
+int64_t supported_level() {
   static const int64_t supported = [] {
     __builtin_cpu_init();
     if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vl"))
@@ -194,13 +194,25 @@ int64_t isa_level() {
     if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return 1;
     return 0;
   }();
-  const char* req = std::getenv("ENGINE_CPU_ISA");
-  if (req == nullptr) return supported;
-  const std::string r(req);
-  if (r == "generic") return 0;
-  if (r == "avx2") return std::min<int64_t>(supported, 1);
   return supported;
 }
+
+// The variant conv_pool_relu runs: the best one, or the one ENGINE_CPU_ISA=avx512|avx2|generic asks for, lowered to
+// what the CPU supports (native or unset: the best; tests run every variant and check which one ran with
+// engine::cpu_isa). Any other value is an error, so that a misspelt request cannot silently test another variant.
+int64_t isa_level() {
+  const int64_t supported = supported_level();
+  const char* req = std::getenv("ENGINE_CPU_ISA");
+  if (req == nullptr || *req == '\0') return supported;
+  const std::string r(req);
+  if (r == "native") return supported;
+  if (r == "avx512") return std::min<int64_t>(supported, 2);
+  if (r == "avx2") return std::min<int64_t>(supported, 1);
+  if (r == "generic") return 0;
+  TORCH_CHECK(false, "ENGINE_CPU_ISA must be one of native, avx512, avx2, generic; got '", r, "'");
+}
+
+const char* level_name(int64_t level) { return level == 2 ? "avx512" : level == 1 ? "avx2" : "generic"; }
 
 // x (B, C, H, W) float32 (any layout; read channels-last); weight (O, C, kh, kw); bias (O); mean, std:
 // a scalar Normalize applied first (mean 0, std 1: none). Returns (B, O, Hp, Wp) in channels-last memory.
@@ -247,5 +259,11 @@ at::Tensor conv_pool_relu_cpu(const at::Tensor& x, const at::Tensor& weight, con
 }
 
 }  // namespace
+
+namespace engine_conv_pool {
+// engine::cpu_isa: the variant of conv_pool_relu in effect now ("avx512", "avx2" or "generic"; ENGINE_CPU_ISA
+// applied), or with supported=true the best variant this CPU can run.
+std::string cpu_isa(bool supported) { return level_name(supported ? supported_level() : isa_level()); }
+}  // namespace engine_conv_pool
 
 TORCH_LIBRARY_IMPL(engine, CPU, m) { m.impl("conv_pool_relu", &conv_pool_relu_cpu); }

@@ -13,6 +13,9 @@ PyObject* PyInit__C(void) {
 namespace engine_hvp {
 int64_t release_workspace();  // csrc/hvp_cpu.cpp
 }
+namespace engine_conv_pool {
+std::string cpu_isa(bool supported);  // csrc/conv_pool_cpu.cpp
+}
 
 TORCH_LIBRARY(engine, m) {
   // Noisy forward batch: out[r] = dtype(x[row_image[r]] + sigma * z(seed, image_ids[row_image[r]], row_sample[r], stream)).
@@ -21,6 +24,9 @@ TORCH_LIBRARY(engine, m) {
   // CPU certification's convolution stages, fused per sample (csrc/conv_pool_cpu.cpp): relu(maxpool2x2(conv2d((x - mean)
   // / std, weight, bias))) for x (B, C, H, W), weight (O, C, kh, kw) -> (B, O, Hp, Wp) channels-last.
   m.def("conv_pool_relu(Tensor x, Tensor weight, Tensor bias, float mean, float std) -> Tensor");
+  // The variant of conv_pool_relu in effect ("avx512", "avx2" or "generic", after ENGINE_CPU_ISA), or with
+  // supported=True the best one this CPU can run.
+  m.def("cpu_isa(bool supported=False) -> str", &engine_conv_pool::cpu_isa);
   // Fused Hessian-vector products (csrc/hvp*.{h,cpp}, csrc/cuda/hvp_cuda.cu). Pairs are stacked (2B, ...) = [a; R{a}].
   // ReLU of a pair in place: [z; R{z}] -> [relu(z); (z > 0) * R{z}].
   m.def("relu_rop_(Tensor(a!) pair) -> ()");

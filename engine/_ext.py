@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 import warnings
 
-__all__ = ["available", "require", "load_error", "has_cuda_ops"]
+__all__ = ["available", "require", "load_error", "has_cuda_ops", "cpu_isa"]
 
 _state: dict = {"tried": False, "ok": False, "error": None}
 
@@ -62,3 +62,21 @@ def has_cuda_ops() -> bool:
     import torch
 
     return torch._C._dispatch_has_kernel_for_dispatch_key("engine::noisy_batch", "CUDA")
+
+
+CPU_ISAS = ("avx512", "avx2", "generic")  # the variants of engine::conv_pool_relu, best first
+
+
+def cpu_isa(supported: bool = False) -> str | None:
+    """The variant of the CPU op ``engine::conv_pool_relu`` that runs now: "avx512", "avx2" or "generic".
+
+    ``ENGINE_CPU_ISA=avx512|avx2|generic`` (read at every call) asks for a variant; a request above what the CPU
+    supports is lowered to the best it runs, so this says which one runs (``native`` or unset: the best;
+    any other value raises). ``supported=True``: the best variant this CPU can run, whatever is requested.
+    None when the extension is unavailable.
+    """
+    if not available():
+        return None
+    import torch
+
+    return str(torch.ops.engine.cpu_isa(supported))

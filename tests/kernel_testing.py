@@ -24,7 +24,7 @@ import torch
 
 from engine import noise
 
-__all__ = ["gpu", "MIN_GAP", "packed_noisy_rows", "float64_logits", "top2_gap"]
+__all__ = ["gpu", "MIN_GAP", "packed_noisy_rows", "float64_logits", "top2_gap", "assert_no_near_ties"]
 
 _interpreting = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
@@ -59,3 +59,13 @@ def top2_gap(logits: torch.Tensor) -> float:
     top = logits.topk(2, dim=1).values
     scale = float(logits.abs().max()) + 1e-30
     return float((top[:, 0] - top[:, 1]).min()) / scale
+
+
+def assert_no_near_ties(model, x, ids, streams, *, seed, sigma):
+    """Fail unless every noisy row ``(image, sample)`` of ``streams`` ({stream: samples per image}) has a float64
+    top-2 gap above MIN_GAP: the guard of a test that demands equal counts from float32 computations that sum in
+    different orders (other code paths, batch shapes, CPU instruction sets, thread counts)."""
+    for stream, num in streams.items():
+        batch, _ = packed_noisy_rows(x, ids, num, seed=seed, stream=stream, sigma=sigma)
+        gap = top2_gap(float64_logits(model, batch))
+        assert gap > MIN_GAP, f"fixed test data has a near-tie (stream {stream}, gap {gap:.1e}): change the seed"

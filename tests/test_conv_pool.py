@@ -3,11 +3,51 @@
 import pytest
 import torch
 import torch.nn.functional as F
+from kernel_testing import assert_no_near_ties
 
-from engine import _ext, models
+import engine
+from engine import _ext, models, noise
 from engine.smoothing import ConvPoolReLU, fast_forward_model
 
 pytestmark = pytest.mark.skipif(not _ext.available(), reason="engine._C not built")
+
+
+# what each variant needs beyond the one below it (csrc/conv_pool_cpu.cpp, supported_level)
+_FEATURES = {"avx512": "AVX-512 F/DQ/VL", "avx2": "AVX2 and FMA", "generic": None}
+
+
+def use_isa(isa, monkeypatch):
+    """Select ``isa``'s variant with ENGINE_CPU_ISA, skip when this CPU cannot run it, and check that it is the one
+    that runs (the op lowers a request above what the CPU supports)."""
+    best = _ext.cpu_isa(supported=True)
+    if _ext.CPU_ISAS.index(isa) < _ext.CPU_ISAS.index(best):
+        pytest.skip(f"this CPU lacks {_FEATURES[isa]}: the {isa} variant cannot run (best here: {best})")
+    monkeypatch.setenv("ENGINE_CPU_ISA", isa)
+    assert _ext.cpu_isa() == isa
+
+
+def test_isa_selection(monkeypatch):
+    """The variant in effect: the best this CPU supports unless ENGINE_CPU_ISA lowers it; requests above it are
+    lowered to it; a misspelt request is an error, not a silent fallback."""
+    best = _ext.cpu_isa(supported=True)
+    assert best in _ext.CPU_ISAS
+    for value in (None, "", "native"):
+        if value is None:
+            monkeypatch.delenv("ENGINE_CPU_ISA", raising=False)
+        else:
+            monkeypatch.setenv("ENGINE_CPU_ISA", value)
+        assert _ext.cpu_isa() == best and torch.ops.engine.cpu_isa() == best
+    for i, isa in enumerate(_ext.CPU_ISAS):
+        monkeypatch.setenv("ENGINE_CPU_ISA", isa)
+        assert _ext.cpu_isa() == _ext.CPU_ISAS[max(i, _ext.CPU_ISAS.index(best))]
+        assert _ext.cpu_isa(supported=True) == best
+    x, w, b = torch.rand(2, 1, 8, 8), torch.randn(3, 1, 3, 3), torch.randn(3)
+    for bad in ("AVX2", "sse"):
+        monkeypatch.setenv("ENGINE_CPU_ISA", bad)
+        with pytest.raises(RuntimeError, match=f"ENGINE_CPU_ISA must be one of native, avx512, avx2, generic; got '{bad}'"):
+            torch.ops.engine.conv_pool_relu(x, w, b, 0.0, 1.0)
+        with pytest.raises(RuntimeError, match="ENGINE_CPU_ISA must be one of"):
+            _ext.cpu_isa()
 
 
 def _reference(x, weight, bias, mean, std, dtype=torch.float64):
@@ -31,10 +71,9 @@ def _reference(x, weight, bias, mean, std, dtype=torch.float64):
     ],
 )
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
-@pytest.mark.parametrize("isa", ["native", "avx2", "generic"])  # every compiled variant (native: AVX-512 if present)
+@pytest.mark.parametrize("isa", _ext.CPU_ISAS)  # every compiled variant this CPU can run (the others skip)
 def test_matches_float64_reference(batch, in_ch, hw, out_ch, k, normalize, layout, isa, monkeypatch):
-    if isa != "native":
-        monkeypatch.setenv("ENGINE_CPU_ISA", isa)
+    use_isa(isa, monkeypatch)
     mean, std = (0.1307, 0.3081) if normalize else (0.0, 1.0)
     g = torch.Generator().manual_seed(hash((batch, in_ch, hw, out_ch, k, layout)) % 2**31)
     x = torch.rand((batch, in_ch) + hw, generator=g) + 0.3 * torch.randn((batch, in_ch) + hw, generator=g)
@@ -78,7 +117,9 @@ def test_opcheck():
     torch.library.opcheck(torch.ops.engine.conv_pool_relu.default, (x, torch.randn(5, 3, 3, 3), torch.randn(5), 0.0, 1.0))
 
 
-def test_certification_model_uses_it_for_lenet_and_matches():
+@pytest.mark.parametrize("isa", _ext.CPU_ISAS)
+def test_certification_model_uses_it_for_lenet_and_matches(isa, monkeypatch):
+    use_isa(isa, monkeypatch)
     torch.manual_seed(3)
     model = models.lenet_mnist().eval()
     fast = fast_forward_model(model, torch.device("cpu"), "auto")
@@ -101,6 +142,26 @@ def test_certification_model_uses_it_for_lenet_and_matches():
     other = torch.nn.Sequential(models.Normalize(models.MNIST_MEAN, models.MNIST_STD), torch.nn.Conv2d(1, 4, 3, padding=1),
                                 torch.nn.ReLU(), torch.nn.MaxPool2d(2), torch.nn.Flatten(), torch.nn.Linear(4 * 14 * 14, 3))
     assert not any(isinstance(m, ConvPoolReLU) for m in fast_forward_model(other, torch.device("cpu"), "auto").modules())
+
+
+@pytest.mark.parametrize("isa", _ext.CPU_ISAS)
+def test_certify_counts_equal_the_plain_model_with_every_variant(isa, monkeypatch):
+    """engine.certify's CPU path (the fused stages, in each variant) counts as the plain model does: its sums run in
+    another order, so the fixed data are first checked to hold no near-tie (float64)."""
+    use_isa(isa, monkeypatch)
+    torch.manual_seed(4)
+    model = models.lenet_mnist().eval()
+    with torch.no_grad():
+        model[-1].weight.mul_(20)  # several classes occur under noise
+    x = torch.rand(3, 1, 28, 28)
+    kw = dict(sigma=0.5, n0=20, n=200, seed=6)
+    assert_no_near_ties(model, x, torch.arange(3), {noise.STREAM_SELECTION: 20, noise.STREAM_ESTIMATION: 200},
+                        seed=6, sigma=0.5)  # fmt: skip
+    fast = engine.certify(model, x, backend="auto", **kw)
+    plain = engine.certify(model, x, backend="torch", **kw)
+    assert torch.equal(fast.counts_selection, plain.counts_selection)
+    assert torch.equal(fast.counts_estimation, plain.counts_estimation)
+    assert int((plain.counts_estimation > 0).sum(1).max()) >= 2, "model too confident for a meaningful test"
 
 
 def test_fusion_finds_stages_anywhere():
