@@ -8,6 +8,12 @@ checkpoint every epoch and ``--resume``), ``poison`` (craft a PACD poison, resum
 ``poison-combine`` (one poison from several of the same data and settings; of several
 procedures with ``--mixed-methods``), ``evaluate``
 (train a victim on clean or poisoned data and certify the target class, resumable).
+
+Models: ``certify`` takes ``--checkpoint FILE`` (the engine's own checkpoint) or ``--weights FILE
+--arch NAME`` (a safetensors file or a PyTorch state_dict, read with ``weights_only=True`` and never
+unpickled; an engine checkpoint needs no ``--arch``); ``train`` and ``evaluate`` take ``--weights FILE``
+to start from given weights. ``--arch``: lenet, mlp, resnet20, resnet110, ``torchvision.<model>``
+(optional torchvision) or a name given to ``engine.models.register`` (see :mod:`engine.models`).
 """
 
 from __future__ import annotations
@@ -143,16 +149,43 @@ def cmd_merge(args) -> int:
     return 0
 
 
+def load_model_arg(checkpoint, weights, arch, device) -> tuple[torch.nn.Module, dict]:
+    """(model, its identity for a run's settings) of ``--checkpoint FILE`` (an engine checkpoint) or
+    ``--weights FILE [--arch NAME]`` (an engine checkpoint, or a safetensors / PyTorch state_dict file given
+    its architecture). The identity is the file's sha256, and for a file without the engine's header
+    also the architecture it was read as. Errors: :class:`engine.models.CheckpointError`."""
+    from . import models
+
+    if checkpoint is not None:
+        path = Path(checkpoint)
+        try:
+            models.read_meta(path)
+        except models.CheckpointError as exc:
+            if not path.is_file():
+                raise
+            raise models.CheckpointError(
+                f"{exc}; --checkpoint takes the engine's own checkpoints: give other weights as --weights {path} --arch NAME"
+            ) from None
+        model = models.load(path, device=device)
+    else:
+        path = Path(weights)
+        model = models.load(path, arch=arch, device=device)
+    identity = {"checkpoint_sha256": _sha256(path)}
+    if model.engine_meta.get("format") is None:  # weights without the engine's header: read as this architecture
+        identity["arch"] = {"name": model.engine_meta["arch"], "kwargs": model.engine_meta["arch_kwargs"]}
+    return model, identity
+
+
 def cmd_certify(args) -> int:
-    from . import data, models
+    from . import data
 
     device = _device(args.device)
-    model = models.load(args.checkpoint, device=device)
+    model, identity = load_model_arg(args.checkpoint, args.weights, args.arch, device)
     images, labels = data.load_dataset(args.dataset, args.data_root, args.split)
     indices = select_indices(images.shape[0], args.skip, args.max, args.shard, args.num_shards)
     settings = {
         "command": "certify",
-        "checkpoint_sha256": _sha256(Path(args.checkpoint)),
+        **identity,
         "dataset": args.dataset,
         "split": args.split,
         "sigma": args.sigma,
@@ -314,7 +347,10 @@ def cmd_train(args) -> int:
     images, labels = data.load_dataset(args.dataset, args.data_root, "train")
     (train_x, train_y), val = split_validation(images, labels, args.val_size, args.train_size)
     torch.manual_seed(args.seed)  # weight initialisation
-    model = models.build(args.arch).to(device)
+    if args.weights is None:
+        model = models.build(args.arch).to(device)
+    else:  # start from given weights (a resume of a run started from other weights is refused)
+        model = models.load(args.weights, arch=args.arch, device=device)
     method_args = {k: getattr(args, k) for k in TRAIN_METHOD_FLAGS if getattr(args, k) is not None}
     progress, close_bar = (None, lambda: None) if args.quiet else train_progress_bar(train_x.shape[0])
 
@@ -338,6 +374,8 @@ def cmd_train(args) -> int:
         "weight_decay": args.weight_decay,
         "seed": args.seed,
     }
+    if args.weights is not None:
+        settings["init_weights"] = _sha256(Path(args.weights))
     try:
         _, history = train(
             model,
@@ -371,6 +409,7 @@ def cmd_train(args) -> int:
         history=history,
         train_seconds=sum(e["seconds"] for e in history),
         checkpoint_sha256=_sha256(ckpt),
+        **({} if args.weights is None else {"init_weights_file": str(args.weights)}),
     )
     print(f"wrote {out} (checkpoint {ckpt})")
     return 0
@@ -537,6 +576,7 @@ def cmd_evaluate(args) -> int:
         alpha=args.alpha,
         batch=args.batch,
         out_dir=args.out_dir,
+        init_weights=args.weights,
         device=_device(args.device),
         progress=not args.quiet,
     )
@@ -575,6 +615,21 @@ def _int_at_least(lo: int):
     return parse
 
 
+def _arch_name(text: str) -> str:
+    """--arch: a name engine.models.build knows (zoo, torchvision.<model>, registered)."""
+    from .models import _resolve
+
+    try:
+        _resolve(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return text
+
+
+ARCH_HELP = ("lenet, mlp, resnet20, resnet110, torchvision.<model> (e.g. torchvision.resnet18; needs "
+             "pip install pacd-engine[vision]) or a name given to engine.models.register")
+
+
 def _add_threads(p) -> None:
     p.add_argument("--threads", type=_int_at_least(1), default=None,
                    help="torch CPU threads (default: torch's; 1 on a machine shared with other jobs)")
@@ -589,7 +644,11 @@ def build_parser(prog: str = "python -m engine") -> argparse.ArgumentParser:
 
     p = sub.add_parser("certify", help="certify a model over a data set (resumable TSV log + JSON + PNG)")
     _add_threads(p)
-    p.add_argument("--checkpoint", required=True, help="model .safetensors written by engine.models.save")
+    g = p.add_mutually_exclusive_group(required=True)
+    g.add_argument("--checkpoint", help="model .safetensors written by engine.models.save")
+    g.add_argument("--weights", help="model weights: an engine checkpoint, or (with --arch) a safetensors file or a "
+                   "PyTorch state_dict (torch.save(model.state_dict(), F); read with weights_only=True, never unpickled)")
+    p.add_argument("--arch", type=_arch_name, default=None, help=f"architecture of --weights: {ARCH_HELP}")
     p.add_argument("--dataset", choices=("mnist", "cifar10"), required=True)
     p.add_argument("--data-root", default=None, help="data folder (mnist: default the embedded subset)")
     p.add_argument("--split", choices=("train", "test"), default="test")
@@ -637,7 +696,9 @@ def build_parser(prog: str = "python -m engine") -> argparse.ArgumentParser:
     p.add_argument("--method", choices=("standard", "gaussian", "smoothadv", "macer"), required=True)
     p.add_argument("--dataset", choices=("mnist", "cifar10"), required=True)
     p.add_argument("--data-root", default=None, help="data folder (mnist: default the embedded subset)")
-    p.add_argument("--arch", choices=("lenet", "mlp", "resnet20", "resnet110"), required=True)
+    p.add_argument("--arch", type=_arch_name, required=True, help=ARCH_HELP)
+    p.add_argument("--weights", default=None, help="start from these weights (engine checkpoint, safetensors or "
+                   "PyTorch state_dict of --arch) instead of a random initialisation")
     p.add_argument("--sigma", type=float, required=True, help="noise level (> 0; >= 0 for standard)")
     p.add_argument("--epochs", type=_int_at_least(1), required=True)
     p.add_argument("--batch", type=_int_at_least(1), default=64, help="inputs per step")
@@ -758,7 +819,9 @@ def build_parser(prog: str = "python -m engine") -> argparse.ArgumentParser:
     p.add_argument("--val-size", type=_int_at_least(1), default=5000)
     p.add_argument("--victim-method", choices=("standard", "gaussian", "macer", "smoothadv"), default="gaussian")
     p.add_argument("--method-args", default=None, help="JSON object for the victim's procedure")
-    p.add_argument("--arch", default="lenet")
+    p.add_argument("--arch", type=_arch_name, default="lenet", help=f"victim architecture: {ARCH_HELP}")
+    p.add_argument("--weights", default=None, help="start the victim from these weights (engine checkpoint, "
+                   "safetensors or PyTorch state_dict of --arch) instead of a random initialisation")
     p.add_argument("--sigma", type=_positive_float, required=True)
     p.add_argument("--epochs", type=_int_at_least(1), default=20)
     p.add_argument("--batch-size", type=_int_at_least(1), default=64)
@@ -792,6 +855,8 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if getattr(args, "shard", 0) >= getattr(args, "num_shards", 1):
         parser.error(f"--shard must be < --num-shards ({args.num_shards})")
+    if args.command == "certify" and args.arch is not None and args.weights is None:
+        parser.error("--arch goes with --weights FILE (a --checkpoint records its architecture)")
     from .data import DataError
     from .fileio import FileInUseError
     from .models import CheckpointError

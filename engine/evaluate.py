@@ -86,8 +86,10 @@ def _accuracy(model, images, labels, device, batch_size=2000) -> float:
     return correct / max(1, images.shape[0])
 
 
-def _train_victim(arch, device, train_ckpt: Path, progress: bool, checkpoint_seconds, data, **train_args):
-    """Build the victim (init from ``train_args["seed"]``) and train it with a resumable checkpoint at ``train_ckpt``.
+def _train_victim(arch, device, train_ckpt: Path, progress: bool, checkpoint_seconds, data, init_state=None,
+                  **train_args):
+    """Build the victim (init from ``train_args["seed"]``, or the weights ``init_state``) and train it with a
+    resumable checkpoint at ``train_ckpt``.
 
     Returns (model, history, train_seconds); train_seconds sums the epochs' training time when the run
     resumed (the wall time of earlier calls is not known), else it is this call's wall time.
@@ -100,7 +102,10 @@ def _train_victim(arch, device, train_ckpt: Path, progress: bool, checkpoint_sec
     def build():
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(derive_seed(train_args["seed"], 5))
-            return models.build(arch).to(device)
+            model = models.build(arch)
+            if init_state is not None:
+                model.load_state_dict(init_state, strict=True)
+            return model.to(device)
 
     callback, close_bar = (None, lambda: None)
     if progress:
@@ -154,6 +159,7 @@ def evaluate_poison(
     batch: int | None = None,
     out_dir: str | os.PathLike,
     reuse_victims_from=(),
+    init_weights: str | os.PathLike | None = None,
     device: str | torch.device = "cpu",
     progress: bool = False,
     train_checkpoint_seconds: float | None = 300.0,
@@ -175,6 +181,10 @@ def evaluate_poison(
             settings (architecture, procedure and its arguments, epochs, optimiser, seed, data and poison)
             is copied into ``out_dir`` instead of training another (e.g. the transfer matrix reusing the
             main table's victims, certified again with other images or n).
+        init_weights: start the victim from the weights in this file (read by :func:`engine.models.load`
+            with ``arch``: an engine checkpoint, a safetensors file or a PyTorch state_dict) instead of a
+            random initialisation; the file's sha256 joins the victim settings (``init_weights_sha256``),
+            so a victim, training checkpoint or reused victim of other starting weights is not taken.
         progress: progress bars for the victim's training (batches) and the certification (samples).
         train_checkpoint_seconds: while a victim trains, ``out_dir/victim.train.ckpt`` is written after
             every epoch and this often inside one (None: epochs only); a later call with the same
@@ -216,6 +226,12 @@ def evaluate_poison(
         "train_size": int(train_x.shape[0]),
         **data_tag,
     }
+    init_state = None
+    if init_weights is not None:  # read (and checked against arch) now, before any victim is looked for
+        from .cli import _sha256
+
+        init_state = models.load(init_weights, arch=arch).state_dict()
+        train_settings["init_weights_sha256"] = _sha256(Path(init_weights))
     ckpt = out_dir / "victim.safetensors"
     model = None
     train_seconds = None
@@ -246,7 +262,9 @@ def evaluate_poison(
         train_ckpt = out_dir / "victim.train.ckpt"
         model, history, train_seconds = _train_victim(
             arch, device, train_ckpt, progress, train_checkpoint_seconds,
-            (train_x, train_y), method=victim_method, sigma=sigma, epochs=epochs, batch_size=batch_size, lr=lr,
+            (train_x, train_y), init_state=init_state,
+            **({} if init_state is None else {"init_weights": train_settings["init_weights_sha256"]}),
+            method=victim_method, sigma=sigma, epochs=epochs, batch_size=batch_size, lr=lr,
             optimizer=optimizer, schedule=schedule, seed=seed, **dict(method_args or {}),
         )
         models.save(model, ckpt, train_settings=train_settings, history=history, train_seconds=train_seconds)
@@ -303,6 +321,8 @@ def evaluate_poison(
         "alpha": alpha,
         "train_settings": train_settings,
     }
+    if init_weights is not None:
+        result["init_weights"] = str(init_weights)
     (out_dir / "summary.json").write_text(json.dumps(result, indent=2) + "\n")
     return result
 

@@ -1,7 +1,7 @@
-"""Model zoo and safetensors checkpoints.
+"""Model zoo, user architectures and checkpoints.
 
-Every model takes pixels in [0, 1] and carries its input normalisation as its first layer, so that
-smoothing noise is added in pixel space (Cohen et al. 2019).
+Every model takes pixels in [0, 1] and carries its input normalisation as its first layer
+(:class:`Normalize`), so that smoothing noise is added in pixel space (Cohen et al. 2019).
 
 - :func:`lenet_mnist`: Normalize - conv 20@5x5 - ReLU - maxpool 2 - conv 50@5x5 - ReLU - maxpool 2 -
   fc 500 - ReLU - fc 10 (an ``nn.Sequential``).
@@ -9,15 +9,33 @@ smoothing noise is added in pixel space (Cohen et al. 2019).
   MNIST architecture, also sequential).
 - :func:`resnet_cifar`: He et al.'s CIFAR ResNet (depth 6n+2: 20, 110, ...), basic blocks, 16-32-64
   channels, 1x1-conv + BatchNorm projection shortcuts.
+- ``"torchvision.<name>"`` (e.g. ``torchvision.resnet50``; needs the optional torchvision,
+  ``pip install pacd-engine[vision]``): a classification network of ``torchvision.models`` built with
+  ``weights=None`` (nothing is ever downloaded) behind ImageNet's mean/std: ``nn.Sequential(normalize=
+  Normalize, net=<the torchvision network>)``. ``num_classes`` defaults to 10 as for every constructor
+  here; pass ``num_classes=1000`` to load ImageNet weights as torchvision publishes them.
+- :func:`register` (name, constructor): a user's own architecture under a name that :func:`build`,
+  :func:`save`, :func:`load` and the command line's ``--arch`` understand.
 
-:func:`save` / :func:`load` write and read safetensors files with JSON metadata (architecture,
-classes, normalisation, training settings); no pickle is ever involved.
+:func:`build` makes any of them by name (short names ``lenet``, ``mlp``, ``resnet20``, ``resnet110``);
+:func:`architectures` lists the names.
+
+:func:`save` writes a zoo model as a safetensors file with JSON metadata (architecture, classes,
+normalisation, training settings). :func:`load` reads those, and also, given the architecture
+(``arch=``), weights saved elsewhere: a safetensors file without the engine's metadata, or a PyTorch
+``state_dict`` file (``torch.save(model.state_dict(), path)``), read only through
+``torch.load(..., weights_only=True)``: a file that would need unpickling code is refused and nothing in
+it runs. No pickle is ever executed.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
+import warnings
+from collections import OrderedDict
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import torch
@@ -31,6 +49,9 @@ __all__ = [
     "mlp_mnist",
     "resnet_cifar",
     "build",
+    "register",
+    "unregister",
+    "architectures",
     "ARCHITECTURES",
     "save",
     "load",
@@ -40,11 +61,14 @@ __all__ = [
     "MNIST_STD",
     "CIFAR10_MEAN",
     "CIFAR10_STD",
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
     "CheckpointError",
 ]
 
 MNIST_MEAN, MNIST_STD = (0.1307,), (0.3081,)
 CIFAR10_MEAN, CIFAR10_STD = (0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010)
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 FORMAT = "engine.model/1"
 
 
@@ -175,16 +199,135 @@ SHORT_NAMES = {
     "resnet20": ("resnet_cifar", {"depth": 20}),
     "resnet110": ("resnet_cifar", {"depth": 110}),
 }
+TORCHVISION_PREFIX = "torchvision."
+VISION_EXTRA = "pip install pacd-engine[vision]"
+_REGISTERED: dict[str, Callable[..., nn.Module]] = {}
+_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_\-]*")
+
+
+def register(name: str, constructor: Callable[..., nn.Module], *, replace: bool = False) -> None:
+    """Make ``constructor(**kwargs) -> nn.Module`` an architecture called ``name``.
+
+    :func:`build`, :func:`save` / :func:`load` (the name and the JSON-serialisable kwargs go into the
+    checkpoint's header) and the command line's ``--arch name`` then know it; a process loading such a
+    checkpoint must register the same name first (from the command line: a small launcher script that
+    calls ``register`` and then ``engine.cli.main()``). The model must keep the engine's convention:
+    pixels in [0, 1] in, ``Normalize`` as its first layer, logits out (checked on every build).
+    ``name`` is a letter or ``_`` followed by letters, digits, ``_`` or ``-``; the zoo's names and
+    ``torchvision.*`` are taken, and an earlier registration is replaced only with ``replace=True``.
+    """
+    if not isinstance(name, str) or not _NAME.fullmatch(name):
+        raise ValueError(f"register(): name must be a letter or '_' then letters, digits, '_' or '-', got {name!r}")
+    if name in ARCHITECTURES or name in SHORT_NAMES:
+        raise ValueError(f"register(): {name!r} is a built-in architecture of engine.models")
+    if not callable(constructor):
+        raise ValueError(f"register(): constructor of {name!r} must be callable, got {type(constructor).__name__}")
+    if name in _REGISTERED and not replace and _REGISTERED[name] is not constructor:
+        raise ValueError(f"register(): {name!r} is already registered; pass replace=True to replace it")
+    _REGISTERED[name] = constructor
+
+
+def unregister(name: str) -> None:
+    """Forget an architecture registered with :func:`register` (KeyError if there is none)."""
+    if name not in _REGISTERED:
+        raise KeyError(f"no registered architecture {name!r}")
+    del _REGISTERED[name]
+
+
+def _torchvision_models(name: str):
+    try:
+        import torchvision.models as tvm
+    except Exception as exc:  # not installed, or installed for another torch (its C++ ops fail to load)
+        raise ValueError(
+            f"architecture {name!r} needs torchvision, which is an optional dependency: {VISION_EXTRA} "
+            f"(importing it failed: {type(exc).__name__}: {exc})"
+        ) from exc
+    return tvm
+
+
+def _torchvision_names(tvm) -> list[str]:
+    return sorted(tvm.list_models(module=tvm))  # classification networks only
+
+
+def _torchvision_check(name: str):
+    tvm = _torchvision_models(name)
+    short = name[len(TORCHVISION_PREFIX) :]
+    names = _torchvision_names(tvm)
+    if short not in names:
+        raise ValueError(
+            f"unknown torchvision architecture {name!r}: torchvision.models has no classification model "
+            f"{short!r} (it has {len(names)}, e.g. {', '.join(TORCHVISION_PREFIX + n for n in names[:6])})"
+        )
+    return tvm
+
+
+def _torchvision_model(name: str, num_classes: int = 10, **kwargs) -> nn.Sequential:
+    """torchvision's ``name`` (``torchvision.<model>``) with ``weights=None`` behind ImageNet's Normalize."""
+    if "weights" in kwargs or "pretrained" in kwargs:
+        raise ValueError(
+            f"{name}: the engine builds torchvision models without weights and never downloads any; load "
+            f"published weights from a file with engine.models.load(path, arch={name!r}, num_classes=...)"
+        )
+    tvm = _torchvision_check(name)
+    net = tvm.get_model(name[len(TORCHVISION_PREFIX) :], weights=None, num_classes=num_classes, **kwargs)
+    model = nn.Sequential(OrderedDict(normalize=Normalize(IMAGENET_MEAN, IMAGENET_STD), net=net))
+    return _tag(model, name, num_classes=num_classes, **kwargs)
+
+
+def architectures(torchvision: bool = True) -> list[str]:
+    """Every name :func:`build` knows: the zoo's constructors and short names, registered ones, and
+    (with ``torchvision`` and torchvision importable) ``torchvision.<name>`` for its classification models."""
+    names = sorted(ARCHITECTURES) + sorted(SHORT_NAMES) + sorted(_REGISTERED)
+    if torchvision:
+        try:
+            tvm = _torchvision_models(TORCHVISION_PREFIX + "*")
+        except ValueError:
+            return names
+        names += [TORCHVISION_PREFIX + n for n in _torchvision_names(tvm)]
+    return names
+
+
+def _resolve(name) -> tuple[str, Callable[..., nn.Module], dict]:
+    """(the name its checkpoints record, constructor, the name's fixed kwargs); ValueError if unknown."""
+    if not isinstance(name, str):
+        raise ValueError(f"architecture name must be a string, got {type(name).__name__}")
+    if name in SHORT_NAMES:
+        base, extra = SHORT_NAMES[name]
+        return base, ARCHITECTURES[base], dict(extra)
+    if name in ARCHITECTURES:
+        return name, ARCHITECTURES[name], {}
+    if name in _REGISTERED:
+        return name, _REGISTERED[name], {}
+    if name.startswith(TORCHVISION_PREFIX):
+        _torchvision_check(name)
+        return name, lambda **kw: _torchvision_model(name, **kw), {}
+    raise ValueError(
+        f"unknown architecture {name!r}; known: {sorted(ARCHITECTURES) + sorted(SHORT_NAMES) + sorted(_REGISTERED)}, "
+        f"torchvision.<model> (with {VISION_EXTRA}), or one registered with engine.models.register(name, constructor)"
+    )
+
+
+def _first_leaf(model: nn.Module) -> nn.Module | None:
+    return next((m for m in model.modules() if next(m.children(), None) is None), None)
 
 
 def build(name: str, **kwargs) -> nn.Module:
-    """Build an architecture by constructor name or short name (lenet, mlp, resnet20, resnet110)."""
-    if name in SHORT_NAMES:
-        base, extra = SHORT_NAMES[name]
-        return ARCHITECTURES[base](**{**extra, **kwargs})
-    if name not in ARCHITECTURES:
-        raise ValueError(f"unknown architecture {name!r}; known: {sorted(ARCHITECTURES) + sorted(SHORT_NAMES)}")
-    return ARCHITECTURES[name](**kwargs)
+    """Build an architecture by name: a zoo constructor (lenet_mnist, mlp_mnist, resnet_cifar), a short
+    name (lenet, mlp, resnet20, resnet110), ``torchvision.<model>`` or a name given to :func:`register`;
+    ``kwargs`` go to the constructor (e.g. ``num_classes``)."""
+    _, constructor, extra = _resolve(name)
+    model = constructor(**{**extra, **kwargs})
+    if name in _REGISTERED:
+        if not isinstance(model, nn.Module):
+            raise ValueError(f"the constructor registered as {name!r} returned {type(model).__name__}, not an nn.Module")
+        if not isinstance(_first_leaf(model), Normalize):
+            raise ValueError(
+                f"the model registered as {name!r} must take pixels in [0, 1] and carry its input normalisation as "
+                "its first layer: make engine.models.Normalize(mean, std) its first module, e.g. "
+                "nn.Sequential(Normalize(mean, std), net)"
+            )
+        _tag(model, name, **kwargs)
+    return model
 
 
 def _normalization(model: nn.Module) -> dict | None:
@@ -197,14 +340,28 @@ def _normalization(model: nn.Module) -> dict | None:
 def save(model: nn.Module, path: str | os.PathLike, **meta) -> None:
     """Save ``model`` to a safetensors file with JSON metadata, atomically.
 
-    The model must come from this module's constructors (it carries ``engine_arch``). ``meta`` holds
-    any JSON-serialisable extras (``classes``, training settings, ...).
+    The model must be one :func:`build` can make again (a zoo constructor, ``torchvision.<model>`` or a
+    registered architecture: it carries ``engine_arch``, its name and kwargs). ``meta`` holds any
+    JSON-serialisable extras (``classes``, training settings, ...). For any other ``nn.Module`` save its
+    weights yourself (``torch.save(model.state_dict(), path)`` or safetensors) and read them with
+    ``load(path, arch=NAME)``, NAME an architecture that builds the same module (e.g. after
+    :func:`register`).
     """
     from safetensors.torch import save_file
 
     arch = getattr(model, "engine_arch", None)
     if arch is None:
-        raise ValueError("save(): model has no engine_arch; build it with engine.models (lenet_mnist, resnet_cifar, ...)")
+        raise ValueError(
+            f"save(): this {type(model).__name__} has no engine_arch, so its checkpoint could not say how to rebuild it; "
+            "engine.models.save takes models made by engine.models.build (zoo, torchvision.<model>, registered). "
+            "Either register its constructor (engine.models.register('mynet', make_mynet)) and build it with "
+            "engine.models.build('mynet'), or save its weights with torch.save(model.state_dict(), path) (or "
+            "safetensors.torch.save_file) and load them with engine.models.load(path, arch=NAME)"
+        )
+    try:
+        _resolve(arch["name"])
+    except ValueError as exc:
+        raise ValueError(f"save(): cannot save architecture {arch['name']!r}: {exc}") from exc
     header = {
         "format": FORMAT,
         "arch": arch["name"],
@@ -223,41 +380,243 @@ def save(model: nn.Module, path: str | os.PathLike, **meta) -> None:
     publish(tmp, path)
 
 
-def read_meta(path: str | os.PathLike) -> dict:
-    """The JSON header of a checkpoint written by :func:`save` (arch, arch_kwargs, normalization, meta)."""
+def _is_safetensors(path: Path) -> bool:
+    """Whether ``path`` starts like a safetensors file (8-byte header length, then a JSON object)."""
+    with open(path, "rb") as fh:
+        head = fh.read(9)
+    if len(head) < 9 or head[8:9] != b"{":
+        return False
+    return 0 < int.from_bytes(head[:8], "little") <= path.stat().st_size - 8
+
+
+def _engine_header(path: Path) -> dict | None:
+    """The engine header of a safetensors file (None: a safetensors file without one)."""
     from safetensors import safe_open
 
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"{path}: no such checkpoint")
     try:
         with safe_open(str(path), framework="pt") as fh:
             raw = (fh.metadata() or {}).get("engine")
     except Exception as exc:  # safetensors raises its own error types
         raise CheckpointError(f"{path}: not a readable safetensors file ({exc})") from exc
     if raw is None:
-        raise CheckpointError(f"{path}: safetensors file without engine metadata")
-    header = json.loads(raw)
-    if header.get("format") != FORMAT:
-        raise CheckpointError(f"{path}: unknown checkpoint format {header.get('format')!r}")
+        return None
+    try:
+        header = json.loads(raw)
+    except ValueError as exc:
+        raise CheckpointError(f"{path}: damaged engine metadata ({exc})") from exc
+    fmt = header.get("format") if isinstance(header, dict) else None
+    if fmt != FORMAT:
+        raise CheckpointError(f"{path}: unknown checkpoint format {fmt!r}")
     return header
 
 
-def load(path: str | os.PathLike, device: str | torch.device = "cpu") -> nn.Module:
-    """Rebuild a model saved by :func:`save`; its header is available as ``model.engine_meta``."""
-    from safetensors.torch import load_file
+def read_meta(path: str | os.PathLike) -> dict:
+    """The JSON header of a checkpoint written by :func:`save` (arch, arch_kwargs, normalization, meta)."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such checkpoint")
+    if not _is_safetensors(path):
+        raise CheckpointError(f"{path}: not a safetensors file")
+    header = _engine_header(path)
+    if header is None:
+        raise CheckpointError(f"{path}: safetensors file without engine metadata")
+    return header
 
-    header = read_meta(path)
+
+_WRAPPER_KEYS = ("state_dict", "model_state_dict", "model")
+_GLOBAL = re.compile(r"GLOBAL (\S+) (?:was not an allowed global|whose module)")
+
+
+def _torch_load(path: Path):
+    """``torch.load(path, map_location="cpu", weights_only=True)``; a refusal becomes a CheckpointError."""
     try:
-        model = build(header["arch"], **header["arch_kwargs"])
-    except (ValueError, TypeError) as exc:
-        raise CheckpointError(f"{path}: cannot rebuild architecture {header['arch']!r}: {exc}") from exc
-    state = load_file(str(path), device="cpu")
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Detected pickle protocol")
+            return torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as exc:  # UnpicklingError (refused or not a pickle), RuntimeError (damaged zip), EOFError
+        text = str(exc)
+        found = _GLOBAL.search(text)
+        if found:
+            raise CheckpointError(
+                f"{path}: refused: it is a pickle that would run code to load (it calls or builds the global "
+                f"{found.group(1)}, which torch.load(weights_only=True) does not allow); nothing in it was run. Save "
+                "the weights alone (torch.save(model.state_dict(), path), tensors only) or as safetensors"
+            ) from None
+        detail = re.search(r"WeightsUnpickler error:\s*(.+?)\s*(?:\n\n|$)", text, re.S)
+        detail = " ".join((detail.group(1) if detail else text.strip().splitlines()[0] if text.strip() else
+                           type(exc).__name__).split())
+        raise CheckpointError(
+            f"{path}: neither a safetensors file nor a PyTorch weights file that torch.load(weights_only=True) "
+            f"accepts ({detail}); nothing in it was run"
+        ) from None
+
+
+def _state_dict_of(obj, path: Path) -> dict:
+    """The tensors of a loaded file: a state_dict, or one under 'state_dict' / 'model_state_dict' / 'model'."""
+    if isinstance(obj, Mapping) and not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        inner = next((obj[k] for k in _WRAPPER_KEYS if isinstance(obj.get(k), Mapping)), None)
+        if inner is None:
+            keys = [k for k in obj if not isinstance(obj[k], torch.Tensor)][:5]
+            raise CheckpointError(
+                f"{path}: not a state_dict: a dict with non-tensor entries ({', '.join(map(repr, keys))}, ...) and no "
+                f"weights under {' / '.join(map(repr, _WRAPPER_KEYS))}"
+            )
+        obj = inner
+    if not isinstance(obj, Mapping) or not obj:
+        raise CheckpointError(f"{path}: not a state_dict (a dict of parameter names to tensors): found {type(obj).__name__}"
+                              f"{' (empty)' if isinstance(obj, Mapping) else ''}")
+    bad = [k for k, v in obj.items() if not isinstance(k, str) or not isinstance(v, torch.Tensor)]
+    if bad:
+        raise CheckpointError(f"{path}: not a state_dict: {len(bad)} entries are not named tensors (e.g. {bad[0]!r})")
+    return dict(obj)
+
+
+def _body_prefix(model: nn.Module) -> str | None:
+    """For ``Sequential(Normalize, body)`` the prefix of the body's keys ("net." for torchvision models)."""
+    if not isinstance(model, nn.Sequential) or len(model) != 2 or not isinstance(model[0], Normalize):
+        return None
+    return list(model._modules)[1] + "."
+
+
+def _short(keys, k: int = 4) -> str:
+    keys = list(keys)
+    return ", ".join(keys[:k]) + (f" and {len(keys) - k} more" if len(keys) > k else "")
+
+
+def _fit(model: nn.Module, state: dict, path: Path, label: str, *, tolerant: bool) -> None:
+    """Load ``state`` into ``model`` (strict); one CheckpointError listing missing, unexpected and wrongly shaped keys.
+
+    ``tolerant`` (files from elsewhere): a ``module.`` prefix on every key (DataParallel) is dropped; for a
+    ``Sequential(Normalize, body)`` the state_dict of the body alone is accepted (torchvision's published
+    weights for the ``net`` of a torchvision model), the normalisation then being the architecture's; and
+    BatchNorm's ``num_batches_tracked`` counters may be absent."""
+    expected = model.state_dict()
+    if tolerant:
+        if all(k.startswith("module.") for k in state):
+            state = {k[len("module.") :]: v for k, v in state.items()}
+        body = _body_prefix(model)
+        if body is not None and not any(k.startswith(body) for k in state):
+            as_body = {body + k: v for k, v in state.items()}
+            if len(as_body.keys() & expected.keys()) > len(state.keys() & expected.keys()):
+                norm = list(model._modules)[0] + "."
+                state = {**{k: v for k, v in expected.items() if k.startswith(norm)}, **as_body}
+        for k, v in expected.items():
+            if k.endswith(".num_batches_tracked") and k not in state:
+                state[k] = v
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    wrong = [
+        f"{k} {list(state[k].shape)} (model {list(v.shape)})"
+        for k, v in expected.items()
+        if k in state and state[k].shape != v.shape
+    ]
+    if missing or unexpected or wrong:
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} missing ({_short(missing)})")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected ({_short(unexpected)})")
+        if wrong:
+            parts.append(f"{len(wrong)} of the wrong shape ({_short(wrong, 3)})")
+        raise CheckpointError(f"{path}: weights do not match {label}: {'; '.join(parts)}")
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as exc:
-        raise CheckpointError(f"{path}: weights do not match {header['arch']}: {exc}") from exc
-    model.engine_meta = header
+        raise CheckpointError(f"{path}: weights do not match {label}: {exc}") from exc
+
+
+def _arch_label(name: str, kwargs: dict) -> str:
+    return name + (f" {json.dumps(kwargs, sort_keys=True)}" if kwargs else "")
+
+
+def load(path: str | os.PathLike, arch: str | None = None, device: str | torch.device = "cpu", **arch_kwargs) -> nn.Module:
+    """Read a model: a checkpoint written by :func:`save`, or weights from elsewhere given ``arch``.
+
+    Args:
+        path: one of
+            - a checkpoint of :func:`save` (safetensors with the engine's header): rebuilt as recorded;
+              ``arch`` / ``arch_kwargs`` may be left out and, if given, must agree with the header;
+            - a safetensors file without the engine's header, or a PyTorch ``state_dict`` file
+              (``torch.save(model.state_dict(), path)``), read with ``torch.load(path, map_location="cpu",
+              weights_only=True)`` only: a file that would need unpickling code (a pickled module or any
+              other object) is refused with a CheckpointError naming the global it needs, and none of it is
+              run. Accepted as well: the state_dict under "state_dict" / "model_state_dict" / "model" of a
+              dict, a "module." prefix on every key (DataParallel), for ``Sequential(Normalize, body)`` models
+              (torchvision.*, resnet_cifar) the state_dict of the body alone (its normalisation then the
+              architecture's), and absent BatchNorm ``num_batches_tracked`` counters.
+        arch: architecture name for :func:`build` (needed for files without the engine's header).
+        device: where the model goes.
+        **arch_kwargs: constructor arguments, e.g. ``num_classes=1000`` for ImageNet weights.
+
+    Returns:
+        the model; ``model.engine_meta`` holds the header (for other files: arch, arch_kwargs,
+        normalization, empty meta and ``source`` "safetensors" or "state_dict").
+
+    Raises:
+        CheckpointError: a missing, unreadable or refused file, no ``arch`` for a file without the engine's
+            header, an ``arch`` that disagrees with the header, or weights that do not fit (one message
+            listing missing, unexpected and wrongly shaped keys).
+        ValueError: an unknown ``arch``.
+    """
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such checkpoint")
+    header = None
+    if _is_safetensors(path):
+        header = _engine_header(path)
+        source = "safetensors"
+    else:
+        source = "state_dict"
+    if header is not None:
+        if arch is not None:
+            name, _, extra = _resolve(arch)
+            wanted = {**extra, **arch_kwargs}
+            stored = header.get("arch_kwargs") or {}
+            if name != header["arch"] or any(stored.get(k) != v for k, v in wanted.items()):
+                raise CheckpointError(
+                    f"{path} is an engine checkpoint of {_arch_label(header['arch'], stored)}, not of "
+                    f"{_arch_label(arch, arch_kwargs)}; leave out arch (CLI: --arch) to use the architecture it records"
+                )
+        try:
+            model = build(header["arch"], **header["arch_kwargs"])
+        except (ValueError, TypeError) as exc:
+            raise CheckpointError(f"{path}: cannot rebuild architecture {header['arch']!r}: {exc}") from exc
+        try:
+            state = load_file(str(path), device="cpu")
+        except Exception as exc:
+            raise CheckpointError(f"{path}: cannot read tensors ({exc})") from exc
+        _fit(model, state, path, header["arch"], tolerant=False)
+        model.engine_meta = header
+        return model.to(device)
+    if source == "safetensors":
+        try:
+            state = load_file(str(path), device="cpu")
+        except Exception as exc:
+            raise CheckpointError(f"{path}: cannot read tensors ({exc})") from exc
+    else:
+        state = _state_dict_of(_torch_load(path), path)
+    if arch is None:
+        what = "a safetensors file without the engine's metadata" if source == "safetensors" else "a PyTorch state_dict"
+        raise CheckpointError(
+            f"{path}: {what} does not say which architecture its weights are for: pass arch=NAME "
+            f"(CLI: --arch NAME), e.g. lenet, mlp, resnet20, resnet110, torchvision.<model> or a registered name"
+        )
+    try:
+        model = build(arch, **arch_kwargs)
+    except TypeError as exc:
+        raise ValueError(f"cannot build {_arch_label(arch, arch_kwargs)}: {exc}") from exc
+    name = model.engine_arch["name"] if hasattr(model, "engine_arch") else arch
+    _fit(model, state, path, _arch_label(name, getattr(model, "engine_arch", {}).get("kwargs", {})), tolerant=True)
+    model.engine_meta = {
+        "format": None,
+        "arch": name,
+        "arch_kwargs": getattr(model, "engine_arch", {}).get("kwargs", dict(arch_kwargs)),
+        "normalization": _normalization(model),
+        "meta": {},
+        "source": source,
+    }
     return model.to(device)
 
 

@@ -328,6 +328,7 @@ def train(
     stop_after_epoch: int | None = None,
     checkpoint_seconds: float | None = None,
     channels_last: bool | None = None,
+    init_weights: str | None = None,
     **method_args,
 ):
     """Train ``model`` in place with a certified-robust procedure (see the module docstring).
@@ -360,6 +361,9 @@ def train(
         channels_last: train with channels-last convolution weights and activations (None: on the
             CPU for models with a Conv2d, about 1.4-1.6x faster for LeNet there); the model is
             handed back in the standard layout. Values change only by float rounding.
+        init_weights: optional identifier (e.g. the sha256 of the file) of the weights ``model`` starts from
+            instead of a random initialisation; recorded in the checkpoint's settings, so that a resume of
+            a run started from other weights is refused.
         **method_args: the method's arguments (``METHOD_ARGS``); any other name raises ValueError.
 
     Returns:
@@ -430,6 +434,8 @@ def train(
                 "train_sha256": _data_sha256(images, labels),
                 "params": [[k, list(v.shape), str(v.dtype)] for k, v in model.state_dict().items()],
             }
+            if init_weights is not None:  # only then: checkpoints of runs from a random start stay resumable
+                settings["init_weights"] = str(init_weights)
             settings = json.loads(json.dumps(settings))
             if resume and ckpt_path.exists():
                 start_epoch, history, partial = _load_checkpoint(ckpt_path, model, opt, sched, settings)
