@@ -94,7 +94,7 @@ def _solver_name(text: str) -> str:
 PAPER_OUTER_STEPS = 2750  # ALGORITHMS.md: MNIST GA needs about 2,750 outer steps
 
 
-def init_poisons(text: str | None, methods: list[str]) -> dict[str, tuple[PoisonSet, dict]]:
+def init_poisons(text: str | None, methods: list[str], train_data=None) -> dict[str, tuple[PoisonSet, dict]]:
     """``--init-poison``: METHOD=FILE pairs, each file a PoisonSet crafted for that METHOD's target class, with
     what engine.poison records of it as settings["init"] (compared before a crafted poison is reused)."""
     out: dict[str, tuple[PoisonSet, dict]] = {}
@@ -110,7 +110,7 @@ def init_poisons(text: str | None, methods: list[str]) -> dict[str, tuple[Poison
         if method in out:
             raise SystemExit(f"error: --init-poison: {method} given twice")
         try:
-            ps = PoisonSet.load(path.strip())
+            ps = PoisonSet.load(path.strip(), train_data)
         except PoisonError as exc:
             raise SystemExit(f"error: --init-poison {method}: {exc}") from None
         out[method] = (ps, init_record(ps))
@@ -223,7 +223,6 @@ def main(argv=None) -> int:
     solver = per_method(args.solver, methods, "--solver", cast=_solver_name)
     damping = per_method(args.damping, methods, "--damping", cast=float)
     largs = lower_args(args.lower_args)
-    init = init_poisons(args.init_poison, methods)
     victim_epochs = per_method(args.victim_epochs, methods, "--victim-epochs")
     transfer_epochs = per_method(args.transfer_epochs or args.victim_epochs, methods, "--transfer-epochs")
     crafted_for = methods if args.crafted is None else args.crafted.split(",")
@@ -238,12 +237,13 @@ def main(argv=None) -> int:
         images, labels = images[keep], labels[keep]
     train, val = data.split_validation(images, labels, args.val_size)
     test = data.load_mnist(args.data_root, "test")
+    init = init_poisons(args.init_poison, methods, train)  # compact poison files decode from the training split
     commands = {"evidence": " ".join(["python", *sys.argv])}
 
     poisons: dict[str, PoisonSet] = {}
     for m in {"clean": [], "transfer": crafted_for}.get(args.stage, methods):
         path = work / f"poison_{m}.safetensors"
-        done = PoisonSet.load(path) if path.exists() else None
+        done = PoisonSet.load(path, train) if path.exists() else None
         same = {"lr_p": lr_p[m], "method_args": largs[m], "solver": solver[m], "damping": damping[m],
                 "init": init[m][1] if m in init else None}
         if (done is not None and done.settings.get("outer_steps", -1) >= outer_steps[m]

@@ -88,7 +88,7 @@ def report(paths: list[Path], train_data, min_abs: float = 0.01, tol: float = 1e
         raise ValueError(f"poison files share a name: {[str(p) for p in paths]}")
     perturbations, poisons = {}, {}
     for name, path in zip(names, paths):
-        ps = engine.PoisonSet.load(path)
+        ps = engine.PoisonSet.load(path, train_data)  # compact files decode from the training split
         try:
             ps.apply(train_data)
         except PoisonError as exc:

@@ -6,7 +6,8 @@ images), ``make-subset`` (cut a small MNIST subset), ``train`` (certified-robust
 checkpoint every epoch and ``--resume``), ``poison`` (craft a PACD poison, resumable),
 ``poison-snapshot`` (the poison of a running or stopped poisoning run, from its checkpoint),
 ``poison-combine`` (one poison from several of the same data and settings; of several
-procedures with ``--mixed-methods``), ``evaluate``
+procedures with ``--mixed-methods``), ``poison-encode`` (store a poison file as float32, int8 or
+sign), ``evaluate``
 (train a victim on clean or poisoned data and certify the target class, resumable).
 
 Models: ``certify`` takes ``--checkpoint FILE`` (the engine's own checkpoint) or ``--weights FILE
@@ -452,7 +453,7 @@ def cmd_poison(args) -> int:
         print(f"error: {ckpt} exists: pass --resume to continue that run, or remove it", file=sys.stderr)
         return 2
     train_data, val_data = _load_split(args)
-    init = PoisonSet.load(args.init) if args.init is not None else None  # a bad file: PoisonError naming it
+    init = PoisonSet.load(args.init, train_data) if args.init is not None else None  # a bad file: PoisonError naming it
 
     def log(entry):
         if args.log_every and entry["step"] % args.log_every == 0:
@@ -491,9 +492,19 @@ def cmd_poison(args) -> int:
         log=log,
     )
     ps.settings.update({"arch": args.arch, "dataset": args.dataset, "val_size": args.val_size})
+    crafted, ps = ps, ps.encode(train_data, args.encoding)  # the poison the file holds (int8: quantised, a new poison)
     ps.save(out)
-    print(f"wrote {out}: {len(ps)} poisoned images of class {ps.target_class}, L_inf {ps.linf(train_data):.4f} <= eps {ps.eps}")
+    print(f"wrote {out}: {len(ps)} poisoned images of class {ps.target_class}, L_inf {ps.linf(train_data):.4f} <= eps {ps.eps}"
+          f"{_encoding_note(crafted, ps, out)}")
     return 0
+
+
+def _encoding_note(source, ps, path) -> str:
+    """', ENCODING[ (quantised: ...)], N bytes' (``ps`` = ``source.encode(...)``) for the poison commands' messages."""
+    q = ps.settings.get("quantized")
+    lossy = q is not None and q != source.settings.get("quantized")
+    what = f" (quantised: {q['changed_pixels']} pixels moved, by at most {q['max_abs_change']:.3g})" if lossy else ""
+    return f", {ps.encoding}{what}, {Path(path).stat().st_size:,} bytes"
 
 
 def cmd_poison_snapshot(args) -> int:
@@ -502,10 +513,12 @@ def cmd_poison_snapshot(args) -> int:
     train_data, _ = _load_split(args)
     ps = PoisonSet.from_checkpoint(args.checkpoint, train_data)
     ps.settings.update({"dataset": args.dataset, "val_size": args.val_size})
+    snap, ps = ps, ps.encode(train_data, args.encoding)
     ps.save(args.out)
     print(
         f"wrote {args.out}: the poison of {args.checkpoint} after {ps.settings['outer_steps']} outer steps, "
         f"{len(ps)} images of class {ps.target_class}, L_inf {ps.linf(train_data):.4f} <= eps {ps.eps}"
+        f"{_encoding_note(snap, ps, args.out)}"
     )
     return 0
 
@@ -517,13 +530,31 @@ def cmd_poison_combine(args) -> int:
         print(f"error: poison-combine --how mean needs two or more poison files, got {len(args.poisons)}", file=sys.stderr)
         return 2
     train_data, _ = _load_split(args)
-    parts = [PoisonSet.load(path) for path in args.poisons]
+    parts = [PoisonSet.load(path, train_data) for path in args.poisons]
     ps = combine_poisons(parts, train_data, args.how, mixed_methods=args.mixed_methods)
     ps.settings.update({"dataset": args.dataset, "val_size": args.val_size})
+    encoding = {"vote": "sign", "mean": "int8"}[args.how] if args.encoding == "auto" else args.encoding
+    combined, ps = ps, ps.encode(train_data, encoding)  # a vote is a vertex poison: sign is lossless; a mean is quantised
     ps.save(args.out)
     inputs = f"{len(parts)} poison{'s' if len(parts) > 1 else ''}"
     print(f"wrote {args.out}: {args.how} of {inputs}, {len(ps)} images of class {ps.target_class}, "
-          f"L_inf {ps.linf(train_data):.4f} <= eps {ps.eps}")
+          f"L_inf {ps.linf(train_data):.4f} <= eps {ps.eps}{_encoding_note(combined, ps, args.out)}")
+    return 0
+
+
+def cmd_poison_encode(args) -> int:
+    from .pacd import PoisonSet
+
+    if args.snap and args.encoding != "sign":
+        print(f"error: --snap moves a poison to a vertex for --encoding sign, not {args.encoding}", file=sys.stderr)
+        return 2
+    train_data, _ = _load_split(args)
+    src = PoisonSet.load(args.poison, train_data)
+    ps = src.encode(train_data, args.encoding, snap=args.snap)
+    ps.save(args.out)
+    what = "the same poison" if ps.settings == src.settings else "a new poison"
+    print(f"wrote {args.out}: {args.poison} ({src.encoding}, {Path(args.poison).stat().st_size:,} bytes) as "
+          f"{what}{_encoding_note(src, ps, args.out)}")
     return 0
 
 
@@ -552,8 +583,8 @@ def cmd_evaluate(args) -> int:
             print(f"error: --compare {d}: {summary} is not an evaluation summary (missing {missing})", file=sys.stderr)
             return 2
         earlier.append(loaded)
-    ps = PoisonSet.load(args.poison) if args.poison else None
     train_data, _ = _load_split(args)
+    ps = PoisonSet.load(args.poison, train_data) if args.poison else None  # compact files decode from the originals
     test_data = data.load_dataset(args.dataset, args.data_root, "test")
     res = evaluate_poison(
         ps,
@@ -783,6 +814,10 @@ def build_parser(prog: str = "python -m engine") -> argparse.ArgumentParser:
     p.add_argument("--init", default=None, help="warm-start from this poison .safetensors (same data and target class): "
                    "its images, the schedule continuing after its outer steps; --outer-steps counts the new steps")
     p.add_argument("--resume", action="store_true", help="continue from OUT.ckpt")
+    p.add_argument("--encoding", choices=("int8", "float32"), default="int8",
+                   help="how OUT stores the poison: int8 (the crafted poison quantised to eps/127 steps at the end, a "
+                   "new poison recorded in settings['quantized'], 1 byte a pixel) or float32 (as crafted, 4 bytes); "
+                   "OUT.ckpt stays float32")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_poison)
 
@@ -794,6 +829,8 @@ def build_parser(prog: str = "python -m engine") -> argparse.ArgumentParser:
     p.add_argument("--data-root", default=None, help="data folder of the run (mnist: default the embedded subset)")
     p.add_argument("--val-size", type=_int_at_least(1), default=5000, help="the run's --val-size")
     p.add_argument("--out", required=True, help="poison .safetensors to write")
+    p.add_argument("--encoding", choices=("int8", "float32"), default="int8",
+                   help="int8 (the snapshot quantised, a new poison) or float32 (as it stands)")
     p.set_defaults(func=cmd_poison_snapshot)
 
     p = sub.add_parser("poison-combine", help="one poison from several of the same data, class and settings "
@@ -807,7 +844,22 @@ def build_parser(prog: str = "python -m engine") -> argparse.ArgumentParser:
     p.add_argument("--data-root", default=None, help="data folder of the poisons (mnist: default the embedded subset)")
     p.add_argument("--val-size", type=_int_at_least(1), default=5000, help="the poisons' --val-size")
     p.add_argument("--out", required=True, help="poison .safetensors to write")
+    p.add_argument("--encoding", choices=("auto", "sign", "int8", "float32"), default="auto",
+                   help="auto: sign for a vote (lossless, 2 bits a pixel), int8 for a mean (quantised, a new poison)")
     p.set_defaults(func=cmd_poison_combine)
+
+    p = sub.add_parser("poison-encode", help="store a poison file as float32, int8 or sign (sign: vertex poisons only)")
+    p.add_argument("poison", help="poison .safetensors to read")
+    p.add_argument("--encoding", choices=("sign", "int8", "float32"), required=True,
+                   help="sign: 2 bits a pixel, for a poison at a vertex of its eps box (e.g. a vote), bit for bit; "
+                   "int8: 1 byte a pixel, exact for a vertex or int8 poison, else quantised (a new poison)")
+    p.add_argument("--snap", action="store_true", help="with sign: move every pixel out to the vertex along its sign "
+                   "(a new poison: what poison-combine --how vote of that one poison gives) instead of refusing")
+    p.add_argument("--dataset", choices=("mnist", "cifar10"), default="mnist")
+    p.add_argument("--data-root", default=None, help="data folder of the poison (mnist: default the embedded subset)")
+    p.add_argument("--val-size", type=_int_at_least(1), default=5000, help="the poison's --val-size")
+    p.add_argument("--out", required=True, help="poison .safetensors to write")
+    p.set_defaults(func=cmd_poison_encode)
 
     p = sub.add_parser("evaluate", help="train a victim on clean or poisoned data and certify the target class")
     _add_threads(p)

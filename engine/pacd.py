@@ -40,10 +40,14 @@ __all__ = [
     "soft_radius_objective",
     "derive_seed",
     "METHODS",
+    "ENCODINGS",
 ]
 
 METHODS = ("gaussian", "macer", "smoothadv")
 FORMAT = "engine.poison/1"
+# how a poison file stores the images: float32 as they are; int8 codes of the perturbation in units of about eps/127;
+# sign: the direction (-1, 0, +1) of each pixel of a vertex poison, 2 bits a pixel (see PoisonSet.encode)
+ENCODINGS = ("float32", "int8", "sign")
 
 
 class PoisonError(ValueError):
@@ -135,16 +139,93 @@ def _content_hash(tensors: dict[str, torch.Tensor], meta: dict) -> str:
     return h.hexdigest()
 
 
+def _poison_sha256(ps: "PoisonSet") -> str:
+    """The poison's identity: the sha256 its float32 file carries (images as float32, whatever the file's encoding)."""
+    return _content_hash(ps._tensors(), ps._meta())
+
+
 def init_record(ps: "PoisonSet") -> dict:
-    """What a run warm-started from ``ps`` (``poison(init=ps)``) records as ``settings["init"]``."""
+    """What a run warm-started from ``ps`` (``poison(init=ps)``) records as ``settings["init"]``.
+
+    ``sha256`` is the poison's identity: the sha256 of its float32 file, also for a poison stored compactly
+    (a lossless encoding keeps it; a lossy one, :meth:`PoisonSet.encode`, makes a new poison)."""
     return json.loads(json.dumps({
-        "sha256": _content_hash(ps._tensors(), ps._meta()),
+        "sha256": _poison_sha256(ps),
         "outer_steps": int(ps.settings.get("outer_steps", 0)),
         "total_outer_steps": int(ps.settings.get("total_outer_steps", ps.settings.get("outer_steps", 0))),
         "method": ps.method,
         "eps": ps.eps,
         **{k: ps.settings[k] for k in ("solver", "damping", "method_args", "seed") if k in ps.settings},
     }))
+
+
+def _same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Two float32 tensors hold the same bits (torch.equal would also take -0.0 for 0.0)."""
+    return (a.dtype == b.dtype == torch.float32 and a.shape == b.shape
+            and torch.equal(a.contiguous().view(torch.int32), b.contiguous().view(torch.int32)))
+
+
+def _vertex(x0: torch.Tensor, eps: float, direction: torch.Tensor) -> torch.Tensor:
+    """The vertex of the eps box along ``direction`` (float32, -1 / 0 / +1 a pixel), then onto [0, 1]: the arithmetic
+    of :func:`combine_poisons`' vote (one float32 product, one sum, the projection), so a sign file decodes a vote
+    poison bit for bit."""
+    return _project(x0 + eps * direction, x0, eps)
+
+
+def _int8_scale(eps: float) -> torch.Tensor:
+    """The unit of int8 codes: eps / 127 rounded to float32, one float32 step larger where 127 units of it fall short
+    of eps in float32 (so that codes +-127 reach the eps bound and a vertex poison is exact in int8 too)."""
+    scale = torch.tensor(eps / 127, dtype=torch.float32)
+    if float(scale * 127) < float(torch.tensor(eps, dtype=torch.float32)):
+        scale = torch.nextafter(scale, torch.tensor(math.inf, dtype=torch.float32))
+    return scale
+
+
+def _int8_decode(codes: torch.Tensor, x0: torch.Tensor, eps: float) -> torch.Tensor:
+    """_project(x0 + codes * unit, x0, eps) as separate elementwise float32 operations (a product, a sum, the
+    projection; no fused multiply-add), so every CPU decodes the same bits."""
+    delta = codes.to(torch.float32) * _int8_scale(eps)
+    return _project(x0 + delta, x0, eps)
+
+
+def _int8_encode(images: torch.Tensor, x0: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(codes, decoded): per pixel the code in [-127, 127] whose decoding lies nearest the image, exactly on it where
+    a code decodes to it (ties go to the rounded quotient (u - x0) / unit)."""
+    if eps == 0:
+        codes = torch.zeros(images.shape, dtype=torch.int8)
+        return codes, _int8_decode(codes, x0, eps)
+    target = images.to(torch.float64)
+    q = torch.round((target - x0.to(torch.float64)) / float(_int8_scale(eps))).clamp_(-127, 127)
+    best, best_err = None, None
+    for cand in (q, q - 1, q + 1, torch.full_like(q, -127), torch.full_like(q, 127), torch.zeros_like(q)):
+        cand = cand.clamp(-127, 127)
+        err = (_int8_decode(cand, x0, eps).to(torch.float64) - target).abs()
+        if best is None:
+            best, best_err = cand, err
+        else:
+            better = err < best_err
+            best, best_err = torch.where(better, cand, best), torch.where(better, err, best_err)
+    codes = best.to(torch.int8)
+    return codes, _int8_decode(codes, x0, eps)
+
+
+def _sign_pack(direction: torch.Tensor) -> torch.Tensor:
+    """Directions -1 / 0 / +1 as 2-bit codes 0 / 1 / 2, four pixels a byte (the first in the low bits), padded with 1."""
+    c = (direction.reshape(-1).to(torch.int64) + 1).to(torch.uint8)
+    c = torch.cat([c, torch.ones((-c.numel()) % 4, dtype=torch.uint8)]).view(-1, 4)
+    return c[:, 0] | (c[:, 1] << 2) | (c[:, 2] << 4) | (c[:, 3] << 6)
+
+
+def _sign_unpack(packed: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+    """float32 directions of ``shape`` from :func:`_sign_pack`'s bytes; a code 3 or a padding other than 1 is refused."""
+    n = math.prod(shape)
+    if packed.dtype != torch.uint8 or packed.dim() != 1 or packed.numel() != (n + 3) // 4:
+        raise PoisonError(f"sign directions: expected {(n + 3) // 4} uint8 bytes for {n} pixels, got "
+                          f"{tuple(packed.shape)} {packed.dtype}")
+    c = torch.stack([(packed >> s) & 3 for s in (0, 2, 4, 6)], 1).reshape(-1)
+    if bool((c[:n] == 3).any()) or bool((c[n:] != 1).any()):
+        raise PoisonError("sign directions: invalid 2-bit codes (3, or padding other than 1)")
+    return (c[:n].to(torch.float32) - 1).reshape(shape)
 
 
 @dataclass
@@ -154,6 +235,8 @@ class PoisonSet:
     indices: (P,) int64 positions in the training set; images: (P, C, H, W) float32 poisoned images
     in [0, 1]; labels: (P,) int64 their (unchanged) labels; clean_sha256: hash of the clean originals
     (images as float32 in [0, 1] and labels) so that :meth:`apply` refuses another data set.
+    encoding: how :meth:`save` stores the images ("float32", "int8" or "sign"; see :meth:`encode`, which makes
+    a PoisonSet whose images are exactly what its compact file decodes to).
     """
 
     indices: torch.Tensor
@@ -165,6 +248,9 @@ class PoisonSet:
     method: str
     target_class: int
     settings: dict = field(default_factory=dict)
+    encoding: str = "float32"
+    # the clean originals at indices (float32), kept by encode() and load() so that save() can write codes
+    _x0: torch.Tensor | None = field(default=None, init=False, repr=False, compare=False)
 
     def __post_init__(self):
         if self.indices.dim() != 1 or self.images.shape[0] != self.indices.shape[0] or self.labels.shape != self.indices.shape:
@@ -172,6 +258,8 @@ class PoisonSet:
                 f"inconsistent poison set: {tuple(self.indices.shape)} indices, {tuple(self.images.shape)} images, "
                 f"{tuple(self.labels.shape)} labels"
             )
+        if self.encoding not in ENCODINGS:
+            raise PoisonError(f"unknown poison encoding {self.encoding!r} (known: {', '.join(ENCODINGS)})")
 
     def __len__(self) -> int:
         return int(self.indices.shape[0])
@@ -195,20 +283,66 @@ class PoisonSet:
         }
 
     def save(self, path: str | os.PathLike) -> None:
-        """Write a safetensors file (atomically) whose JSON metadata carries a sha256 of the contents."""
+        """Write a safetensors file (atomically) whose JSON metadata carries a sha256 of the contents.
+
+        float32: the images as they are (the format of every earlier poison file). int8 / sign: codes relative to
+        the clean originals (see :meth:`encode`), the encoding and the poison's float32 sha256 in the metadata; a
+        poison that its encoding does not represent exactly is refused (save never changes a poison).
+        """
         from safetensors.torch import save_file
 
-        meta = self._meta()
-        tensors = self._tensors()
-        header = {"meta": meta, "sha256": _content_hash(tensors, meta)}
         path = Path(path)
+        meta = self._meta()
+        if self.encoding == "float32":
+            tensors = self._tensors()
+            header = {"meta": meta, "sha256": _content_hash(tensors, meta)}
+        else:
+            tensors, info = self._compact(path, meta)
+            header = {**info, "sha256": _content_hash(tensors, info)}
         tmp = path.with_name(path.name + ".tmp")
         save_file(tensors, str(tmp), metadata={"engine_poison": json.dumps(header)})
         publish(tmp, path)
 
+    def _compact(self, path: Path, meta: dict) -> tuple[dict[str, torch.Tensor], dict]:
+        """The tensors and metadata (less the sha256) of this poison's int8 or sign file."""
+        enc = self.encoding
+        if self._x0 is None or tuple(self._x0.shape) != tuple(self.images.shape):
+            raise PoisonError(
+                f"{path}: {'an' if enc == 'int8' else 'a'} {enc} poison file stores the images relative to their clean "
+                f"originals, which this "
+                f"PoisonSet does not hold: make it with encode(train_data, {enc!r}) or load it with the training set"
+            )
+        images, x0 = self.images.to(torch.float32).contiguous(), self._x0
+        if enc == "int8":
+            codes, decoded = _int8_encode(images, x0, self.eps)
+            stored = {"codes": codes.contiguous()}
+        else:
+            direction = (images - x0).sign()
+            decoded = _vertex(x0, self.eps, direction)
+            stored = {"directions": _sign_pack(direction)}
+        if not _same_bits(decoded, images):
+            off = int((decoded != images).sum())
+            raise PoisonError(
+                f"{path}: this poison is not exactly representable as {enc} ({off} of {images.numel()} pixels "
+                f"differ): quantise it first with encode(train_data, {enc!r}), which makes a new poison"
+            )
+        stored.update({"indices": self.indices.to(torch.int64).contiguous(),
+                       "labels": self.labels.to(torch.int64).contiguous()})
+        info = {"meta": meta, "encoding": enc, "image_shape": list(images.shape),
+                "poison_sha256": _content_hash(self._tensors(), meta)}
+        if enc == "int8":
+            info["int8_scale"] = float(_int8_scale(self.eps))
+        return stored, info
+
     @classmethod
-    def load(cls, path: str | os.PathLike) -> "PoisonSet":
-        """Read a poison set written by :meth:`save`; a modified file is refused."""
+    def load(cls, path: str | os.PathLike, train_data=None) -> "PoisonSet":
+        """Read a poison set written by :meth:`save`; a modified file is refused.
+
+        ``train_data`` (images, labels): the training set the poison was crafted from. An int8 or sign file needs
+        it (its images are decoded from the clean originals); given with any file, another training set is
+        refused (as :meth:`apply` does). A compact file's decoded images are checked against the sha256 of the
+        poison it was saved from.
+        """
         from safetensors import safe_open
 
         path = Path(path)
@@ -222,17 +356,35 @@ class PoisonSet:
             raise PoisonError(f"{path}: not a readable safetensors file ({exc})") from exc
         if raw is None:
             raise PoisonError(f"{path}: safetensors file without poison metadata")
-        header = json.loads(raw)
-        meta = header.get("meta", {})
+        try:
+            header = json.loads(raw)
+        except json.JSONDecodeError as exc:
+            raise PoisonError(f"{path}: unreadable poison metadata ({exc})") from None
+        meta = header.get("meta", {}) if isinstance(header, dict) else {}
         if meta.get("format") != FORMAT:
             raise PoisonError(f"{path}: unknown poison format {meta.get('format')!r}")
-        if set(tensors) != {"indices", "images", "labels"}:
-            raise PoisonError(f"{path}: unexpected tensors {sorted(tensors)}")
-        if _content_hash(tensors, meta) != header.get("sha256"):
+        encoding = header.get("encoding", "float32")
+        if encoding not in ENCODINGS:
+            raise PoisonError(f"{path}: unknown poison encoding {encoding!r} (known: {', '.join(ENCODINGS)})")
+        payload = {"float32": "images", "int8": "codes", "sign": "directions"}[encoding]
+        if set(tensors) != {"indices", payload, "labels"}:
+            raise PoisonError(f"{path}: unexpected tensors {sorted(tensors)} for a {encoding} poison file")
+        hashed = meta if encoding == "float32" else {k: v for k, v in header.items() if k != "sha256"}
+        if _content_hash(tensors, hashed) != header.get("sha256"):
             raise PoisonError(f"{path}: contents do not match their sha256: the file was modified or damaged")
-        return cls(
+        if encoding != "float32" and train_data is None:
+            hint = ", ".join(f"{k} {meta['settings'][k]}" for k in ("dataset", "val_size") if k in meta.get("settings", {}))
+            raise PoisonError(
+                f"{path}: {'an' if encoding == 'int8' else 'a'} {encoding} poison file stores its images relative to "
+                f"the clean training images: pass the "
+                f"training set it was crafted on (PoisonSet.load(path, train_data); on the command line its --dataset, "
+                f"--data-root and --val-size{f': {hint}' if hint else ''})"
+            )
+        images = tensors["images"] if encoding == "float32" else torch.empty(
+            [int(n) for n in header.get("image_shape", [])], dtype=torch.float32)
+        ps = cls(
             tensors["indices"],
-            tensors["images"],
+            images,
             tensors["labels"],
             meta["clean_sha256"],
             meta["eps"],
@@ -240,7 +392,122 @@ class PoisonSet:
             meta["method"],
             meta["target_class"],
             meta["settings"],
+            encoding,
         )
+        if train_data is None:
+            return ps
+        try:
+            x0 = ps._originals(train_data)
+            if encoding == "int8":
+                codes = tensors["codes"]
+                if codes.dtype != torch.int8 or tuple(codes.shape) != tuple(images.shape) or bool((codes == -128).any()):
+                    raise PoisonError(f"int8 codes must be {tuple(images.shape)} int8 in [-127, 127]")
+                if header.get("int8_scale") != float(_int8_scale(ps.eps)):
+                    raise PoisonError(f"int8 unit {header.get('int8_scale')!r} is not {float(_int8_scale(ps.eps))!r} "
+                                      f"(eps {ps.eps} / 127 in float32)")
+                ps.images = _int8_decode(codes, x0, ps.eps)
+            elif encoding == "sign":
+                ps.images = _vertex(x0, ps.eps, _sign_unpack(tensors["directions"], tuple(images.shape)))
+        except PoisonError as exc:
+            raise PoisonError(f"{path}: {exc}") from None
+        ps._x0 = x0
+        if encoding != "float32" and _poison_sha256(ps) != header.get("poison_sha256"):
+            raise PoisonError(
+                f"{path}: the decoded images are not those of the poison saved (sha256 {header.get('poison_sha256')}): "
+                "the file was altered, or this machine's float32 arithmetic decodes them differently"
+            )
+        return ps
+
+    def _originals(self, train_data) -> torch.Tensor:
+        """The clean originals at ``indices`` (float32 in [0, 1]), after checking that ``train_data`` is the training
+        set this poison was crafted from."""
+        images, labels = train_data
+        idx = self.indices
+        if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= images.shape[0]):
+            raise PoisonError(f"poison indices out of range for a training set of {images.shape[0]} images")
+        if tuple(images.shape[1:]) != tuple(self.images.shape[1:]):
+            raise PoisonError(
+                f"poison images {tuple(self.images.shape[1:])} do not match training images {tuple(images.shape[1:])}"
+            )
+        recorded = ", ".join(f"{k} {self.settings[k]}" for k in ("dataset", "val_size") if k in self.settings)
+        recorded = f" (it records {recorded})" if recorded else ""
+        if not torch.equal(torch.as_tensor(labels)[idx].to(torch.int64), self.labels):
+            raise PoisonError("labels at the poison indices differ from the poison's labels (clean-label poison): not "
+                              f"the training set it was crafted from{recorded}")
+        if _hash_clean(images[idx], torch.as_tensor(labels)[idx]) != self.clean_sha256:
+            raise PoisonError(
+                f"the training images at the poison indices are not the originals this poison was crafted from{recorded}"
+            )
+        x0 = images[idx]
+        return x0.to(torch.float32) / 255.0 if x0.dtype == torch.uint8 else x0.to(torch.float32)
+
+    def _check_box(self, images: torch.Tensor, x0: torch.Tensor, what: str) -> None:
+        """|images - x0| <= eps (+1e-6) and images in [0, 1], or a PoisonError naming ``what``."""
+        if images.numel() == 0:
+            return
+        if not bool(torch.isfinite(images).all()) or float(images.min()) < 0 or float(images.max()) > 1:
+            raise PoisonError(f"{what}: images outside [0, 1]")
+        dist = float((images - x0).abs().max())
+        if dist > self.eps + 1e-6:
+            raise PoisonError(f"{what}: images {dist:.6g} from their originals, outside the eps box ({self.eps})")
+
+    def encode(self, train_data, encoding: str, *, snap: bool = False) -> "PoisonSet":
+        """This poison as a PoisonSet stored with ``encoding``, whose images are exactly those its file decodes to.
+
+        ``train_data``: the training set the poison was crafted from (the originals x0 at ``indices``, checked as
+        :meth:`apply` does). Encodings (u the poison, eps its L_inf radius):
+
+        - "float32": the images as they are (4 bytes a pixel).
+        - "int8": codes c in [-127, 127] in units of eps / 127 (rounded to float32; see ``_int8_scale``), decoded
+          as _project(x0 + c * unit, x0, eps) in float32 (1 byte a pixel); per pixel the code decoding nearest
+          u, so |decoded - u| <= eps / 254 plus float32 rounding, and u itself where a code decodes to it.
+        - "sign": directions d in {-1, 0, +1} (2 bits a pixel), decoded as _project(x0 + eps * d, x0, eps), the
+          arithmetic of :func:`combine_poisons`' vote. Only for a poison at a vertex of its feasible set: every
+          pixel u == _project(x0 + eps * sign(u - x0), x0, eps) bit for bit (x0, or x0 +- eps clipped to [0, 1]);
+          another poison is refused unless ``snap`` moves every pixel out to the vertex along its sign (what a
+          vote of that one poison gives).
+
+        Where the decoded images equal the poison's bit for bit (a vote poison as sign, an int8 poison as int8) the
+        result is the same poison (same settings and :func:`init_record` sha256). Otherwise it is a new poison:
+        ``settings["quantized"]`` records the encoding, :func:`init_record` of this poison (``from``), how many
+        pixels changed and by at most how much. Either way the result keeps the eps box, [0, 1] and the labels.
+        """
+        if encoding not in ENCODINGS:
+            raise ValueError(f"encoding must be one of {ENCODINGS}, got {encoding!r}")
+        if snap and encoding != "sign":
+            raise ValueError(f"snap moves a poison to a vertex for the sign encoding, not for {encoding!r}")
+        x0 = self._originals(train_data)
+        images = self.images.to(torch.float32).contiguous()
+        self._check_box(images, x0, "encode")
+        if encoding == "float32":
+            decoded = images.clone()
+        elif encoding == "int8":
+            decoded = _int8_encode(images, x0, self.eps)[1]
+        else:
+            decoded = _vertex(x0, self.eps, (images - x0).sign())
+            if not snap and not _same_bits(decoded, images):
+                off = int((decoded != images).sum())
+                raise PoisonError(
+                    f"sign encoding: {off} of {images.numel()} pixels are not at a vertex of the eps box (x0, or "
+                    f"x0 +- eps clipped to [0, 1]); a sign file stores vertex poisons (e.g. a vote of poison-combine): "
+                    f"pass snap=True (--snap) to move every pixel out to the vertex along its sign, a new poison, or "
+                    f"use int8"
+                )
+        settings = json.loads(json.dumps(self.settings))
+        if not _same_bits(decoded, images):
+            change = (decoded.to(torch.float64) - images.to(torch.float64)).abs()
+            settings["quantized"] = {
+                "encoding": encoding,
+                **({"snap": True} if encoding == "sign" else {}),
+                "from": init_record(self),
+                "changed_pixels": int((change > 0).sum()),
+                "max_abs_change": float(change.max()),
+            }
+        out = PoisonSet(self.indices.clone(), decoded, self.labels.clone(), self.clean_sha256, self.eps, self.sigma,
+                        self.method, self.target_class, settings, encoding)
+        out._check_box(decoded, x0, f"encode({encoding!r})")
+        out._x0 = x0
+        return out
 
     @classmethod
     def from_checkpoint(cls, checkpoint: str | os.PathLike, train_data) -> "PoisonSet":
@@ -290,17 +557,8 @@ class PoisonSet:
         crafted from.
         """
         images, labels = train_data
+        self._originals(train_data)
         idx = self.indices
-        if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= images.shape[0]):
-            raise PoisonError(f"poison indices out of range for a training set of {images.shape[0]} images")
-        if tuple(images.shape[1:]) != tuple(self.images.shape[1:]):
-            raise PoisonError(
-                f"poison images {tuple(self.images.shape[1:])} do not match training images {tuple(images.shape[1:])}"
-            )
-        if not torch.equal(labels[idx].to(torch.int64), self.labels):
-            raise PoisonError("labels at the poison indices differ from the poison's labels (clean-label poison)")
-        if _hash_clean(images[idx], labels[idx]) != self.clean_sha256:
-            raise PoisonError("the training images at the poison indices are not the originals this poison was crafted from")
         out = images.to(torch.float32) / 255.0 if images.dtype == torch.uint8 else images.to(torch.float32).clone()
         out[idx] = self.images.to(torch.float32)
         return out, labels.to(torch.int64).clone()
@@ -656,7 +914,7 @@ def combine_poisons(poisons: list[PoisonSet], train_data, how: str = "vote", *,
         images = _project(stack.to(torch.float64).mean(0).to(torch.float32), x0, first.eps)
     else:
         direction = (stack.to(torch.float64) - x0.to(torch.float64)).sum(0).sign().to(torch.float32)
-        images = _project(x0 + first.eps * direction, x0, first.eps)
+        images = _vertex(x0, first.eps, direction)  # the arithmetic a sign file decodes with
     records = [init_record(ps) for ps in poisons]
     shared = [k for k in first.settings if k not in _RUN_KEYS and all(
         k in ps.settings and ps.settings[k] == first.settings[k] for ps in poisons)]
@@ -708,6 +966,7 @@ def poison(
     method_args: dict | None = None,
     device: str | torch.device = "cpu",
     hvp_backend: str = "auto",
+    encoding: str = "float32",
     progress: bool = False,
     log: Callable[[dict], None] | None = None,
 ) -> PoisonSet:
@@ -747,6 +1006,10 @@ def poison(
             the model is supported, else torch.func); MACER's loss enters through its expansion at the
             logits, or, with "torch_func", as a whole through torch.func (see ``_Lower.products``).
             The Hessian and mixed products run with the model in eval mode (BatchNorm running statistics).
+        encoding: "float32" (the crafted images as they are) or "int8": the crafted poison quantised at the end
+            (:meth:`PoisonSet.encode`; ``settings["quantized"]`` records the float32 poison it came from), so the
+            PoisonSet returned is the one its 4x smaller file holds. The checkpoint keeps the float32 poison (a
+            resumed run quantises the same), and the encoding is no checkpoint setting.
 
     Returns:
         :class:`PoisonSet` with ||images - originals||_inf <= eps, images in [0, 1], labels unchanged.
@@ -761,6 +1024,9 @@ def poison(
         raise ValueError(f"hvp_backend must be one of {HVP_BACKENDS}, got {hvp_backend!r}")
     if u_update not in ("adam", "sign"):
         raise ValueError(f"u_update must be 'adam' or 'sign', got {u_update!r}")
+    if encoding not in ("float32", "int8"):
+        raise ValueError(f"encoding must be 'float32' or 'int8' for a crafted poison, got {encoding!r} (sign stores "
+                         "vertex poisons: PoisonSet.encode(train_data, 'sign', snap=True) or combine_poisons)")
     sigma = _positive("sigma", sigma)
     eps = _positive("eps", eps, allow_zero=True)
     lr_u, lr_w, lr_p = _positive("lr_u", lr_u), _positive("lr_w", lr_w), _positive("lr_p", lr_p)
@@ -1040,7 +1306,7 @@ def poison(
             **_history_summary(history),
         }
     )
-    return PoisonSet(
+    crafted = PoisonSet(
         indices=pool_p.clone(),
         images=u.detach().to("cpu", torch.float32),
         labels=labels[pool_p].clone(),
@@ -1051,3 +1317,4 @@ def poison(
         target_class=int(target_class),
         settings=json.loads(json.dumps(final)),
     )
+    return crafted if encoding == "float32" else crafted.encode(train_data, encoding)

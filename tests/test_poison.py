@@ -241,13 +241,14 @@ def test_cli_poison_and_evaluate(tmp_path):
             "--arch", "mlp", "--out", str(out), "--quiet", "--checkpoint-every", "1"]
     proc = subprocess.run(base + ["--outer-steps", "2"], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
-    first = PoisonSet.load(out)
-    assert first.settings["outer_steps"] == 2 and first.target_class == 8
+    split = data.split_validation(*data.load_mnist(data.embedded_mnist_root(), "train"), 9000)[0]  # int8: decoded from it
+    first = PoisonSet.load(out, split)
+    assert first.settings["outer_steps"] == 2 and first.target_class == 8 and first.encoding == "int8"
     proc = subprocess.run(base + ["--outer-steps", "3"], capture_output=True, text=True)
     assert proc.returncode == 2 and "--resume" in proc.stderr
     proc = subprocess.run(base + ["--outer-steps", "3", "--resume"], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
-    assert PoisonSet.load(out).settings["outer_steps"] == 3
+    assert PoisonSet.load(out, split).settings["outer_steps"] == 3
     ev = [sys.executable, "-m", "engine", "evaluate", "--val-size", "9000", "--victim-method", "gaussian", "--arch", "mlp",
           "--sigma", "0.5", "--epochs", "1", "--images", "3", "--n0", "10", "--n", "50", "--quiet"]
     proc = subprocess.run(ev + ["--poison", str(out), "--out-dir", str(tmp_path / "ev")], capture_output=True, text=True)
@@ -521,8 +522,9 @@ def test_snapshot_from_checkpoint(tiny, tmp_path):
            "--out", str(tmp_path / "s.safetensors")]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
-    s = PoisonSet.load(tmp_path / "s.safetensors")
-    assert torch.equal(s.images, PoisonSet.load(out).images) and s.settings["outer_steps"] == 1
+    split = data.split_validation(*data.load_mnist(data.embedded_mnist_root(), "train"), 9000)[0]  # int8: decoded from it
+    s = PoisonSet.load(tmp_path / "s.safetensors", split)
+    assert torch.equal(s.images, PoisonSet.load(out, split).images) and s.settings["outer_steps"] == 1
     proc = subprocess.run(cmd[:-4] + ["--val-size", "8000", "--out", str(tmp_path / "t.safetensors")], capture_output=True,
                           text=True)
     assert proc.returncode == 2 and "not the originals" in proc.stderr
@@ -855,17 +857,17 @@ def test_combine_poisons(tiny, tmp_path):
     out = tmp_path / "c.safetensors"
     argv = ["poison-combine", str(tmp_path / "up.safetensors"), str(tmp_path / "down.safetensors"), "--val-size", "9000"]
     assert cli.main(argv + ["--how", "mean", "--out", str(out)]) == 0
-    c = PoisonSet.load(out)
-    assert torch.allclose(c.images, ((base + 0.1).clamp(0, 1) + (base - 0.1).clamp(0, 1)) / 2, atol=1e-6)
+    c = PoisonSet.load(out, (tx, ty))  # a mean is stored as int8 (quantised to eps / 127 steps), a vote as sign
+    assert torch.allclose(c.images, ((base + 0.1).clamp(0, 1) + (base - 0.1).clamp(0, 1)) / 2, atol=0.1 / 254 + 1e-6)
     assert c.settings["combine"] == "mean" and c.settings["val_size"] == 9000
     assert cli.main(argv + ["--out", str(out)]) == 0  # vote: +eps where the sum is positive (near 0), else -eps or 0
     assert cli.main(argv[:2] + ["--how", "mean", "--out", str(out)]) == 2  # mean of one
     assert cli.main(argv[:2] + ["--val-size", "9000", "--out", str(out)]) == 0  # vote of one: every pixel up by eps
-    assert torch.allclose(PoisonSet.load(out).images, (base + 0.1).clamp(0, 1), atol=1e-6)
+    assert torch.allclose(PoisonSet.load(out, (tx, ty)).images, (base + 0.1).clamp(0, 1), atol=1e-6)
     assert cli.main(argv[:3] + ["--val-size", "8000", "--out", str(out)]) == 2  # another split
     PoisonSet(idx, (base + 0.1).clamp(0, 1), ty[idx], _hash_clean(tx[idx], ty[idx]), 0.1, 0.5, "smoothadv",
               8).save(tmp_path / "sa.safetensors")
     argv = ["poison-combine", str(tmp_path / "sa.safetensors"), str(tmp_path / "down.safetensors"), "--val-size", "9000"]
     assert cli.main(argv + ["--out", str(out)]) == 2  # procedures differ
     assert cli.main(argv + ["--mixed-methods", "--how", "mean", "--out", str(out)]) == 0
-    assert PoisonSet.load(out).method == "gaussian+smoothadv"
+    assert PoisonSet.load(out, (tx, ty)).method == "gaussian+smoothadv"
