@@ -40,7 +40,7 @@ the PyTorch part, operands of the Triton dots rounded to that type, float32 accu
 ``"auto"``: bf16 for the "auto" / "triton" backends on CUDA, fp32 otherwise. With bf16 the
 convolution / batch-norm pairs of the PyTorch part are folded (eval mode). Mixed precision changes
 the base classifier f slightly, never the soundness of the certificate (CERTIFY is sound for any
-deterministic f); bench/results/mixed_precision-*.md measures how far decisions move.
+deterministic f); bench/experiments/mixed_precision/ measures how far decisions move.
 
 Reproducibility
 ---------------

@@ -11,8 +11,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import torch
+
 from engine import data
 from engine.cli import build_parser
+from engine.pacd import PoisonSet, init_record
 
 EXPERIMENTS = Path(__file__).resolve().parent.parent / "bench" / "experiments"
 
@@ -89,3 +92,125 @@ def test_pacd_pair_report(tmp_path):
     for pair, msg in ((f"x={bad},{clean}", "error: expected a clean victim"), (f"x={clean}", "LABEL=CLEAN_DIR,POISONED_DIR")):
         proc = _run("pacd_mnist/pacd_pair.py", "--pair", pair, "--what", "toy", "--out", out)
         assert proc.returncode != 0 and msg in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_pacd_mnist_tiny_end_to_end_and_resume(tmp_path):
+    """pacd_mnist_evidence.py on the embedded subset at toy settings: --stage clean trains only the
+    clean victims and --stage transfer --archs mlp one part of the transfer matrix, which the full run then
+    reuses; poisons, main table with clean and poisoned victims side
+    by side, transfer matrix; a second run reuses everything."""
+    script = EXPERIMENTS / "pacd_mnist" / "pacd_mnist_evidence.py"
+    out = tmp_path / "pacd"
+    args = [sys.executable, str(script), "--data-root", str(data.embedded_mnist_root()), "--work", str(tmp_path / "work"),
+            "--out", str(out), "--methods", "gaussian,macer", "--outer-steps", "2,macer=1", "--train-size", "900", "--val-size",
+            "300", "--batch-clean", "60", "--batch-poison", "20", "--batch-val", "10", "--k", "2", "--niter1", "2",
+            "--niter2", "2", "--victim-epochs", "1", "--images", "3", "--n", "40", "--transfer", "--transfer-images", "2",
+            "--transfer-n", "20", "--archs", "lenet,mlp", "--threads", "1", "--lower-args", '{"macer": {"k": 3}}',
+            "--solver", "approxgrad,macer=cg", "--damping", "1e-3,macer=10"]  # fmt: skip
+    first = subprocess.run(args + ["--stage", "clean"], capture_output=True, text=True)  # clean victims only
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert "crafting poison" not in first.stdout and not list((tmp_path / "work").glob("poison_*"))
+    clean_victims = {m: tmp_path / "work" / "main" / m / "clean" / "victim.safetensors" for m in ("gaussian", "macer")}
+    stamps = {m: v.stat().st_mtime_ns for m, v in clean_victims.items()}
+    assert not out.with_suffix(".json").exists() and not (tmp_path / "work" / "main" / "gaussian" / "poisoned").exists()
+    # the MLP part of the transfer matrix alone, for the GA poison alone (crafts only the poison it needs),
+    # in its own report
+    part_out = tmp_path / "pacd_mlp"
+    part_args = args[: args.index("--out") + 1] + [str(part_out)] + args[args.index("--out") + 2 :]
+    bad = subprocess.run(part_args + ["--stage", "transfer", "--crafted", "smoothadv"], capture_output=True, text=True)
+    assert bad.returncode != 0 and "--crafted: ['smoothadv'] not among --methods" in bad.stderr
+    part = subprocess.run(part_args + ["--stage", "transfer", "--archs", "mlp", "--crafted", "gaussian"],
+                          capture_output=True, text=True)
+    assert part.returncode == 0, part.stderr[-3000:]
+    assert not (tmp_path / "work" / "poison_macer.safetensors").exists()
+    part_report = json.loads(part_out.with_suffix(".json").read_text())
+    assert part_report["main"] == {} and sorted(part_report["transfer"]) == ["gaussian->gaussian/mlp", "gaussian->macer/mlp"]
+    part_md = part_out.with_suffix(".md").read_text()
+    assert "(not run in this invocation: --stage transfer)" in part_md
+    part_matrix = part_md.split("| poison crafted for | gaussian / mlp | macer / mlp |")[1].strip().split("\n\n")[0]
+    assert [x.split(" | ")[0] for x in part_matrix.splitlines()[1:]] == ["| gaussian"]  # one row: the GA poison
+    mlp_victim = tmp_path / "work" / "transfer" / "mlp" / "macer" / "gaussian" / "victim.safetensors"
+    mlp_stamp = mlp_victim.stat().st_mtime_ns
+    # the poisoned main-table victim of one procedure alone
+    alone = subprocess.run(args + ["--stage", "poisoned", "--methods", "gaussian", "--outer-steps", "2"], capture_output=True,
+                           text=True)
+    assert alone.returncode == 0, alone.stderr[-3000:]
+    work_main = tmp_path / "work" / "main"
+    assert (work_main / "gaussian" / "poisoned" / "summary.json").exists() and not (work_main / "macer" / "poisoned").exists()
+    poisoned_stamp = (work_main / "gaussian" / "poisoned" / "victim.safetensors").stat().st_mtime_ns
+    proc = subprocess.run(args, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert {m: v.stat().st_mtime_ns for m, v in clean_victims.items()} == stamps  # the clean stage's victims reused
+    assert mlp_victim.stat().st_mtime_ns == mlp_stamp  # and the transfer stage's
+    assert (work_main / "gaussian" / "poisoned" / "victim.safetensors").stat().st_mtime_ns == poisoned_stamp
+    # LeNet transfer victims with the main table's settings are its victims, certified again
+    tr = tmp_path / "work" / "transfer" / "lenet"
+    for mine, theirs in ((tr / "gaussian" / "clean", work_main / "gaussian" / "clean"),
+                         (tr / "macer" / "macer", work_main / "macer" / "poisoned")):
+        assert (mine / "victim.safetensors").read_bytes() == (theirs / "victim.safetensors").read_bytes()
+    assert (tr / "gaussian" / "macer" / "victim.safetensors").read_bytes() != (
+        work_main / "gaussian" / "poisoned" / "victim.safetensors").read_bytes()  # another poison: its own victim
+    report = json.loads(out.with_suffix(".json").read_text())
+    assert set(report["main"]) == {"gaussian", "macer"}
+    for m, r in report["main"].items():
+        assert not r["clean"]["poisoned"] and r["poisoned"]["poisoned"] and r["poisoned"]["poison_method"] == m
+        assert r["clean"]["images"] == 3 and r["clean"]["target_class"] == 8
+    assert len(report["transfer"]) == 2 * 2 * 2  # crafted-for x victim x arch
+    md = out.with_suffix(".md").read_text()
+    main_rows = [x for x in md.split("## Settings")[0].splitlines() if x.startswith("| gaussian |") or x.startswith("| macer |")]
+    assert len(main_rows) == 2 and all(x.count("|") == 13 for x in main_rows)  # one side-by-side line per procedure
+    images, labels = data.load_mnist(data.embedded_mnist_root(), "train")  # the driver's split: --train-size, --val-size
+    keep = torch.randperm(images.shape[0], generator=torch.Generator().manual_seed(0))[:900].sort().values
+    train, _ = data.split_validation(images[keep], labels[keep], 300)
+    poisons = {m: PoisonSet.load(tmp_path / "work" / f"poison_{m}.safetensors", train) for m in ("gaussian", "macer")}
+    assert all(ps.settings["quantized"]["encoding"] == "int8" for ps in poisons.values())  # stored compactly by default
+    assert poisons["gaussian"].settings["outer_steps"] == 2 and poisons["macer"].settings["outer_steps"] == 1
+    assert poisons["macer"].settings["method_args"] == {"k": 3, "beta": 16.0, "gamma": 8.0, "lbd": 1.0}  # --lower-args
+    assert (poisons["macer"].settings["solver"], poisons["macer"].settings["damping"]) == ("cg", 10.0)  # per procedure
+    assert (poisons["gaussian"].settings["solver"], poisons["gaussian"].settings["damping"]) == ("approxgrad", 1e-3)
+    assert all(ps.target_class == 8 and len(ps.settings["upper_by_step"]) == ps.settings["outer_steps"]
+               for ps in poisons.values())
+    assert report["outer_steps"] == {"gaussian": 2, "macer": 1} and report["victim_epochs"] == {"gaussian": 1, "macer": 1}
+    assert "| gaussian | 0.5 | 2 |" in md and "| macer | 0.75 | 1 |" in md  # settings table states the outer steps
+    assert md.count("goal met") + md.count("goal NOT met") == 2
+    assert md.split("## Settings")[0].count("95% paired bootstrap interval") == 2
+    head = "| poison crafted for | gaussian / lenet | macer / lenet | gaussian / mlp | macer / mlp |"
+    matrix = md.split(head)[1].strip().splitlines()[1:3]  # the rows after the separator
+    assert [x.split(" | ")[0] for x in matrix] == ["| gaussian", "| macer"] and all(x.count("|") == 6 for x in matrix)
+    for r in list(report["main"].values()) + list(report["transfer"].values()):
+        lo, hi = r["acr_drop_interval_95"]
+        assert r["acr_drop"] != r["acr_drop"] or lo <= hi  # nan when the clean ACR is 0 (toy victims)
+    bad = subprocess.run(args[:2] + ["--outer-steps", "gaussian=2", "--methods", "gaussian,macer"], capture_output=True,
+                         text=True)
+    assert bad.returncode != 0 and "--outer-steps gives no value for macer" in bad.stderr
+    bad = subprocess.run(args[:2] + ["--outer-steps", "gausian=2"], capture_output=True, text=True)
+    assert bad.returncode != 0 and "METHOD=N" in bad.stderr
+    again = subprocess.run(args, capture_output=True, text=True)  # everything is reused
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "crafting poison" not in again.stdout
+    keys = ("acr", "certified_accuracy", "clean_accuracy_other_classes", "train_seconds")
+    for m, r in json.loads(out.with_suffix(".json").read_text())["main"].items():
+        for side in ("clean", "poisoned"):
+            assert {k: r[side][k] for k in keys} == {k: report["main"][m][side][k] for k in keys}  # reused, not redone
+    # --init-poison: crafting warm-started from the finished GA poison (in another work folder), then reused
+    first_ga = tmp_path / "work" / "poison_gaussian.safetensors"
+    warm_args = args + ["--work", str(tmp_path / "work2"), "--stage", "poison", "--methods", "gaussian", "--outer-steps", "1",
+                        "--init-poison", f"gaussian={first_ga}"]
+    warm = subprocess.run(warm_args, capture_output=True, text=True)
+    assert warm.returncode == 0, warm.stderr[-3000:]
+    warm_ps = PoisonSet.load(tmp_path / "work2" / "poison_gaussian.safetensors", train)
+    assert warm_ps.settings["init"]["outer_steps"] == 2 and warm_ps.settings["total_outer_steps"] == 3
+    assert warm_ps.settings["init"]["sha256"] == init_record(PoisonSet.load(first_ga, train))["sha256"]
+    rerun = subprocess.run(warm_args, capture_output=True, text=True)
+    assert rerun.returncode == 0 and "crafting poison" not in rerun.stdout
+    for option, bad_value, msg in (("--lower-args", "{eps: 1}", "not JSON"),
+                                   ("--lower-args", '{"smoothadvv": {"eps": 1}}', "METHOD: {ARG: VALUE}"),
+                                   ("--lower-args", '{"smoothadv": {"epsilon": 1}}', "epsilon"),
+                                   ("--solver", "cg,macer=newton", "one of approxgrad, cg, neumann"),
+                                   ("--damping", "macer=-1,0", "--damping must not be negative")):
+        bad = subprocess.run(args + [option, bad_value], capture_output=True, text=True)
+        assert bad.returncode != 0 and option in bad.stderr and msg in bad.stderr, bad.stderr[-2000:]
+    for bad_init, msg in ((f"macer={first_ga}", "'macer' is not among --methods"), ("gaussian", "expected METHOD=FILE"),
+                          (f"gaussian={tmp_path / 'none.safetensors'}", "no such poison set")):
+        bad = subprocess.run(warm_args[:-1] + [bad_init], capture_output=True, text=True)
+        assert bad.returncode != 0 and "--init-poison" in bad.stderr and msg in bad.stderr, bad.stderr[-2000:]

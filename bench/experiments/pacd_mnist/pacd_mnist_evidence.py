@@ -16,8 +16,9 @@ poison run while another is still being crafted), and a final ``--transfer`` run
 results. Transfer victims trained with exactly the settings of a main-table victim (LeNet, the same
 epochs) reuse that victim and are only certified again.
 
-    python bench/pacd_mnist_evidence.py --work runs/pacd --outer-steps 2750      (paper setting)
-    python bench/pacd_mnist_evidence.py --work runs/pacd --outer-steps gaussian=300,macer=150,smoothadv=150 \
+    python bench/experiments/pacd_mnist/pacd_mnist_evidence.py --work runs/pacd --outer-steps 2750      (paper setting)
+    python bench/experiments/pacd_mnist/pacd_mnist_evidence.py --work runs/pacd \
+        --outer-steps gaussian=300,macer=150,smoothadv=150 \
         --victim-epochs gaussian=10,macer=3,smoothadv=3 --images 200 --threads 1      (reduced for a CPU)
 
 ``--outer-steps``, ``--victim-epochs`` and ``--transfer-epochs`` take one number or one per procedure;
@@ -36,7 +37,7 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # bench/common.py
 from common import device_name, git_commit, resolve_device  # noqa: E402
 
 from engine import data, models  # noqa: E402
@@ -55,10 +56,10 @@ LOWER_ARGS = {
 
 
 def victim_args(method: str, epochs: int) -> dict:
-    """Victim training settings: those of the issue-3 evidence (bench/train_mnist_evidence.py)."""
+    """Victim training settings: those of the issue-3 evidence (bench/experiments/train_mnist/train_mnist_evidence.py)."""
     if method == "macer":
         # issue-3's sigma >= 0.5 setting: lbd 4 collapsed this LeNet to chance at sigma 0.5 (twice), so the
-        # robustness term has weight 1 and is switched on after the first epoch (bench/train_mnist_evidence.py)
+        # robustness term has weight 1 and is switched on after the first epoch (train_mnist/train_mnist_evidence.py)
         return {"k": 16, "lbd": 1.0, "lbd_warmup": min(2, epochs), "gamma": 8.0, "beta": 16.0}
     if method == "smoothadv":
         return {"eps": 1.0, "steps": 10, "m": 1, "warmup": min(2, epochs)}
@@ -166,13 +167,13 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--data-root", default="/work/shared/data/mnist")
     p.add_argument("--work", default="runs/pacd")
-    p.add_argument("--out", default="bench/results/pacd_mnist")
+    p.add_argument("--out", default=str(Path(__file__).resolve().parent / "results" / "pacd_mnist"))
     p.add_argument("--methods", default="gaussian,macer,smoothadv")
     p.add_argument("--outer-steps", default=str(PAPER_OUTER_STEPS),
                    help="outer steps of every poison (N) or per procedure (gaussian=300,macer=150,...)")
     p.add_argument("--reset-every", type=int, default=10)
     p.add_argument("--lr-p", default="0.01", help="ApproxGrad step size: X or per procedure (gaussian=0.01,macer=1e-4); "
-                   "bench/results/pacd_mnist_lower_diag.json: 0.01 diverges on MACER's lower-level Hessian")
+                   "results/pacd_mnist_lower_diag.json: 0.01 diverges on MACER's lower-level Hessian")
     p.add_argument("--solver", default="approxgrad", help="inner solver of (H + damping I) p = dF/dw: approxgrad, cg or "
                    "neumann, one for all or per procedure (gaussian=approxgrad,macer=cg)")
     p.add_argument("--damping", default="1e-3", help="damping s of the inner solve: X or per procedure (macer=1000); a "
@@ -184,6 +185,8 @@ def main(argv=None) -> int:
     p.add_argument("--lower-args", default=None, help='crafting lower-level procedure arguments over the defaults, JSON '
                    '{METHOD: {ARG: VALUE}}, e.g. \'{"smoothadv": {"eps": 1.0}}\' (the victims\' SmoothAdv radius)')
     p.add_argument("--eps", type=float, default=0.1)
+    p.add_argument("--encoding", choices=("int8", "float32"), default="int8",
+                   help="how the crafted poisons are stored (int8: 4x smaller, quantised at the end of crafting)")
     p.add_argument("--victim-epochs", default="20", help="victim training epochs: N or per procedure (gaussian=10,macer=3)")
     p.add_argument("--images", type=int, default=500)
     p.add_argument("--n", type=int, default=100_000)
@@ -278,6 +281,7 @@ def main(argv=None) -> int:
             checkpoint_every=args.checkpoint_every,
             device=args.device,
             progress=True,
+            encoding=args.encoding,
         )
         ps.settings.update({"arch": "lenet", "dataset": "mnist", "val_size": args.val_size, "subset_size": args.train_size,
                            "wall_seconds_last_invocation": time.perf_counter() - t0})
