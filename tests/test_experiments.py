@@ -214,3 +214,31 @@ def test_pacd_mnist_tiny_end_to_end_and_resume(tmp_path):
                           (f"gaussian={tmp_path / 'none.safetensors'}", "no such poison set")):
         bad = subprocess.run(warm_args[:-1] + [bad_init], capture_output=True, text=True)
         assert bad.returncode != 0 and "--init-poison" in bad.stderr and msg in bad.stderr, bad.stderr[-2000:]
+
+
+def test_pacd_poison_geometry_report(tmp_path):
+    """pacd_poison_geometry.py writes engine.geometry.report of the files (named by their stems, each with its file)
+    and refuses a poison of other originals with the file named."""
+    from engine import geometry
+    from engine.pacd import _hash_clean
+
+    images, labels = data.load_mnist(data.embedded_mnist_root(), "train")
+    train, _ = data.split_validation(images, labels, 1000)
+    idx = (train[1] == 8).nonzero().flatten()
+    x0 = data.to_float(train[0][idx])
+    sets = {name: PoisonSet(idx.clone(), u.to(torch.float32), train[1][idx].clone(), _hash_clean(train[0][idx], train[1][idx]),
+                            0.1, 0.5, "gaussian", 8, {"total_outer_steps": 3})
+            for name, u in (("up", (x0 + 0.1).clamp(0, 1)), ("down", (x0 - 0.1).clamp(0, 1)))}
+    for name, ps in sets.items():
+        ps.save(tmp_path / f"{name}.safetensors")
+    out = tmp_path / "g.json"
+    proc = _run("pacd_mnist/pacd_poison_geometry.py", tmp_path / "up.safetensors", tmp_path / "down.safetensors",
+                "--val-size", "1000", "--out", out)
+    assert proc.returncode == 0, proc.stderr
+    rep = json.loads(out.read_text())
+    want = json.loads(json.dumps(geometry.report(sets, train)))
+    assert rep["poisons"]["up"] == {"file": str(tmp_path / "up.safetensors"), **want["poisons"]["up"]}
+    assert rep["pairs"] == want["pairs"] and rep["val_size"] == 1000 and "pacd_poison_geometry.py" in rep["command"]
+    assert "| up | gaussian | 3 |" in proc.stdout
+    proc = _run("pacd_mnist/pacd_poison_geometry.py", tmp_path / "up.safetensors", "--val-size", "500")  # other images
+    assert proc.returncode != 0 and "up.safetensors:" in proc.stderr and "Traceback" not in proc.stderr
