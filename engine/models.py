@@ -570,19 +570,24 @@ def load(path: str | os.PathLike, arch: str | None = None, device: str | torch.d
     else:
         source = "state_dict"
     if header is not None:
-        if arch is not None:
-            name, _, extra = _resolve(arch)
-            wanted = {**extra, **arch_kwargs}
-            stored = header.get("arch_kwargs") or {}
-            if name != header["arch"] or any(stored.get(k) != v for k, v in wanted.items()):
-                raise CheckpointError(
-                    f"{path} is an engine checkpoint of {_arch_label(header['arch'], stored)}, not of "
-                    f"{_arch_label(arch, arch_kwargs)}; leave out arch (CLI: --arch) to use the architecture it records"
-                )
+        stored = header.get("arch_kwargs") or {}
         try:
-            model = build(header["arch"], **header["arch_kwargs"])
+            model = build(header["arch"], **stored)
         except (ValueError, TypeError) as exc:
             raise CheckpointError(f"{path}: cannot rebuild architecture {header['arch']!r}: {exc}") from exc
+        if arch is not None:  # the architecture asked for, with its constructor's defaults, must be the one recorded
+            try:
+                requested = build(arch, **arch_kwargs)
+            except TypeError as exc:
+                raise ValueError(f"cannot build {_arch_label(arch, arch_kwargs)}: {exc}") from exc
+            asked = getattr(requested, "engine_arch", {"name": arch, "kwargs": arch_kwargs})
+            if json.dumps([asked["name"], asked["kwargs"]], sort_keys=True) != json.dumps(
+                    [model.engine_arch["name"], model.engine_arch["kwargs"]], sort_keys=True):
+                raise CheckpointError(
+                    f"{path} is an engine checkpoint of {_arch_label(header['arch'], stored)}, not of "
+                    f"{_arch_label(asked['name'], asked['kwargs'])}; leave out arch (CLI: --arch) to use the "
+                    f"architecture it records"
+                )
         try:
             state = load_file(str(path), device="cpu")
         except Exception as exc:

@@ -90,9 +90,14 @@ def test_state_dict_loads_with_arch_and_needs_it(tmp_path):
     for wrong, kwargs in (("mlp", {}), ("lenet", {"num_classes": 5})):
         with pytest.raises(CheckpointError, match="engine checkpoint of lenet_mnist.*not of.*leave out arch"):
             models.load(ckpt, arch=wrong, **kwargs)
+    models.save(models.lenet_mnist(num_classes=7), ckpt)  # the constructor's default (10 classes) counts too
+    with pytest.raises(CheckpointError, match='engine checkpoint of lenet_mnist {"num_classes": 7}, not of lenet_mnist '
+                                              '{"num_classes": 10}'):
+        models.load(ckpt, arch="lenet")
+    assert models.load(ckpt, arch="lenet", num_classes=7)[-1].out_features == 7
     resnet = models.resnet_cifar(20)
     models.save(resnet, ckpt)
-    with pytest.raises(CheckpointError, match="not of resnet110"):
+    with pytest.raises(CheckpointError, match='not of resnet_cifar {"depth": 110'):
         models.load(ckpt, arch="resnet110")
     assert models.load(ckpt, arch="resnet20").engine_arch["kwargs"]["depth"] == 20
     with pytest.raises(ValueError, match="unknown architecture 'vgg'"):
