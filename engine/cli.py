@@ -917,6 +917,13 @@ def main(argv=None) -> int:
 
     if getattr(args, "threads", None):
         torch.set_num_threads(args.threads)
+    from . import _ext
+
+    try:
+        _ext.cpu_isa()  # a misspelt ENGINE_CPU_ISA: one error now, not a traceback from the first fused forward
+    except RuntimeError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     try:
         return args.func(args)
     except (DataError, CheckpointError, ResultsError, PoisonError, FileInUseError) as exc:

@@ -275,3 +275,17 @@ def test_threads_option_sets_torch_threads(command, func, extra, monkeypatch):
     finally:
         torch.set_num_threads(before)
     assert seen == [2, 1]
+
+
+def test_misspelt_cpu_isa_is_one_error(tmp_path, checkpoint):
+    """ENGINE_CPU_ISA with a value the extension does not know: one error line naming the choices, exit 2."""
+    from engine import _ext
+
+    if not _ext.available():
+        pytest.skip("engine._C not built: ENGINE_CPU_ISA is not read")
+    env = {**os.environ, "ENGINE_CPU_ISA": "avx-2"}
+    proc = subprocess.run([sys.executable, "-m", "engine", *_certify_args(checkpoint, tmp_path / "r.tsv")],
+                          capture_output=True, text=True, env=env)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "ENGINE_CPU_ISA must be one of native, avx512, avx2, generic; got 'avx-2'" in proc.stderr
+    assert not (tmp_path / "r.tsv").exists()
