@@ -66,17 +66,14 @@ def agreement(d_a: torch.Tensor, d_b: torch.Tensor, min_abs: float = 0.01, free:
 
 
 def report(poisons: dict[str, PoisonSet], train_data, min_abs: float = 0.01, tol: float = 1e-4) -> dict:
-    """Geometry of each named poison (checked against ``train_data`` by ``PoisonSet.apply``) and agreement of each
+    """Geometry of each named poison (its originals checked in ``train_data`` as ``PoisonSet.apply`` does) and agreement of each
     pair of them; poisons of a pair must poison the same training images."""
-    from .data import to_float
-
     perturbations, rows = {}, {}
     for name, ps in poisons.items():
         try:
-            ps.apply(train_data)
+            x0 = ps._originals(train_data)  # checks that train_data holds this poison's originals
         except PoisonError as exc:
             raise PoisonError(f"{name}: {exc}") from None
-        x0 = to_float(train_data[0][ps.indices])
         s = ps.settings
         rows[name] = {
             "method": ps.method,

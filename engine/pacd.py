@@ -127,6 +127,24 @@ def _hash_clean(images: torch.Tensor, labels: torch.Tensor) -> str:
     return h.hexdigest()
 
 
+def _check_poison_meta(meta: dict, path) -> None:
+    """PoisonError naming ``path`` unless the metadata of a poison file has the fields and types a PoisonSet needs."""
+    def number(v):
+        return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+    checks = {
+        "clean_sha256": lambda v: isinstance(v, str),
+        "eps": lambda v: number(v) and v > 0,
+        "sigma": lambda v: number(v) and v >= 0,
+        "method": lambda v: isinstance(v, str),
+        "target_class": lambda v: isinstance(v, int) and not isinstance(v, bool),
+        "settings": lambda v: isinstance(v, dict),
+    }
+    bad = [k for k, ok in checks.items() if k not in meta or not ok(meta[k])]
+    if bad:
+        raise PoisonError(f"{path}: poison metadata missing or malformed: {', '.join(f'{k}={meta.get(k)!r}' for k in bad)}")
+
+
 def _content_hash(tensors: dict[str, torch.Tensor], meta: dict) -> str:
     h = hashlib.sha256()
     h.update(json.dumps(meta, sort_keys=True).encode())
@@ -380,8 +398,20 @@ class PoisonSet:
                 f"training set it was crafted on (PoisonSet.load(path, train_data); on the command line its --dataset, "
                 f"--data-root and --val-size{f': {hint}' if hint else ''})"
             )
-        images = tensors["images"] if encoding == "float32" else torch.empty(
-            [int(n) for n in header.get("image_shape", [])], dtype=torch.float32)
+        _check_poison_meta(meta, path)
+        if encoding == "float32":
+            images = tensors["images"]
+        else:  # the shape is checked against the stored payload before anything of that size is allocated
+            shape = header.get("image_shape")
+            stored = tensors[payload]
+            if (not isinstance(shape, list) or len(shape) != 4
+                    or not all(isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in shape)
+                    or shape[0] != tensors["indices"].numel()
+                    or (encoding == "int8" and list(stored.shape) != shape)
+                    or (encoding == "sign" and stored.numel() != -(-math.prod(shape) // 4))):
+                raise PoisonError(f"{path}: image_shape {shape!r} does not describe the {len(tensors['indices'])} images "
+                                  f"of its {tuple(stored.shape)} {payload}")
+            images = torch.empty(shape, dtype=torch.float32)
         ps = cls(
             tensors["indices"],
             images,
@@ -490,8 +520,8 @@ class PoisonSet:
                 raise PoisonError(
                     f"sign encoding: {off} of {images.numel()} pixels are not at a vertex of the eps box (x0, or "
                     f"x0 +- eps clipped to [0, 1]); a sign file stores vertex poisons (e.g. a vote of poison-combine): "
-                    f"pass snap=True (--snap) to move every pixel out to the vertex along its sign, a new poison, or "
-                    f"use int8"
+                    f"pass snap=True (poison-encode --snap) to move every pixel out to the vertex along its sign, a new "
+                    f"poison, or use int8"
                 )
         settings = json.loads(json.dumps(self.settings))
         if not _same_bits(decoded, images):
@@ -564,10 +594,8 @@ class PoisonSet:
         return out, labels.to(torch.int64).clone()
 
     def linf(self, train_data) -> float:
-        """max |poison - original| over all pixels."""
-        images, _ = train_data
-        x0 = images[self.indices]
-        x0 = x0.to(torch.float32) / 255.0 if x0.dtype == torch.uint8 else x0.to(torch.float32)
+        """max |poison - original| over all pixels (``train_data``: the training set it was crafted from)."""
+        x0 = self._originals(train_data)
         return float((self.images - x0).abs().max()) if len(self) else 0.0
 
 
@@ -907,8 +935,7 @@ def combine_poisons(poisons: list[PoisonSet], train_data, how: str = "vote", *,
                 f"({first.method}, class {first.target_class}, sigma {first.sigma}, eps {first.eps}, {len(first)} images, "
                 f"originals {first.clean_sha256[:12]}){hint}"
             )
-    first.apply(train_data)  # refuses another training set
-    x0 = _float_images(train_data[0][first.indices], "train_data")
+    x0 = first._originals(train_data)  # refuses another training set
     stack = torch.stack([ps.images.to(torch.float32) for ps in poisons])
     if how == "mean":
         images = _project(stack.to(torch.float64).mean(0).to(torch.float32), x0, first.eps)

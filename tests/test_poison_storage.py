@@ -219,6 +219,17 @@ def test_refusals(split, tmp_path):
     bad["directions"][0] = 0xFF  # code 3
     with pytest.raises(PoisonError, match="invalid 2-bit codes"):
         PoisonSet.load(_rewrite(tmp_path / "t7.safetensors", sheader, bad), train)
+    # a header rewritten with a matching sha256 but malformed fields: one PoisonError, nothing allocated from it
+    for i, (h, t, msg) in enumerate((
+            ({k: v for k, v in header.items() if k != "image_shape"}, tensors, "image_shape None does not describe"),
+            ({**header, "image_shape": "1,1,28,28"}, tensors, "image_shape '1,1,28,28' does not describe"),
+            ({**header, "image_shape": [header["image_shape"][0], 10**6, 10**6, 1]}, tensors, "does not describe"),
+            ({**sheader, "image_shape": [sheader["image_shape"][0], 1, 28, 29]}, stensors, "does not describe"),
+            ({**header, "meta": {**header["meta"], "eps": "0.1"}}, tensors, "malformed: eps='0.1'"),
+            ({**header, "meta": {k: v for k, v in header["meta"].items() if k != "target_class"}}, tensors,
+             "malformed: target_class=None"))):
+        with pytest.raises(PoisonError, match=msg):
+            PoisonSet.load(_rewrite(tmp_path / f"h{i}.safetensors", h, t), train)
     # unknown encodings, as arguments
     with pytest.raises(ValueError, match="encoding must be one of"):
         q.encode(train, "int4")
