@@ -22,6 +22,7 @@ from .smoothing import CertifyResult, certify, predict
 from .train import train
 
 _ext.available()  # load engine._C once (warns once when it is missing)
+_ext.kernels_from_the_source_tree()
 
 __all__ = [
     "certify",

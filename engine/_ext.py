@@ -1,4 +1,5 @@
-"""Loading of the compiled extension ``engine._C`` with a pure-PyTorch fallback.
+"""Loading of the compiled extension ``engine._C`` with a pure-PyTorch fallback, and of the Triton kernels
+(``engine.kernels``) from an uninstalled source tree.
 
 Importing :mod:`engine` tries to load the extension once. When it is missing (not built, or built
 for another torch) the engine warns once and every op runs on its plain-PyTorch path.
@@ -80,3 +81,22 @@ def cpu_isa(supported: bool = False) -> str | None:
     import torch
 
     return str(torch.ops.engine.cpu_isa(supported))
+
+
+def kernels_from_the_source_tree() -> None:
+    """``engine.kernels`` is the repository's top-level ``kernels/`` folder, which installs (editable or not) map
+    under this package. Imported from a source tree that was not installed (``PYTHONPATH=.``), register it here."""
+    import importlib.util
+    import os
+    import sys
+
+    src = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "kernels")  # beside engine/
+    if "engine.kernels" in sys.modules or not os.path.isfile(os.path.join(src, "__init__.py")):
+        return
+    if importlib.util.find_spec("engine.kernels") is None:
+        spec = importlib.util.spec_from_file_location("engine.kernels", os.path.join(src, "__init__.py"),
+                                                      submodule_search_locations=[src])
+        module = importlib.util.module_from_spec(spec)
+        sys.modules["engine.kernels"] = module
+        spec.loader.exec_module(module)
+        setattr(sys.modules["engine"], "kernels", module)

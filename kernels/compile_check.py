@@ -221,10 +221,12 @@ def main(argv=None) -> int:
             path = Path(tmp) / "launches.json"
             # few forward rows: the interpreter is slow, and the compiled code does not depend on the row count
             env = {**os.environ, "TRITON_INTERPRET": "1", "ENGINE_TRITON_GPU_SIZING": "1", "ENGINE_FORWARD_ROWS": "16"}
-            root = str(Path(__file__).resolve().parent.parent)
+            import engine
+
+            root = str(Path(engine.__file__).resolve().parent.parent)  # where this process found the engine package
             env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "") if env.get("PYTHONPATH") else root
             child = subprocess.run([sys.executable, "-m", "engine.kernels.compile_check", "--record-only", str(path)],
-                                   env=env, capture_output=True, text=True, cwd=root)  # fmt: skip
+                                   env=env, capture_output=True, text=True)  # fmt: skip
             if child.returncode != 0:
                 print(child.stdout + child.stderr, file=sys.stderr)
                 print("error: recording the launches failed", file=sys.stderr)

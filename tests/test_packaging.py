@@ -93,3 +93,34 @@ def test_version_flag():
     assert proc.returncode == 0 and proc.stdout.strip() == f"pacd-engine {engine.__version__}", proc.stderr
     proc = subprocess.run([script, "certify", "--help"], capture_output=True, text=True)
     assert proc.returncode == 0 and proc.stdout.startswith("usage: pacd-engine certify"), proc.stdout + proc.stderr
+
+
+def test_engine_kernels_from_an_uninstalled_source_tree(tmp_path):
+    """From a checkout that was not installed (the repository on sys.path, no install's finder), engine.kernels is
+    still the top-level kernels/ folder, and its submodules import under the engine's namespace."""
+    code = (
+        "import sys\n"
+        "sys.meta_path[:] = [f for f in sys.meta_path if 'editable' not in repr(f).lower()]\n"
+        f"sys.path.insert(0, {str(ROOT)!r})\n"
+        "import engine.kernels.philox_normal as p\n"
+        "import engine\n"
+        "print(p.__name__, p.__file__, engine.kernels.__name__)\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    name, path, package = proc.stdout.split()
+    assert name == "engine.kernels.philox_normal" and package == "engine.kernels"
+    assert Path(path) == ROOT / "kernels" / "philox_normal.py"
+
+
+def test_tracked_tree_stays_under_40_mb():
+    """The tracked files fit a GPU call (64 MiB) with room to spare: the project keeps them under 40 MB (summaries in
+    git, artefacts such as float32 poisons and per-image logs of screens out of it)."""
+    try:
+        out = subprocess.run(["git", "ls-files", "-z"], cwd=ROOT, capture_output=True, check=True).stdout
+    except (OSError, subprocess.CalledProcessError):
+        pytest.skip("not a git checkout")
+    sizes = {n: (ROOT / n).stat().st_size for n in out.decode().split("\0") if n and (ROOT / n).is_file()}
+    total = sum(sizes.values())
+    largest = sorted(sizes.items(), key=lambda kv: -kv[1])[:3]
+    assert total < 40_000_000, f"tracked tree is {total / 1e6:.1f} MB (largest: {largest})"
