@@ -385,6 +385,8 @@ def pair_evaluations(clean_dir, poisoned_dir) -> dict:
         if not isinstance(summary, dict) or not isinstance(summary.get("poisoned"), bool):
             raise ValueError(f"{path} does not say whether its victim was poisoned (no boolean 'poisoned'): "
                              f"not an engine evaluation summary")
+        if not isinstance(summary.get("acr"), (int, float)) or isinstance(summary.get("acr"), bool):
+            raise ValueError(f"{path} holds no numeric 'acr': not a finished engine evaluation summary")
         summaries.append(summary)
     clean, bad = summaries
     if clean["poisoned"] or not bad["poisoned"]:

@@ -7,7 +7,7 @@ across backends are demanded in fp32 after a float64 check that no test sample i
 
 import pytest
 import torch
-from kernel_testing import MIN_GAP, float64_logits, gpu, packed_noisy_rows, top2_gap
+from kernel_testing import MIN_GAP, assert_no_near_ties, float64_logits, gpu, packed_noisy_rows, top2_gap
 from torch import nn
 
 import engine
@@ -72,11 +72,6 @@ MODELS = {
 }
 
 
-def _assert_no_near_ties(model, x, ids, num, seed, stream, sigma):
-    batch, _ = packed_noisy_rows(x, ids, num, seed=seed, stream=stream, sigma=sigma)
-    assert top2_gap(float64_logits(model, batch)) > MIN_GAP, "fixed test data has a near-tie: change the seed"
-
-
 @pytest.mark.parametrize("name", list(MODELS))
 def test_triton_backend_equals_torch_backend(name, monkeypatch):
     monkeypatch.setenv("ENGINE_FORWARD_ROWS", "48")  # several forward batches, crossing image boundaries
@@ -85,8 +80,7 @@ def test_triton_backend_equals_torch_backend(name, monkeypatch):
     x = torch.rand((2,) + shape)
     ids = torch.tensor([4, 2**32 - 1])
     n0, n, seed, sigma = 10, 60, 7, 0.5
-    _assert_no_near_ties(model, x, ids, n0, seed, noise.STREAM_SELECTION, sigma)
-    _assert_no_near_ties(model, x, ids, n, seed, noise.STREAM_ESTIMATION, sigma)
+    assert_no_near_ties(model, x, ids, {noise.STREAM_SELECTION: n0, noise.STREAM_ESTIMATION: n}, seed=seed, sigma=sigma)
     kw = dict(sigma=sigma, n0=n0, n=n, alpha=0.01, seed=seed, image_ids=ids, precision="fp32")
     ref = engine.certify(model, x, backend="torch", **kw)
     got = engine.certify(model, x, backend="triton", **kw)
@@ -104,8 +98,8 @@ def test_counts_identical_for_any_batch_size_and_forward_rows(monkeypatch):
     model = _lenet()
     x = torch.rand(3, 1, 28, 28)
     ids = torch.arange(3)
-    _assert_no_near_ties(model, x, ids, 10, 5, noise.STREAM_SELECTION, 0.5)  # the CPU run sums in other orders
-    _assert_no_near_ties(model, x, ids, 40, 5, noise.STREAM_ESTIMATION, 0.5)
+    # the CPU run sums in other orders
+    assert_no_near_ties(model, x, ids, {noise.STREAM_SELECTION: 10, noise.STREAM_ESTIMATION: 40}, seed=5, sigma=0.5)
     runs = []
     for rows, batch_size in (("32", 7), ("100", 1000), ("256", None)):
         monkeypatch.setenv("ENGINE_FORWARD_ROWS", rows)
@@ -122,7 +116,8 @@ def test_predict_triton_equals_torch(monkeypatch):
     monkeypatch.setenv("ENGINE_FORWARD_ROWS", "128")
     model = _mlp()
     x = torch.rand(3, 1, 28, 28)
-    _assert_no_near_ties(model, x, torch.arange(3), 100, 3, noise.STREAM_PREDICT, 0.5)  # the kernel sums in its own order
+    # the kernel sums in its own order
+    assert_no_near_ties(model, x, torch.arange(3), {noise.STREAM_PREDICT: 100}, seed=3, sigma=0.5)
     kw = dict(sigma=0.5, n=100, alpha=0.05, seed=3, precision="fp32")
     assert torch.equal(engine.predict(model, x, backend="triton", **kw), engine.predict(model, x, backend="torch", **kw))
 

@@ -170,10 +170,13 @@ def test_pair_evaluations(tmp_path):
     (vague / "summary.json").write_text(json.dumps(summary))
     broken = _victim_dir(tmp_path, "broken", base, True)
     (broken / "summary.json").write_text("{not json")
+    no_acr = _victim_dir(tmp_path, "no_acr", base, True)
+    (no_acr / "summary.json").write_text(json.dumps({"poisoned": True, "images": 40}))
     for pair, msg in (((empty, bad), "holds no summary.json"), ((bad, clean), "expected a clean victim"),
                       ((clean, vague), "vague/summary.json does not say whether"),
                       ((vague, bad), "vague/summary.json does not say whether"),
                       ((clean, broken), "broken/summary.json is not valid JSON"),
+                      ((clean, no_acr), "no_acr/summary.json holds no numeric 'acr'"),
                       ((clean, other), "different images")):
         with pytest.raises(ValueError, match=msg):
             pair_evaluations(*pair)

@@ -205,6 +205,7 @@ def test_pacd_mnist_tiny_end_to_end_and_resume(tmp_path):
     assert rerun.returncode == 0 and "crafting poison" not in rerun.stdout
     for option, bad_value, msg in (("--lower-args", "{eps: 1}", "not JSON"),
                                    ("--lower-args", '{"smoothadvv": {"eps": 1}}', "METHOD: {ARG: VALUE}"),
+                                   ("--lower-args", '{"smoothadv": 1}', "METHOD: {ARG: VALUE}"),
                                    ("--lower-args", '{"smoothadv": {"epsilon": 1}}', "epsilon"),
                                    ("--solver", "cg,macer=newton", "one of approxgrad, cg, neumann"),
                                    ("--damping", "macer=-1,0", "--damping must not be negative")):

@@ -249,7 +249,7 @@ def main(argv=None) -> int:
         done = PoisonSet.load(path, train) if path.exists() else None
         same = {"lr_p": lr_p[m], "method_args": largs[m], "solver": solver[m], "damping": damping[m],
                 "init": init[m][1] if m in init else None}
-        if (done is not None and done.settings.get("outer_steps", -1) >= outer_steps[m]
+        if (done is not None and done.settings.get("outer_steps", -1) >= outer_steps[m] and done.encoding == args.encoding
                 and all(done.settings.get(k) == v for k, v in same.items())):
             poisons[m] = done
             continue
