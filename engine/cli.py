@@ -666,6 +666,14 @@ def _add_threads(p) -> None:
                    help="torch CPU threads (default: torch's; 1 on a machine shared with other jobs)")
 
 
+def _add_poison_split(p, whose: str) -> None:
+    """--dataset / --data-root / --val-size of the training split a poison was crafted on, and --out."""
+    p.add_argument("--dataset", choices=("mnist", "cifar10"), default="mnist")
+    p.add_argument("--data-root", default=None, help=f"data folder of {whose} (mnist: default the embedded subset)")
+    p.add_argument("--val-size", type=_int_at_least(1), default=5000, help=f"{whose}'s --val-size")
+    p.add_argument("--out", required=True, help="poison .safetensors to write")
+
+
 def build_parser(prog: str = "python -m engine") -> argparse.ArgumentParser:
     from ._version import __version__
 
@@ -825,10 +833,7 @@ def build_parser(prog: str = "python -m engine") -> argparse.ArgumentParser:
         "poison-snapshot", help="save the poison as it stands in a poisoning checkpoint (safe while the run goes on)"
     )
     p.add_argument("--checkpoint", required=True, help="the run's checkpoint (poison OUT.ckpt)")
-    p.add_argument("--dataset", choices=("mnist", "cifar10"), default="mnist")
-    p.add_argument("--data-root", default=None, help="data folder of the run (mnist: default the embedded subset)")
-    p.add_argument("--val-size", type=_int_at_least(1), default=5000, help="the run's --val-size")
-    p.add_argument("--out", required=True, help="poison .safetensors to write")
+    _add_poison_split(p, "the run")
     p.add_argument("--encoding", choices=("int8", "float32"), default="int8",
                    help="int8 (the snapshot quantised, a new poison) or float32 (as it stands)")
     p.set_defaults(func=cmd_poison_snapshot)
@@ -840,10 +845,7 @@ def build_parser(prog: str = "python -m engine") -> argparse.ArgumentParser:
     p.add_argument("--how", choices=COMBINE, default=COMBINE[0])
     p.add_argument("--mixed-methods", action="store_true", help="also combine poisons crafted against different "
                    "procedures (the result's method names them all, e.g. macer+smoothadv)")
-    p.add_argument("--dataset", choices=("mnist", "cifar10"), default="mnist")
-    p.add_argument("--data-root", default=None, help="data folder of the poisons (mnist: default the embedded subset)")
-    p.add_argument("--val-size", type=_int_at_least(1), default=5000, help="the poisons' --val-size")
-    p.add_argument("--out", required=True, help="poison .safetensors to write")
+    _add_poison_split(p, "the poisons")
     p.add_argument("--encoding", choices=("auto", "sign", "int8", "float32"), default="auto",
                    help="auto: sign for a vote (lossless, 2 bits a pixel), int8 for a mean (quantised, a new poison)")
     p.set_defaults(func=cmd_poison_combine)
@@ -855,10 +857,7 @@ def build_parser(prog: str = "python -m engine") -> argparse.ArgumentParser:
                    "int8: 1 byte a pixel, exact for a vertex or int8 poison, else quantised (a new poison)")
     p.add_argument("--snap", action="store_true", help="with sign: move every pixel out to the vertex along its sign "
                    "(a new poison: what poison-combine --how vote of that one poison gives) instead of refusing")
-    p.add_argument("--dataset", choices=("mnist", "cifar10"), default="mnist")
-    p.add_argument("--data-root", default=None, help="data folder of the poison (mnist: default the embedded subset)")
-    p.add_argument("--val-size", type=_int_at_least(1), default=5000, help="the poison's --val-size")
-    p.add_argument("--out", required=True, help="poison .safetensors to write")
+    _add_poison_split(p, "the poison")
     p.set_defaults(func=cmd_poison_encode)
 
     p = sub.add_parser("evaluate", help="train a victim on clean or poisoned data and certify the target class")
