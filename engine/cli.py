@@ -20,7 +20,6 @@ to start from given weights. ``--arch``: lenet, mlp, resnet20, resnet110, ``torc
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import sys
 import time
@@ -28,6 +27,7 @@ from pathlib import Path
 
 import torch
 
+from .fileio import sha256_file
 from .pacd import COMBINE
 
 __all__ = ["main", "run_certify", "train_checkpoint_path"]
@@ -37,14 +37,6 @@ def _device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(name)
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def select_indices(count: int, skip: int, max_index: int, shard: int = 0, num_shards: int = 1) -> list[int]:
@@ -171,7 +163,7 @@ def load_model_arg(checkpoint, weights, arch, device) -> tuple[torch.nn.Module, 
     else:
         path = Path(weights)
         model = models.load(path, arch=arch, device=device)
-    identity = {"checkpoint_sha256": _sha256(path)}
+    identity = {"checkpoint_sha256": sha256_file(path)}
     if model.engine_meta.get("format") is None:  # weights without the engine's header: read as this architecture
         identity["arch"] = {"name": model.engine_meta["arch"], "kwargs": model.engine_meta["arch_kwargs"]}
     return model, identity
@@ -268,7 +260,7 @@ def cmd_demo(args) -> int:
     indices = select_indices(test_x.shape[0], 1, args.images)
     settings = {
         "command": "demo",
-        "checkpoint_sha256": _sha256(ckpt),
+        "checkpoint_sha256": sha256_file(ckpt),
         "dataset": "mnist-embedded",
         "split": "test",
         "sigma": args.sigma,
@@ -376,7 +368,7 @@ def cmd_train(args) -> int:
         "seed": args.seed,
     }
     if args.weights is not None:
-        settings["init_weights"] = _sha256(Path(args.weights))
+        settings["init_weights"] = sha256_file(Path(args.weights))
     try:
         _, history = train(
             model,
@@ -409,7 +401,7 @@ def cmd_train(args) -> int:
         val_size=args.val_size,
         history=history,
         train_seconds=sum(e["seconds"] for e in history),
-        checkpoint_sha256=_sha256(ckpt),
+        checkpoint_sha256=sha256_file(ckpt),
         **({} if args.weights is None else {"init_weights_file": str(args.weights)}),
     )
     print(f"wrote {out} (checkpoint {ckpt})")

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from . import models
-from .fileio import publish
+from .fileio import publish, sha256_file
 from .pacd import PoisonSet, derive_seed
 
 __all__ = ["evaluate_poison", "target_test_indices", "acr_drop", "acr_drop_interval", "pair_evaluations", "format_rows",
@@ -228,10 +228,8 @@ def evaluate_poison(
     }
     init_state = None
     if init_weights is not None:  # read (and checked against arch) now, before any victim is looked for
-        from .cli import _sha256
-
         init_state = models.load(init_weights, arch=arch).state_dict()
-        train_settings["init_weights_sha256"] = _sha256(Path(init_weights))
+        train_settings["init_weights_sha256"] = sha256_file(init_weights)
     ckpt = out_dir / "victim.safetensors"
     model = None
     train_seconds = None

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 from pathlib import Path
 
-__all__ = ["publish", "fsync_dir", "default_mode", "ExclusiveLock", "FileInUseError"]
+__all__ = ["publish", "fsync_dir", "default_mode", "sha256_file", "ExclusiveLock", "FileInUseError"]
 
 
 def default_mode() -> int:
@@ -96,3 +97,12 @@ class ExclusiveLock:
 
     def __exit__(self, *exc) -> None:
         self.release()
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    """The sha256 of a file's bytes (hex), read in 1 MiB chunks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()

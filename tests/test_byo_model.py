@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from engine import cli, models
+from engine.fileio import sha256_file
 from engine.models import CheckpointError
 
 
@@ -465,7 +466,7 @@ def test_cli_train_from_weights(tmp_path, capsys, registered):
     trained = models.load(out)
     for k, v in start.state_dict().items():  # lr 1e-12: still the given weights, not a random initialisation
         assert torch.allclose(trained.state_dict()[k], v, atol=1e-6), k
-    assert trained.engine_meta["meta"]["init_weights"] == cli._sha256(sd)
+    assert trained.engine_meta["meta"]["init_weights"] == sha256_file(sd)
     assert trained.engine_meta["meta"]["init_weights_file"] == str(sd)
     scratch = tmp_path / "s.safetensors"
     assert cli.main([*TRAIN, "--arch", "mlp", "--epochs", "1", "--out", str(scratch)]) == 0
@@ -516,8 +517,8 @@ def test_evaluate_from_weights(tmp_path, registered, monkeypatch):
 
     monkeypatch.setattr(train_module, "train", counting_train)
     first = evaluate_poison(None, train, test, out_dir=tmp_path / "a", init_weights=w1, **common)
-    assert calls == [cli._sha256(w1)]
-    assert first["train_settings"]["init_weights_sha256"] == cli._sha256(w1) and first["init_weights"] == str(w1)
+    assert calls == [sha256_file(w1)]
+    assert first["train_settings"]["init_weights_sha256"] == sha256_file(w1) and first["init_weights"] == str(w1)
     victim = models.load(tmp_path / "a" / "victim.safetensors")
     assert all(torch.allclose(victim.state_dict()[k], v, atol=1e-6) for k, v in start.state_dict().items())
     # reused with the same weights only
@@ -526,7 +527,7 @@ def test_evaluate_from_weights(tmp_path, registered, monkeypatch):
     assert len(calls) == 1
     evaluate_poison(None, train, test, out_dir=tmp_path / "c", init_weights=w2, reuse_victims_from=[tmp_path / "a"],
                     **common)
-    assert calls[1:] == [cli._sha256(w2)]
+    assert calls[1:] == [sha256_file(w2)]
     # the victim in out_dir was trained from other weights: set aside, trained again
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -548,7 +549,7 @@ def test_cli_evaluate_weights_flag(tmp_path):
     proc = _run([*ev, "--weights", str(w), "--out-dir", str(tmp_path / "ev")])
     assert proc.returncode == 0, proc.stderr
     summary = json.loads((tmp_path / "ev" / "summary.json").read_text())
-    assert summary["train_settings"]["init_weights_sha256"] == cli._sha256(w)
+    assert summary["train_settings"]["init_weights_sha256"] == sha256_file(w)
     victim = models.load(tmp_path / "ev" / "victim.safetensors")
     assert torch.allclose(victim[2].weight, start[2].weight, atol=1e-6)
     proc = _run([*ev, "--weights", str(tmp_path / "nope.pt"), "--out-dir", str(tmp_path / "ev2")])

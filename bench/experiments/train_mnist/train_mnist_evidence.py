@@ -51,7 +51,8 @@ sys.path.insert(0, str(REPO / "bench"))  # bench/common.py
 from common import append_json, device_name, git_commit, record, resolve_device  # noqa: E402
 
 from engine import data, metrics, models  # noqa: E402
-from engine.cli import _sha256, run_certify, select_indices  # noqa: E402
+from engine.cli import run_certify, select_indices  # noqa: E402
+from engine.fileio import sha256_file  # noqa: E402
 from engine.train import evaluate, train  # noqa: E402
 
 RADII = (0.0, 0.5, 1.0, 1.5)
@@ -120,7 +121,7 @@ def certify_settings(args, ckpt: Path, sigma: float, skip: int, max_index: int) 
     """Exactly the settings ``python -m engine certify`` records, so either can resume the other's log."""
     return {
         "command": "certify",
-        "checkpoint_sha256": _sha256(ckpt),
+        "checkpoint_sha256": sha256_file(ckpt),
         "dataset": "mnist",
         "split": "test",
         "sigma": sigma,
