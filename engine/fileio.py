@@ -50,47 +50,54 @@ class FileInUseError(RuntimeError):
 
 
 class ExclusiveLock:
-    """An advisory lock (``flock``) on ``path`` + ".lock", held while one process writes an output.
+    """A one-writer lock on an output file, held while one process writes it.
 
     Two runs writing the same results log, checkpoint or poison would interleave their rows or
     overwrite each other's state; the second one gets :class:`FileInUseError` naming the first's
-    process id instead. The lock is released on :meth:`release`, on exit of a ``with`` block, or
-    when the process dies (the kernel drops it), so a crash never leaves a stale lock behind.
-    Where ``fcntl`` is unavailable the lock does nothing.
+    process id instead. The lock is keyed on the file itself, not on the name it was given: the path
+    is resolved (symbolic links, ``..``), so a second run through a link to the same file is refused
+    too. It is a ``filelock.FileLock`` (``flock`` on POSIX) on ``<resolved path>.lock``, released on
+    :meth:`release`, on exit of a ``with`` block, or when the process dies (the kernel drops it), so
+    a crash never leaves a lock that blocks the next run. A clean release removes the lock file.
     """
 
     def __init__(self, path: str | os.PathLike):
-        self.path = Path(str(path) + ".lock")
-        self._fh = None
+        self.target = Path(path)
+        self.path = Path(str(Path(os.path.abspath(path)).resolve()) + ".lock")
+        self._lock = None
 
     def acquire(self) -> ExclusiveLock:
-        try:
-            import fcntl
-        except ImportError:  # not POSIX: no locking
-            return self
+        import filelock
+
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        fh = open(self.path, "a+")
+        lock = filelock.FileLock(str(self.path), timeout=0, is_singleton=False)
         try:
-            fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            fh.seek(0)
-            owner = fh.read().strip() or "unknown"
-            fh.close()
+            lock.acquire()
+        except filelock.Timeout:
+            try:
+                owner = self.path.read_text().strip() or "unknown"
+            except OSError:
+                owner = "unknown"
+            real = self.path.with_suffix("")
+            where = self.target if Path(os.path.abspath(self.target)) == real else f"{self.target} (that is {real})"
             raise FileInUseError(
-                f"{self.path.with_suffix('')} is being written by another process (pid {owner}); "
-                "wait for it to finish or stop it first"
+                f"{where} is being written by another process (pid {owner}); wait for it to finish or stop it first"
             ) from None
-        fh.seek(0)
-        fh.truncate()
-        fh.write(str(os.getpid()))
-        fh.flush()
-        self._fh = fh
+        try:  # the owner's pid, for the message above (a second open: the flock stays on filelock's descriptor)
+            self.path.write_text(str(os.getpid()))
+        except OSError:
+            pass
+        self._lock = lock
         return self
 
     def release(self) -> None:
-        if self._fh is not None:
-            self._fh.close()  # closing drops the flock
-            self._fh = None
+        if self._lock is not None:
+            try:  # removed while still held: a process waiting on this inode sees it unlinked and retries
+                self.path.unlink()
+            except OSError:
+                pass
+            self._lock.release()
+            self._lock = None
 
     def __enter__(self) -> ExclusiveLock:
         return self.acquire()

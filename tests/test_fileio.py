@@ -71,3 +71,33 @@ def test_certify_log_and_training_checkpoint_refuse_a_concurrent_run(tmp_path):
     _, hist = engine.train(net, (x[:64], y[:64]), **args)
     assert len(hist) == 1 and ckpt.exists()
     assert torch.isfinite(torch.tensor(hist[0]["loss"]))
+
+
+def test_lock_is_keyed_on_the_file_not_the_name(tmp_path):
+    """A second writer through a symbolic link (or another spelling of the path) to the same file is refused."""
+    real = tmp_path / "runs" / "out.tsv"
+    real.parent.mkdir()
+    real.write_text("")
+    link = tmp_path / "link.tsv"
+    link.symlink_to(real)
+    with ExclusiveLock(real):
+        with pytest.raises(FileInUseError, match=r"link.tsv \(that is .*runs/out.tsv\) is being written"):
+            ExclusiveLock(link).acquire()
+        with pytest.raises(FileInUseError):
+            ExclusiveLock(tmp_path / "runs" / ".." / "runs" / "out.tsv").acquire()
+    dir_link = tmp_path / "alias"
+    dir_link.symlink_to(real.parent)
+    with ExclusiveLock(dir_link / "out.tsv"):
+        with pytest.raises(FileInUseError):
+            ExclusiveLock(real).acquire()
+
+
+def test_a_clean_release_removes_the_lock_file(tmp_path):
+    target = tmp_path / "out.tsv"
+    lock = ExclusiveLock(target).acquire()
+    assert lock.path.exists() and lock.path.read_text() == str(os.getpid())
+    lock.release()
+    assert list(tmp_path.iterdir()) == []
+    with ExclusiveLock(target):  # and it can be taken again
+        pass
+    assert list(tmp_path.iterdir()) == []
