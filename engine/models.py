@@ -31,6 +31,7 @@ it runs. No pickle is ever executed.
 from __future__ import annotations
 
 import json
+import numbers
 import os
 import re
 import warnings
@@ -81,17 +82,26 @@ class Normalize(nn.Module):
 
     def __init__(self, mean, std):
         super().__init__()
-        mean, std = torch.as_tensor(mean, dtype=torch.float32), torch.as_tensor(std, dtype=torch.float32)
+        # checked on the CPU, then put where modules are being built (also the meta device: see load)
+        mean = torch.as_tensor(mean, dtype=torch.float32, device="cpu")
+        std = torch.as_tensor(std, dtype=torch.float32, device="cpu")
         if mean.dim() != 1 or mean.shape != std.shape or bool((std <= 0).any()):
             raise ValueError(f"Normalize needs 1-D mean and positive std of equal length, got {mean} and {std}")
-        self.register_buffer("mean", mean.view(1, -1, 1, 1))
-        self.register_buffer("std", std.view(1, -1, 1, 1))
+        device = torch.get_default_device()
+        self.register_buffer("mean", mean.view(1, -1, 1, 1).to(device))
+        self.register_buffer("std", std.view(1, -1, 1, 1).to(device))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return (x - self.mean) / self.std
 
     def extra_repr(self) -> str:
         return f"mean={self.mean.flatten().tolist()}, std={self.std.flatten().tolist()}"
+
+
+def _size(owner: str, name: str, value) -> None:
+    """ValueError unless ``value`` is an integer >= 1 (a layer width or a number of classes of ``owner``)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+        raise ValueError(f"{owner}: {name} must be an integer >= 1, got {value!r}")
 
 
 def _tag(model: nn.Module, name: str, **kwargs) -> nn.Module:
@@ -101,6 +111,7 @@ def _tag(model: nn.Module, name: str, **kwargs) -> nn.Module:
 
 def lenet_mnist(num_classes: int = 10) -> nn.Sequential:
     """LeNet for (B, 1, 28, 28) MNIST pixels in [0, 1] -> (B, num_classes) logits."""
+    _size("lenet_mnist", "num_classes", num_classes)
     model = nn.Sequential(
         Normalize(MNIST_MEAN, MNIST_STD),
         nn.Conv2d(1, 20, 5),
@@ -119,6 +130,8 @@ def lenet_mnist(num_classes: int = 10) -> nn.Sequential:
 
 def mlp_mnist(num_classes: int = 10, hidden: int = 1024) -> nn.Sequential:
     """Two-hidden-layer MLP for (B, 1, 28, 28) MNIST pixels in [0, 1] -> (B, num_classes)."""
+    _size("mlp_mnist", "num_classes", num_classes)
+    _size("mlp_mnist", "hidden", hidden)
     model = nn.Sequential(
         Normalize(MNIST_MEAN, MNIST_STD),
         nn.Flatten(),
@@ -183,6 +196,7 @@ def resnet_cifar(depth: int = 110, num_classes: int = 10) -> nn.Sequential:
     """CIFAR ResNet of ``depth`` = 6n + 2 layers for (B, 3, 32, 32) pixels in [0, 1]."""
     if not isinstance(depth, int) or depth < 8 or (depth - 2) % 6:
         raise ValueError(f"resnet_cifar depth must be 6n + 2 with n >= 1 (20, 32, 44, 56, 110, ...), got {depth!r}")
+    _size("resnet_cifar", "num_classes", num_classes)
     model = nn.Sequential(Normalize(CIFAR10_MEAN, CIFAR10_STD), CifarResNet(depth, num_classes))
     return _tag(model, "resnet_cifar", depth=depth, num_classes=num_classes)
 
@@ -215,6 +229,9 @@ def register(name: str, constructor: Callable[..., nn.Module], *, replace: bool 
     pixels in [0, 1] in, ``Normalize`` as its first layer, logits out (checked on every build).
     ``name`` is a letter or ``_`` followed by letters, digits, ``_`` or ``-``; the zoo's names and
     ``torchvision.*`` are taken, and an earlier registration is replaced only with ``replace=True``.
+    :func:`load` calls the constructor on the meta device first (``with torch.device("meta")``: names and shapes,
+    no memory) to check a file's shapes before building the model for real; one that cannot run there (it computes
+    with its weights) is then only built for real.
     """
     if not isinstance(name, str) or not _NAME.fullmatch(name):
         raise ValueError(f"register(): name must be a letter or '_' then letters, digits, '_' or '-', got {name!r}")
@@ -381,12 +398,19 @@ def save(model: nn.Module, path: str | os.PathLike, **meta) -> None:
 
 
 def _is_safetensors(path: Path) -> bool:
-    """Whether ``path`` starts like a safetensors file (8-byte header length, then a JSON object)."""
+    """Whether ``path`` starts like a safetensors file (8-byte header length, then a JSON object); a CheckpointError
+    where it does but ends inside the header it announces (a file cut short)."""
     with open(path, "rb") as fh:
         head = fh.read(9)
     if len(head) < 9 or head[8:9] != b"{":
         return False
-    return 0 < int.from_bytes(head[:8], "little") <= path.stat().st_size - 8
+    n, size = int.from_bytes(head[:8], "little"), path.stat().st_size
+    if 0 < n <= size - 8:
+        return True
+    if size - 8 < n <= 100_000_000:  # (safetensors' largest header)
+        raise CheckpointError(f"{path}: a safetensors file cut short: its header is to take {n} bytes, the file ends after "
+                              f"{size - 8}; copy or download it again")
+    return False
 
 
 def _engine_header(path: Path) -> dict | None:
@@ -404,10 +428,36 @@ def _engine_header(path: Path) -> dict | None:
         header = json.loads(raw)
     except ValueError as exc:
         raise CheckpointError(f"{path}: damaged engine metadata ({exc})") from exc
-    fmt = header.get("format") if isinstance(header, dict) else None
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{path}: damaged engine metadata (a JSON {type(header).__name__}, not an object)")
+    fmt = header.get("format")
     if fmt != FORMAT:
-        raise CheckpointError(f"{path}: unknown checkpoint format {fmt!r}")
+        raise CheckpointError(f"{path}: unknown checkpoint format {_brief(fmt)}")
+    _check_header(header, path)
     return header
+
+
+def _brief(value, limit: int = 60) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _check_header(header: dict, path: Path) -> None:
+    """CheckpointError naming ``path`` unless the engine header has the fields and types :func:`save` writes: ``arch`` a
+    name, ``arch_kwargs`` an object (or absent), ``normalization`` an object or null, ``meta`` an object. (The values
+    of ``arch_kwargs`` are the constructor's to check, when :func:`load` builds the architecture without memory.)"""
+    checks = {
+        "arch": lambda v: isinstance(v, str) and v != "",
+        "arch_kwargs": lambda v: v is None or isinstance(v, dict),
+        "normalization": lambda v: v is None or isinstance(v, dict),
+        "meta": lambda v: isinstance(v, dict),
+    }
+    bad = [k for k, ok in checks.items() if not ok(header.get(k))]
+    if bad:
+        raise CheckpointError(
+            f"{path}: engine metadata missing or malformed: {', '.join(f'{k}={_brief(header.get(k))}' for k in bad)} "
+            "(engine.models.save writes arch a name, arch_kwargs and meta JSON objects); the file was edited or damaged"
+        )
 
 
 def read_meta(path: str | os.PathLike) -> dict:
@@ -483,14 +533,18 @@ def _short(keys, k: int = 4) -> str:
     return ", ".join(keys[:k]) + (f" and {len(keys) - k} more" if len(keys) > k else "")
 
 
-def _fit(model: nn.Module, state: dict, path: Path, label: str, *, tolerant: bool) -> None:
+def _fit(model: nn.Module, state: dict, path: Path, label: str, *, tolerant: bool, check_only: bool = False) -> None:
     """Load ``state`` into ``model`` (strict); one CheckpointError listing missing, unexpected and wrongly shaped keys.
+
+    ``check_only``: compare the names and shapes alone, e.g. of a model built on the meta device with the tensors a
+    safetensors header describes (:func:`_stored_shapes`), before anything of their size exists.
 
     ``tolerant`` (files from elsewhere): a ``module.`` prefix on every key (DataParallel) is dropped; for a
     ``Sequential(Normalize, body)`` the state_dict of the body alone is accepted (torchvision's published
     weights for the ``net`` of a torchvision model), the normalisation then being the architecture's; and
     BatchNorm's ``num_batches_tracked`` counters may be absent."""
     expected = model.state_dict()
+    state = dict(state)  # the caller's dict stays as it was (a check is followed by the load of the same state)
     if tolerant:
         if all(k.startswith("module.") for k in state):
             state = {k[len("module.") :]: v for k, v in state.items()}
@@ -519,6 +573,8 @@ def _fit(model: nn.Module, state: dict, path: Path, label: str, *, tolerant: boo
         if wrong:
             parts.append(f"{len(wrong)} of the wrong shape ({_short(wrong, 3)})")
         raise CheckpointError(f"{path}: weights do not match {label}: {'; '.join(parts)}")
+    if check_only:
+        return
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as exc:
@@ -527,6 +583,50 @@ def _fit(model: nn.Module, state: dict, path: Path, label: str, *, tolerant: boo
 
 def _arch_label(name: str, kwargs: dict) -> str:
     return name + (f" {json.dumps(kwargs, sort_keys=True)}" if kwargs else "")
+
+
+def _label_of(model: nn.Module, arch: str) -> str:
+    """How messages name the architecture of a built model (its engine_arch name and kwargs)."""
+    tag = getattr(model, "engine_arch", None)
+    return _arch_label(tag["name"], tag["kwargs"]) if tag else arch
+
+
+def _stored_shapes(path: Path) -> dict[str, torch.Tensor]:
+    """The tensors of a safetensors file as meta tensors of their shapes, from its header: nothing is read or allocated."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as fh:
+            return {k: torch.empty(fh.get_slice(k).get_shape(), device="meta") for k in fh.keys()}
+    except Exception as exc:  # safetensors raises its own error types
+        raise CheckpointError(f"{path}: not a readable safetensors file ({exc})") from exc
+
+
+def _build(name, kwargs: dict, path: Path | None = None, *, meta: bool = False) -> nn.Module | None:
+    """:func:`build` for :func:`load`. ``meta``: on the meta device, i.e. names and shapes without memory, so that a
+    file's shapes are checked before anything of its architecture's size is allocated; None where the constructor
+    does not run there (a registered one that computes with its weights), which is then built for real after all.
+
+    What cannot be built is, for the architecture a checkpoint records (``path`` given), a CheckpointError naming the
+    file; for the caller's ``arch``, a ValueError (an unknown name as :func:`build` words it)."""
+    try:
+        if not meta:
+            return build(name, **kwargs)
+        with torch.device("meta"):
+            return build(name, **kwargs)
+    except (ValueError, TypeError) as exc:
+        if path is not None:
+            raise CheckpointError(f"{path}: cannot rebuild architecture {_brief(name)}: {exc}") from exc
+        if isinstance(exc, ValueError):
+            raise
+        raise ValueError(f"cannot build {_arch_label(name, kwargs)}: {exc}") from exc
+    except (RuntimeError, MemoryError, OverflowError, NotImplementedError) as exc:
+        if meta:
+            return None
+        if path is not None:
+            raise CheckpointError(f"{path}: cannot rebuild architecture {_arch_label(name, kwargs)}: "
+                                  f"{type(exc).__name__}: {exc}") from exc
+        raise ValueError(f"cannot build {_arch_label(name, kwargs)}: {type(exc).__name__}: {exc}") from exc
 
 
 def load(path: str | os.PathLike, arch: str | None = None, device: str | torch.device = "cpu", **arch_kwargs) -> nn.Module:
@@ -553,10 +653,13 @@ def load(path: str | os.PathLike, arch: str | None = None, device: str | torch.d
         normalization, empty meta and ``source`` "safetensors" or "state_dict").
 
     Raises:
-        CheckpointError: a missing, unreadable or refused file, no ``arch`` for a file without the engine's
+        CheckpointError: a missing, unreadable, truncated or refused file, a header with missing or malformed
+            fields or an architecture it cannot be rebuilt from, no ``arch`` for a file without the engine's
             header, an ``arch`` that disagrees with the header, or weights that do not fit (one message
-            listing missing, unexpected and wrongly shaped keys).
-        ValueError: an unknown ``arch``.
+            listing missing, unexpected and wrongly shaped keys). The architecture is built on the meta device
+            first (no memory) and its shapes compared with the file's, so that a header or arguments asking
+            for a huge model are refused before anything of its size is allocated.
+        ValueError: an unknown ``arch``, or ``arch_kwargs`` its constructor refuses.
     """
     from safetensors.torch import load_file
 
@@ -565,29 +668,32 @@ def load(path: str | os.PathLike, arch: str | None = None, device: str | torch.d
         raise CheckpointError(f"{path}: no such checkpoint")
     header = None
     if _is_safetensors(path):
-        header = _engine_header(path)
+        header = _engine_header(path)  # its fields and types checked
         source = "safetensors"
     else:
         source = "state_dict"
+    # Every architecture is first built on the meta device (no memory) and its names and shapes checked against the
+    # file's, so that metadata or arguments asking for a huge model fail on the weights before anything is allocated.
     if header is not None:
         stored = header.get("arch_kwargs") or {}
-        try:
-            model = build(header["arch"], **stored)
-        except (ValueError, TypeError) as exc:
-            raise CheckpointError(f"{path}: cannot rebuild architecture {header['arch']!r}: {exc}") from exc
+        skeleton = _build(header["arch"], stored, path, meta=True)
+        model = None if skeleton is not None else _build(header["arch"], stored, path)  # (no meta build: for real)
         if arch is not None:  # the architecture asked for, with its constructor's defaults, must be the one recorded
-            try:
-                requested = build(arch, **arch_kwargs)
-            except TypeError as exc:
-                raise ValueError(f"cannot build {_arch_label(arch, arch_kwargs)}: {exc}") from exc
+            requested = _build(arch, arch_kwargs, meta=True)
+            if requested is None:
+                requested = _build(arch, arch_kwargs)
+            recorded = (skeleton if skeleton is not None else model).engine_arch
             asked = getattr(requested, "engine_arch", {"name": arch, "kwargs": arch_kwargs})
             if json.dumps([asked["name"], asked["kwargs"]], sort_keys=True) != json.dumps(
-                    [model.engine_arch["name"], model.engine_arch["kwargs"]], sort_keys=True):
+                    [recorded["name"], recorded["kwargs"]], sort_keys=True):
                 raise CheckpointError(
                     f"{path} is an engine checkpoint of {_arch_label(header['arch'], stored)}, not of "
                     f"{_arch_label(asked['name'], asked['kwargs'])}; leave out arch (CLI: --arch) to use the "
                     f"architecture it records"
                 )
+        if skeleton is not None:
+            _fit(skeleton, _stored_shapes(path), path, header["arch"], tolerant=False, check_only=True)
+            model = _build(header["arch"], stored, path)
         try:
             state = load_file(str(path), device="cpu")
         except Exception as exc:
@@ -595,25 +701,24 @@ def load(path: str | os.PathLike, arch: str | None = None, device: str | torch.d
         _fit(model, state, path, header["arch"], tolerant=False)
         model.engine_meta = header
         return model.to(device)
-    if source == "safetensors":
-        try:
-            state = load_file(str(path), device="cpu")
-        except Exception as exc:
-            raise CheckpointError(f"{path}: cannot read tensors ({exc})") from exc
-    else:
-        state = _state_dict_of(_torch_load(path), path)
+    state = _stored_shapes(path) if source == "safetensors" else _state_dict_of(_torch_load(path), path)
     if arch is None:
         what = "a safetensors file without the engine's metadata" if source == "safetensors" else "a PyTorch state_dict"
         raise CheckpointError(
             f"{path}: {what} does not say which architecture its weights are for: pass arch=NAME "
             f"(CLI: --arch NAME), e.g. lenet, mlp, resnet20, resnet110, torchvision.<model> or a registered name"
         )
-    try:
-        model = build(arch, **arch_kwargs)
-    except TypeError as exc:
-        raise ValueError(f"cannot build {_arch_label(arch, arch_kwargs)}: {exc}") from exc
+    skeleton = _build(arch, arch_kwargs, meta=True)
+    if skeleton is not None:
+        _fit(skeleton, state, path, _label_of(skeleton, arch), tolerant=True, check_only=True)
+    model = _build(arch, arch_kwargs)
+    if source == "safetensors":
+        try:
+            state = load_file(str(path), device="cpu")
+        except Exception as exc:
+            raise CheckpointError(f"{path}: cannot read tensors ({exc})") from exc
     name = model.engine_arch["name"] if hasattr(model, "engine_arch") else arch
-    _fit(model, state, path, _arch_label(name, getattr(model, "engine_arch", {}).get("kwargs", {})), tolerant=True)
+    _fit(model, state, path, _label_of(model, arch), tolerant=True)
     model.engine_meta = {
         "format": None,
         "arch": name,
