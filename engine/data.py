@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from .fileio import publish
+from .validate import InputError
 
 __all__ = [
     "DataError",
@@ -44,8 +45,8 @@ CIFAR_BIN_FILES = {"train": [f"data_batch_{i}.bin" for i in range(1, 6)], "test"
 CIFAR_PY_FILES = {"train": [f"data_batch_{i}" for i in range(1, 6)], "test": ["test_batch"]}
 
 
-class DataError(ValueError):
-    """A data file is missing, truncated or not in the expected format."""
+class DataError(InputError):
+    """A data file is missing, truncated or not in the expected format (an :class:`engine.validate.InputError`)."""
 
 
 def _check_count(name: str, value, lo: int) -> int:

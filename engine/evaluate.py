@@ -25,6 +25,7 @@ import torch
 from . import models
 from .fileio import publish, sha256_file
 from .pacd import PoisonSet, derive_seed
+from .validate import InputError, check_dataset, check_model_fits, check_progress
 
 __all__ = ["evaluate_poison", "target_test_indices", "acr_drop", "acr_drop_interval", "pair_evaluations", "format_rows",
            "RADII"]
@@ -86,6 +87,10 @@ def _accuracy(model, images, labels, device, batch_size=2000) -> float:
     return correct / max(1, images.shape[0])
 
 
+def _no_progress(info: dict) -> None:
+    """The ``progress`` callback of a victim trained without a bar."""
+
+
 def _train_victim(arch, device, train_ckpt: Path, progress: bool, checkpoint_seconds, data, init_state=None,
                   **train_args):
     """Build the victim (init from ``train_args["seed"]``, or the weights ``init_state``) and train it with a
@@ -107,11 +112,11 @@ def _train_victim(arch, device, train_ckpt: Path, progress: bool, checkpoint_sec
                 model.load_state_dict(init_state, strict=True)
             return model.to(device)
 
-    callback, close_bar = (None, lambda: None)
+    callback, close_bar = (_no_progress, lambda: None)  # (None would be train's default: a bar on a terminal)
     if progress:
-        from .cli import train_progress_bar
+        from .train import progress_bar
 
-        callback, close_bar = train_progress_bar(data[0].shape[0], f"train[{train_args['method']}/{arch}] ")
+        callback, close_bar = progress_bar(data[0].shape[0], f"train[{train_args['method']}/{arch}] ")
 
     def run(resume: bool):
         return train(build(), data, checkpoint=train_ckpt, resume=resume, checkpoint_seconds=checkpoint_seconds,
@@ -134,6 +139,25 @@ def _train_victim(arch, device, train_ckpt: Path, progress: bool, checkpoint_sec
     if resumed:
         seconds = float(sum(h.get("seconds", 0.0) for h in history))
     return model, history, seconds
+
+
+def _check_victim_fits(arch: str, train_data, test_data, target: int) -> None:
+    """Build a victim of ``arch`` (CPU, the global RNG untouched) and run it once on a training image: an
+    architecture that does not take the images, or has no output for a label or the target class, is refused
+    before any victim is looked for, trained or certified."""
+    with torch.random.fork_rng(devices=[]):
+        probe = models.build(arch)
+    name = f"victim architecture {arch!r}"
+    classes = check_model_fits(probe, train_data[0], name=name, labels=train_data[1], labels_name="train_data labels")
+    if tuple(test_data[0].shape[1:]) != tuple(train_data[0].shape[1:]):
+        raise InputError(f"test_data images are {tuple(test_data[0].shape[1:])} but the training images "
+                         f"{tuple(train_data[0].shape[1:])}")
+    top = int(test_data[1].max())
+    if top >= classes:
+        raise InputError(f"test_data labels go up to {top} but the {name} has {classes} outputs (classes 0..{classes - 1})")
+    if target < 0 or target >= classes:
+        raise InputError(f"target_class {target} is not a class of the {name}: it has {classes} outputs "
+                         f"(classes 0..{classes - 1})")
 
 
 def evaluate_poison(
@@ -161,7 +185,7 @@ def evaluate_poison(
     reuse_victims_from=(),
     init_weights: str | os.PathLike | None = None,
     device: str | torch.device = "cpu",
-    progress: bool = False,
+    progress: bool | None = None,
     train_checkpoint_seconds: float | None = 300.0,
 ) -> dict:
     """Train a victim on clean (``poison_set=None``) or poisoned data and certify the target class.
@@ -185,11 +209,18 @@ def evaluate_poison(
             with ``arch``: an engine checkpoint, a safetensors file or a PyTorch state_dict) instead of a
             random initialisation; the file's sha256 joins the victim settings (``init_weights_sha256``),
             so a victim, training checkpoint or reused victim of other starting weights is not taken.
-        progress: progress bars for the victim's training (batches) and the certification (samples).
+        progress: progress bars for the victim's training (batches) and the certification (images): None
+            (default) only when stderr is a terminal (never under pytest or in a log file), True always,
+            False never.
         train_checkpoint_seconds: while a victim trains, ``out_dir/victim.train.ckpt`` is written after
             every epoch and this often inside one (None: epochs only); a later call with the same
             settings resumes from it (a checkpoint of other settings is replaced, with a warning) and
             it is removed once the victim is saved.
+
+    Raises:
+        :class:`engine.validate.InputError` (a ValueError) for bad data (as for :func:`engine.train`; the
+        test images must be uint8), a victim architecture that does not take the images (its model is
+        built and run once on a training image first) or labels / ``target_class`` beyond its outputs.
 
     Returns:
         dict with acr, certified_accuracy (at :data:`RADII`), clean accuracy of the base classifier on
@@ -198,10 +229,16 @@ def evaluate_poison(
     from .cli import run_certify
 
     if poison_set is None and target_class is None:
-        raise ValueError("a clean evaluation needs target_class")
+        raise InputError("a clean evaluation needs target_class")
     target = poison_set.target_class if poison_set is not None else int(target_class)
     if poison_set is not None and target_class is not None and int(target_class) != target:
-        raise ValueError(f"target_class {target_class} differs from the poison's {target}")
+        raise InputError(f"target_class {target_class} differs from the poison's {target}")
+    progress = check_progress(progress, allow_callable=False)
+    train_data = check_dataset(train_data, "train_data")
+    test_data = check_dataset(test_data, "test_data")
+    if test_data[0].dtype != torch.uint8:
+        raise InputError(f"test_data images must be uint8 (0..255) as loaded by engine.data, got {test_data[0].dtype}")
+    _check_victim_fits(arch, train_data, test_data, target)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     device = torch.device(device)

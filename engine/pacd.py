@@ -31,6 +31,7 @@ from . import bilevel
 from .bilevel import AdamState, flat_params
 from .fileio import ExclusiveLock, publish
 from .smoothing import pool_first_view
+from .validate import InputError, InputTypeError, check_dataset, check_model_fits, check_progress, describe_module
 
 __all__ = [
     "PoisonSet",
@@ -143,6 +144,33 @@ def _check_poison_meta(meta: dict, path) -> None:
     bad = [k for k, ok in checks.items() if k not in meta or not ok(meta[k])]
     if bad:
         raise PoisonError(f"{path}: poison metadata missing or malformed: {', '.join(f'{k}={meta.get(k)!r}' for k in bad)}")
+
+
+def _brief(value, limit: int = 60) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _check_poison_tensors(tensors: dict[str, torch.Tensor], payload: str, path) -> None:
+    """PoisonError naming ``path`` unless a poison file's tensors have the dtypes and shapes :meth:`PoisonSet.save`
+    writes: (P,) int64 indices (distinct, >= 0) and labels; float32 (P, C, H, W) images, int8 codes or 1-D uint8
+    directions (whose shapes are checked against the file's image_shape)."""
+    idx, labels, stored = tensors["indices"], tensors["labels"], tensors[payload]
+    want = {"images": torch.float32, "codes": torch.int8, "directions": torch.uint8}[payload]
+    bad = []
+    if idx.dtype != torch.int64 or idx.dim() != 1:
+        bad.append(f"indices {_described(idx)} (expected (P,) int64)")
+    elif idx.numel() and (int(idx.min()) < 0 or torch.unique(idx).numel() != idx.numel()):
+        bad.append("indices negative or repeated")
+    if labels.dtype != torch.int64 or labels.shape != idx.shape:
+        bad.append(f"labels {_described(labels)} (expected {tuple(idx.shape)} int64)")
+    if (stored.dtype != want or (payload == "images" and (stored.dim() != 4 or stored.shape[0] != idx.shape[0]))
+            or (payload == "directions" and stored.dim() != 1)):
+        shape = f"({idx.shape[0]}, C, H, W) " if payload == "images" else "(N,) " if payload == "directions" else ""
+        bad.append(f"{payload} {_described(stored)} (expected {shape}{str(want).replace('torch.', '')})")
+    if bad:
+        raise PoisonError(f"{path}: malformed poison tensors: {'; '.join(bad)}; the file was not written by "
+                          "PoisonSet.save, or was altered")
 
 
 def _content_hash(tensors: dict[str, torch.Tensor], meta: dict) -> str:
@@ -378,9 +406,13 @@ class PoisonSet:
             header = json.loads(raw)
         except json.JSONDecodeError as exc:
             raise PoisonError(f"{path}: unreadable poison metadata ({exc})") from None
-        meta = header.get("meta", {}) if isinstance(header, dict) else {}
+        if not isinstance(header, dict) or not isinstance(header.get("meta", {}), dict):
+            what = header if not isinstance(header, dict) else header["meta"]
+            raise PoisonError(f"{path}: unreadable poison metadata (a JSON {type(what).__name__} where PoisonSet.save "
+                              "writes an object): the file was edited or damaged")
+        meta = header.get("meta", {})
         if meta.get("format") != FORMAT:
-            raise PoisonError(f"{path}: unknown poison format {meta.get('format')!r}")
+            raise PoisonError(f"{path}: unknown poison format {_brief(meta.get('format'))}")
         encoding = header.get("encoding", "float32")
         if encoding not in ENCODINGS:
             raise PoisonError(f"{path}: unknown poison encoding {encoding!r} (known: {', '.join(ENCODINGS)})")
@@ -390,15 +422,16 @@ class PoisonSet:
         hashed = meta if encoding == "float32" else {k: v for k, v in header.items() if k != "sha256"}
         if _content_hash(tensors, hashed) != header.get("sha256"):
             raise PoisonError(f"{path}: contents do not match their sha256: the file was modified or damaged")
+        _check_poison_meta(meta, path)
+        _check_poison_tensors(tensors, payload, path)
         if encoding != "float32" and train_data is None:
-            hint = ", ".join(f"{k} {meta['settings'][k]}" for k in ("dataset", "val_size") if k in meta.get("settings", {}))
+            hint = ", ".join(f"{k} {meta['settings'][k]}" for k in ("dataset", "val_size") if k in meta["settings"])
             raise PoisonError(
                 f"{path}: {'an' if encoding == 'int8' else 'a'} {encoding} poison file stores its images relative to "
                 f"the clean training images: pass the "
                 f"training set it was crafted on (PoisonSet.load(path, train_data); on the command line its --dataset, "
                 f"--data-root and --val-size{f': {hint}' if hint else ''})"
             )
-        _check_poison_meta(meta, path)
         if encoding == "float32":
             images = tensors["images"]
         else:  # the shape is checked against the stored payload before anything of that size is allocated
@@ -817,6 +850,8 @@ def _save_checkpoint(path: Path, tensors: dict[str, torch.Tensor], meta: dict) -
 
 
 def _load_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
+    """The tensors and metadata of a poisoning checkpoint; a PoisonError naming ``path`` unless the metadata is a JSON
+    object with the fields (and types) and the tensors the run writes (``save_state`` in :func:`poison`)."""
     from safetensors import safe_open
 
     try:
@@ -827,7 +862,67 @@ def _load_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
         raise PoisonError(f"{path}: unreadable poisoning checkpoint ({exc})") from exc
     if raw is None:
         raise PoisonError(f"{path}: not a poisoning checkpoint")
-    return tensors, json.loads(raw)
+    try:
+        meta = json.loads(raw)
+    except json.JSONDecodeError as exc:
+        raise PoisonError(f"{path}: unreadable poisoning checkpoint metadata ({exc})") from None
+    if not isinstance(meta, dict):
+        raise PoisonError(f"{path}: unreadable poisoning checkpoint metadata (a JSON {type(meta).__name__}, not an "
+                          "object): the file was edited or damaged")
+
+    def count(v):
+        return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+
+    def number(v):
+        return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+    settings = meta.get("settings")
+    checks = {
+        "step": count(meta.get("step")),
+        "reset_index": count(meta.get("reset_index")),
+        "p_t": count(meta.get("p_t")),
+        "settings": isinstance(settings, dict),
+        "opt_w_groups": isinstance(meta.get("opt_w_groups"), list)
+        and all(isinstance(g, dict) for g in meta["opt_w_groups"]),
+        "history": isinstance(meta.get("history"), list) and all(  # (upper may be nan: a run that diverged)
+            isinstance(e, dict) and all(isinstance(e.get(k), (int, float)) and not isinstance(e.get(k), bool)
+                                        for k in ("upper", "seconds")) for e in meta["history"]),
+    }
+    bad = [f"{k}={_brief(meta.get(k))}" for k, ok in checks.items() if not ok]
+    if isinstance(settings, dict):
+        setting_checks = {
+            "target_class": count(settings.get("target_class")),
+            "clean_sha256": isinstance(settings.get("clean_sha256"), str),
+            "eps": number(settings.get("eps")) and settings["eps"] >= 0,
+            "sigma": number(settings.get("sigma")) and settings["sigma"] >= 0,
+            "method": isinstance(settings.get("method"), str),
+        }
+        bad += [f"settings.{k}={_brief(settings.get(k))}" for k, ok in setting_checks.items() if not ok]
+    if bad:
+        raise PoisonError(f"{path}: poisoning checkpoint metadata missing or malformed: {', '.join(bad)}")
+    u = tensors.get("u")
+    expected = {"u": u is not None and u.dtype == torch.float32 and u.dim() == 4}
+    if expected["u"]:
+        expected.update({
+            "u_m": _same_shape(tensors.get("u_m"), u.shape, torch.float32),
+            "u_v": _same_shape(tensors.get("u_v"), u.shape, torch.float32),
+            "u_t": _same_shape(tensors.get("u_t"), u.shape[:1], torch.int64),
+            "p": tensors.get("p") is not None and tensors["p"].dtype == torch.float32 and tensors["p"].dim() == 1,
+        })
+        if expected["p"] and ("p_m" in tensors or "p_v" in tensors):  # the solver's Adam moments, once it has stepped
+            expected.update({k: _same_shape(tensors.get(k), tensors["p"].shape, torch.float32) for k in ("p_m", "p_v")})
+    wrong = [f"{k} {_described(tensors.get(k))}" for k, ok in expected.items() if not ok]
+    if wrong:
+        raise PoisonError(f"{path}: poisoning checkpoint tensors missing or malformed: {', '.join(wrong)}")
+    return tensors, meta
+
+
+def _same_shape(t: torch.Tensor | None, shape, dtype: torch.dtype) -> bool:
+    return t is not None and t.dtype == dtype and tuple(t.shape) == tuple(shape)
+
+
+def _described(t: torch.Tensor | None) -> str:
+    return "absent" if t is None else f"{tuple(t.shape)} {str(t.dtype).replace('torch.', '')}"
 
 
 def _optimizer_tensors(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], list]:
@@ -994,14 +1089,17 @@ def poison(
     device: str | torch.device = "cpu",
     hvp_backend: str = "auto",
     encoding: str = "float32",
-    progress: bool = False,
+    progress: bool | None = None,
     log: Callable[[dict], None] | None = None,
 ) -> PoisonSet:
     """Craft a PACD poison against ``method``'s training procedure (ApproxGrad bilevel optimisation).
 
     Args:
-        model_fn: builds a fresh lower-level model (e.g. ``engine.models.lenet_mnist``); called at
-            every re-initialisation under a seed derived from ``seed``.
+        model_fn: a factory building a fresh lower-level model (e.g. ``engine.models.lenet_mnist`` or
+            ``lambda: engine.models.build("lenet")``, not a model); called at every re-initialisation
+            under a seed derived from ``seed``. Its first model is run once on a training image before
+            anything else: a model that does not take the images, or has no output for a label or for
+            ``target_class``, is refused then.
         train_data: (images (N, C, H, W) uint8 or float in [0, 1], labels (N,)); every image of
             ``target_class`` is poisoned, the others are the clean data of the lower level.
         val_data: (images, labels); its ``target_class`` images drive the upper objective.
@@ -1037,22 +1135,38 @@ def poison(
             (:meth:`PoisonSet.encode`; ``settings["quantized"]`` records the float32 poison it came from), so the
             PoisonSet returned is the one its 4x smaller file holds. The checkpoint keeps the float32 poison (a
             resumed run quantises the same), and the encoding is no checkpoint setting.
+        progress: a tqdm bar over the outer steps: None (default) only when stderr is a terminal (never
+            under pytest or in a log file), True always, False never.
+
+    Raises:
+        :class:`engine.validate.InputError` (a ValueError) for bad arguments, data (as for
+        :func:`engine.train`), a model instance passed as ``model_fn``, a model that does not fit the
+        images or a ``target_class`` beyond its outputs.
 
     Returns:
         :class:`PoisonSet` with ||images - originals||_inf <= eps, images in [0, 1], labels unchanged.
     """
+    if isinstance(model_fn, torch.nn.Module) or not callable(model_fn):
+        what = f"a {describe_module(model_fn)} module" if isinstance(model_fn, torch.nn.Module) else type(model_fn).__name__
+        raise InputTypeError(f"poison takes a model factory (e.g. lambda: engine.models.build('lenet')), got {what}")
+    if isinstance(target_class, bool) or not hasattr(type(target_class), "__index__"):
+        raise InputTypeError(f"target_class must be an integer class index, got {type(target_class).__name__} {target_class!r}")
+    target_class = int(target_class)
+    if target_class < 0:
+        raise InputError(f"target_class must be >= 0, got {target_class}")
+    progress = check_progress(progress, allow_callable=False)
     if method not in METHODS:
-        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+        raise InputError(f"method must be one of {METHODS}, got {method!r}")
     if solver not in bilevel.SOLVERS:
-        raise ValueError(f"solver must be one of {tuple(bilevel.SOLVERS)}, got {solver!r}")
+        raise InputError(f"solver must be one of {tuple(bilevel.SOLVERS)}, got {solver!r}")
     from .hessian import BACKENDS as HVP_BACKENDS
 
     if hvp_backend not in HVP_BACKENDS:
-        raise ValueError(f"hvp_backend must be one of {HVP_BACKENDS}, got {hvp_backend!r}")
+        raise InputError(f"hvp_backend must be one of {HVP_BACKENDS}, got {hvp_backend!r}")
     if u_update not in ("adam", "sign"):
-        raise ValueError(f"u_update must be 'adam' or 'sign', got {u_update!r}")
+        raise InputError(f"u_update must be 'adam' or 'sign', got {u_update!r}")
     if encoding not in ("float32", "int8"):
-        raise ValueError(f"encoding must be 'float32' or 'int8' for a crafted poison, got {encoding!r} (sign stores "
+        raise InputError(f"encoding must be 'float32' or 'int8' for a crafted poison, got {encoding!r} (sign stores "
                          "vertex poisons: PoisonSet.encode(train_data, 'sign', snap=True) or combine_poisons)")
     sigma = _positive("sigma", sigma)
     eps = _positive("eps", eps, allow_zero=True)
@@ -1067,22 +1181,47 @@ def poison(
         for n, v in (("batch_clean", batch_clean), ("batch_poison", batch_poison), ("batch_val", batch_val), ("k", k))
     )
     if not 0 <= float(a) < 0.5:
-        raise ValueError(f"a must lie in [0, 0.5), got {a}")
+        raise InputError(f"a must lie in [0, 0.5), got {a}")
     margs = _method_args(method, dict(method_args or {}))
     device = torch.device(device)
 
-    images, labels = train_data
+    images, labels = check_dataset(train_data, "train_data")
+    val_images, yv_all = check_dataset(val_data, "val_data")
     x_all = _float_images(images, "train_data")
-    labels = torch.as_tensor(labels).to(torch.int64)
-    if labels.shape != (x_all.shape[0],):
-        raise ValueError(f"train_data labels must have shape ({x_all.shape[0]},), got {tuple(labels.shape)}")
-    xv_all = _float_images(val_data[0], "val_data")
-    yv_all = torch.as_tensor(val_data[1]).to(torch.int64)
+    xv_all = _float_images(val_images, "val_data")
+
+    def build_model(r: int) -> torch.nn.Module:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(derive_seed(seed, r, 1))
+            m = model_fn()
+        if not isinstance(m, torch.nn.Module):
+            raise InputTypeError(f"model_fn must return a torch.nn.Module, got {type(m).__name__}")
+        m = m.to(device)
+        if device.type == "cpu" and any(isinstance(c, torch.nn.Conv2d) for c in m.modules()):
+            m.to(memory_format=torch.channels_last)  # oneDNN's fast layout (as engine.train); checkpoints store it contiguous
+        return m
+
+    def fresh_model(r: int, built: torch.nn.Module | None = None):
+        m = build_model(r) if built is None else built
+        return m, torch.optim.Adam(flat_params(m), lr=lr_w)
+
+    # the first model (re-initialisation 0), run once on a training image before anything else
+    first_model = build_model(0)
+    model_name = f"model from model_fn ({describe_module(first_model)})"
+    classes = check_model_fits(first_model, images, name=model_name, labels=labels, labels_name="train_data labels")
+    if tuple(val_images.shape[1:]) != tuple(images.shape[1:]):
+        check_model_fits(first_model, val_images, name=model_name, num_classes=classes)
+    if int(yv_all.max()) >= classes:
+        raise InputError(f"val_data labels go up to {int(yv_all.max())} but the {model_name} has {classes} outputs "
+                         f"(classes 0..{classes - 1})")
+    if target_class >= classes:
+        raise InputError(f"target_class {target_class} is not a class of the {model_name}: it has {classes} outputs "
+                         f"(classes 0..{classes - 1})")
     pool_p = (labels == target_class).nonzero().flatten()
     pool_c = (labels != target_class).nonzero().flatten()
     val_t = xv_all[yv_all == target_class]
     if pool_p.numel() == 0 or val_t.shape[0] == 0 or pool_c.numel() == 0:
-        raise ValueError(
+        raise InputError(
             f"target_class {target_class}: {pool_p.numel()} training, {val_t.shape[0]} validation images of "
             f"the class and {pool_c.numel()} other training images; all must be > 0"
         )
@@ -1148,16 +1287,9 @@ def poison(
     if init_info is not None:
         settings["init"] = init_info
 
-    def fresh_model(r: int):
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(derive_seed(seed, r, 1))
-            m = model_fn().to(device)
-        if device.type == "cpu" and any(isinstance(c, torch.nn.Conv2d) for c in m.modules()):
-            m.to(memory_format=torch.channels_last)  # oneDNN's fast layout (as engine.train); checkpoints store it contiguous
-        return m, torch.optim.Adam(flat_params(m), lr=lr_w)
-
     reset_index = offset // reset_period if reset_period else 0
-    model, opt_w = fresh_model(reset_index)
+    model, opt_w = fresh_model(reset_index, first_model if reset_index == 0 else None)
+    first_model = None
     shapes = [list(p.shape) for p in flat_params(model)]
     settings["param_shapes"] = shapes
     n_params = sum(p.numel() for p in flat_params(model))

@@ -21,6 +21,8 @@ from . import _ext
 from . import accel as _accel
 from . import noise as _noise
 from .stats import binomial_two_sided_pvalue, certified_radius, clopper_pearson_lower
+from .validate import InputError, InputTypeError, check_model_fits, check_progress
+from .validate import check_images as _check_images
 
 __all__ = ["certify", "predict", "CertifyResult", "sample_counts", "ABSTAIN"]
 
@@ -59,47 +61,36 @@ class CertifyResult:
 
 def _check_int(name: str, value, lo: int, hi: int | None = None) -> int:
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-        raise TypeError(f"{name} must be an integer, got {type(value).__name__} {value!r}")
+        raise InputTypeError(f"{name} must be an integer, got {type(value).__name__} {value!r}")
     value = int(value)
     if value < lo or (hi is not None and value > hi):
         bound = f">= {lo}" if hi is None else f"in [{lo}, {hi}]"
-        raise ValueError(f"{name} must be {bound}, got {value}")
+        raise InputError(f"{name} must be {bound}, got {value}")
     return value
 
 
 def _check_sigma(sigma) -> float:
     if isinstance(sigma, bool) or not isinstance(sigma, (int, float, np.floating, np.integer)):
-        raise TypeError(f"sigma must be a number, got {type(sigma).__name__}")
+        raise InputTypeError(f"sigma must be a number, got {type(sigma).__name__}")
     sigma = float(sigma)
     if not np.isfinite(sigma) or sigma <= 0:
-        raise ValueError(f"sigma must be a finite number > 0, got {sigma}")
+        raise InputError(f"sigma must be a finite number > 0, got {sigma}")
     return sigma
 
 
 def _check_alpha(alpha) -> float:
     if isinstance(alpha, bool) or not isinstance(alpha, (int, float, np.floating)):
-        raise TypeError(f"alpha must be a number, got {type(alpha).__name__}")
+        raise InputTypeError(f"alpha must be a number, got {type(alpha).__name__}")
     alpha = float(alpha)
     if not 0.0 < alpha < 1.0:
-        raise ValueError(f"alpha must lie in (0, 1), got {alpha}")
+        raise InputError(f"alpha must lie in (0, 1), got {alpha}")
     return alpha
 
 
 def check_images(x) -> torch.Tensor:
-    """Validate x: a (B, C, H, W) floating tensor of finite pixels in [0, 1]."""
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(f"x must be a torch.Tensor of shape (B, C, H, W), got {type(x).__name__}")
-    if x.dim() != 4:
-        raise ValueError(f"x must have shape (B, C, H, W), got {tuple(x.shape)} (rank {x.dim()})")
-    if not x.is_floating_point():
-        raise TypeError(f"x must be a floating tensor with pixels in [0, 1], got {x.dtype}")
-    if x.numel():
-        if not bool(torch.isfinite(x).all()):
-            raise ValueError("x contains NaN or infinite pixels")
-        lo, hi = float(x.min()), float(x.max())
-        if lo < 0.0 or hi > 1.0:
-            raise ValueError(f"x pixels must lie in [0, 1], got range [{lo:.6g}, {hi:.6g}]")
-    return x
+    """Validate x: a (B, C, H, W) floating tensor of finite pixels in [0, 1] (:func:`engine.validate.check_images`
+    named "x", uint8 refused); returns it unchanged. Raises :class:`engine.validate.InputError`."""
+    return _check_images(x, "x", allow_uint8=False)
 
 
 def _check_ids(image_ids, batch: int) -> torch.Tensor:
@@ -107,12 +98,12 @@ def _check_ids(image_ids, batch: int) -> torch.Tensor:
         return torch.arange(batch, dtype=torch.int64)
     ids = torch.as_tensor(image_ids)
     if ids.dtype.is_floating_point or ids.dtype == torch.bool or ids.dim() != 1 or ids.shape[0] != batch:
-        raise ValueError(
+        raise InputError(
             f"image_ids must be a 1-D integer tensor with one id per image ({batch}), got {tuple(ids.shape)} {ids.dtype}"
         )
     ids = ids.to(torch.int64).cpu()
     if batch and (int(ids.min()) < 0 or int(ids.max()) > _noise.MAX_INDEX):
-        raise ValueError("image_ids must lie in [0, 2^32)")
+        raise InputError("image_ids must lie in [0, 2^32)")
     return ids
 
 
@@ -392,16 +383,16 @@ def sample_counts(
         logits = model(noisy)
         if not isinstance(logits, torch.Tensor) or logits.dim() != 2 or logits.shape[0] != stop - start:
             shape = tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
-            raise ValueError(f"model output must be logits of shape ({stop - start}, num_classes), got {shape}")
+            raise InputError(f"model output must be logits of shape ({stop - start}, num_classes), got {shape}")
         if num_classes is None:
             num_classes = logits.shape[1]
             if num_classes < 1:
-                raise ValueError("model output has no classes")
+                raise InputError("model output has no classes")
             counts = torch.zeros(batch * num_classes, dtype=torch.int64, device=device)
         elif logits.shape[1] != num_classes:
-            raise ValueError(f"model output changed from {num_classes} to {logits.shape[1]} classes between batches")
+            raise InputError(f"model output changed from {num_classes} to {logits.shape[1]} classes between batches")
         if not bool(torch.isfinite(logits).all()):
-            raise ValueError("model output contains NaN or infinite logits")
+            raise InputError("model output contains NaN or infinite logits")
         pred = logits.argmax(dim=1)  # ties -> lowest class index
         counts.index_add_(0, row_image * num_classes + pred, torch.ones_like(pred))
         if progress is not None:
@@ -413,14 +404,15 @@ def sample_counts(
 
 def _prepare(model, x, image_ids, batch_size, seed, backend, precision="auto"):
     if not isinstance(model, torch.nn.Module):
-        raise TypeError(f"model must be a torch.nn.Module returning logits, got {type(model).__name__}")
+        raise InputTypeError(f"model must be a torch.nn.Module returning logits, got {type(model).__name__}")
     x = check_images(x)
     ids = _check_ids(image_ids, x.shape[0])
     _check_int("seed", seed, 0, _noise.MAX_SEED)
     if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+        raise InputError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if precision not in _accel.PRECISIONS:
-        raise ValueError(f"precision must be one of {_accel.PRECISIONS}, got {precision!r}")
+        raise InputError(f"precision must be one of {_accel.PRECISIONS}, got {precision!r}")
+    check_model_fits(model, x)  # one forward of one image: a model that does not take x fails here, in one line
     device = model_device(model, x.device)
     x = x.detach().to(device=device, dtype=torch.float32)
     pixels = int(np.prod(x.shape[1:])) if x.dim() == 4 else 1
@@ -431,9 +423,12 @@ def _prepare(model, x, image_ids, batch_size, seed, backend, precision="auto"):
 
 
 def _progress_bar(enabled, total: int, desc: str):
-    if not enabled:
+    """(update, bar) for ``progress``: None -> a bar only when stderr is a terminal, True / False, or a
+    callable receiving rows done."""
+    enabled = check_progress(enabled)
+    if enabled is False:
         return None, None
-    if callable(enabled):
+    if enabled is not True:
         return enabled, None
     from tqdm.auto import tqdm
 
@@ -453,7 +448,7 @@ def certify(
     seed: int = 0,
     image_ids=None,
     backend: str = "auto",
-    progress=False,
+    progress=None,
     precision: str = "auto",
 ) -> CertifyResult:
     """Certify the smoothed classifier of ``model`` at each image of ``x`` (Cohen et al., CERTIFY).
@@ -474,9 +469,16 @@ def certify(
             noise op, model as given), "triton" (fused Triton kernels, CUDA graphs; CUDA or the
             CPU interpreter). See :mod:`engine.accel`. On CUDA the "auto" / "triton" backends run
             forward passes of a fixed shape chosen by the engine, so ``batch_size`` does not apply.
-        progress: True for a progress bar over samples, or a callable receiving rows done.
+        progress: a tqdm bar over samples: None (default) draws it only when stderr is a terminal
+            (never under pytest or in a log file), True always, False never; or a callable
+            receiving rows done after every forward batch.
         precision: "fp32", "bf16", "fp16" or "auto" (bf16 for "auto" / "triton" on CUDA, fp32
             otherwise). Lower precision changes the base classifier slightly, not the guarantee.
+
+    Raises:
+        :class:`engine.validate.InputError` (a ValueError; TypeError too for wrong types) for bad
+        arguments, images that are not (B, C, H, W) floats in [0, 1], or a model that fails on one of
+        the images or does not return (1, num_classes) logits for it (checked once, before sampling).
 
     Returns:
         :class:`CertifyResult`. Guarantee: for each image, with probability at least 1 - alpha over
@@ -531,7 +533,7 @@ def predict(
     seed: int = 0,
     image_ids=None,
     backend: str = "auto",
-    progress=False,
+    progress=None,
     precision: str = "auto",
 ) -> torch.Tensor:
     """Predict with the smoothed classifier (Cohen et al., PREDICT): (B,) int64, -1 = abstain.

@@ -44,10 +44,12 @@ from . import attacks, losses
 from .data import split_validation
 from .fileio import ExclusiveLock, publish
 from .smoothing import model_device, pool_first_view
+from .validate import InputError, InputTypeError, check_dataset, check_model_fits, check_progress
 
 __all__ = [
     "train",
     "evaluate",
+    "progress_bar",
     "split_validation",
     "epoch_generator",
     "read_checkpoint_meta",
@@ -86,17 +88,30 @@ def _as_float(images: torch.Tensor) -> torch.Tensor:
     return images.to(torch.float32) / 255.0 if images.dtype == torch.uint8 else images.to(torch.float32)
 
 
-def _check_data(name: str, data) -> tuple[torch.Tensor, torch.Tensor]:
-    if not (isinstance(data, (tuple, list)) and len(data) == 2):
-        raise ValueError(f"{name} must be a pair (images (N, C, H, W), labels (N,))")
-    images, labels = data
-    if not isinstance(images, torch.Tensor) or images.dim() != 4:
-        raise ValueError(f"{name} images must be a (N, C, H, W) tensor, got {getattr(images, 'shape', type(images))}")
-    if not isinstance(labels, torch.Tensor) or labels.dim() != 1 or labels.shape[0] != images.shape[0]:
-        raise ValueError(f"{name} labels must be a ({images.shape[0]},) tensor, got {getattr(labels, 'shape', type(labels))}")
-    if images.shape[0] == 0:
-        raise ValueError(f"{name} is empty")
-    return images, labels.to(torch.int64)
+def progress_bar(images: int, desc: str = ""):
+    """(progress, close): a :func:`train` ``progress`` callback drawing one tqdm bar per epoch (``images``
+    inputs, running loss and accuracy; ``desc`` before "epoch e/E"), and a function closing a bar left open."""
+    from tqdm.auto import tqdm
+
+    bar = None
+
+    def progress(p):
+        nonlocal bar
+        if p["batch"] == 1 or bar is None:  # (a run resumed inside an epoch starts past batch 1)
+            bar = tqdm(total=images, desc=f"{desc}epoch {p['epoch']}/{p['epochs']}", unit="img", dynamic_ncols=True)
+        bar.update(p["samples"] - bar.n)
+        bar.set_postfix(loss=f"{p['loss']:.4f}", acc=f"{p['accuracy']:.4f}", refresh=False)
+        if p["batch"] == p["batches"]:
+            bar.close()
+
+    def close():
+        if bar is not None:
+            bar.close()
+
+    return progress, close
+
+
+train_progress_bar = progress_bar  # the name engine.cli used for it
 
 
 @torch.no_grad()
@@ -106,7 +121,7 @@ def evaluate(model, data, *, sigma: float, batch_size: int = 1000, seed: int = 0
     data: (images (N, C, H, W) uint8 or float in [0, 1], labels (N,)). Returns
     ``{"eval_accuracy": float, "eval_noisy_accuracy": float}``; the model's mode is restored.
     """
-    images, labels = _check_data("eval_data", data)
+    images, labels = check_dataset(data, "eval_data")
     device = model_device(model, torch.device("cpu"))
     was_training = model.training
     model.eval()
@@ -127,17 +142,17 @@ def evaluate(model, data, *, sigma: float, batch_size: int = 1000, seed: int = 0
 
 def _method_args(method: str, given: dict) -> dict:
     if method not in METHODS:
-        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+        raise InputError(f"method must be one of {METHODS}, got {method!r}")
     spec = METHOD_ARGS[method]
     unknown = sorted(set(given) - set(spec))
     if unknown:
         takes = ", ".join(f"{m}: {', '.join(a) or '-'}" for m, a in METHOD_ARGS.items())
-        raise ValueError(f"method {method!r} takes no argument(s) {', '.join(unknown)} (method arguments: {takes})")
+        raise InputError(f"method {method!r} takes no argument(s) {', '.join(unknown)} (method arguments: {takes})")
     args = {}
     for name, default in spec.items():
         value = given.get(name, default)
         if value is _REQUIRED:
-            raise ValueError(f"method {method!r} needs the argument {name}")
+            raise InputError(f"method {method!r} needs the argument {name}")
         args[name] = value
     if method == "smoothadv":
         args["eps"] = losses._check_float("eps", args["eps"], nonnegative=True)
@@ -346,8 +361,10 @@ def train(
         seed: data order and noise are reproducible from it (per-epoch generators, module docstring).
         eval_data: optional (images, labels) evaluated after every epoch (:func:`evaluate`).
         log: optional callable receiving each epoch's history entry (after its checkpoint is written).
-        progress: optional callable receiving, after every batch, a dict with epoch, epochs, batch,
-            batches, samples (inputs seen this epoch), loss and accuracy (running epoch means).
+        progress: a tqdm bar per epoch (:func:`progress_bar`): None (default) draws it only when stderr
+            is a terminal (never under pytest or in a log file), True always, False never; or a callable
+            receiving, after every batch, a dict with epoch, epochs, batch, batches, samples (inputs seen
+            this epoch), loss and accuracy (running epoch means).
         checkpoint: optional path of a training checkpoint written (atomically) after every epoch; an
             existing file there is replaced unless ``resume``.
         resume: continue from ``checkpoint`` when it exists (settings, data and model must match,
@@ -366,6 +383,12 @@ def train(
             a run started from other weights is refused.
         **method_args: the method's arguments (``METHOD_ARGS``); any other name raises ValueError.
 
+    Raises:
+        :class:`engine.validate.InputError` (a ValueError) for bad arguments or data: images not
+        (N, C, H, W) uint8 or floats in [0, 1] (NaN, or floats in [0, 255], are refused), labels not
+        integers, not one per image, negative or beyond the model's outputs, and a model that fails on
+        one training image (e.g. a 3-channel network given 1-channel images); all before the first step.
+
     Returns:
         (model, history): the model (eval mode) and a list with one dict per finished epoch:
         epoch, loss, accuracy (of the predictions trained on: clean inputs for "standard", noisy
@@ -375,9 +398,9 @@ def train(
     args = _method_args(method, method_args)
     sigma = losses._check_sigma(sigma, allow_zero=method == "standard")
     if optimizer not in ("sgd", "adam"):
-        raise ValueError(f"optimizer must be 'sgd' or 'adam', got {optimizer!r}")
+        raise InputError(f"optimizer must be 'sgd' or 'adam', got {optimizer!r}")
     if schedule not in ("cosine", "step", "constant"):
-        raise ValueError(f"schedule must be 'cosine', 'step' or 'constant', got {schedule!r}")
+        raise InputError(f"schedule must be 'cosine', 'step' or 'constant', got {schedule!r}")
     losses._check_int("epochs", epochs, 1)
     losses._check_int("batch_size", batch_size, 1)
     losses._check_int("seed", seed, 0)
@@ -387,14 +410,31 @@ def train(
     if stop_after_epoch is not None:
         losses._check_int("stop_after_epoch", stop_after_epoch, 1)
     if resume and checkpoint is None:
-        raise ValueError("resume=True needs a checkpoint path")
+        raise InputError("resume=True needs a checkpoint path")
     if checkpoint_seconds is not None:
         checkpoint_seconds = losses._check_float("checkpoint_seconds", checkpoint_seconds, nonnegative=True)
         if checkpoint is None:
-            raise ValueError("checkpoint_seconds needs a checkpoint path")
-    images, labels = _check_data("train_data", train_data)
+            raise InputError("checkpoint_seconds needs a checkpoint path")
+    if not isinstance(model, torch.nn.Module):
+        raise InputTypeError(f"model must be a torch.nn.Module returning logits, got {type(model).__name__}")
+    images, labels = check_dataset(train_data, "train_data")
     if eval_data is not None:
-        _check_data("eval_data", eval_data)
+        eval_images, eval_labels = check_dataset(eval_data, "eval_data")
+    # one forward of one image, before anything is built or written: a model that does not take these images,
+    # or fewer outputs than the labels need, is refused in one line instead of failing inside the first step
+    classes = check_model_fits(model, images, labels=labels, labels_name="train_data labels")
+    if eval_data is not None:
+        if tuple(eval_images.shape[1:]) != tuple(images.shape[1:]):
+            check_model_fits(model, eval_images, num_classes=classes)
+        if int(eval_labels.max()) >= classes:
+            raise InputError(f"eval_data labels go up to {int(eval_labels.max())} but the model has {classes} outputs "
+                             f"(classes 0..{classes - 1})")
+    progress = check_progress(progress)
+    close_bar = None
+    if progress is True:
+        progress, close_bar = progress_bar(images.shape[0])
+    elif progress is False:
+        progress = None
     device = model_device(model, torch.device("cpu"))
     if channels_last is None:  # auto: conv nets on the CPU (oneDNN's NHWC kernels are much faster there)
         channels_last = device.type == "cpu" and any(isinstance(m, torch.nn.Conv2d) for m in model.modules())
@@ -512,6 +552,8 @@ def train(
         model.eval()
         return model, history
     finally:
+        if close_bar is not None:
+            close_bar()
         if channels_last:  # hand the model back in the standard layout (same values)
             model.to(memory_format=torch.contiguous_format)
         if lock is not None:
