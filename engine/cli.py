@@ -29,14 +29,27 @@ import torch
 
 from .fileio import sha256_file
 from .pacd import COMBINE
+from .results import ResultsError
 
 __all__ = ["main", "run_certify", "train_checkpoint_path"]
 
 
+class UsageError(Exception):
+    """A bad command-line input found after parsing: printed as one ``error:`` line, exit status 2."""
+
+
 def _device(name: str) -> torch.device:
+    """The device of ``--device NAME``; CUDA where this machine has none is a UsageError."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    device = torch.device(name)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            why = "this torch is built without CUDA" if torch.version.cuda is None else "no CUDA device is visible"
+            raise UsageError(f"--device {name}: CUDA is not available here ({why}); use --device cpu or auto")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise UsageError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    return device
 
 
 def select_indices(count: int, skip: int, max_index: int, shard: int = 0, num_shards: int = 1) -> list[int]:
@@ -64,19 +77,29 @@ def run_certify(
     show_progress: bool = True,
     backend: str = "auto",
     precision: str = "auto",
+    trace: dict | None = None,
+    title: str | None = None,
 ) -> dict:
     """Certify ``images[indices]`` one image at a time into a resumable log; returns the summary.
 
-    The log is locked while this runs: a second run on the same ``out`` raises FileInUseError."""
+    The log is locked while this runs: a second run on the same file (by any name) raises FileInUseError.
+    A resumed log must hold only images of ``indices`` with their labels. A run that fails before its
+    first image leaves no files behind."""
     from tqdm.auto import tqdm
 
     from .data import to_float
     from .fileio import ExclusiveLock
-    from .results import ResultsLog
+    from .results import ResultsLog, run_trace, summary_paths
     from .smoothing import certify
 
+    indices = [int(i) for i in indices]
+    if not indices:
+        raise ResultsError(f"{out}: nothing to certify: the selection is empty")
+    summary_paths(out)  # a log named like its summary or plot: refused before anything is written
+    expected = {i: int(labels[i]) for i in indices}
     with ExclusiveLock(out):
-        log = ResultsLog(out, settings, overwrite=overwrite)
+        log = ResultsLog(out, settings, overwrite=overwrite, expected=expected,
+                         trace=run_trace(**(trace or {})))
         planned = {"planned_images": len(indices)}
         log.write_summary(extra=planned)
         if log.repaired_bytes:
@@ -90,6 +113,7 @@ def run_certify(
             disable=not show_progress,
             dynamic_ncols=True,
         )
+        finished = False
         try:
             for i in todo:
                 x = to_float(images[i : i + 1])
@@ -106,15 +130,20 @@ def run_certify(
                     image_ids=torch.tensor([i]),
                     backend=backend,
                     precision=precision,
+                    progress=False,
                 )
                 dt = time.perf_counter() - t0
                 log.append(i, int(labels[i]), int(res.prediction[0]), float(res.radius[0]), float(res.seconds[0]))
                 bar.set_postfix(samples_per_s=f"{(n0 + n) / dt:,.0f}")
                 bar.update(1)
+            finished = True
         finally:
             bar.close()
-            summ = log.write_summary(extra=planned)
-            log.plot()
+            if not finished and log.discard():  # failed before its first image: no empty outputs
+                pass
+            else:
+                summ = log.write_summary(extra=planned)
+                log.plot(title=title)
         return summ
 
 
@@ -169,19 +198,83 @@ def load_model_arg(checkpoint, weights, arch, device) -> tuple[torch.nn.Module, 
     return model, identity
 
 
-def cmd_certify(args) -> int:
+def _selection(args, count: int, what: str) -> list[int]:
+    """The images certify / predict take (Cohen et al.'s selection, then this shard's share); refuses an empty one."""
+    indices = select_indices(count, args.skip, args.max, args.shard, args.num_shards)
+    if not indices:
+        shard = f", shard {args.shard} of {args.num_shards}" if args.num_shards > 1 else ""
+        raise UsageError(f"the selection is empty: --skip {args.skip} --max {args.max}{shard} selects none of the "
+                         f"{count} images of {what}")
+    return indices
+
+
+def _sigma_of(args, model, path) -> float:
+    """--sigma, or the noise level recorded in the checkpoint; a different one than recorded prints a warning."""
+    recorded = (getattr(model, "engine_meta", {}).get("meta") or {}).get("sigma")
+    recorded = float(recorded) if isinstance(recorded, (int, float)) and recorded > 0 else None
+    if args.sigma is None:
+        if recorded is None:
+            raise UsageError(f"--sigma is required: {path} records no noise level")
+        return recorded
+    if recorded is not None and args.sigma != recorded:
+        import warnings
+
+        warnings.warn(f"--sigma {args.sigma:g} differs from the sigma {recorded:g} recorded in {path} (the noise level "
+                      f"the model was trained with); certifying at {args.sigma:g}", stacklevel=2)
+    return args.sigma
+
+
+def _check_backend(backend: str, device: torch.device) -> None:
+    if backend == "triton":
+        from engine.kernels._launch import can_run
+
+        if not can_run(device):
+            raise UsageError(f"--backend triton needs a CUDA device (or TRITON_INTERPRET=1 for the slow CPU "
+                             f"interpreter); this run's device is {device}")
+
+
+def _model_fits(model, images, labels, what: str) -> None:
+    from .validate import check_model_fits
+
+    check_model_fits(model, images[:1], labels=labels, name=what)
+
+
+def _prepare_model_run(args):
+    """(device, model, identity, images, labels, indices, sigma, precision, path) of certify / predict."""
     from . import data
+    from .accel import resolve_precision
 
     device = _device(args.device)
+    _check_backend(args.backend, device)
     model, identity = load_model_arg(args.checkpoint, args.weights, args.arch, device)
+    path = args.checkpoint or args.weights
     images, labels = data.load_dataset(args.dataset, args.data_root, args.split)
-    indices = select_indices(images.shape[0], args.skip, args.max, args.shard, args.num_shards)
+    where = f"the {args.dataset} {args.split} split"
+    indices = _selection(args, images.shape[0], where)
+    _model_fits(model, images, labels[indices], f"the model of {path}")
+    sigma = _sigma_of(args, model, path)
+    precision = resolve_precision(args.precision, device, args.backend)
+    return device, model, identity, images, labels, indices, sigma, precision, path
+
+
+def _trace(args, device, precision, path) -> dict:
+    return {"command": args.command, "checkpoint": str(path), "dataset": args.dataset,
+            "data_root": None if args.data_root is None else str(args.data_root), "backend": args.backend,
+            "precision": precision, "device": str(device), "threads": torch.get_num_threads()}
+
+
+def cmd_certify(args) -> int:
+    from .results import summary_paths
+
+    out = Path(args.out)
+    summary_paths(out)  # --out r.json / r.png: refused before any work
+    device, model, identity, images, labels, indices, sigma, precision, path = _prepare_model_run(args)
     settings = {
         "command": "certify",
         **identity,
         "dataset": args.dataset,
         "split": args.split,
-        "sigma": args.sigma,
+        "sigma": sigma,
         "n0": args.n0,
         "n": args.n,
         "alpha": args.alpha,
@@ -191,9 +284,6 @@ def cmd_certify(args) -> int:
         "shard": args.shard,
         "num_shards": args.num_shards,
     }
-    from .accel import resolve_precision
-
-    precision = resolve_precision(args.precision, device, args.backend)
     if precision != "fp32":  # mixed precision changes the base classifier: a resume must use the same
         settings["precision"] = precision
     summ = run_certify(
@@ -201,20 +291,101 @@ def cmd_certify(args) -> int:
         images,
         labels,
         indices,
-        Path(args.out),
+        out,
         settings,
-        sigma=args.sigma,
+        sigma=sigma,
         n0=args.n0,
         n=args.n,
         alpha=args.alpha,
-        batch_size=args.batch,
+        batch_size=args.noise_batch,
         seed=args.seed,
         overwrite=args.overwrite,
         show_progress=not args.quiet,
         backend=args.backend,
         precision=precision,
+        trace=_trace(args, device, precision, path),
     )
     print(format_table(summ))
+    print(_wrote(out, *summary_paths(out)))
+    return 0
+
+
+def _wrote(*paths) -> str:
+    return "wrote " + ", ".join(str(p) for p in paths if Path(p).exists())
+
+
+def cmd_predict(args) -> int:
+    from tqdm.auto import tqdm
+
+    from .data import to_float
+    from .fileio import publish
+    from .results import SCHEMA_VERSION, run_trace, summary_paths
+    from .smoothing import predict
+
+    out = None if args.out is None else Path(args.out)
+    if out is not None:
+        summary_paths(out)
+        if out.exists() and not args.overwrite:
+            raise UsageError(f"--out {out} exists; pass --overwrite to replace it")
+    device, model, identity, images, labels, indices, sigma, precision, path = _prepare_model_run(args)
+    rows = []
+    chunk = 64
+    with tqdm(total=len(indices), unit="img", desc="predict", disable=args.quiet, dynamic_ncols=True) as bar:
+        for start in range(0, len(indices), chunk):
+            ids = torch.tensor(indices[start : start + chunk])
+            t0 = time.perf_counter()
+            pred = predict(model, to_float(images[ids]), sigma=sigma, n=args.n, alpha=args.alpha,
+                           batch_size=args.noise_batch, seed=args.seed, image_ids=ids, backend=args.backend,
+                           precision=precision, progress=False)
+            dt = (time.perf_counter() - t0) / len(ids)
+            rows += [(int(i), int(labels[i]), int(p), dt) for i, p in zip(ids.tolist(), pred.tolist())]
+            bar.update(len(ids))
+    correct = sum(r[1] == r[2] for r in rows)
+    abstain = sum(r[2] == -1 for r in rows)
+    summary = {
+        "schema_version": SCHEMA_VERSION,
+        "settings": {"command": "predict", **identity, "dataset": args.dataset, "split": args.split, "sigma": sigma,
+                     "n": args.n, "alpha": args.alpha, "seed": args.seed, "skip": args.skip, "max": args.max,
+                     "shard": args.shard, "num_shards": args.num_shards},
+        "trace": run_trace(**_trace(args, device, precision, path)),
+        "images": len(rows),
+        "accuracy": correct / len(rows),
+        "abstain_rate": abstain / len(rows),
+        "seconds_per_image": sum(r[3] for r in rows) / len(rows),
+    }
+    print(f"images            {len(rows)}\nsmoothed accuracy {summary['accuracy']:.4f}\n"
+          f"abstain rate      {summary['abstain_rate']:.4f}\nseconds / image   {summary['seconds_per_image']:.3f}")
+    if out is not None:
+        json_path, _ = summary_paths(out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out.with_name(out.name + ".tmp")
+        tmp.write_text("idx\tlabel\tpredict\tcorrect\ttime\n" +
+                       "".join(f"{i}\t{y}\t{p}\t{int(p == y)}\t{t:.4f}\n" for i, y, p, t in rows))
+        publish(tmp, out)
+        tmp = json_path.with_name(json_path.name + ".tmp")
+        tmp.write_text(json.dumps(summary, indent=2) + "\n")
+        publish(tmp, json_path)
+        print(_wrote(out, json_path))
+    return 0
+
+
+def cmd_plot(args) -> int:
+    from .plots import Run, plot_certified_accuracy
+
+    out = Path(args.out)
+    if out.suffix.lower() not in (".png", ".pdf", ".svg"):
+        raise UsageError(f"--out {out}: give a .png, .pdf or .svg file")
+    if args.label is not None and len(args.label) != len(args.runs):
+        raise UsageError(f"--label given {len(args.label)} times for {len(args.runs)} runs: give one per run, in order")
+    for r in args.runs:
+        if Path(r).resolve() == out.resolve():
+            raise UsageError(f"--out {out} is one of the runs")
+    if out.exists() and not args.overwrite:
+        raise UsageError(f"--out {out} exists; pass --overwrite to replace it")
+    labels = args.label or [None] * len(args.runs)
+    runs = [Run.from_log(r, label=lab) for r, lab in zip(args.runs, labels)]
+    plot_certified_accuracy(runs, out, title=args.title)
+    print(f"wrote {out} ({len(runs)} run{'s' if len(runs) > 1 else ''})")
     return 0
 
 
@@ -285,6 +456,8 @@ def cmd_demo(args) -> int:
         seed=args.seed,
         overwrite=True,
         show_progress=not args.quiet,
+        trace={"command": "demo", "checkpoint": str(ckpt), "dataset": "mnist-embedded", "data_root": str(root),
+               "backend": "auto", "precision": "fp32", "device": str(device), "threads": torch.get_num_threads()},
     )
     print(
         f"\nLeNet, Gaussian augmentation sigma={args.sigma}, {args.epochs} epochs; certify n0={args.n0} "
@@ -304,32 +477,9 @@ def train_checkpoint_path(out: str | Path) -> Path:
 TRAIN_METHOD_FLAGS = ("eps", "steps", "m", "warmup", "k", "beta", "gamma", "lbd", "lbd_warmup")
 
 
-def train_progress_bar(images: int, desc: str = ""):
-    """(progress, close): an :func:`engine.train` ``progress`` callback drawing one tqdm bar per epoch (``images``
-    inputs, running loss and accuracy; ``desc`` before "epoch e/E"), and a function closing a bar left open."""
-    from tqdm.auto import tqdm
-
-    bar = None
-
-    def progress(p):
-        nonlocal bar
-        if p["batch"] == 1 or bar is None:  # (a run resumed inside an epoch starts past batch 1)
-            bar = tqdm(total=images, desc=f"{desc}epoch {p['epoch']}/{p['epochs']}", unit="img", dynamic_ncols=True)
-        bar.update(p["samples"] - bar.n)
-        bar.set_postfix(loss=f"{p['loss']:.4f}", acc=f"{p['accuracy']:.4f}", refresh=False)
-        if p["batch"] == p["batches"]:
-            bar.close()
-
-    def close():
-        if bar is not None:
-            bar.close()
-
-    return progress, close
-
-
 def cmd_train(args) -> int:
     from . import data, models
-    from .train import split_validation, train
+    from .train import progress_bar, train
 
     device = _device(args.device)
     out = Path(args.out)
@@ -338,14 +488,15 @@ def cmd_train(args) -> int:
         print(f"error: {ckpt} exists; pass --resume to continue that run or --overwrite to start again", file=sys.stderr)
         return 2
     images, labels = data.load_dataset(args.dataset, args.data_root, "train")
-    (train_x, train_y), val = split_validation(images, labels, args.val_size, args.train_size)
+    (train_x, train_y), val = _split(images, labels, args.val_size, args.train_size, args.dataset)
     torch.manual_seed(args.seed)  # weight initialisation
     if args.weights is None:
         model = models.build(args.arch).to(device)
     else:  # start from given weights (a resume of a run started from other weights is refused)
         model = models.load(args.weights, arch=args.arch, device=device)
+    _model_fits(model, train_x, train_y, f"--arch {args.arch}")
     method_args = {k: getattr(args, k) for k in TRAIN_METHOD_FLAGS if getattr(args, k) is not None}
-    progress, close_bar = (None, lambda: None) if args.quiet else train_progress_bar(train_x.shape[0])
+    progress, close_bar = (False, lambda: None) if args.quiet else progress_bar(train_x.shape[0])
 
     def log(e):
         text = f"epoch {e['epoch']}: loss {e['loss']:.4f} acc {e['accuracy']:.4f} ({e['seconds']:.1f}s"
@@ -359,7 +510,7 @@ def cmd_train(args) -> int:
         "method_args": method_args,
         "sigma": args.sigma,
         "epochs": args.epochs,
-        "batch_size": args.batch,
+        "batch_size": args.batch_size,
         "lr": args.lr,
         "optimizer": args.optimizer,
         "schedule": args.schedule,
@@ -416,23 +567,51 @@ def cmd_make_subset(args) -> int:
     return 0
 
 
+def _split(images, labels, val_size: int, train_size: int | None, dataset: str):
+    from .data import split_validation
+
+    try:
+        return split_validation(images, labels, val_size, train_size)
+    except ValueError as exc:
+        sizes = f"--val-size {val_size}" + ("" if train_size is None else f" + --train-size {train_size}")
+        raise UsageError(f"{sizes}: more than the {images.shape[0]} training images of {dataset} ({exc})") from None
+
+
 def _load_split(args):
     from . import data
 
     images, labels = data.load_dataset(args.dataset, args.data_root, "train")
-    return data.split_validation(images, labels, args.val_size)
+    return _split(images, labels, args.val_size, None, args.dataset)
 
 
-def _method_args(args) -> dict:
+def _method_args(args, method: str, victim: bool = False) -> dict:
+    """--method-args as a dict, checked against the procedure (the poison's lower level, or a victim's training)."""
     if args.method_args is None:
         return {}
     try:
         value = json.loads(args.method_args)
     except json.JSONDecodeError as exc:
-        raise SystemExit(f"error: --method-args must be a JSON object: {exc}") from exc
+        raise UsageError(f"--method-args must be a JSON object: {exc}") from None
     if not isinstance(value, dict):
-        raise SystemExit("error: --method-args must be a JSON object, e.g. '{\"k\": 2}'")
+        raise UsageError("--method-args must be a JSON object, e.g. '{\"k\": 2}'")
+    try:
+        if victim:
+            from .train import _method_args as check
+
+            check(method, value)
+        else:
+            from .pacd import _method_args as check
+
+            check(method, value)
+    except (ValueError, TypeError) as exc:
+        raise UsageError(f"--method-args {args.method_args}: {exc}") from None
     return value
+
+
+def _check_target_class(target_class: int, labels: torch.Tensor, dataset: str) -> None:
+    classes = int(labels.max()) + 1 if labels.numel() else 0
+    if not 0 <= target_class < classes:
+        raise UsageError(f"--target-class {target_class}: {dataset} has classes 0..{classes - 1}")
 
 
 def cmd_poison(args) -> int:
@@ -444,7 +623,14 @@ def cmd_poison(args) -> int:
     if ckpt.exists() and not args.resume:
         print(f"error: {ckpt} exists: pass --resume to continue that run, or remove it", file=sys.stderr)
         return 2
+    if out.exists() and not ckpt.exists() and not args.resume:
+        raise UsageError(f"{out} exists (a finished poison): give another --out, continue crafting from it with "
+                         f"--init {out} --out NEW, or remove it")
+    device = _device(args.device)
+    margs = _method_args(args, args.method)
     train_data, val_data = _load_split(args)
+    _check_target_class(args.target_class, train_data[1], args.dataset)
+    _model_fits(models.build(args.arch), train_data[0], train_data[1], f"--arch {args.arch}")
     init = PoisonSet.load(args.init, train_data) if args.init is not None else None  # a bad file: PoisonError naming it
 
     def log(entry):
@@ -478,8 +664,8 @@ def cmd_poison(args) -> int:
         checkpoint_every=args.checkpoint_every,
         checkpoint_seconds=60.0 * args.checkpoint_minutes,
         init=init,
-        method_args=_method_args(args),
-        device=_device(args.device),
+        method_args=margs,
+        device=device,
         progress=not args.quiet,
         log=log,
     )
@@ -488,6 +674,10 @@ def cmd_poison(args) -> int:
     ps.save(out)
     print(f"wrote {out}: {len(ps)} poisoned images of class {ps.target_class}, L_inf {ps.linf(train_data):.4f} <= eps {ps.eps}"
           f"{_encoding_note(crafted, ps, out)}")
+    if args.keep_checkpoint:
+        print(f"kept the checkpoint {ckpt}")
+    elif ckpt.exists():  # the poison is written: its run's checkpoint is litter (--keep-checkpoint keeps it)
+        ckpt.unlink()
     return 0
 
 
@@ -555,7 +745,7 @@ COMPARE_KEYS = ("victim_method", "arch", "sigma", "target_class", "images", "n",
 
 
 def cmd_evaluate(args) -> int:
-    from . import data
+    from . import data, models
     from .evaluate import evaluate_poison, format_rows
     from .pacd import PoisonSet
 
@@ -575,9 +765,14 @@ def cmd_evaluate(args) -> int:
             print(f"error: --compare {d}: {summary} is not an evaluation summary (missing {missing})", file=sys.stderr)
             return 2
         earlier.append(loaded)
+    device = _device(args.device)
+    margs = _method_args(args, args.victim_method, victim=True)
     train_data, _ = _load_split(args)
     ps = PoisonSet.load(args.poison, train_data) if args.poison else None  # compact files decode from the originals
+    if args.target_class is not None:
+        _check_target_class(args.target_class, train_data[1], args.dataset)
     test_data = data.load_dataset(args.dataset, args.data_root, "test")
+    _model_fits(models.build(args.arch), train_data[0], train_data[1], f"--arch {args.arch}")
     res = evaluate_poison(
         ps,
         train_data,
@@ -592,50 +787,97 @@ def cmd_evaluate(args) -> int:
         optimizer=args.optimizer,
         schedule=args.schedule,
         seed=args.seed,
-        method_args=_method_args(args),
+        method_args=margs,
         n_images=args.images,
         n0=args.n0,
         n=args.n,
         alpha=args.alpha,
-        batch=args.batch,
+        batch=args.noise_batch,
         out_dir=args.out_dir,
         init_weights=args.weights,
-        device=_device(args.device),
+        device=device,
         progress=not args.quiet,
     )
     print(format_rows(earlier + [res]))
     return 0
 
 
+def _number(text: str, what: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be {what}, got {text!r}") from None
+
+
 def _positive_float(text: str) -> float:
-    value = float(text)
+    value = _number(text, "a finite number > 0")
     if not value > 0 or value != value or value == float("inf"):
         raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text}")
     return value
 
 
 def _nonnegative_float(text: str) -> float:
-    value = float(text)
+    value = _number(text, "a finite number >= 0")
     if not 0 <= value < float("inf"):
         raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text}")
     return value
 
 
 def _unit_interval(text: str) -> float:
-    value = float(text)
+    value = _number(text, "a number in (0, 1)")
     if not 0 < value < 1:
         raise argparse.ArgumentTypeError(f"must lie in (0, 1), got {text}")
     return value
 
 
-def _int_at_least(lo: int):
+def _eps_budget(text: str) -> float:
+    value = _number(text, "a number in (0, 1]")
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"must lie in (0, 1] (pixels are in [0, 1]), got {text}")
+    return value
+
+
+def _int_at_least(lo: int, hi: int | None = None, why: str = ""):
+    """An integer in [lo, hi]; scientific notation of an integer (1e5) is accepted."""
+
     def parse(text: str) -> int:
-        value = int(text)
+        try:
+            value = int(text)
+        except ValueError:
+            try:
+                f = float(text)
+            except ValueError:
+                f = float("nan")
+            if not (f == f and abs(f) != float("inf") and f.is_integer()):
+                raise argparse.ArgumentTypeError(f"must be an integer, got {text!r}") from None
+            value = int(f)
         if value < lo:
             raise argparse.ArgumentTypeError(f"must be an integer >= {lo}, got {text}")
+        if hi is not None and value > hi:
+            raise argparse.ArgumentTypeError(f"must be an integer <= {hi:,}{why}, got {text}")
         return value
 
     return parse
+
+
+_SAMPLES = _int_at_least(1, 2**32, " (samples per image of the noise stream)")
+
+
+def _max_index(text: str) -> int:
+    """--max: -1 (all) or a stop index >= 1."""
+    value = _int_at_least(-1)(text)
+    if value == 0:
+        raise argparse.ArgumentTypeError("must be -1 (all images) or an index >= 1: --max 0 selects no image")
+    return value
+
+
+def _device_name(text: str) -> str:
+    """--device: auto, cpu, cuda or cuda:N (checked against this machine when the command runs)."""
+    import re
+
+    if text in ("auto", "cpu") or re.fullmatch(r"cuda(:\d+)?", text):
+        return text
+    raise argparse.ArgumentTypeError(f"must be auto, cpu, cuda or cuda:N, got {text!r}")
 
 
 def _arch_name(text: str) -> str:
@@ -653,188 +895,278 @@ ARCH_HELP = ("lenet, mlp, resnet20, resnet110, torchvision.<model> (e.g. torchvi
              "pip install pacd-engine[vision]) or a name given to engine.models.register")
 
 
+class _HelpFormatter(argparse.HelpFormatter):
+    """Every option's help ends with its default (options without one, flags and required options excepted)."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if (action.option_strings and "%(default)" not in text and action.default is not None
+                and action.default is not False and action.default is not argparse.SUPPRESS and not action.required):
+            text += " (default: %(default)s)"
+        return text
+
+
+class _Renamed(argparse.Action):
+    """A former option name: using it is an error naming the option that replaced it."""
+
+    def __init__(self, option_strings, dest, new: str = "", meaning: str = "", **kw):
+        kw.update(nargs="?", help=argparse.SUPPRESS, default=argparse.SUPPRESS)
+        super().__init__(option_strings, dest, **kw)
+        self.new, self.meaning = new, meaning
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        parser.error(f"{option_string} was renamed {self.new} ({self.meaning}): one name, one meaning in every command")
+
+
+def _noise_batch(p) -> None:
+    p.add_argument("--noise-batch", type=_int_at_least(1), default=None, metavar="SAMPLES",
+                   help="noisy samples per forward pass (default: about 1 MiB of input on a CPU, 64 MiB on a GPU); "
+                   "results do not depend on it")
+    p.add_argument("--batch", action=_Renamed, new="--noise-batch", meaning="noisy samples per forward pass")
+
+
+def _batch_size(p, default: int, renamed: bool = True) -> None:
+    p.add_argument("--batch-size", type=_int_at_least(1), default=default, metavar="IMAGES",
+                   help="training images per step (SmoothAdv and MACER run m or k noisy copies of each)")
+    if renamed:  # (evaluate's former --batch was the noise batch)
+        p.add_argument("--batch", action=_Renamed, new="--batch-size", meaning="training images per step")
+
+
 def _add_threads(p) -> None:
     p.add_argument("--threads", type=_int_at_least(1), default=None,
                    help="torch CPU threads (default: torch's; 1 on a machine shared with other jobs)")
 
 
+def _add_device(p, default: str = "auto") -> None:
+    p.add_argument("--device", type=_device_name, default=default,
+                   help="auto (cuda if available, else cpu), cpu, cuda or cuda:N")
+
+
+def _add_quiet(p) -> None:
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def _add_dataset(p, required: bool = False, root_help: str = "data folder") -> None:
+    p.add_argument("--dataset", choices=("mnist", "cifar10"), required=required,
+                   **({} if required else {"default": "mnist"}), help="data set")
+    p.add_argument("--data-root", default=None,
+                   help=f"{root_help} (default: mnist: the MNIST subset shipped in the package; cifar10: required)")
+
+
 def _add_poison_split(p, whose: str) -> None:
     """--dataset / --data-root / --val-size of the training split a poison was crafted on, and --out."""
-    p.add_argument("--dataset", choices=("mnist", "cifar10"), default="mnist")
-    p.add_argument("--data-root", default=None, help=f"data folder of {whose} (mnist: default the embedded subset)")
+    _add_dataset(p, root_help=f"data folder of {whose}")
     p.add_argument("--val-size", type=_int_at_least(1), default=5000, help=f"{whose}'s --val-size")
     p.add_argument("--out", required=True, help="poison .safetensors to write")
+
+
+def _add_certify_args(p, *, n_default: int = 100_000, sigma_help: str | None = None) -> None:
+    """The certification settings shared by certify, predict and evaluate."""
+    if sigma_help is not None:
+        p.add_argument("--sigma", type=_positive_float, default=None, help=sigma_help)
+    p.add_argument("--n0", type=_SAMPLES, default=100, help="selection samples per image (CERTIFY's first stage)")
+    p.add_argument("--n", type=_SAMPLES, default=n_default, help="estimation samples per image (1e5 is accepted)")
+    p.add_argument("--alpha", type=_unit_interval, default=0.001, help="failure probability of each certificate")
+    _noise_batch(p)
 
 
 def build_parser(prog: str = "python -m engine") -> argparse.ArgumentParser:
     from ._version import __version__
 
-    parser = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n")[0])
+    common = dict(formatter_class=_HelpFormatter, allow_abbrev=False)
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n")[0], **common)
     parser.add_argument("--version", action="version", version=f"pacd-engine {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    p = sub.add_parser("certify", help="certify a model over a data set (resumable TSV log + JSON + PNG)")
-    _add_threads(p)
-    g = p.add_mutually_exclusive_group(required=True)
-    g.add_argument("--checkpoint", help="model .safetensors written by engine.models.save")
-    g.add_argument("--weights", help="model weights: an engine checkpoint, or (with --arch) a safetensors file or a "
-                   "PyTorch state_dict (torch.save(model.state_dict(), F); read with weights_only=True, never unpickled)")
-    p.add_argument("--arch", type=_arch_name, default=None, help=f"architecture of --weights: {ARCH_HELP}")
-    p.add_argument("--dataset", choices=("mnist", "cifar10"), required=True)
-    p.add_argument("--data-root", default=None, help="data folder (mnist: default the embedded subset)")
-    p.add_argument("--split", choices=("train", "test"), default="test")
-    p.add_argument("--sigma", type=_positive_float, required=True)
-    p.add_argument("--n0", type=_int_at_least(1), default=100)
-    p.add_argument("--n", type=_int_at_least(1), default=100_000)
-    p.add_argument("--alpha", type=_unit_interval, default=0.001)
-    p.add_argument("--batch", type=_int_at_least(1), default=None, help="noisy samples per forward pass")
-    p.add_argument("--skip", type=_int_at_least(1), default=1, help="certify every skip-th image")
-    p.add_argument("--max", type=int, default=-1, help="stop before this index (-1: all)")
-    p.add_argument("--shard", type=_int_at_least(0), default=0, help="this shard's number (0-based)")
-    p.add_argument("--num-shards", type=_int_at_least(1), default=1)
-    p.add_argument("--seed", type=_int_at_least(0), default=0)
-    p.add_argument("--backend", choices=("auto", "torch", "cpp", "triton"), default="auto")
-    p.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"), default="auto",
-                   help="auto: bf16 with the auto/triton backends on CUDA, fp32 otherwise")
-    p.add_argument("--device", default="auto")
-    p.add_argument("--out", required=True, help="results .tsv (results .json and .png are written beside it)")
-    p.add_argument("--overwrite", action="store_true", help="start again instead of resuming")
-    p.add_argument("--quiet", action="store_true")
-    p.set_defaults(func=cmd_certify)
+    def command(name: str, help: str):
+        return sub.add_parser(name, help=help, description=help, **common)
 
-    p = sub.add_parser("demo", help="embedded default: train LeNet (Gaussian aug.) on shipped MNIST, certify 100 images")
-    p.add_argument("--out-dir", default="runs/demo")
-    p.add_argument("--sigma", type=_positive_float, default=0.25)
-    p.add_argument("--epochs", type=_int_at_least(1), default=4)
-    p.add_argument("--images", type=_int_at_least(1), default=100)
-    p.add_argument("--n0", type=_int_at_least(1), default=100)
-    p.add_argument("--n", type=_int_at_least(1), default=10_000)
-    p.add_argument("--alpha", type=_unit_interval, default=0.001)
-    p.add_argument("--seed", type=_int_at_least(0), default=0)
-    p.add_argument("--device", default="auto")
-    p.add_argument("--quiet", action="store_true")
+    # -- certify / predict -------------------------------------------------------------------------
+    for name in ("certify", "predict"):
+        if name == "certify":
+            p = command("certify", "certify a model over a data set (resumable TSV log + JSON summary + PNG plot)")
+        else:
+            p = command("predict", "predict with the smoothed classifier over a data set (Cohen et al.'s PREDICT; "
+                        "TSV + JSON, abstentions as -1)")
+        _add_threads(p)
+        g = p.add_mutually_exclusive_group(required=True)
+        g.add_argument("--checkpoint", help="model .safetensors written by engine.models.save")
+        g.add_argument("--weights", help="model weights: an engine checkpoint, or (with --arch) a safetensors file or a "
+                       "PyTorch state_dict (torch.save(model.state_dict(), F); read with weights_only=True, never "
+                       "unpickled)")
+        p.add_argument("--arch", type=_arch_name, default=None, help=f"architecture of --weights: {ARCH_HELP}")
+        _add_dataset(p, required=True)
+        p.add_argument("--split", choices=("train", "test"), default="test", help="which split of the data set")
+        _add_certify_args(p, n_default=100_000 if name == "certify" else 10_000,
+                          sigma_help="noise level (default: the sigma recorded in the checkpoint; a different one "
+                          "prints a warning)")
+        p.add_argument("--skip", type=_int_at_least(1), default=1, help="take every skip-th image")
+        p.add_argument("--max", type=_max_index, default=-1, help="stop before this index (-1: all images)")
+        p.add_argument("--shard", type=_int_at_least(0), default=0, help="this shard's number (0-based)")
+        p.add_argument("--num-shards", type=_int_at_least(1), default=1,
+                       help="split the selected images into this many shards (merge their logs with merge)")
+        p.add_argument("--seed", type=_int_at_least(0), default=0, help="key of the noise stream")
+        p.add_argument("--backend", choices=("auto", "torch", "cpp", "triton"), default="auto",
+                       help="sampling path: auto (triton on CUDA, else the extension's CPU path), torch (plain loop), "
+                       "cpp (the extension's noise op), triton (CUDA, or TRITON_INTERPRET=1)")
+        p.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"), default="auto",
+                       help="auto: bf16 with the auto/triton backends on CUDA, fp32 otherwise")
+        _add_device(p)
+        if name == "certify":
+            p.add_argument("--out", required=True, help="per-image log .tsv (its summary .json and plot .png are "
+                           "written beside it: r.tsv -> r.json, r.png); an existing log is resumed")
+            p.add_argument("--overwrite", action="store_true", help="start again instead of resuming")
+        else:
+            p.add_argument("--out", default=None, help="per-image predictions .tsv (summary .json beside it)")
+            p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+        _add_quiet(p)
+        p.set_defaults(func=cmd_certify if name == "certify" else cmd_predict)
+
+    p = command("plot", "certified accuracy against radius of one or more certify runs on one figure")
+    p.add_argument("runs", nargs="+", metavar="RUN", help="certify logs (.tsv) or their summaries (.json)")
+    p.add_argument("--label", action="append", default=None,
+                   help="legend label of each run, in order (repeat; default: from each run's settings)")
+    p.add_argument("--title", default=None, help="figure title (default: from the runs' settings)")
+    p.add_argument("--out", required=True, help="figure file (.png, .pdf or .svg)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    p.set_defaults(func=cmd_plot)
+
+    # -- demo / merge / make-subset ----------------------------------------------------------------
+    p = command("demo", "embedded default: train LeNet (Gaussian augmentation) on the shipped MNIST subset, "
+                "certify 100 test images")
+    p.add_argument("--out-dir", default="runs/demo", help="folder of the model, log, summary and plot")
+    p.add_argument("--sigma", type=_positive_float, default=0.25, help="noise level of training and certification")
+    p.add_argument("--epochs", type=_int_at_least(1), default=4, help="training epochs")
+    p.add_argument("--images", type=_int_at_least(1), default=100, help="test images to certify")
+    p.add_argument("--n0", type=_SAMPLES, default=100, help="selection samples per image")
+    p.add_argument("--n", type=_SAMPLES, default=10_000, help="estimation samples per image")
+    p.add_argument("--alpha", type=_unit_interval, default=0.001, help="failure probability of each certificate")
+    p.add_argument("--seed", type=_int_at_least(0), default=0, help="training and noise seed")
+    _add_device(p)
+    _add_quiet(p)
     p.set_defaults(func=cmd_demo)
 
-    p = sub.add_parser("merge", help="merge the logs of certify --shard K --num-shards N runs into one table")
+    p = command("merge", "merge the logs of certify --shard K --num-shards N runs into one table")
     p.add_argument("logs", nargs="+", help="shard .tsv logs (their .json summaries beside them)")
     p.add_argument("--out", required=True, help="merged .tsv (.json and .png beside it)")
     p.add_argument("--allow-partial", action="store_true", help="merge unfinished or missing shards too")
-    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     p.set_defaults(func=cmd_merge)
 
-    p = sub.add_parser("train", help="certified-robust training (checkpoint every epoch, --resume)")
+    p = command("make-subset", "cut a small MNIST subset (gzipped idx files)")
+    p.add_argument("--src", required=True, help="folder of the full MNIST idx files")
+    p.add_argument("--dst", required=True, help="folder to write the subset to")
+    p.add_argument("--train", type=_int_at_least(1), default=10_000, help="training images to keep")
+    p.add_argument("--test", type=_int_at_least(1), default=2_000, help="test images to keep")
+    p.add_argument("--seed", type=_int_at_least(0), default=0, help="seed of the random choice")
+    p.set_defaults(func=cmd_make_subset)
+
+    # -- train -------------------------------------------------------------------------------------
+    p = command("train", "certified-robust training (checkpoint every epoch, --resume)")
     _add_threads(p)
-    p.add_argument("--method", choices=("standard", "gaussian", "smoothadv", "macer"), required=True)
-    p.add_argument("--dataset", choices=("mnist", "cifar10"), required=True)
-    p.add_argument("--data-root", default=None, help="data folder (mnist: default the embedded subset)")
+    p.add_argument("--method", choices=("standard", "gaussian", "smoothadv", "macer"), required=True,
+                   help="training procedure")
+    _add_dataset(p, required=True)
     p.add_argument("--arch", type=_arch_name, required=True, help=ARCH_HELP)
     p.add_argument("--weights", default=None, help="start from these weights (engine checkpoint, safetensors or "
                    "PyTorch state_dict of --arch) instead of a random initialisation")
-    p.add_argument("--sigma", type=float, required=True, help="noise level (> 0; >= 0 for standard)")
-    p.add_argument("--epochs", type=_int_at_least(1), required=True)
-    p.add_argument("--batch", type=_int_at_least(1), default=64, help="inputs per step")
-    p.add_argument("--lr", type=_positive_float, default=0.01)
-    p.add_argument("--optimizer", choices=("sgd", "adam"), default="sgd")
-    p.add_argument("--schedule", choices=("cosine", "step", "constant"), default="cosine")
-    p.add_argument("--momentum", type=float, default=0.9)
-    p.add_argument("--weight-decay", type=float, default=1e-4)
+    p.add_argument("--sigma", type=_nonnegative_float, required=True, help="noise level (> 0; >= 0 for standard)")
+    p.add_argument("--epochs", type=_int_at_least(1), required=True, help="training epochs")
+    _batch_size(p, 64)
+    p.add_argument("--lr", type=_positive_float, default=0.01, help="learning rate")
+    p.add_argument("--optimizer", choices=("sgd", "adam"), default="sgd", help="optimizer")
+    p.add_argument("--schedule", choices=("cosine", "step", "constant"), default="cosine", help="learning-rate schedule")
+    p.add_argument("--momentum", type=_nonnegative_float, default=0.9, help="SGD momentum")
+    p.add_argument("--weight-decay", type=_nonnegative_float, default=1e-4, help="weight decay")
     p.add_argument("--seed", type=_int_at_least(0), default=0, help="weight initialisation, data order and noise")
     g = p.add_argument_group("smoothadv (Salman et al.)")
     g.add_argument("--eps", type=float, default=None, help="L2 radius of the attack (required for smoothadv)")
-    g.add_argument("--steps", type=int, default=None, help="attack steps (10)")
-    g.add_argument("--m", type=int, default=None, help="noise draws per input (1)")
-    g.add_argument("--warmup", type=int, default=None, help="epochs over which eps grows linearly (1)")
+    g.add_argument("--steps", type=int, default=None, help="attack steps (default: 10)")
+    g.add_argument("--m", type=int, default=None, help="noise draws per input (default: 1)")
+    g.add_argument("--warmup", type=int, default=None, help="epochs over which eps grows linearly (default: 1)")
     g = p.add_argument_group("macer (Zhai et al.)")
-    g.add_argument("--k", type=int, default=None, help="noise draws per input (16)")
-    g.add_argument("--beta", type=float, default=None, help="inverse temperature (16)")
-    g.add_argument("--gamma", type=float, default=None, help="hinge (8)")
-    g.add_argument("--lbd", type=float, default=None, help="weight of the robustness term (12)")
+    g.add_argument("--k", type=int, default=None, help="noise draws per input (default: 16)")
+    g.add_argument("--beta", type=float, default=None, help="inverse temperature (default: 16)")
+    g.add_argument("--gamma", type=float, default=None, help="hinge (default: 8)")
+    g.add_argument("--lbd", type=float, default=None, help="weight of the robustness term (default: 12)")
     g.add_argument("--lbd-warmup", type=int, default=None,
-                   help="epochs over which lbd grows linearly from 0 (0: full lbd from the first epoch)")
-    p.add_argument(
-        "--val-size", type=_int_at_least(0), default=0, help="hold out this many training images for per-epoch validation"
-    )
-    p.add_argument("--train-size", type=_int_at_least(1), default=None, help="train on this many (random) images only")
-    p.add_argument(
-        "--stop-after-epoch", type=_int_at_least(1), default=None, help="stop after this epoch; continue with --resume"
-    )
-    p.add_argument("--device", default="auto")
+                   help="epochs over which lbd grows linearly from 0 (default: 0, full lbd from the first epoch)")
+    p.add_argument("--val-size", type=_int_at_least(0), default=0,
+                   help="hold out this many training images for per-epoch validation")
+    p.add_argument("--train-size", type=_int_at_least(1), default=None,
+                   help="train on this many (random) images only (default: all)")
+    p.add_argument("--stop-after-epoch", type=_int_at_least(1), default=None,
+                   help="stop after this epoch; continue with --resume")
+    _add_device(p)
     p.add_argument("--out", required=True, help="final model .safetensors (the epoch checkpoint is kept beside it)")
     p.add_argument("--resume", action="store_true", help="continue from the checkpoint beside --out")
-    p.add_argument(
-        "--checkpoint-minutes",
-        type=_nonnegative_float,
-        default=10.0,
-        help="also checkpoint inside an epoch every this many minutes (0: after every epoch only)",
-    )
+    p.add_argument("--checkpoint-minutes", type=_nonnegative_float, default=10.0,
+                   help="also checkpoint inside an epoch every this many minutes (0: after every epoch only)")
     p.add_argument("--overwrite", action="store_true", help="start again even if a checkpoint exists")
-    p.add_argument("--quiet", action="store_true")
+    _add_quiet(p)
     p.set_defaults(func=cmd_train)
 
-    p = sub.add_parser("make-subset", help="cut a small MNIST subset (gzipped idx files)")
-    p.add_argument("--src", required=True)
-    p.add_argument("--dst", required=True)
-    p.add_argument("--train", type=_int_at_least(1), default=10_000)
-    p.add_argument("--test", type=_int_at_least(1), default=2_000)
-    p.add_argument("--seed", type=_int_at_least(0), default=0)
-    p.set_defaults(func=cmd_make_subset)
-
-    p = sub.add_parser("poison", help="craft a PACD poison (ApproxGrad) against a certified-robust training procedure")
+    # -- poison ------------------------------------------------------------------------------------
+    p = command("poison", "craft a PACD poison (ApproxGrad) against a certified-robust training procedure")
     _add_threads(p)
-    p.add_argument("--dataset", choices=("mnist", "cifar10"), default="mnist")
-    p.add_argument("--data-root", default=None, help="data folder (mnist: default the embedded subset)")
-    p.add_argument("--val-size", type=_int_at_least(1), default=5000, help="first images of the train split held out")
-    p.add_argument("--target-class", type=_int_at_least(0), required=True)
-    p.add_argument("--method", choices=("gaussian", "macer", "smoothadv"), default="gaussian")
-    p.add_argument("--method-args", default=None, help="JSON object for the lower-level procedure, e.g. '{\"k\": 2}'")
-    p.add_argument("--arch", default="lenet")
-    p.add_argument("--sigma", type=_positive_float, required=True)
-    p.add_argument("--eps", type=float, required=True)
-    p.add_argument("--solver", choices=("approxgrad", "cg", "neumann"), default="approxgrad")
-    p.add_argument("--outer-steps", type=_int_at_least(0), required=True)
-    p.add_argument("--niter1", type=_int_at_least(0), default=10)
-    p.add_argument("--niter2", type=_int_at_least(1), default=10)
-    p.add_argument("--lr-u", type=_positive_float, default=0.1)
-    p.add_argument("--lr-w", type=_positive_float, default=1e-3)
-    p.add_argument("--lr-p", type=_positive_float, default=1e-2)
-    p.add_argument("--damping", type=float, default=1e-3)
-    p.add_argument("--reset-every", type=_int_at_least(0), default=10, help="re-initialise the lower model every E epochs")
-    p.add_argument("--batch-clean", type=_int_at_least(1), default=900)
-    p.add_argument("--batch-poison", type=_int_at_least(1), default=100)
-    p.add_argument("--batch-val", type=_int_at_least(1), default=100)
+    _add_dataset(p)
+    p.add_argument("--val-size", type=_int_at_least(1), default=5000,
+                   help="first images of the train split held out for the upper objective")
+    p.add_argument("--target-class", type=_int_at_least(0), required=True, help="class whose certified radius to lower")
+    p.add_argument("--method", choices=("gaussian", "macer", "smoothadv"), default="gaussian",
+                   help="lower-level training procedure")
+    p.add_argument("--method-args", default=None, help="JSON object of the lower-level procedure's arguments "
+                   "(macer: k, beta, gamma, lbd; smoothadv: eps, steps, m), e.g. '{\"k\": 2}'")
+    p.add_argument("--arch", type=_arch_name, default="lenet", help=f"lower-level model: {ARCH_HELP}")
+    p.add_argument("--sigma", type=_positive_float, required=True, help="noise level of the lower-level procedure")
+    p.add_argument("--eps", type=_eps_budget, required=True, help="L_inf budget of the poison (pixels in [0, 1])")
+    p.add_argument("--solver", choices=("approxgrad", "cg", "neumann"), default="approxgrad",
+                   help="inverse-Hessian-vector solver")
+    p.add_argument("--outer-steps", type=_int_at_least(0), required=True, help="poison updates")
+    p.add_argument("--niter1", type=_int_at_least(0), default=10, help="lower-level steps per outer step")
+    p.add_argument("--niter2", type=_int_at_least(1), default=10, help="solver iterations per outer step")
+    p.add_argument("--lr-u", type=_positive_float, default=0.1, help="poison step size")
+    p.add_argument("--lr-w", type=_positive_float, default=1e-3, help="lower-level learning rate")
+    p.add_argument("--lr-p", type=_positive_float, default=1e-2, help="solver step size")
+    p.add_argument("--damping", type=_nonnegative_float, default=1e-3, help="Hessian damping of the solver")
+    p.add_argument("--reset-every", type=_int_at_least(0), default=10,
+                   help="re-initialise the lower model every E epochs (0: never)")
+    p.add_argument("--batch-clean", type=_int_at_least(1), default=900, help="clean images per lower-level batch")
+    p.add_argument("--batch-poison", type=_int_at_least(1), default=100, help="poisoned images per lower-level batch")
+    p.add_argument("--batch-val", type=_int_at_least(1), default=100, help="validation images per upper-level batch")
     p.add_argument("--k", type=_int_at_least(1), default=20, help="noise draws of the upper objective")
-    p.add_argument("--u-update", choices=("adam", "sign"), default="adam")
-    p.add_argument("--seed", type=_int_at_least(0), default=0)
+    p.add_argument("--u-update", choices=("adam", "sign"), default="adam", help="poison update rule")
+    p.add_argument("--seed", type=_int_at_least(0), default=0, help="seed of batches, noise and initialisation")
     p.add_argument("--checkpoint-every", type=_int_at_least(1), default=50, help="outer steps between checkpoints")
     p.add_argument("--checkpoint-minutes", type=_nonnegative_float, default=10.0,
                    help="also checkpoint after a step ending this long after the last checkpoint (0: every step)")
     p.add_argument("--log-every", type=_int_at_least(0), default=0, help="print a JSON line every K steps (0: never)")
-    p.add_argument("--device", default="auto")
-    p.add_argument("--out", required=True, help="poison .safetensors (its checkpoint is OUT.ckpt)")
+    _add_device(p)
+    p.add_argument("--out", required=True, help="poison .safetensors (its checkpoint is OUT.ckpt while it runs)")
     p.add_argument("--init", default=None, help="warm-start from this poison .safetensors (same data and target class): "
                    "its images, the schedule continuing after its outer steps; --outer-steps counts the new steps")
     p.add_argument("--resume", action="store_true", help="continue from OUT.ckpt")
+    p.add_argument("--keep-checkpoint", action="store_true",
+                   help="keep OUT.ckpt after the run finishes (it is removed by default)")
     p.add_argument("--encoding", choices=("int8", "float32"), default="int8",
                    help="how OUT stores the poison: int8 (the crafted poison quantised to eps/127 steps at the end, a "
                    "new poison recorded in settings['quantized'], 1 byte a pixel) or float32 (as crafted, 4 bytes); "
                    "OUT.ckpt stays float32")
-    p.add_argument("--quiet", action="store_true")
+    _add_quiet(p)
     p.set_defaults(func=cmd_poison)
 
-    p = sub.add_parser(
-        "poison-snapshot", help="save the poison as it stands in a poisoning checkpoint (safe while the run goes on)"
-    )
+    p = command("poison-snapshot", "save the poison as it stands in a poisoning checkpoint (safe while the run goes on)")
     p.add_argument("--checkpoint", required=True, help="the run's checkpoint (poison OUT.ckpt)")
     _add_poison_split(p, "the run")
     p.add_argument("--encoding", choices=("int8", "float32"), default="int8",
                    help="int8 (the snapshot quantised, a new poison) or float32 (as it stands)")
     p.set_defaults(func=cmd_poison_snapshot)
 
-    p = sub.add_parser("poison-combine", help="one poison from several of the same data, class and settings "
-                       "(vote: eps along the sign of their summed perturbations; mean: their average)")
+    p = command("poison-combine", "one poison from several of the same data, class and settings (vote: eps along the "
+                "sign of their summed perturbations; mean: their average)")
     p.add_argument("poisons", nargs="+", help="poison .safetensors files (two or more for mean; one for vote moves "
                    "that poison out to the vertex along its own signs)")
-    p.add_argument("--how", choices=COMBINE, default=COMBINE[0])
+    p.add_argument("--how", choices=COMBINE, default=COMBINE[0], help="how to combine")
     p.add_argument("--mixed-methods", action="store_true", help="also combine poisons crafted against different "
                    "procedures (the result's method names them all, e.g. macer+smoothadv)")
     _add_poison_split(p, "the poisons")
@@ -842,7 +1174,7 @@ def build_parser(prog: str = "python -m engine") -> argparse.ArgumentParser:
                    help="auto: sign for a vote (lossless, 2 bits a pixel), int8 for a mean (quantised, a new poison)")
     p.set_defaults(func=cmd_poison_combine)
 
-    p = sub.add_parser("poison-encode", help="store a poison file as float32, int8 or sign (sign: vertex poisons only)")
+    p = command("poison-encode", "store a poison file as float32, int8 or sign (sign: vertex poisons only)")
     p.add_argument("poison", help="poison .safetensors to read")
     p.add_argument("--encoding", choices=("sign", "int8", "float32"), required=True,
                    help="sign: 2 bits a pixel, for a poison at a vertex of its eps box (e.g. a vote), bit for bit; "
@@ -852,59 +1184,75 @@ def build_parser(prog: str = "python -m engine") -> argparse.ArgumentParser:
     _add_poison_split(p, "the poison")
     p.set_defaults(func=cmd_poison_encode)
 
-    p = sub.add_parser("evaluate", help="train a victim on clean or poisoned data and certify the target class")
+    # -- evaluate ----------------------------------------------------------------------------------
+    p = command("evaluate", "train a victim on clean or poisoned data and certify the target class")
     _add_threads(p)
-    p.add_argument("--poison", default=None, help="poison .safetensors")
+    p.add_argument("--poison", default=None, help="poison .safetensors (or --clean)")
     p.add_argument("--clean", action="store_true", help="clean victim (needs --target-class)")
-    p.add_argument("--target-class", type=_int_at_least(0), default=None)
-    p.add_argument("--dataset", choices=("mnist", "cifar10"), default="mnist")
-    p.add_argument("--data-root", default=None)
-    p.add_argument("--val-size", type=_int_at_least(1), default=5000)
-    p.add_argument("--victim-method", choices=("standard", "gaussian", "macer", "smoothadv"), default="gaussian")
-    p.add_argument("--method-args", default=None, help="JSON object for the victim's procedure")
+    p.add_argument("--target-class", type=_int_at_least(0), default=None,
+                   help="class to certify (default: the poison's; required with --clean)")
+    _add_dataset(p)
+    p.add_argument("--val-size", type=_int_at_least(1), default=5000, help="the poison's --val-size")
+    p.add_argument("--victim-method", choices=("standard", "gaussian", "macer", "smoothadv"), default="gaussian",
+                   help="the victim's training procedure")
+    p.add_argument("--method-args", default=None, help="JSON object of the victim procedure's arguments "
+                   "(smoothadv: eps, steps, m, warmup; macer: k, beta, gamma, lbd, lbd_warmup)")
     p.add_argument("--arch", type=_arch_name, default="lenet", help=f"victim architecture: {ARCH_HELP}")
     p.add_argument("--weights", default=None, help="start the victim from these weights (engine checkpoint, "
                    "safetensors or PyTorch state_dict of --arch) instead of a random initialisation")
-    p.add_argument("--sigma", type=_positive_float, required=True)
-    p.add_argument("--epochs", type=_int_at_least(1), default=20)
-    p.add_argument("--batch-size", type=_int_at_least(1), default=64)
-    p.add_argument("--lr", type=_positive_float, default=0.01)
-    p.add_argument("--optimizer", choices=("sgd", "adam"), default="sgd")
-    p.add_argument("--schedule", choices=("cosine", "step", "constant"), default="cosine")
-    p.add_argument("--seed", type=_int_at_least(0), default=0)
-    p.add_argument("--images", type=_int_at_least(1), default=500)
-    p.add_argument("--n0", type=_int_at_least(1), default=100)
-    p.add_argument("--n", type=_int_at_least(1), default=100_000)
-    p.add_argument("--alpha", type=_unit_interval, default=0.001)
-    p.add_argument("--batch", type=_int_at_least(1), default=None)
-    p.add_argument("--device", default="auto")
-    p.add_argument("--out-dir", required=True)
-    p.add_argument(
-        "--compare",
-        action="append",
-        default=[],
-        metavar="DIR",
-        help="out-dir of an earlier evaluation (e.g. the clean victim) to show side by side; repeatable",
-    )
-    p.add_argument("--quiet", action="store_true")
+    p.add_argument("--sigma", type=_positive_float, required=True, help="noise level of training and certification")
+    p.add_argument("--epochs", type=_int_at_least(1), default=20, help="victim training epochs")
+    _batch_size(p, 64, renamed=False)
+    p.add_argument("--lr", type=_positive_float, default=0.01, help="victim learning rate")
+    p.add_argument("--optimizer", choices=("sgd", "adam"), default="sgd", help="victim optimizer")
+    p.add_argument("--schedule", choices=("cosine", "step", "constant"), default="cosine",
+                   help="victim learning-rate schedule")
+    p.add_argument("--seed", type=_int_at_least(0), default=0, help="victim initialisation, data order and noise")
+    p.add_argument("--images", type=_int_at_least(1), default=500, help="test images of the target class to certify")
+    _add_certify_args(p)
+    _add_device(p)
+    p.add_argument("--out-dir", required=True, help="folder of the victim, its certification log and summary.json")
+    p.add_argument("--compare", action="append", default=[], metavar="DIR",
+                   help="out-dir of an earlier evaluation (e.g. the clean victim) to show side by side; repeatable")
+    _add_quiet(p)
     p.set_defaults(func=cmd_evaluate)
     return parser
 
 
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """Warnings on the command line: one ``warning: ...`` line, without the source line."""
+    print(f"warning: {message}", file=sys.stderr if file is None else file)
+
+
+def _os_error(exc: OSError) -> str:
+    import errno
+
+    name = exc.filename if exc.filename is not None else ""
+    what = exc.strerror or str(exc)
+    if exc.errno == errno.ENOSPC:
+        return (f"disk full writing {name or 'an output'} ({what}); what was written before is kept: free space and "
+                "run the same command again to continue")
+    return f"{name}: {what}" if name else what
+
+
 def main(argv=None) -> int:
-    """Entry point of ``python -m engine`` and of the ``pacd-engine`` console script."""
+    """Entry point of ``python -m engine`` and of the ``pacd-engine`` console script.
+
+    User errors end in one ``error: ...`` line and exit status 2; bugs of the engine still show a traceback."""
+    import warnings
+
     script = Path(sys.argv[0]).name if sys.argv and sys.argv[0] else ""
     parser = build_parser("pacd-engine" if script.startswith("pacd-engine") else "python -m engine")
     args = parser.parse_args(argv)
     if getattr(args, "shard", 0) >= getattr(args, "num_shards", 1):
         parser.error(f"--shard must be < --num-shards ({args.num_shards})")
-    if args.command == "certify" and args.arch is not None and args.weights is None:
+    if args.command in ("certify", "predict") and args.arch is not None and args.weights is None:
         parser.error("--arch goes with --weights FILE (a --checkpoint records its architecture)")
     from .data import DataError
     from .fileio import FileInUseError
     from .models import CheckpointError
     from .pacd import PoisonError
-    from .results import ResultsError
+    from .validate import InputError
 
     if getattr(args, "threads", None):
         torch.set_num_threads(args.threads)
@@ -915,8 +1263,15 @@ def main(argv=None) -> int:
     except RuntimeError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    shown = warnings.showwarning
+    warnings.showwarning = _show_warning
     try:
         return args.func(args)
-    except (DataError, CheckpointError, ResultsError, PoisonError, FileInUseError) as exc:
+    except (UsageError, InputError, DataError, CheckpointError, ResultsError, PoisonError, FileInUseError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except OSError as exc:  # an unwritable or full output folder, a missing input file
+        print(f"error: {_os_error(exc)}", file=sys.stderr)
+        return 2
+    finally:
+        warnings.showwarning = shown

@@ -2,8 +2,11 @@
 
 One row per image: ``idx label predict radius correct time`` (Cohen et al.'s format). Every row is
 flushed and fsync'ed when written, so a crash loses at most the image in flight; a truncated last
-line left by a crash is cut off on the next open. The run's settings are kept in the JSON summary
-next to the log; resuming with different settings is refused.
+line left by a crash is cut off on the next open. The run's settings travel with the log in the JSON
+summary beside it (``r.tsv`` -> ``r.json``, plot ``r.png``): a resume with other settings is refused,
+and so is a resume of a log with rows whose summary is missing or unreadable (the settings its rows
+were made with cannot be checked), unless the caller starts over. Resume and :func:`merge_logs`
+validate the rows with one function, :func:`validate_rows`.
 """
 
 from __future__ import annotations
@@ -17,9 +20,12 @@ import numpy as np
 from . import metrics
 from .fileio import publish
 
-__all__ = ["ResultsLog", "ResultsError", "HEADER", "summary_paths", "read_log", "merge_logs"]
+__all__ = ["ResultsLog", "ResultsError", "HEADER", "SCHEMA_VERSION", "summary_paths", "read_log", "merge_logs",
+           "validate_rows", "in_selection", "run_trace"]
 
 HEADER = "idx\tlabel\tpredict\tradius\tcorrect\ttime"
+SCHEMA_VERSION = 2  # of the JSON summary: 2 added schema_version and trace
+_NOT_A_LOG = (".json", ".png", ".pdf", ".svg", ".lock", ".tmp")
 
 
 class ResultsError(ValueError):
@@ -27,9 +33,139 @@ class ResultsError(ValueError):
 
 
 def summary_paths(out: str | os.PathLike) -> tuple[Path, Path]:
-    """(JSON summary, PNG plot) paths beside a results log: results.tsv -> results.json / .png."""
+    """(JSON summary, PNG plot) paths beside a results log: r.tsv -> r.json / r.png; a log with another
+    suffix keeps it (r.txt -> r.txt.json / r.txt.png), so that two logs never share a summary.
+
+    Raises ResultsError for a log named like one of the files written beside it (r.json, r.png, ...):
+    the summary or the plot would overwrite the log."""
     out = Path(out)
-    return out.with_suffix(".json"), out.with_suffix(".png")
+    suffix = out.suffix.lower()
+    if suffix in _NOT_A_LOG:
+        raise ResultsError(
+            f"{out}: the per-image log is a .tsv file (its summary .json and plot .png are written beside it); "
+            f"give e.g. {out.with_suffix('.tsv')}"
+        )
+    if suffix in ("", ".tsv"):
+        return out.with_suffix(".json"), out.with_suffix(".png")
+    return out.with_name(out.name + ".json"), out.with_name(out.name + ".png")
+
+
+def in_selection(settings: dict):
+    """The test ``idx -> bool`` of Cohen et al.'s selection recorded in a run's settings (``skip``, ``max``,
+    ``shard``, ``num_shards``; absent keys select everything), or None when the settings record none."""
+    if not any(k in settings for k in ("skip", "max", "shard", "num_shards")):
+        return None
+    try:
+        skip = int(settings.get("skip", 1))
+        stop = int(settings.get("max", -1))
+        shard = settings.get("shard", 0)
+        num_shards = int(settings.get("num_shards", 1))
+    except (TypeError, ValueError):
+        return None
+    if skip < 1 or num_shards < 1:
+        return None
+    merged = shard == "merged"
+    shards = set(settings.get("merged_shards", [])) if merged else {int(shard)}
+
+    def test(idx: int) -> bool:
+        if idx < 0 or idx % skip or (stop >= 0 and idx >= stop):
+            return False
+        return (idx // skip) % num_shards in shards
+
+    return test
+
+
+def validate_rows(rows, path, *, settings: dict | None = None, expected: dict | None = None) -> dict[int, tuple]:
+    """The one check of a log's parsed rows, shared by resume and :func:`merge_logs`: rows by idx.
+
+    Refuses (ResultsError naming ``path`` and the row) an image logged twice, an index outside the
+    selection recorded in ``settings`` (:func:`in_selection`) or outside ``expected``, a label other than
+    ``expected[idx]`` (``expected``: the labels of the images the run certifies, idx -> label) and a
+    ``correct`` column that disagrees with label and prediction."""
+    chosen = in_selection(settings) if settings is not None else None
+    out: dict[int, tuple] = {}
+    for line_no, row in rows:
+        idx = row[0]
+        where = f"{path}: line {line_no} (image {idx})"
+        if idx in out:
+            raise ResultsError(f"{where}: image {idx} appears twice")
+        if expected is not None:
+            if idx not in expected:
+                raise ResultsError(f"{where}: image {idx} is not in this run's selection of {len(expected)} images")
+            if row[1] != expected[idx]:
+                raise ResultsError(f"{where}: label {row[1]} but the data set's label of image {idx} is {expected[idx]}")
+        elif chosen is not None and not chosen(idx):
+            raise ResultsError(f"{where}: image {idx} is not in the selection its settings record")
+        if row[4] != int(row[2] == row[1]):
+            raise ResultsError(f"{where}: correct is {row[4]} but label {row[1]} and prediction {row[2]} say otherwise")
+        out[idx] = row
+    return out
+
+
+def _split_rows(raw: bytes, path: Path) -> tuple[list[tuple[int, tuple]], int, bool]:
+    """(rows with their 1-based line numbers, bytes of the intact part, header present) of a log's bytes.
+
+    A line without its newline at the very end (cut by a crash) and a damaged last line are left out
+    of the intact part; damage anywhere else raises ResultsError."""
+    rows: list[tuple[int, tuple]] = []
+    good_end = pos = 0
+    first = True
+    line_no = 0
+    while pos < len(raw):
+        nl = raw.find(b"\n", pos)
+        if nl < 0:  # no newline: a line cut by a crash
+            break
+        line_no += 1
+        line = raw[pos:nl].decode("utf-8", errors="replace")
+        if first:
+            if line != HEADER:
+                raise ResultsError(f"{path}: first line is not the header {HEADER!r}")
+            first = False
+        else:
+            try:
+                row = _parse(line)
+            except ValueError as exc:
+                if nl + 1 >= len(raw):  # damaged last line: drop it
+                    break
+                raise ResultsError(f"{path}: corrupt row {line!r} at line {line_no} ({exc}) before the last line") from exc
+            rows.append((line_no, row))
+        good_end = nl + 1
+        pos = nl + 1
+    return rows, (0 if first else good_end), not first
+
+
+def run_trace(**extra) -> dict:
+    """What traces a run's results: engine, torch and Python versions, the CPU, the time; plus ``extra``
+    (checkpoint path, data root, backend, precision, device, ...). Recorded in the JSON summary's
+    ``trace``, never compared on resume."""
+    import platform
+    import time
+
+    import torch
+
+    from ._version import __version__
+
+    return {
+        "engine_version": __version__,
+        "torch_version": torch.__version__,
+        "python_version": platform.python_version(),
+        "cpu": _cpu_model(),
+        "written": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        **extra,
+    }
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    import platform
+
+    return platform.processor() or platform.machine()
 
 
 def _format_row(row: tuple) -> str:
@@ -54,76 +190,87 @@ class ResultsLog:
     Args:
         path: the .tsv log. If it exists its complete rows are kept (``done``) and a truncated last
             line is repaired, unless ``overwrite``.
-        settings: JSON-serialisable run settings; compared with the stored ones on resume.
+        settings: JSON-serialisable run settings; a log with rows is resumed only if the settings in
+            its summary are these (a missing or unreadable summary is refused too).
+        overwrite: start again (the old log, summary and plot are replaced).
+        expected: optional {idx: label} of the images this run certifies: a resumed row outside it, or
+            with another label, is refused (:func:`validate_rows`).
+        trace: what traces the run (:func:`run_trace`), written to the summary, not compared.
     """
 
-    def __init__(self, path: str | os.PathLike, settings: dict, *, overwrite: bool = False):
+    def __init__(self, path: str | os.PathLike, settings: dict, *, overwrite: bool = False, expected: dict | None = None,
+                 trace: dict | None = None):
         self.path = Path(path)
         self.settings = json.loads(json.dumps(settings))
+        self.trace = None if trace is None else json.loads(json.dumps(trace))
         self.json_path, self.png_path = summary_paths(self.path)
         self.rows: dict[int, tuple] = {}
         self.repaired_bytes = 0
+        self.created = False  # this object made the log (a failed run may then remove it: :meth:`discard`)
         if self.path.exists() and not overwrite:
-            self._check_settings()
-            self._load_and_repair()
+            raw = self.path.read_bytes()
+            rows, good_end, has_header = _split_rows(raw, self.path)
+            if rows:
+                self._check_settings(len(rows))
+            self.rows = validate_rows(rows, self.path, settings=self.settings, expected=expected)
+            self._repair(raw, good_end, has_header)
         else:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            with open(self.path, "w") as fh:
-                fh.write(HEADER + "\n")
-                fh.flush()
-                os.fsync(fh.fileno())
+            tmp = self.path.with_name(self.path.name + ".tmp")
+            tmp.write_text(HEADER + "\n")
+            publish(tmp, self.path)  # a fresh log replaces an old one in one step (overwrite)
+            if self.png_path.exists():  # an old run's plot
+                self.png_path.unlink()
+            self.created = True
         self.write_summary()
 
     # -- resume ---------------------------------------------------------------------------------
-    def _check_settings(self) -> None:
-        if not self.json_path.exists():
-            return
+    def _check_settings(self, rows: int) -> None:
+        again = "restore it, or pass --overwrite (overwrite=True) to start again"
         try:
-            stored = json.loads(self.json_path.read_text()).get("settings")
-        except json.JSONDecodeError:
-            return  # a summary cut by a crash; the log itself is authoritative
-        if stored is not None and stored != self.settings:
+            stored = json.loads(self.json_path.read_text())
+        except FileNotFoundError:
+            raise ResultsError(
+                f"{self.path} has {rows} rows but its summary {self.json_path}, which records the settings they were "
+                f"made with, is missing, so a resume cannot check them; {again}"
+            ) from None
+        except (OSError, ValueError) as exc:
+            raise ResultsError(
+                f"{self.path} has {rows} rows but its summary {self.json_path} cannot be read ({exc}), so a resume "
+                f"cannot check the settings they were made with; {again}"
+            ) from None
+        stored = stored.get("settings") if isinstance(stored, dict) else None
+        if not isinstance(stored, dict):
+            raise ResultsError(f"{self.json_path} records no settings for the {rows} rows of {self.path}; {again}")
+        if stored != self.settings:
             diff = sorted(k for k in set(stored) | set(self.settings) if stored.get(k) != self.settings.get(k))
             raise ResultsError(
                 f"{self.path} was written with other settings ({', '.join(diff)} differ); "
                 "use another --out, or --overwrite to start again"
             )
 
-    def _load_and_repair(self) -> None:
-        raw = self.path.read_bytes()
-        good_end = 0
-        pos = 0
-        first = True
-        while pos < len(raw):
-            nl = raw.find(b"\n", pos)
-            if nl < 0:  # no newline: a line cut by a crash
-                break
-            line = raw[pos:nl].decode("utf-8", errors="replace")
-            if first:
-                if line != HEADER:
-                    raise ResultsError(f"{self.path}: first line is not the header {HEADER!r}")
-                first = False
-            else:
-                try:
-                    row = _parse(line)
-                except ValueError as exc:
-                    if nl + 1 >= len(raw):  # damaged last line: drop it
-                        break
-                    raise ResultsError(f"{self.path}: corrupt row {line!r} ({exc}) before the last line") from exc
-                self.rows[row[0]] = row
-            good_end = nl + 1
-            pos = nl + 1
-        if first:  # empty file or header cut short
-            good_end = 0
+    def _repair(self, raw: bytes, good_end: int, has_header: bool) -> None:
         self.repaired_bytes = len(raw) - good_end
-        if self.repaired_bytes or first:
+        if self.repaired_bytes or not has_header:
             with open(self.path, "r+b") as fh:
                 fh.truncate(good_end)
-                if first:
+                if not has_header:  # empty file or header cut short
                     fh.seek(0)
                     fh.write((HEADER + "\n").encode())
                 fh.flush()
                 os.fsync(fh.fileno())
+
+    def discard(self) -> bool:
+        """Remove the log, summary and plot if this object created them and no row was written (a run
+        that failed before its first image leaves nothing behind); True if removed."""
+        if not self.created or self.rows:
+            return False
+        for f in (self.path, self.json_path, self.png_path):
+            try:
+                f.unlink()
+            except FileNotFoundError:
+                pass
+        return True
 
     @property
     def done(self) -> set[int]:
@@ -150,7 +297,9 @@ class ResultsLog:
 
     def summary(self, radii=metrics.DEFAULT_RADII, extra: dict | None = None) -> dict:
         pred, rad, lab, sec = self.arrays()
-        out = {"settings": self.settings, "images": int(pred.size)}
+        out = {"schema_version": SCHEMA_VERSION, "settings": self.settings, "images": int(pred.size)}
+        if self.trace is not None:
+            out["trace"] = self.trace
         if pred.size:
             out.update(metrics.summary(pred, rad, lab, radii))
             out["seconds_total"] = float(sec.sum())
@@ -166,35 +315,18 @@ class ResultsLog:
         publish(tmp, self.json_path)
         return summ
 
-    def plot(self) -> Path | None:
-        """Certified accuracy against radius, as a PNG beside the log."""
+    def plot(self, title: str | None = None) -> Path | None:
+        """Certified accuracy against radius, as a PNG beside the log (:func:`engine.plots.plot_certified_accuracy`;
+        ``title``: default from the settings, :func:`engine.plots.title_for`)."""
+        from .plots import Run, plot_certified_accuracy, title_for
+
         pred, rad, lab, _ = self.arrays()
         if pred.size == 0:
             return None
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
-        top = max(2.0, float(rad.max()) * 1.05)
-        grid = np.linspace(0.0, top, 400)
-        acc = metrics.certified_accuracy(pred, rad, lab, grid).numpy()
-        fig, ax = plt.subplots(figsize=(5, 3.5), dpi=120)
         s = self.settings
-        ax.plot(grid, acc, lw=2, label=f"sigma={s.get('sigma')}")
-        ax.set_xlabel("L2 radius")
-        ax.set_ylabel("certified accuracy")
-        ax.set_ylim(0, 1)
-        ax.set_xlim(0, top)
-        ax.grid(alpha=0.3)
-        ax.legend()
-        ax.set_title(f"{s.get('dataset', '')} n={s.get('n')} alpha={s.get('alpha')} ({pred.size} images)")
-        fig.tight_layout()
-        tmp = self.png_path.with_name(self.png_path.stem + ".tmp.png")
-        fig.savefig(tmp)
-        plt.close(fig)
-        publish(tmp, self.png_path)
-        return self.png_path
+        label = f"sigma={s['sigma']:g}" if isinstance(s.get("sigma"), (int, float)) else self.path.stem
+        run = Run(label=label, prediction=pred, radius=rad, labels=lab, settings=s)
+        return plot_certified_accuracy([run], self.png_path, title=title or title_for(s, int(pred.size)))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -206,7 +338,8 @@ def read_log(path: str | os.PathLike) -> tuple[dict, dict[int, tuple]]:
     """(summary JSON, rows by idx) of a results log, read without changing anything.
 
     A line cut by a crash at the very end is ignored (``ResultsLog`` repairs it on resume); any
-    other damage, a missing header or a missing summary raises :class:`ResultsError`.
+    other damage, a missing header or a missing summary raises :class:`ResultsError`; the rows pass
+    :func:`validate_rows` against the selection the summary's settings record.
     """
     path = Path(path)
     json_path, _ = summary_paths(path)
@@ -214,25 +347,15 @@ def read_log(path: str | os.PathLike) -> tuple[dict, dict[int, tuple]]:
         raise ResultsError(f"{path}: no such results log")
     try:
         summary = json.loads(json_path.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
+    except (OSError, ValueError) as exc:
         raise ResultsError(f"{path}: cannot read its summary {json_path} ({exc})") from exc
     if not isinstance(summary, dict) or not isinstance(summary.get("settings"), dict):
         raise ResultsError(f"{json_path}: not a results summary (no settings)")
-    raw = path.read_text(errors="replace")
-    lines = raw.split("\n")
-    if not lines or lines[0] != HEADER:
+    raw = path.read_bytes()
+    rows, _, has_header = _split_rows(raw, path)
+    if not has_header:
         raise ResultsError(f"{path}: first line is not the header {HEADER!r}")
-    body = lines[1:-1]  # lines[-1]: text after the last newline ("" or a line cut by a crash: ignored)
-    rows: dict[int, tuple] = {}
-    for i, line in enumerate(body):
-        try:
-            row = _parse(line)
-        except ValueError as exc:
-            raise ResultsError(f"{path}: corrupt row {i + 2}: {line!r} ({exc})") from exc
-        if row[0] in rows:
-            raise ResultsError(f"{path}: image {row[0]} appears twice")
-        rows[row[0]] = row
-    return summary, rows
+    return summary, validate_rows(rows, path, settings=summary["settings"])
 
 
 def merge_logs(paths, out: str | os.PathLike, *, allow_partial: bool = False, overwrite: bool = False) -> dict:
@@ -246,8 +369,11 @@ def merge_logs(paths, out: str | os.PathLike, *, allow_partial: bool = False, ov
     out = Path(out)
     if not paths:
         raise ResultsError("nothing to merge: give the shard logs")
-    if any(p.resolve() == out.resolve() for p in paths):
-        raise ResultsError(f"--out {out} is one of the inputs")
+    written = {f.resolve() for f in (out, *summary_paths(out))}
+    for p in paths:
+        clash = written & {f.resolve() for f in (p, *summary_paths(p))}
+        if clash:
+            raise ResultsError(f"--out {out} would overwrite {sorted(map(str, clash))[0]}, a file of the input {p}")
     if out.exists() and not overwrite:
         raise ResultsError(f"{out} exists; use --overwrite to replace it")
     logs = [(p, *read_log(p)) for p in paths]
@@ -281,15 +407,17 @@ def merge_logs(paths, out: str | os.PathLike, *, allow_partial: bool = False, ov
     settings = {**base, "merged_shards": sorted(shards), "shard": "merged"}
     out.parent.mkdir(parents=True, exist_ok=True)
     json_path, png_path = summary_paths(out)
-    for stale in (out, json_path, png_path):  # --overwrite: the old summary must not block the new settings
-        if stale.exists():
-            stale.unlink()
+    if png_path.exists():
+        png_path.unlink()
+    tmp = json_path.with_name(json_path.name + ".tmp")  # the settings first, then the rows they belong to
+    tmp.write_text(json.dumps({"schema_version": SCHEMA_VERSION, "settings": json.loads(json.dumps(settings))}) + "\n")
+    publish(tmp, json_path)
     tmp = out.with_name(out.name + ".tmp")
     with open(tmp, "w") as fh:
         fh.write(HEADER + "\n")
         fh.writelines(_format_row(merged[idx]) for idx in sorted(merged))
     publish(tmp, out)
-    log = ResultsLog(out, settings)
+    log = ResultsLog(out, settings, trace=run_trace(merged_from=[str(p) for p in paths]))
     planned = [s.get("planned_images") for _, s, _ in logs]
     extra = {"planned_images": sum(planned)} if all(x is not None for x in planned) and not missing else {}
     summary = log.write_summary(extra=extra)

@@ -9,6 +9,7 @@ import sys
 import types
 from collections import OrderedDict
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -359,7 +360,15 @@ def test_cli_certify_a_torchvision_state_dict_through_the_stub(tmp_path, fake_to
     torch.save(net.state_dict(), bare)
     out = tmp_path / "r.tsv"
     args = ["certify", "--weights", str(bare), "--arch", "torchvision.tinynet", *CERTIFY, "--out", str(out)]
-    assert cli.main(args) == 0
+    assert cli.main(args) == 2  # a 3-channel (ImageNet-normalised) network on 1-channel MNIST: refused
+    assert "is for 3 channels" in capsys.readouterr().err and not out.exists()
+    cifar = tmp_path / "cifar"  # a small CIFAR-10 test split in the binary format
+    cifar.mkdir()
+    rng = np.random.default_rng(0)
+    rec = np.concatenate([rng.integers(0, 10, (60, 1)), rng.integers(0, 256, (60, 3072))], axis=1).astype(np.uint8)
+    (cifar / "test_batch.bin").write_bytes(rec.tobytes())
+    args[args.index("mnist")] = "cifar10"
+    assert cli.main(args + ["--data-root", str(cifar)]) == 0
     settings = json.loads(out.with_suffix(".json").read_text())["settings"]
     assert settings["arch"] == {"name": "torchvision.tinynet", "kwargs": {"num_classes": 10}}
     assert len(out.read_text().splitlines()) == 1 + 6
@@ -453,7 +462,7 @@ def test_cli_certify_model_options_and_resume_identity(tmp_path, capsys, registe
     assert rc == 2 and "checkpoint_sha256" in err
 
 
-TRAIN = ["train", "--method", "standard", "--dataset", "mnist", "--sigma", "0", "--train-size", "64", "--batch", "32",
+TRAIN = ["train", "--method", "standard", "--dataset", "mnist", "--sigma", "0", "--train-size", "64", "--batch-size", "32",
          "--lr", "1e-12", "--quiet"]
 
 

@@ -117,7 +117,7 @@ def test_resume_after_kill_and_truncated_line(tmp_path, checkpoint):
         fh.write("70\t3\t")
 
     # resuming with another batch size is allowed: it does not change any result
-    proc = _run(_certify_args(checkpoint, out, n=3000, extra=seed + ("--batch", "123")))
+    proc = _run(_certify_args(checkpoint, out, n=3000, extra=seed + ("--noise-batch", "123")))
     assert proc.returncode == 0, proc.stderr
     assert "truncated" in proc.stderr
     rows = _rows(out)

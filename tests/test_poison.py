@@ -237,7 +237,7 @@ def test_cli_poison_and_evaluate(tmp_path):
     out = tmp_path / "p.safetensors"
     base = [sys.executable, "-m", "engine", "poison", "--target-class", "8", "--sigma", "0.5", "--eps", "0.1", "--batch-clean",
             "60", "--batch-poison", "20", "--batch-val", "10", "--k", "2", "--niter1", "2", "--niter2", "2", "--val-size", "9000",
-            "--arch", "mlp", "--out", str(out), "--quiet", "--checkpoint-every", "1"]
+            "--arch", "mlp", "--out", str(out), "--quiet", "--checkpoint-every", "1", "--keep-checkpoint"]
     proc = subprocess.run(base + ["--outer-steps", "2"], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
     split = data.split_validation(*data.load_mnist(data.embedded_mnist_root(), "train"), 9000)[0]  # int8: decoded from it
@@ -359,7 +359,8 @@ def test_snapshot_from_checkpoint(tiny, tmp_path):
     out = tmp_path / "p.safetensors"
     base = [sys.executable, "-m", "engine", "poison", "--target-class", "8", "--sigma", "0.5", "--eps", "0.1", "--batch-clean",
             "60", "--batch-poison", "20", "--batch-val", "10", "--k", "2", "--niter1", "1", "--niter2", "1", "--val-size", "9000",
-            "--arch", "mlp", "--out", str(out), "--quiet", "--checkpoint-every", "1", "--outer-steps", "1"]
+            "--arch", "mlp", "--out", str(out), "--quiet", "--checkpoint-every", "1", "--outer-steps", "1",
+            "--keep-checkpoint"]
     proc = subprocess.run(base, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
     cmd = [sys.executable, "-m", "engine", "poison-snapshot", "--checkpoint", str(out) + ".ckpt", "--val-size", "9000",

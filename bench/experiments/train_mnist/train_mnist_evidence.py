@@ -101,7 +101,7 @@ def _duration(seconds: float) -> str:
 def train_command(args, method: str, sigma: float, out: Path) -> list[str]:
     cmd = [
         sys.executable, "-m", "engine", "train", "--method", method, "--dataset", "mnist", "--data-root", _show(args.data_root),
-        "--arch", "lenet", "--sigma", f"{sigma:g}", "--epochs", str(args.epochs[method]), "--batch", str(COMMON["batch"]),
+        "--arch", "lenet", "--sigma", f"{sigma:g}", "--epochs", str(args.epochs[method]), "--batch-size", str(COMMON["batch"]),
         "--lr", f"{COMMON['lr']:g}", "--optimizer", COMMON["optimizer"], "--schedule", COMMON["schedule"],
         "--momentum", f"{COMMON['momentum']:g}", "--weight-decay", f"{COMMON['weight_decay']:g}", "--seed", str(args.seed),
         "--device", args.device, "--out", _show(out), "--resume",
