@@ -383,8 +383,11 @@ def cmd_plot(args) -> int:
     if out.exists() and not args.overwrite:
         raise UsageError(f"--out {out} exists; pass --overwrite to replace it")
     labels = args.label or [None] * len(args.runs)
-    runs = [Run.from_log(r, label=lab) for r, lab in zip(args.runs, labels)]
-    plot_certified_accuracy(runs, out, title=args.title)
+    try:  # a missing or damaged log, a run without images: ValueError naming it
+        runs = [Run.from_log(r, label=lab) for r, lab in zip(args.runs, labels)]
+        plot_certified_accuracy(runs, out, title=args.title)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
     print(f"wrote {out} ({len(runs)} run{'s' if len(runs) > 1 else ''})")
     return 0
 
@@ -796,6 +799,7 @@ def cmd_evaluate(args) -> int:
         out_dir=args.out_dir,
         init_weights=args.weights,
         device=device,
+        dataset=args.dataset,
         progress=not args.quiet,
     )
     print(format_rows(earlier + [res]))

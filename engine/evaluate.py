@@ -187,6 +187,7 @@ def evaluate_poison(
     device: str | torch.device = "cpu",
     progress: bool | None = None,
     train_checkpoint_seconds: float | None = 300.0,
+    dataset: str | None = None,
 ) -> dict:
     """Train a victim on clean (``poison_set=None``) or poisoned data and certify the target class.
 
@@ -197,6 +198,7 @@ def evaluate_poison(
             ``method_args`` are passed to :func:`engine.train`.
         arch: victim architecture (engine.models.build name: lenet, mlp, resnet20, ...).
         sigma: noise level of training and certification.
+        dataset: the data set's name, for the plot's title and the summary's trace only (e.g. "mnist").
         n_images: random test images of the target class to certify (same ones for every victim).
         out_dir: the victim checkpoint, certification log (certify.tsv/.json/.png) and summary.json.
             A victim or certification found there of other settings (e.g. of an earlier version of the
@@ -227,6 +229,9 @@ def evaluate_poison(
         the other classes and on the target class, abstain rate, training time, settings.
     """
     from .cli import run_certify
+    from .pacd import _poison_sha256
+    from .plots import title_for
+    from .results import SCHEMA_VERSION, run_trace
 
     if poison_set is None and target_class is None:
         raise InputError("a clean evaluation needs target_class")
@@ -319,6 +324,9 @@ def evaluate_poison(
         "images": len(indices),
         "certify_seed": 0,
     }
+    which = "poisoned" if poison_set is not None else "clean"
+    trace = {"command": "evaluate", "dataset": dataset, "device": str(device), "threads": torch.get_num_threads(),
+             **({} if poison_set is None else {"poison_sha256": _poison_sha256(poison_set)})}
     summ = run_certify(
         model,
         test_x,
@@ -333,6 +341,9 @@ def evaluate_poison(
         batch_size=batch,
         seed=0,
         show_progress=progress,
+        title=title_for({"dataset": dataset, "split": "test", "sigma": float(sigma), "n": n, "alpha": alpha},
+                        len(indices), f"class {target}, {victim_method} victim on {which} data"),
+        trace=trace,
     )
     others = test_y != target
     result = {
@@ -358,7 +369,11 @@ def evaluate_poison(
     }
     if init_weights is not None:
         result["init_weights"] = str(init_weights)
-    (out_dir / "summary.json").write_text(json.dumps(result, indent=2) + "\n")
+    result["schema_version"] = SCHEMA_VERSION
+    result["trace"] = run_trace(**trace)
+    tmp = out_dir / "summary.json.tmp"
+    tmp.write_text(json.dumps(result, indent=2) + "\n")
+    publish(tmp, out_dir / "summary.json")
     return result
 
 

@@ -268,11 +268,28 @@ def read_checkpoint_meta(path: str | os.PathLike) -> dict:
             raw = (fh.metadata() or {}).get("engine")
     except Exception as exc:  # safetensors raises its own error types
         raise CheckpointError(f"{path}: not a readable safetensors file ({exc})") from exc
-    meta = json.loads(raw) if raw else {}
+    try:
+        meta = json.loads(raw) if raw else {}
+    except ValueError as exc:
+        raise CheckpointError(f"{path}: damaged training checkpoint metadata ({exc})") from None
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"{path}: training checkpoint metadata is a JSON {type(meta).__name__}, not an object")
     if meta.get("format") != CHECKPOINT_FORMAT:
         raise CheckpointError(
             f"{path}: not a training checkpoint (format {meta.get('format')!r}, expected {CHECKPOINT_FORMAT!r})"
         )
+    opt = meta.get("optimizer")
+    problems = [what for what, ok in (
+        ("settings (an object)", isinstance(meta.get("settings"), dict)),
+        ("epoch (an integer >= 0)", isinstance(meta.get("epoch"), int) and meta["epoch"] >= 0),
+        ("history (a list)", isinstance(meta.get("history"), list)),
+        ("optimizer (state and param_groups)", isinstance(opt, dict) and isinstance(opt.get("state"), dict)
+         and isinstance(opt.get("param_groups"), list) and all(isinstance(g, dict) for g in opt["param_groups"])),
+        ("scheduler (an object)", isinstance(meta.get("scheduler"), dict)),
+        ("partial_epoch (an object or null)", isinstance(meta.get("partial_epoch"), (dict, type(None)))),
+    ) if not ok]
+    if problems:
+        raise CheckpointError(f"{path}: damaged training checkpoint: missing or malformed {', '.join(problems)}")
     return meta
 
 
@@ -299,20 +316,23 @@ def _load_checkpoint(path: Path, model, opt, sched, settings: dict) -> tuple[int
         model.load_state_dict(model_sd, strict=True)
     except RuntimeError as exc:
         raise CheckpointError(f"{path}: weights do not match the model: {exc}") from exc
-    state: dict[int, dict] = {}
-    for k, v in tensors.items():
-        if k.startswith("optimizer.state."):
-            _, _, pid, key = k.split(".", 3)
-            state.setdefault(int(pid), {})[key] = v
-    for pid, d in meta["optimizer"]["state"].items():
-        state.setdefault(int(pid), {}).update(d)
-    groups = meta["optimizer"]["param_groups"]
-    for group, current in zip(groups, opt.param_groups):
-        for key, val in current.items():
-            if isinstance(val, tuple) and isinstance(group.get(key), list):
-                group[key] = tuple(group[key])  # JSON turned tuples (Adam betas) into lists
-    opt.load_state_dict({"state": state, "param_groups": groups})
-    sched.load_state_dict({**meta["scheduler"], "lr_lambdas": [None] * len(opt.param_groups)})
+    try:
+        state: dict[int, dict] = {}
+        for k, v in tensors.items():
+            if k.startswith("optimizer.state."):
+                _, _, pid, key = k.split(".", 3)
+                state.setdefault(int(pid), {})[key] = v
+        for pid, d in meta["optimizer"]["state"].items():
+            state.setdefault(int(pid), {}).update(d)
+        groups = meta["optimizer"]["param_groups"]
+        for group, current in zip(groups, opt.param_groups):
+            for key, val in current.items():
+                if isinstance(val, tuple) and isinstance(group.get(key), list):
+                    group[key] = tuple(group[key])  # JSON turned tuples (Adam betas) into lists
+        opt.load_state_dict({"state": state, "param_groups": groups})
+        sched.load_state_dict({**meta["scheduler"], "lr_lambdas": [None] * len(opt.param_groups)})
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:  # (a file that passed the checks above)
+        raise CheckpointError(f"{path}: damaged optimizer or scheduler state ({type(exc).__name__}: {exc})") from None
     partial = meta.get("partial_epoch")
     if partial is not None:
         if "rng.noise_state" not in tensors:

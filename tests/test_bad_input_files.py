@@ -411,3 +411,17 @@ def test_unreadable_poisoning_checkpoints(poison_file, small_train, tmp_path):
             PoisonSet.from_checkpoint(tmp_path / name, small_train)
     with pytest.raises(PoisonError, match="p.safetensors: not a poisoning checkpoint"):
         PoisonSet.from_checkpoint(poison_file[0], small_train)
+
+
+@pytest.mark.parametrize("meta", ["{not json", "[1, 2]", '{"format": "engine-train-checkpoint-v1"}'])
+def test_damaged_training_checkpoint_metadata(tmp_path, meta):
+    import importlib
+
+    from safetensors.torch import save_file
+
+    train_module = importlib.import_module("engine.train")  # (engine.train is also the function)
+    path = tmp_path / "t.ckpt"
+    save_file({"model.w": torch.zeros(2)}, str(path), metadata={"engine": meta.replace(
+        "engine-train-checkpoint-v1", str(train_module.CHECKPOINT_FORMAT))})
+    with pytest.raises(models.CheckpointError, match="t.ckpt"):
+        train_module.read_checkpoint_meta(path)
