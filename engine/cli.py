@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 
 from .fileio import sha256_file
-from .pacd import COMBINE
+from .pacd import COMBINE, CONTROLS
 from .results import ResultsError
 
 __all__ = ["main", "run_certify", "train_checkpoint_path"]
@@ -743,6 +743,33 @@ def cmd_poison_encode(args) -> int:
     return 0
 
 
+def cmd_poison_random(args) -> int:
+    from .pacd import PoisonSet, random_poison
+
+    if (args.kind == "twin") != (args.like is not None):
+        raise UsageError("--kind twin takes --like POISON (the crafted poison whose magnitudes it keeps); "
+                         "the other kinds take no --like")
+    train_data, _ = _load_split(args)
+    like = PoisonSet.load(args.like, train_data) if args.like is not None else None
+    target = like.target_class if like is not None else args.target_class
+    eps = like.eps if like is not None else args.eps
+    if target is None or eps is None:
+        raise UsageError(f"--kind {args.kind} needs --target-class and --eps")
+    if like is not None and ((args.target_class not in (None, target)) or (args.eps not in (None, eps))):
+        raise UsageError(f"--like {args.like} is a poison of class {target} at eps {eps}: leave out --target-class "
+                         "and --eps or give those")
+    _check_target_class(target, train_data[1], args.dataset)
+    ps = random_poison(train_data, target_class=target, eps=eps, kind=args.kind, seed=args.seed, like=like)
+    ps.settings.update({"dataset": args.dataset, "val_size": args.val_size})
+    encoding = args.encoding if args.encoding != "auto" else ("sign" if args.kind in ("vertex", "sign", "shift")
+                                                               else "int8")
+    made, ps = ps, ps.encode(train_data, encoding)
+    ps.save(args.out)
+    print(f"wrote {args.out}: {args.kind} control of {len(ps)} images of class {ps.target_class}, L_inf "
+          f"{ps.linf(train_data):.4f} <= eps {ps.eps}{_encoding_note(made, ps, args.out)}")
+    return 0
+
+
 COMPARE_KEYS = ("victim_method", "arch", "sigma", "target_class", "images", "n", "poisoned", "acr",
                 "certified_accuracy", "clean_accuracy_other_classes")
 
@@ -1187,6 +1214,22 @@ def build_parser(prog: str = "python -m engine") -> argparse.ArgumentParser:
                    "(a new poison: what poison-combine --how vote of that one poison gives) instead of refusing")
     _add_poison_split(p, "the poison")
     p.set_defaults(func=cmd_poison_encode)
+
+    p = command("poison-random", "a random control poison of the same images (vertex, sign, uniform, shift, or the "
+                "twin of a crafted poison): the baseline a crafted poison must beat")
+    p.add_argument("--kind", choices=CONTROLS, required=True,
+                   help="vertex: +-eps at random, inward at [0, 1]; sign: +-eps at random, clipped; uniform: uniform in "
+                   "[-eps, eps], clipped; shift: +eps everywhere, clipped; twin: the --like poison's per-pixel "
+                   "magnitudes with random signs (inward at [0, 1])")
+    p.add_argument("--like", default=None, help="the crafted poison .safetensors a twin copies magnitudes from")
+    p.add_argument("--target-class", type=_int_at_least(0), default=None,
+                   help="class whose training images are perturbed (default with --like: the poison's)")
+    p.add_argument("--eps", type=_eps_budget, default=None, help="L_inf budget (default with --like: the poison's)")
+    p.add_argument("--seed", type=_int_at_least(0), default=0, help="seed of the random signs or values")
+    _add_poison_split(p, "the poisons compared with")
+    p.add_argument("--encoding", choices=("auto", "sign", "int8", "float32"), default="auto",
+                   help="auto: sign for vertex, sign and shift (lossless), int8 for uniform and twin (quantised)")
+    p.set_defaults(func=cmd_poison_random)
 
     # -- evaluate ----------------------------------------------------------------------------------
     p = command("evaluate", "train a victim on clean or poisoned data and certify the target class")

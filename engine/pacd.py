@@ -42,6 +42,8 @@ __all__ = [
     "derive_seed",
     "METHODS",
     "ENCODINGS",
+    "CONTROLS",
+    "random_poison",
 ]
 
 METHODS = ("gaussian", "macer", "smoothadv")
@@ -1477,3 +1479,6 @@ def poison(
         settings=json.loads(json.dumps(final)),
     )
     return crafted if encoding == "float32" else crafted.encode(train_data, encoding)
+
+
+from .controls import CONTROLS, random_poison  # noqa: E402  (controls build PoisonSets)
