@@ -774,27 +774,42 @@ COMPARE_KEYS = ("victim_method", "arch", "sigma", "target_class", "images", "n",
                 "certified_accuracy", "clean_accuracy_other_classes")
 
 
+def _controls(text: str) -> tuple[str, ...]:
+    """--controls: a comma-separated list of control kinds, or none."""
+    if text.strip().lower() == "none":
+        return ()
+    kinds = tuple(k.strip() for k in text.split(",") if k.strip())
+    bad = [k for k in kinds if k not in CONTROLS]
+    if bad or not kinds:
+        raise argparse.ArgumentTypeError(f"must be 'none' or a comma-separated list of {', '.join(CONTROLS)}, got {text!r}")
+    return kinds
+
+
 def cmd_evaluate(args) -> int:
     from . import data, models
-    from .evaluate import evaluate_poison, format_rows
+    from .evaluate import (
+        _pair_key,
+        control_differences,
+        evaluate_poison,
+        evaluate_with_controls,
+        format_control_differences,
+        format_rows,
+    )
     from .pacd import PoisonSet
 
     if (args.poison is None) == (not args.clean):
-        print("error: give exactly one of --poison FILE or --clean", file=sys.stderr)
-        return 2
+        raise UsageError("give exactly one of --poison FILE or --clean")
     earlier = []
     for d in args.compare:
         summary = Path(d) / "summary.json"
         try:
             loaded = json.loads(summary.read_text())
         except (OSError, ValueError) as exc:
-            print(f"error: --compare {d}: cannot read {summary} ({exc})", file=sys.stderr)
-            return 2
+            raise UsageError(f"--compare {d}: cannot read {summary} ({exc})") from None
         missing = [k for k in COMPARE_KEYS if not isinstance(loaded, dict) or k not in loaded]
         if missing:
-            print(f"error: --compare {d}: {summary} is not an evaluation summary (missing {missing})", file=sys.stderr)
-            return 2
-        earlier.append(loaded)
+            raise UsageError(f"--compare {d}: {summary} is not an evaluation summary (missing {missing})")
+        earlier.append((d, loaded))
     device = _device(args.device)
     margs = _method_args(args, args.victim_method, victim=True)
     train_data, _ = _load_split(args)
@@ -803,10 +818,7 @@ def cmd_evaluate(args) -> int:
         _check_target_class(args.target_class, train_data[1], args.dataset)
     test_data = data.load_dataset(args.dataset, args.data_root, "test")
     _model_fits(models.build(args.arch), train_data[0], train_data[1], f"--arch {args.arch}")
-    res = evaluate_poison(
-        ps,
-        train_data,
-        test_data,
+    kwargs = dict(
         victim_method=args.victim_method,
         arch=args.arch,
         sigma=args.sigma,
@@ -823,13 +835,25 @@ def cmd_evaluate(args) -> int:
         n=args.n,
         alpha=args.alpha,
         batch=args.noise_batch,
-        out_dir=args.out_dir,
         init_weights=args.weights,
         device=device,
         dataset=args.dataset,
         progress=not args.quiet,
     )
-    print(format_rows(earlier + [res]))
+    controls = args.controls if ps is not None and not ps.method.startswith("control:") else ()
+    if controls:
+        out = evaluate_with_controls(ps, train_data, test_data, out_dir=args.out_dir, controls=controls,
+                                     control_seed=args.control_seed, **kwargs)
+        res, ctrl = out["poisoned"], out["controls"]
+    else:
+        res, ctrl = evaluate_poison(ps, train_data, test_data, out_dir=args.out_dir, **kwargs), {}
+    print(format_rows([s for _, s in earlier] + [res] + list(ctrl.values())))
+    clean_dir = next((d for d, s in earlier if not s["poisoned"] and _pair_key(s) == _pair_key(res)), None)
+    if ctrl and clean_dir is not None:
+        print("\n" + format_control_differences(control_differences(clean_dir, args.out_dir, out["control_dirs"])))
+    elif ctrl:
+        print(f"\n(give the clean victim's directory with --compare to see the poison against its controls: "
+              f"{', '.join(ctrl)})")
     return 0
 
 
@@ -1261,6 +1285,10 @@ def build_parser(prog: str = "python -m engine") -> argparse.ArgumentParser:
     p.add_argument("--out-dir", required=True, help="folder of the victim, its certification log and summary.json")
     p.add_argument("--compare", action="append", default=[], metavar="DIR",
                    help="out-dir of an earlier evaluation (e.g. the clean victim) to show side by side; repeatable")
+    p.add_argument("--controls", type=_controls, default="twin,vertex", metavar="KINDS",
+                   help="random controls evaluated beside a --poison with the same victim settings (in "
+                   "OUT_DIR/controls/): a comma-separated list of " + ", ".join(CONTROLS) + ", or none")
+    p.add_argument("--control-seed", type=_int_at_least(0), default=0, help="seed of the controls' random signs")
     _add_quiet(p)
     p.set_defaults(func=cmd_evaluate)
     return parser

@@ -180,3 +180,34 @@ def test_pair_evaluations(tmp_path):
                       ((clean, other), "different images")):
         with pytest.raises(ValueError, match=msg):
             pair_evaluations(*pair)
+
+
+def test_drop_difference_interval_against_a_control(tmp_path):
+    """poison minus control = (sum r_control - sum r_poisoned) / sum r_clean over paired images; the interval holds
+    it, is a point when every image moves by the same fraction, and the same logs give 0; other images are refused."""
+    import numpy as np
+
+    from engine.evaluate import drop_difference_interval, format_control_differences
+
+    rng = np.random.default_rng(3)
+    n = 50
+    base = rng.uniform(0.5, 2.0, n)
+    clean = _log(tmp_path / "c.tsv", {i: (8, 8, float(base[i])) for i in range(n)})
+    poison = _log(tmp_path / "p.tsv", {i: (8, 8, float(0.5 * base[i])) for i in range(n)})
+    control = _log(tmp_path / "k.tsv", {i: (8, 8, float(0.8 * base[i])) for i in range(n)})
+    d, lo, hi = drop_difference_interval(clean, poison, control, reps=400)
+    assert d == pytest.approx(0.3) and lo == pytest.approx(0.3) and hi == pytest.approx(0.3)
+    d, lo, hi = drop_difference_interval(clean, poison, poison, reps=400)
+    assert d == 0 and lo == 0 and hi == 0
+    uneven = _log(tmp_path / "u.tsv", {i: (8, 8 if i % 5 else 3, float(base[i])) for i in range(n)})  # 10 wrong
+    d, lo, hi = drop_difference_interval(clean, poison, uneven, reps=2000)
+    wrong = sum(base[i] for i in range(n) if i % 5 == 0)
+    assert d == pytest.approx((base.sum() - wrong - 0.5 * base.sum()) / base.sum())
+    assert lo < d < hi
+    other = _log(tmp_path / "o.tsv", {i: (8, 8, 1.0) for i in range(1, n + 1)})
+    with pytest.raises(ValueError, match="other images"):
+        drop_difference_interval(clean, poison, other)
+    table = format_control_differences([{"control": "twin", "drop_poisoned": 0.5, "drop_control": 0.2,
+                                         "drop_minus_control": 0.3, "drop_minus_control_ci95": [0.25, 0.35],
+                                         "clean_acc_target_poisoned": 0.8, "clean_acc_target_control": 0.7}])
+    assert "| twin | 50.0% | 20.0% | 30.0% | [25.0%, 35.0%] | 0.800 / 0.700 |" in table

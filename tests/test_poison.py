@@ -267,8 +267,12 @@ def test_cli_poison_and_evaluate(tmp_path):
     proc = subprocess.run(ev + ["--poison", str(out), "--out-dir", str(tmp_path / "ev"), "--compare", str(tmp_path / "evc")],
                           capture_output=True, text=True)  # resumes: victim reloaded, certification log complete
     assert proc.returncode == 0, proc.stderr
-    line = [x for x in proc.stdout.splitlines() if x.startswith("| gaussian | mlp |")]
+    line = [x for x in proc.stdout.splitlines() if x.startswith("| gaussian | mlp | 0.5 | gaussian |")]
     assert len(line) == 1 and f"| {clean['acr']:.4f} | {summary['acr']:.4f} |" in line[0], proc.stdout
+    for kind in ("twin", "vertex"):  # the default controls, evaluated beside the poison with the same victim settings
+        assert sum(x.startswith(f"| gaussian | mlp | 0.5 | control:{kind} |") for x in proc.stdout.splitlines()) == 1
+        assert json.loads((tmp_path / "ev" / "controls" / f"{kind}-seed0" / "summary.json").read_text())["poisoned"]
+        assert any(x.startswith(f"| {kind} |") for x in proc.stdout.splitlines())  # the poison minus control table
     proc = subprocess.run(ev + ["--poison", str(out), "--out-dir", str(tmp_path / "ev"), "--compare", str(tmp_path)],
                           capture_output=True, text=True)
     assert proc.returncode == 2 and "summary.json" in proc.stderr
