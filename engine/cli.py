@@ -29,6 +29,7 @@ import torch
 
 from .fileio import sha256_file
 from .pacd import COMBINE, CONTROLS
+from .presets import PRESETS, preset
 from .results import ResultsError
 
 __all__ = ["main", "run_certify", "train_checkpoint_path"]
@@ -617,10 +618,36 @@ def _check_target_class(target_class: int, labels: torch.Tensor, dataset: str) -
         raise UsageError(f"--target-class {target_class}: {dataset} has classes 0..{classes - 1}")
 
 
+_PRESET_OPTION = {"a": "--upper-alpha"}  # preset key -> its option where the names differ
+
+
+def _apply_preset(args) -> dict:
+    """Fill the poison options a --preset sets and the command line does not give; {} without a preset, else the
+    preset's name and the options given beside it (recorded in the poison's settings)."""
+    if args.preset is None:
+        missing = [f"--{k.replace('_', '-')}" for k in ("sigma", "eps", "outer_steps") if getattr(args, k) is None]
+        if missing:
+            raise UsageError(f"{', '.join(missing)} {'is' if len(missing) == 1 else 'are'} required (or --preset "
+                             f"{' / '.join(PRESETS)})")
+        return {}
+    values = preset(args.preset, args.method)
+    given = getattr(args, "given_options", set())
+    overrides = {}
+    for key, value in values.items():
+        option = _PRESET_OPTION.get(key, "--" + key.replace("_", "-"))
+        dest = option[2:].replace("-", "_")
+        if option in given:
+            overrides[key] = getattr(args, dest)
+        else:
+            setattr(args, dest, json.dumps(value) if key == "method_args" else value)
+    return {"preset": args.preset, "preset_overrides": overrides}
+
+
 def cmd_poison(args) -> int:
     from . import models
     from .pacd import PoisonSet, poison
 
+    preset_record = _apply_preset(args)
     out = Path(args.out)
     ckpt = out.with_name(out.name + ".ckpt")
     if ckpt.exists() and not args.resume:
@@ -661,6 +688,8 @@ def cmd_poison(args) -> int:
         batch_poison=args.batch_poison,
         batch_val=args.batch_val,
         k=args.k,
+        beta=args.beta,
+        a=args.upper_alpha,
         u_update=args.u_update,
         seed=args.seed,
         checkpoint=ckpt,
@@ -672,7 +701,7 @@ def cmd_poison(args) -> int:
         progress=not args.quiet,
         log=log,
     )
-    ps.settings.update({"arch": args.arch, "dataset": args.dataset, "val_size": args.val_size})
+    ps.settings.update({"arch": args.arch, "dataset": args.dataset, "val_size": args.val_size, **preset_record})
     crafted, ps = ps, ps.encode(train_data, args.encoding)  # the poison the file holds (int8: quantised, a new poison)
     ps.save(out)
     print(f"wrote {out}: {len(ps)} poisoned images of class {ps.target_class}, L_inf {ps.linf(train_data):.4f} <= eps {ps.eps}"
@@ -1173,11 +1202,17 @@ def build_parser(prog: str = "python -m engine") -> argparse.ArgumentParser:
     p.add_argument("--method-args", default=None, help="JSON object of the lower-level procedure's arguments "
                    "(macer: k, beta, gamma, lbd; smoothadv: eps, steps, m), e.g. '{\"k\": 2}'")
     p.add_argument("--arch", type=_arch_name, default="lenet", help=f"lower-level model: {ARCH_HELP}")
-    p.add_argument("--sigma", type=_positive_float, required=True, help="noise level of the lower-level procedure")
-    p.add_argument("--eps", type=_eps_budget, required=True, help="L_inf budget of the poison (pixels in [0, 1])")
+    p.add_argument("--preset", choices=tuple(PRESETS), default=None,
+                   help="the settings of a published run for --method (paper-mnist: the reference implementation's "
+                   "MNIST settings, docs/pacd.md); options given beside it override it and are recorded")
+    p.add_argument("--sigma", type=_positive_float, default=None,
+                   help="noise level of the lower-level procedure (required without --preset)")
+    p.add_argument("--eps", type=_eps_budget, default=None,
+                   help="L_inf budget of the poison, pixels in [0, 1] (required without --preset)")
     p.add_argument("--solver", choices=("approxgrad", "cg", "neumann"), default="approxgrad",
                    help="inverse-Hessian-vector solver")
-    p.add_argument("--outer-steps", type=_int_at_least(0), required=True, help="poison updates")
+    p.add_argument("--outer-steps", type=_int_at_least(0), default=None,
+                   help="poison updates (required without --preset)")
     p.add_argument("--niter1", type=_int_at_least(0), default=10, help="lower-level steps per outer step")
     p.add_argument("--niter2", type=_int_at_least(1), default=10, help="solver iterations per outer step")
     p.add_argument("--lr-u", type=_positive_float, default=0.1, help="poison step size")
@@ -1190,6 +1225,9 @@ def build_parser(prog: str = "python -m engine") -> argparse.ArgumentParser:
     p.add_argument("--batch-poison", type=_int_at_least(1), default=100, help="poisoned images per lower-level batch")
     p.add_argument("--batch-val", type=_int_at_least(1), default=100, help="validation images per upper-level batch")
     p.add_argument("--k", type=_int_at_least(1), default=20, help="noise draws of the upper objective")
+    p.add_argument("--beta", type=_positive_float, default=16.0, help="inverse temperature of the upper objective")
+    p.add_argument("--upper-alpha", type=_unit_interval, default=0.001,
+                   help="the upper objective's probability squeeze a: Phi^-1((1 - 2a) p + a)")
     p.add_argument("--u-update", choices=("adam", "sign"), default="adam", help="poison update rule")
     p.add_argument("--seed", type=_int_at_least(0), default=0, help="seed of batches, noise and initialisation")
     p.add_argument("--checkpoint-every", type=_int_at_least(1), default=50, help="outer steps between checkpoints")
@@ -1319,6 +1357,8 @@ def main(argv=None) -> int:
     script = Path(sys.argv[0]).name if sys.argv and sys.argv[0] else ""
     parser = build_parser("pacd-engine" if script.startswith("pacd-engine") else "python -m engine")
     args = parser.parse_args(argv)
+    args.given_options = {tok.split("=", 1)[0] for tok in (sys.argv[1:] if argv is None else argv)
+                          if isinstance(tok, str) and tok.startswith("--")}
     if getattr(args, "shard", 0) >= getattr(args, "num_shards", 1):
         parser.error(f"--shard must be < --num-shards ({args.num_shards})")
     if args.command in ("certify", "predict") and args.arch is not None and args.weights is None:

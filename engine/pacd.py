@@ -44,6 +44,8 @@ __all__ = [
     "ENCODINGS",
     "CONTROLS",
     "random_poison",
+    "PRESETS",
+    "preset",
 ]
 
 METHODS = ("gaussian", "macer", "smoothadv")
@@ -1482,3 +1484,4 @@ def poison(
 
 
 from .controls import CONTROLS, random_poison  # noqa: E402  (controls build PoisonSets)
+from .presets import PRESETS, preset  # noqa: E402,F401  (crafting settings of published runs)
