@@ -181,7 +181,7 @@ def run(
     if provider == "plain_loop":
         path = "plain"
     elif backend == "triton" or (backend == "auto" and device.type == "cuda"):
-        path = engine.accel._CACHE[-1][3].kind  # the sampler the warm-up built (and the timed run reuses)
+        path = engine.accel.cached_samplers()[-1].kind  # the sampler the warm-up built (and the timed run reuses)
     else:
         path = "loop"
     times = []

@@ -33,7 +33,7 @@ import torch
 from torch import nn
 
 import engine
-from engine import hessian, models
+from engine import extension, hessian, models
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import append_json, device_name, record, resolve_device, sync  # noqa: E402
@@ -198,7 +198,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     device = resolve_device(args.device)
     providers = tuple(args.providers.split(","))
-    print(f"device: {device_name(device)}; torch {torch.__version__}; extension {engine._ext.available()}")
+    print(f"device: {device_name(device)}; torch {torch.__version__}; extension {extension.available()}")
     head = ("arch", "provider", "batch", "ms/hv", "ms/mixed", "x hv", "x mixed", "MB hv", "MB mixed")
     print("{:12s} {:16s} {:>6s} {:>9s} {:>9s} {:>7s} {:>8s} {:>8s} {:>8s}".format(*head))
     results = []

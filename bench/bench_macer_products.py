@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from engine import models
-from engine.pacd import _Lower, _method_args, _Step
+from engine.pacd import LowerLevel, OuterBatch, resolve_method_args
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import append_json, device_name, record, resolve_device, sync  # noqa: E402
@@ -45,11 +45,11 @@ def main(argv=None) -> int:
     torch.manual_seed(0)
     model = models.lenet_mnist().to(device).eval()
     bc, bp = args.batch_clean, args.batch_poison
-    step = _Step(xc=torch.rand(bc, 1, 28, 28, device=device), yc=torch.randint(0, 10, (bc,), device=device),
+    step = OuterBatch(xc=torch.rand(bc, 1, 28, 28, device=device), yc=torch.randint(0, 10, (bc,), device=device),
                  pos=torch.arange(bp), yp=torch.full((bp,), 8, device=device), xv=torch.rand(1, 1, 28, 28, device=device),
                  seed=5)  # fmt: skip
     u = torch.rand(bp, 1, 28, 28, device=device)
-    lower = _Lower("macer", model, step, 0.75, _method_args("macer", {"k": args.k}))
+    lower = LowerLevel("macer", model, step, 0.75, resolve_method_args("macer", {"k": args.k}))
     v = torch.randn(sum(q.numel() for q in model.parameters()), device=device)
     providers = ("torch_func", "auto")
     times = {b: {"setup": [], "hv": [], "mixed": []} for b in providers}

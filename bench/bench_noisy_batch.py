@@ -15,7 +15,7 @@ import torch
 from engine.kernels import noisy_batch as nb
 from kernel_bench import bench_main, triton_ok
 
-from engine import _ext, noise
+from engine import extension, noise
 
 
 def cases(device, quick):
@@ -33,7 +33,7 @@ def cases(device, quick):
             nbytes = rows * x[0].numel() * torch.empty(0, dtype=dtype).element_size()
             cfg = f"{'x'.join(map(str, shape))} R={rows} {str(dtype)[6:]}"
             yield cfg, "torch_ref", lambda: noise.noisy_batch_ref(x, ri, rs, ids, **kw), rows, nbytes, ""
-            has_cpp = _ext.available() and (not gpu or _ext.has_cuda_ops())
+            has_cpp = extension.available() and (not gpu or extension.has_cuda_ops())
             yield cfg, "cpp", (lambda: noise.noisy_batch(x, ri, rs, ids, backend="cpp", **kw)) if has_cpp else None, rows, \
                 nbytes, "" if has_cpp else "extension op not built for this device"
             if triton_ok(device):

@@ -56,6 +56,7 @@ def time_call(fn, device: torch.device, repeats: int = 3, warmup: int = 1) -> fl
 def record(benchmark: str, device: torch.device, results: list[dict], argv=None) -> dict:
     """A JSON record: benchmark name, device, versions, UTC date, the command and the results."""
     import engine
+    from engine import extension
 
     args = list(sys.argv[1:] if argv is None else argv)
     return {
@@ -63,7 +64,7 @@ def record(benchmark: str, device: torch.device, results: list[dict], argv=None)
         "device": device_name(device),
         "torch": torch.__version__,
         "engine": engine.__version__,
-        "extension": engine._ext.available(),
+        "extension": extension.available(),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "command": " ".join(["python", Path(sys.argv[0]).as_posix()] + args),
         "git_commit": git_commit(),

@@ -74,6 +74,8 @@ __all__ = [
     "TritonSampler",
     "split_last_linear",
     "fold_batchnorm",
+    "cached_samplers",
+    "clear_cache",
 ]
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
@@ -466,6 +468,12 @@ def fused_kernels_enabled() -> bool:
 def clear_cache() -> None:
     """Drop the cached Triton samplers (their model copies and CUDA graphs)."""
     _CACHE.clear()
+
+
+def cached_samplers() -> list[TritonSampler]:
+    """The cached Triton samplers, the most recently used last (e.g. ``cached_samplers()[-1].kind``: the path the
+    last Triton certify / predict call took)."""
+    return [entry[3] for entry in _CACHE]
 
 
 def make_sampler(model: nn.Module, x: torch.Tensor, *, backend: str, precision: str, batch_size: int):

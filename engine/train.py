@@ -41,8 +41,10 @@ import torch
 import torch.nn.functional as F
 
 from . import attacks, losses
+from . import checkpoint as _checkpoint
 from .data import split_validation
-from .fileio import ExclusiveLock, publish
+from .fileio import ExclusiveLock
+from .models import CheckpointError
 from .smoothing import model_device, pool_first_view
 from .validate import InputError, InputTypeError, check_dataset, check_model_fits, check_progress
 
@@ -68,6 +70,14 @@ METHOD_ARGS = {
     "macer": {"k": 16, "beta": 16.0, "gamma": 8.0, "lbd": 12.0, "lbd_warmup": 0},
 }
 CHECKPOINT_FORMAT = "engine.train-checkpoint/1"
+_CHECKPOINT = _checkpoint.Layout(
+    key="engine",
+    error=CheckpointError,
+    unreadable="{path}: not a readable safetensors file ({exc})",
+    bad_json="{path}: damaged training checkpoint metadata ({exc})",
+    not_object="{path}: training checkpoint metadata is a JSON {kind}, not an object",
+    no_file="{path}: no such training checkpoint",
+)  # (absent metadata reads as {}: the format check below then refuses the file)
 RNG_DERIVATION = (
     "torch.Generator.manual_seed((seed * 1000003 + epoch * 7919 + salt) % 2**63); epoch from 0; "
     "salt 0: data order (CPU generator), salt 1: training noise (model device), salt 99 with epoch 0: evaluation noise"
@@ -223,57 +233,32 @@ def _save_checkpoint(
 ) -> None:
     """Write a checkpoint after ``epoch`` finished epochs, or inside epoch ``epoch`` (0-based) when
     ``partial`` (batches done, running sums) and ``rng_state`` (the epoch's noise generator) are given."""
-    from safetensors.torch import save_file
-
-    tensors = {f"model.{k}": v.detach().to("cpu").contiguous().clone() for k, v in model.state_dict().items()}
+    tensors = {f"model.{k}": v for k, v in model.state_dict().items()}
     if partial is not None:
-        tensors["rng.noise_state"] = rng_state.detach().to("cpu").contiguous().clone()
-    opt_sd = opt.state_dict()
-    opt_state_json: dict[str, dict] = {}
-    for pid, st in opt_sd["state"].items():
-        for key, val in st.items():
-            if isinstance(val, torch.Tensor):
-                tensors[f"optimizer.state.{pid}.{key}"] = val.detach().to("cpu").contiguous().clone()
-            else:
-                opt_state_json.setdefault(str(pid), {})[key] = val
+        tensors["rng.noise_state"] = rng_state
+    opt_tensors, opt_state_json, groups = _checkpoint.optimizer_to_tensors(
+        opt.state_dict(), "optimizer.state.", ".", scalars_as_tensors=False
+    )
+    tensors.update(opt_tensors)
     sched_sd = {k: v for k, v in sched.state_dict().items() if k != "lr_lambdas"}
     meta = {
         "format": CHECKPOINT_FORMAT,
         "epoch": epoch,
         "settings": settings,
         "history": history,
-        "optimizer": {"param_groups": opt_sd["param_groups"], "state": opt_state_json},
+        "optimizer": {"param_groups": groups, "state": opt_state_json},
         "scheduler": sched_sd,
         "rng": {"derivation": RNG_DERIVATION, "seed": settings["seed"], "next_epoch": epoch},
     }
     if partial is not None:
         meta["partial_epoch"] = partial
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    save_file(tensors, str(tmp), metadata={"engine": json.dumps(meta)})
-    publish(tmp, path)
+    _checkpoint.save(path, tensors, meta, _CHECKPOINT.key)
 
 
 def read_checkpoint_meta(path: str | os.PathLike) -> dict:
     """The JSON metadata of a training checkpoint (format, epoch, settings, history, optimizer, scheduler, rng)."""
-    from safetensors import safe_open
-
-    from .models import CheckpointError
-
     path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"{path}: no such training checkpoint")
-    try:
-        with safe_open(str(path), framework="pt") as fh:
-            raw = (fh.metadata() or {}).get("engine")
-    except Exception as exc:  # safetensors raises its own error types
-        raise CheckpointError(f"{path}: not a readable safetensors file ({exc})") from exc
-    try:
-        meta = json.loads(raw) if raw else {}
-    except ValueError as exc:
-        raise CheckpointError(f"{path}: damaged training checkpoint metadata ({exc})") from None
-    if not isinstance(meta, dict):
-        raise CheckpointError(f"{path}: training checkpoint metadata is a JSON {type(meta).__name__}, not an object")
+    meta, _ = _checkpoint.read(path, _CHECKPOINT)
     if meta.get("format") != CHECKPOINT_FORMAT:
         raise CheckpointError(
             f"{path}: not a training checkpoint (format {meta.get('format')!r}, expected {CHECKPOINT_FORMAT!r})"
@@ -294,10 +279,6 @@ def read_checkpoint_meta(path: str | os.PathLike) -> dict:
 
 
 def _load_checkpoint(path: Path, model, opt, sched, settings: dict) -> tuple[int, list]:
-    from safetensors.torch import load_file
-
-    from .models import CheckpointError
-
     meta = read_checkpoint_meta(path)
     stored = meta["settings"]
     if stored != settings:
@@ -307,29 +288,17 @@ def _load_checkpoint(path: Path, model, opt, sched, settings: dict) -> tuple[int
             f"{path} was written by a run with other settings ({', '.join(diff)} differ{': ' + detail if detail else ''}); "
             "resume with the same settings, or start again without resume"
         )
-    try:
-        tensors = load_file(str(path), device="cpu")
-    except Exception as exc:
-        raise CheckpointError(f"{path}: cannot read tensors ({exc})") from exc
+    tensors = _checkpoint.read_tensors(path, CheckpointError)
     model_sd = {k[len("model.") :]: v for k, v in tensors.items() if k.startswith("model.")}
     try:
         model.load_state_dict(model_sd, strict=True)
     except RuntimeError as exc:
         raise CheckpointError(f"{path}: weights do not match the model: {exc}") from exc
     try:
-        state: dict[int, dict] = {}
-        for k, v in tensors.items():
-            if k.startswith("optimizer.state."):
-                _, _, pid, key = k.split(".", 3)
-                state.setdefault(int(pid), {})[key] = v
-        for pid, d in meta["optimizer"]["state"].items():
-            state.setdefault(int(pid), {}).update(d)
-        groups = meta["optimizer"]["param_groups"]
-        for group, current in zip(groups, opt.param_groups):
-            for key, val in current.items():
-                if isinstance(val, tuple) and isinstance(group.get(key), list):
-                    group[key] = tuple(group[key])  # JSON turned tuples (Adam betas) into lists
-        opt.load_state_dict({"state": state, "param_groups": groups})
+        groups = _checkpoint.restore_tuples(meta["optimizer"]["param_groups"], opt.param_groups)  # (Adam's betas)
+        opt.load_state_dict(_checkpoint.optimizer_from_tensors(
+            tensors, groups, "optimizer.state.", ".", scalars=meta["optimizer"]["state"]
+        ))
         sched.load_state_dict({**meta["scheduler"], "lr_lambdas": [None] * len(opt.param_groups)})
     except (ValueError, KeyError, TypeError, AttributeError) as exc:  # (a file that passed the checks above)
         raise CheckpointError(f"{path}: damaged optimizer or scheduler state ({type(exc).__name__}: {exc})") from None
@@ -416,6 +385,8 @@ def train(
         lr, and with ``eval_data`` eval_accuracy and eval_noisy_accuracy (one noise draw).
     """
     args = _method_args(method, method_args)
+    if checkpoint is not None and Path(checkpoint).is_dir():
+        raise InputError(f"checkpoint {checkpoint} is a directory: give the checkpoint file's path")
     sigma = losses._check_sigma(sigma, allow_zero=method == "standard")
     if optimizer not in ("sgd", "adam"):
         raise InputError(f"optimizer must be 'sgd' or 'adam', got {optimizer!r}")

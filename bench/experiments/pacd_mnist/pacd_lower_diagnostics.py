@@ -42,7 +42,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[3]))
 
 from engine import bilevel, data, models  # noqa: E402
 from engine.losses import PROB_CLAMP, macer_inputs  # noqa: E402
-from engine.pacd import _generator, _load_checkpoint, _Lower, _Step, soft_radius_objective  # noqa: E402
+from engine.pacd import LowerLevel, OuterBatch, keyed_generator, read_checkpoint, soft_radius_objective  # noqa: E402
 
 
 def model_metrics(model, test, target: int, sigma: float, n_target: int, seed: int) -> dict:
@@ -67,10 +67,10 @@ def cosine(a, b) -> float:
 class _Batch:
     """One outer step rebuilt at the checkpoint: minibatch, lower level, upper objective and products."""
 
-    step: _Step
+    step: OuterBatch
     u_batch: torch.Tensor
     x0: torch.Tensor  # the clean originals of the poison batch
-    lower: _Lower
+    lower: LowerLevel
     f: torch.Tensor
     counted: float
     g_w: torch.Tensor
@@ -87,12 +87,12 @@ def _outer_step(model, tensors, settings, train, xv_all, target: int, g: torch.G
     ci = pool_c[torch.randperm(pool_c.numel(), generator=g)[: settings["batch_clean"]]]
     pos = torch.randperm(pool_p.numel(), generator=g)[: settings["batch_poison"]]
     xv = xv_all[torch.randperm(xv_all.shape[0], generator=g)[: settings["batch_val"]]]
-    step = _Step(xc=images[ci].float() / 255, yc=labels[ci], pos=pos, yp=labels[pool_p[pos]], xv=xv, seed=seed)
+    step = OuterBatch(xc=images[ci].float() / 255, yc=labels[ci], pos=pos, yp=labels[pool_p[pos]], xv=xv, seed=seed)
     u_batch = tensors["u"][pos]
-    lower = _Lower(settings["method"], model, step, settings["sigma"], settings["method_args"])
+    lower = LowerLevel(settings["method"], model, step, settings["sigma"], settings["method_args"])
     lower.prepare(u_batch)
-    f, counted = soft_radius_objective(lower.forward, xv, target, sigma=settings["sigma"], k=settings["k"],
-                                       beta=settings["beta"], a=settings["a"], generator=_generator("cpu", seed, 5))  # fmt: skip
+    f, counted = soft_radius_objective(lower.forward, xv, target, sigma=settings["sigma"], k=settings["k"], beta=settings["beta"],
+                                       a=settings["a"], generator=keyed_generator("cpu", seed, 5))  # fmt: skip
     g_w = torch.cat([t.reshape(-1) for t in torch.autograd.grad(f, bilevel.flat_params(model))]).detach()
     hvp, mixed = lower.products(u_batch, 999)
     return _Batch(step, u_batch, images[pool_p[pos]].float() / 255, lower, f, counted, g_w, hvp, mixed)
@@ -149,7 +149,7 @@ def step_diagnostics(model, tensors, meta, train, val, target: int, seed: int, c
     if method == "macer":
         parts = {}
         for name, lbd in (("classification", 0.0),):
-            part = _Lower(method, model, step, sigma, {**margs, "lbd": lbd})
+            part = LowerLevel(method, model, step, sigma, {**margs, "lbd": lbd})
             _, mixed_part = part.products(u_batch, 999)
             parts[name] = -mixed_part(p_ag)
         parts["robustness"] = h_ag - parts["classification"]
@@ -158,7 +158,8 @@ def step_diagnostics(model, tensors, meta, train, val, target: int, seed: int, c
         out["cosine_classification_part_total"] = cosine(parts["classification"], h_ag)
         x = torch.cat([step.xc, u_batch])
         with torch.no_grad():
-            z = model(macer_inputs(x, sigma, margs["k"], _generator("cpu", step.seed, 999))).reshape(x.shape[0], margs["k"], -1)
+            g_noise = keyed_generator("cpu", step.seed, 999)
+            z = model(macer_inputs(x, sigma, margs["k"], g_noise)).reshape(x.shape[0], margs["k"], -1)
         pb = torch.softmax(margs["beta"] * z, -1).mean(1)
         top2, idx = pb.topk(2, 1)
         gap = torch.special.ndtri(top2[:, 0].clamp(PROB_CLAMP, 1 - PROB_CLAMP)) - torch.special.ndtri(
@@ -196,14 +197,14 @@ def lookahead(base, tensors, meta, train, val, target: int, batches: int, steps:
             "random": torch.randn(u_batch.shape, generator=g),
         }
         if method == "macer":
-            hvp_c, mixed_c = _Lower(method, model, step, sigma, {**margs, "lbd": 0.0}).products(u_batch, 999)
+            hvp_c, mixed_c = LowerLevel(method, model, step, sigma, {**margs, "lbd": 0.0}).products(u_batch, 999)
             dirs["classification_only"] = -mixed_c(bilevel.solve_approxgrad(hvp_c, g_w, torch.zeros_like(g_w), **solve))
         noise = torch.randn((20,) + tuple(xv_eval.shape), generator=torch.Generator().manual_seed(seed + 2000 + b))
 
         def retrained_f(ux):
             m = copy.deepcopy(base)
             opt = torch.optim.Adam(m.parameters(), lr=settings["lr_w"])
-            lo = _Lower(method, m, step, sigma, margs)
+            lo = LowerLevel(method, m, step, sigma, margs)
             lo.delta = lower.delta  # SmoothAdv: the same attack points for every direction
             m.train()
             for it in range(steps):
@@ -253,7 +254,7 @@ def main(argv=None) -> int:
     results = {}
     for m in args.methods.split(","):
         ckpt = work / f"poison_{m}.ckpt"
-        tensors, meta = _load_checkpoint(ckpt)
+        tensors, meta = read_checkpoint(ckpt)
         settings = meta["settings"]
         model = models.lenet_mnist()
         model.load_state_dict({k[2:]: v for k, v in tensors.items() if k.startswith("w.")})

@@ -43,7 +43,7 @@ from common import device_name, git_commit, resolve_device  # noqa: E402
 from engine import data, models  # noqa: E402
 from engine.bilevel import SOLVERS  # noqa: E402
 from engine.evaluate import acr_drop, acr_drop_interval, evaluate_poison, format_rows  # noqa: E402
-from engine.pacd import PoisonError, PoisonSet, _method_args, init_record, poison  # noqa: E402
+from engine.pacd import PoisonError, PoisonSet, init_record, poison, resolve_method_args  # noqa: E402
 
 TARGET = 8
 SIGMA = {"gaussian": 0.5, "macer": 0.75, "smoothadv": 0.75}
@@ -80,7 +80,7 @@ def lower_args(text: str | None) -> dict:
             raise SystemExit(f"error: --lower-args takes a JSON object {{METHOD: {{ARG: VALUE}}}} with METHOD in "
                              f"{sorted(SIGMA)}, got {text!r}")
     try:
-        return {m: _method_args(m, {**LOWER_ARGS[m], **given.get(m, {})}) for m in LOWER_ARGS}
+        return {m: resolve_method_args(m, {**LOWER_ARGS[m], **given.get(m, {})}) for m in LOWER_ARGS}
     except ValueError as exc:
         raise SystemExit(f"error: --lower-args: {exc}") from None
 

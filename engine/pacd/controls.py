@@ -24,6 +24,10 @@ import json
 
 import torch
 
+from ..validate import InputError, check_dataset
+from .objective import _generator
+from .poisonset import PoisonSet, _hash_clean, _project, _vertex, init_record
+
 __all__ = ["CONTROLS", "random_poison"]
 
 CONTROLS = ("vertex", "sign", "uniform", "shift", "twin")
@@ -59,8 +63,6 @@ def random_poison(train_data, *, target_class: int, eps: float, kind: str, seed:
         identity (``like``: sha256, method, steps); its ``encoding`` is float32 (see :meth:`PoisonSet.encode`:
         vertex, sign and shift controls are vertex poisons that the "sign" encoding stores bit for bit).
     """
-    from .pacd import PoisonSet, _generator, _hash_clean, _project, _vertex, init_record
-    from .validate import InputError, check_dataset
 
     images, labels = check_dataset(train_data, "train_data")
     if kind not in CONTROLS:
