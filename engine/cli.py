@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -37,6 +38,30 @@ __all__ = ["main", "run_certify", "train_checkpoint_path"]
 
 class UsageError(Exception):
     """A bad command-line input found after parsing: printed as one ``error:`` line, exit status 2."""
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    """Whether two paths name one file (links and other spellings included); false if either does not exist and
+    their resolved paths differ."""
+    try:
+        return a.exists() and b.exists() and os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
+
+def _claim_outputs(outputs, inputs=(), *, overwrite: bool = False, flag: str = "--out") -> None:
+    """Refuse, before any work, an output that is one of the inputs (always) or that exists (unless ``overwrite``):
+    no output of a command replaces another file by surprise."""
+    outputs = [Path(o) for o in outputs]
+    for o in outputs:
+        for i in (Path(x) for x in inputs if x is not None):
+            if _same_file(o, i) or Path(os.path.abspath(o)).resolve() == Path(os.path.abspath(i)).resolve():
+                raise UsageError(f"{flag} {outputs[0]} would overwrite {i}, an input of this command")
+        if o.is_dir():
+            raise UsageError(f"{o} is a directory: {flag} names a file")
+        if o.exists() and not overwrite:
+            raise UsageError(f"{o} exists; pass --overwrite to replace it (or give another {flag})")
 
 
 def _device(name: str) -> torch.device:
@@ -98,9 +123,10 @@ def run_certify(
         raise ResultsError(f"{out}: nothing to certify: the selection is empty")
     summary_paths(out)  # a log named like its summary or plot: refused before anything is written
     expected = {i: int(labels[i]) for i in indices}
-    with ExclusiveLock(out):
+    with ExclusiveLock(out) as lock:
         log = ResultsLog(out, settings, overwrite=overwrite, expected=expected,
                          trace=run_trace(**(trace or {})))
+        lock.bind()  # the log exists now: its other names (hard links) are locked too
         planned = {"planned_images": len(indices)}
         log.write_summary(extra=planned)
         if log.repaired_bytes:
@@ -163,10 +189,33 @@ def format_table(summary: dict) -> str:
     return "\n".join(lines)
 
 
-def cmd_merge(args) -> int:
-    from .results import merge_logs
+def _recorded_labels(log):
+    """The labels of the data set a certify log's summary records (settings dataset / split, trace data_root), to
+    check its rows' labels against; None, with a warning, when that data set cannot be read here."""
+    import warnings
 
-    summ = merge_logs(args.logs, args.out, allow_partial=args.allow_partial, overwrite=args.overwrite)  # errors: main()
+    from . import data
+    from .results import summary_paths
+
+    try:
+        summary = json.loads(summary_paths(log)[0].read_text())
+        settings, trace = summary["settings"], summary.get("trace") or {}
+        return data.load_dataset(settings["dataset"], trace.get("data_root"), settings["split"])[1]
+    except Exception as exc:  # an older summary without a trace, data not on this machine
+        warnings.warn(f"the rows' labels are not checked against their data set ({type(exc).__name__}: {exc})",
+                      stacklevel=2)
+        return None
+
+
+def cmd_merge(args) -> int:
+    from .results import merge_logs, summary_paths
+
+    out = Path(args.out)
+    _claim_outputs([out, *summary_paths(out)], [f for log in args.logs for f in (log, *summary_paths(log))],
+                   overwrite=args.overwrite)
+
+    summ = merge_logs(args.logs, args.out, allow_partial=args.allow_partial, overwrite=args.overwrite,
+                      labels=_recorded_labels(args.logs[0]))  # errors: main()
     print(format_table(summ))
     print(f"wrote {args.out} ({summ['images']} images from {len(args.logs)} logs)")
     return 0
@@ -211,11 +260,13 @@ def _selection(args, count: int, what: str) -> list[int]:
 
 def _sigma_of(args, model, path) -> float:
     """--sigma, or the noise level recorded in the checkpoint; a different one than recorded prints a warning."""
-    recorded = (getattr(model, "engine_meta", {}).get("meta") or {}).get("sigma")
-    recorded = float(recorded) if isinstance(recorded, (int, float)) and recorded > 0 else None
+    raw = (getattr(model, "engine_meta", {}).get("meta") or {}).get("sigma")
+    valid = isinstance(raw, (int, float)) and not isinstance(raw, bool) and raw > 0 and raw != float("inf")
+    recorded = float(raw) if valid else None
     if args.sigma is None:
         if recorded is None:
-            raise UsageError(f"--sigma is required: {path} records no noise level")
+            what = "records no noise level" if raw is None else f"records sigma {raw!r}, not a positive number"
+            raise UsageError(f"--sigma is required: {path} {what}")
         return recorded
     if recorded is not None and args.sigma != recorded:
         import warnings
@@ -252,7 +303,7 @@ def _prepare_model_run(args):
     images, labels = data.load_dataset(args.dataset, args.data_root, args.split)
     where = f"the {args.dataset} {args.split} split"
     indices = _selection(args, images.shape[0], where)
-    _model_fits(model, images, labels[indices], f"the model of {path}")
+    _model_fits(model, images, labels[indices], f"model of {path}")
     sigma = _sigma_of(args, model, path)
     precision = resolve_precision(args.precision, device, args.backend)
     return device, model, identity, images, labels, indices, sigma, precision, path
@@ -268,7 +319,11 @@ def cmd_certify(args) -> int:
     from .results import summary_paths
 
     out = Path(args.out)
-    summary_paths(out)  # --out r.json / r.png: refused before any work
+    json_path, png_path = summary_paths(out)  # --out r.json / r.png: refused before any work
+    model_file = args.checkpoint or args.weights
+    fresh = args.overwrite or not out.exists()
+    # a fresh log claims its summary and plot too: files of that name that are not this log's are not replaced
+    _claim_outputs([out, json_path, png_path] if fresh else [out], [model_file], overwrite=args.overwrite or not fresh)
     device, model, identity, images, labels, indices, sigma, precision, path = _prepare_model_run(args)
     settings = {
         "command": "certify",
@@ -316,6 +371,24 @@ def _wrote(*paths) -> str:
 
 
 def cmd_predict(args) -> int:
+    from .results import summary_paths
+
+    out = None if args.out is None else Path(args.out)
+    lock = None
+    if out is not None:
+        json_path, png_path = summary_paths(out)
+        _claim_outputs([out, json_path], [args.checkpoint or args.weights], overwrite=args.overwrite)
+        from .fileio import ExclusiveLock
+
+        lock = ExclusiveLock(out).acquire()
+    try:
+        return _predict(args, out, lock)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _predict(args, out, lock) -> int:
     from tqdm.auto import tqdm
 
     from .data import to_float
@@ -323,11 +396,6 @@ def cmd_predict(args) -> int:
     from .results import SCHEMA_VERSION, run_trace, summary_paths
     from .smoothing import predict
 
-    out = None if args.out is None else Path(args.out)
-    if out is not None:
-        summary_paths(out)
-        if out.exists() and not args.overwrite:
-            raise UsageError(f"--out {out} exists; pass --overwrite to replace it")
     device, model, identity, images, labels, indices, sigma, precision, path = _prepare_model_run(args)
     rows = []
     chunk = 64
@@ -357,7 +425,7 @@ def cmd_predict(args) -> int:
     print(f"images            {len(rows)}\nsmoothed accuracy {summary['accuracy']:.4f}\n"
           f"abstain rate      {summary['abstain_rate']:.4f}\nseconds / image   {summary['seconds_per_image']:.3f}")
     if out is not None:
-        json_path, _ = summary_paths(out)
+        json_path = summary_paths(out)[0]
         out.parent.mkdir(parents=True, exist_ok=True)
         tmp = out.with_name(out.name + ".tmp")
         tmp.write_text("idx\tlabel\tpredict\tcorrect\ttime\n" +
@@ -366,6 +434,9 @@ def cmd_predict(args) -> int:
         tmp = json_path.with_name(json_path.name + ".tmp")
         tmp.write_text(json.dumps(summary, indent=2) + "\n")
         publish(tmp, json_path)
+        png_path = summary_paths(out)[1]
+        if png_path.exists():  # the plot of a certify log this table replaced (--overwrite)
+            png_path.unlink()
         print(_wrote(out, json_path))
     return 0
 
@@ -398,6 +469,17 @@ def cmd_demo(args) -> int:
 
     torch.manual_seed(args.seed)
     out_dir = Path(args.out_dir)
+    if out_dir.is_file():
+        raise UsageError(f"--out-dir {out_dir} is a file: give a folder")
+    summary = out_dir / "certify.json"
+    if summary.exists():  # the demo replaces its own outputs, never another command's
+        try:
+            command = json.loads(summary.read_text())["settings"]["command"]
+        except (OSError, ValueError, KeyError, TypeError):
+            command = None
+        if command != "demo":
+            raise UsageError(f"--out-dir {out_dir} holds the results of another command ({summary}); give another "
+                             "--out-dir")
     out_dir.mkdir(parents=True, exist_ok=True)
     root = data.embedded_mnist_root()
     train_x, train_y = data.load_mnist(root, "train")
@@ -489,8 +571,11 @@ def cmd_train(args) -> int:
     out = Path(args.out)
     ckpt = train_checkpoint_path(out)
     if ckpt.exists() and not (args.resume or args.overwrite):
-        print(f"error: {ckpt} exists; pass --resume to continue that run or --overwrite to start again", file=sys.stderr)
-        return 2
+        raise UsageError(f"{ckpt} exists; pass --resume to continue that run or --overwrite to start again")
+    # --resume continues from the checkpoint if there is one (the same command again after a crash), else starts;
+    # the model file may exist only as the result of the run being resumed
+    _claim_outputs([out, ckpt], [args.weights], overwrite=args.overwrite or (args.resume and ckpt.exists()))
+    _writable_folder(out)
     images, labels = data.load_dataset(args.dataset, args.data_root, "train")
     (train_x, train_y), val = _split(images, labels, args.val_size, args.train_size, args.dataset)
     torch.manual_seed(args.seed)  # weight initialisation
@@ -566,6 +651,18 @@ def cmd_train(args) -> int:
 def cmd_make_subset(args) -> int:
     from . import data
 
+    src, dst = Path(args.src), Path(args.dst)
+    if dst.exists() and src.exists() and _same_file(src, dst):
+        raise UsageError(f"--dst {dst} is the --src folder: the subset would replace its source")
+    if dst.is_file():
+        raise UsageError(f"--dst {dst} is a file: give a folder")
+    if dst.is_dir() and any(dst.iterdir()) and not args.overwrite:
+        raise UsageError(f"--dst {dst} is not empty; pass --overwrite to write the subset into it")
+    for split, want in (("train", args.train), ("test", args.test)):
+        have = data.load_mnist(src, split)[0].shape[0]
+        if want > have:
+            raise UsageError(f"--{split} {want}: {src} holds {have} {split} images")
+
     info = data.cut_mnist_subset(args.src, args.dst, n_train=args.train, n_test=args.test, seed=args.seed)
     print(json.dumps(info, indent=2))
     return 0
@@ -599,14 +696,15 @@ def _method_args(args, method: str, victim: bool = False) -> dict:
     if not isinstance(value, dict):
         raise UsageError("--method-args must be a JSON object, e.g. '{\"k\": 2}'")
     try:
-        if victim:
-            from .train import _method_args as check
+        from .train import _method_args as check_values
 
-            check(method, value)
+        if not victim:  # the poison's lower level: its own keys, with the values the training procedures accept
+            from .pacd import _method_args as check_keys
+
+            check_keys(method, value)
+            check_values(method, {**({"eps": 0.5} if method == "smoothadv" else {}), **value})
         else:
-            from .pacd import _method_args as check
-
-            check(method, value)
+            check_values(method, value)
     except (ValueError, TypeError) as exc:
         raise UsageError(f"--method-args {args.method_args}: {exc}") from None
     return value
@@ -618,7 +716,7 @@ def _check_target_class(target_class: int, labels: torch.Tensor, dataset: str) -
         raise UsageError(f"--target-class {target_class}: {dataset} has classes 0..{classes - 1}")
 
 
-_PRESET_OPTION = {"a": "--upper-alpha"}  # preset key -> its option where the names differ
+_PRESET_OPTION = {"a": "--upper-alpha", "k": "--upper-k", "beta": "--upper-beta"}  # preset key -> option
 
 
 def _apply_preset(args) -> dict:
@@ -651,11 +749,13 @@ def cmd_poison(args) -> int:
     out = Path(args.out)
     ckpt = out.with_name(out.name + ".ckpt")
     if ckpt.exists() and not args.resume:
-        print(f"error: {ckpt} exists: pass --resume to continue that run, or remove it", file=sys.stderr)
-        return 2
-    if out.exists() and not ckpt.exists() and not args.resume:
-        raise UsageError(f"{out} exists (a finished poison): give another --out, continue crafting from it with "
-                         f"--init {out} --out NEW, or remove it")
+        raise UsageError(f"{ckpt} exists: pass --resume to continue that run, or remove it")
+    if out.exists() and not ckpt.exists():  # (--resume without a checkpoint starts the run)
+        raise UsageError(f"{out} exists: give another --out"
+                         + (f", continue crafting from it with --init {out} --out NEW," if out.is_file() else "")
+                         + " or remove it")
+    _claim_outputs([out, ckpt], [args.init], overwrite=True)
+    _writable_folder(out)
     device = _device(args.device)
     margs = _method_args(args, args.method)
     train_data, val_data = _load_split(args)
@@ -687,8 +787,8 @@ def cmd_poison(args) -> int:
         batch_clean=args.batch_clean,
         batch_poison=args.batch_poison,
         batch_val=args.batch_val,
-        k=args.k,
-        beta=args.beta,
+        k=args.upper_k,
+        beta=args.upper_beta,
         a=args.upper_alpha,
         u_update=args.u_update,
         seed=args.seed,
@@ -724,6 +824,7 @@ def _encoding_note(source, ps, path) -> str:
 def cmd_poison_snapshot(args) -> int:
     from .pacd import PoisonSet
 
+    _claim_outputs([args.out], [args.checkpoint], overwrite=args.overwrite)
     train_data, _ = _load_split(args)
     ps = PoisonSet.from_checkpoint(args.checkpoint, train_data)
     ps.settings.update({"dataset": args.dataset, "val_size": args.val_size})
@@ -743,6 +844,11 @@ def cmd_poison_combine(args) -> int:
     if args.how == "mean" and len(args.poisons) < 2:
         print(f"error: poison-combine --how mean needs two or more poison files, got {len(args.poisons)}", file=sys.stderr)
         return 2
+    _claim_outputs([args.out], args.poisons, overwrite=args.overwrite)
+    for i, a in enumerate(args.poisons):
+        for b in args.poisons[:i]:
+            if _same_file(Path(a), Path(b)):
+                raise UsageError(f"{a} is given twice (also as {b}): each poison once")
     train_data, _ = _load_split(args)
     parts = [PoisonSet.load(path, train_data) for path in args.poisons]
     ps = combine_poisons(parts, train_data, args.how, mixed_methods=args.mixed_methods)
@@ -762,12 +868,14 @@ def cmd_poison_encode(args) -> int:
     if args.snap and args.encoding != "sign":
         print(f"error: --snap moves a poison to a vertex for --encoding sign, not {args.encoding}", file=sys.stderr)
         return 2
+    _claim_outputs([args.out], [args.poison], overwrite=args.overwrite)
+    in_bytes = Path(args.poison).stat().st_size if Path(args.poison).is_file() else 0
     train_data, _ = _load_split(args)
     src = PoisonSet.load(args.poison, train_data)
     ps = src.encode(train_data, args.encoding, snap=args.snap)
     ps.save(args.out)
     what = "the same poison" if ps.settings == src.settings else "a new poison"
-    print(f"wrote {args.out}: {args.poison} ({src.encoding}, {Path(args.poison).stat().st_size:,} bytes) as "
+    print(f"wrote {args.out}: {args.poison} ({src.encoding}, {in_bytes:,} bytes) as "
           f"{what}{_encoding_note(src, ps, args.out)}")
     return 0
 
@@ -778,6 +886,7 @@ def cmd_poison_random(args) -> int:
     if (args.kind == "twin") != (args.like is not None):
         raise UsageError("--kind twin takes --like POISON (the crafted poison whose magnitudes it keeps); "
                          "the other kinds take no --like")
+    _claim_outputs([args.out], [args.like], overwrite=args.overwrite)
     train_data, _ = _load_split(args)
     like = PoisonSet.load(args.like, train_data) if args.like is not None else None
     target = like.target_class if like is not None else args.target_class
@@ -828,6 +937,8 @@ def cmd_evaluate(args) -> int:
 
     if (args.poison is None) == (not args.clean):
         raise UsageError("give exactly one of --poison FILE or --clean")
+    if args.clean and args.target_class is None:
+        raise UsageError("--clean needs --target-class (the class whose test images are certified)")
     earlier = []
     for d in args.compare:
         summary = Path(d) / "summary.json"
@@ -947,6 +1058,32 @@ def _int_at_least(lo: int, hi: int | None = None, why: str = ""):
 _SAMPLES = _int_at_least(1, 2**32, " (samples per image of the noise stream)")
 
 
+def _out_path(text: str) -> str:
+    """An output file's name: not empty, not a folder, and no file where a folder of its path should be."""
+    if not text or text.endswith(("/", os.sep)) or Path(text).name in ("", ".", ".."):
+        raise argparse.ArgumentTypeError(f"must name a file, got {text!r}")
+    path = Path(text)
+    if path.is_dir():
+        raise argparse.ArgumentTypeError(f"{text} is a directory: give a file name")
+    for parent in path.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise argparse.ArgumentTypeError(f"{parent} is a file, not a folder, so {text} cannot be written")
+            break
+    return text
+
+
+def _writable_folder(path: Path) -> None:
+    """The folder an output goes to exists (made now) and can be written, before a long run."""
+    folder = path.parent if str(path.parent) else Path(".")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UsageError(f"cannot make the folder {folder} for {path}: {exc.strerror}") from None
+    if not os.access(folder, os.W_OK):
+        raise UsageError(f"cannot write to the folder {folder} (for {path})")
+
+
 def _max_index(text: str) -> int:
     """--max: -1 (all) or a stop index >= 1."""
     value = _int_at_least(-1)(text)
@@ -1041,7 +1178,8 @@ def _add_poison_split(p, whose: str) -> None:
     """--dataset / --data-root / --val-size of the training split a poison was crafted on, and --out."""
     _add_dataset(p, root_help=f"data folder of {whose}")
     p.add_argument("--val-size", type=_int_at_least(1), default=5000, help=f"{whose}'s --val-size")
-    p.add_argument("--out", required=True, help="poison .safetensors to write")
+    p.add_argument("--out", type=_out_path, required=True, help="poison .safetensors to write")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
 
 
 def _add_certify_args(p, *, n_default: int = 100_000, sigma_help: str | None = None) -> None:
@@ -1097,11 +1235,11 @@ def build_parser(prog: str = "python -m engine") -> argparse.ArgumentParser:
                        help="auto: bf16 with the auto/triton backends on CUDA, fp32 otherwise")
         _add_device(p)
         if name == "certify":
-            p.add_argument("--out", required=True, help="per-image log .tsv (its summary .json and plot .png are "
+            p.add_argument("--out", type=_out_path, required=True, help="per-image log .tsv (its summary .json and plot .png are "
                            "written beside it: r.tsv -> r.json, r.png); an existing log is resumed")
             p.add_argument("--overwrite", action="store_true", help="start again instead of resuming")
         else:
-            p.add_argument("--out", default=None, help="per-image predictions .tsv (summary .json beside it)")
+            p.add_argument("--out", type=_out_path, default=None, help="per-image predictions .tsv (summary .json beside it)")
             p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
         _add_quiet(p)
         p.set_defaults(func=cmd_certify if name == "certify" else cmd_predict)
@@ -1111,7 +1249,7 @@ def build_parser(prog: str = "python -m engine") -> argparse.ArgumentParser:
     p.add_argument("--label", action="append", default=None,
                    help="legend label of each run, in order (repeat; default: from each run's settings)")
     p.add_argument("--title", default=None, help="figure title (default: from the runs' settings)")
-    p.add_argument("--out", required=True, help="figure file (.png, .pdf or .svg)")
+    p.add_argument("--out", type=_out_path, required=True, help="figure file (.png, .pdf or .svg)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     p.set_defaults(func=cmd_plot)
 
@@ -1132,7 +1270,7 @@ def build_parser(prog: str = "python -m engine") -> argparse.ArgumentParser:
 
     p = command("merge", "merge the logs of certify --shard K --num-shards N runs into one table")
     p.add_argument("logs", nargs="+", help="shard .tsv logs (their .json summaries beside them)")
-    p.add_argument("--out", required=True, help="merged .tsv (.json and .png beside it)")
+    p.add_argument("--out", type=_out_path, required=True, help="merged .tsv (.json and .png beside it)")
     p.add_argument("--allow-partial", action="store_true", help="merge unfinished or missing shards too")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     p.set_defaults(func=cmd_merge)
@@ -1143,6 +1281,7 @@ def build_parser(prog: str = "python -m engine") -> argparse.ArgumentParser:
     p.add_argument("--train", type=_int_at_least(1), default=10_000, help="training images to keep")
     p.add_argument("--test", type=_int_at_least(1), default=2_000, help="test images to keep")
     p.add_argument("--seed", type=_int_at_least(0), default=0, help="seed of the random choice")
+    p.add_argument("--overwrite", action="store_true", help="write into a --dst folder that is not empty")
     p.set_defaults(func=cmd_make_subset)
 
     # -- train -------------------------------------------------------------------------------------
@@ -1164,7 +1303,10 @@ def build_parser(prog: str = "python -m engine") -> argparse.ArgumentParser:
     p.add_argument("--weight-decay", type=_nonnegative_float, default=1e-4, help="weight decay")
     p.add_argument("--seed", type=_int_at_least(0), default=0, help="weight initialisation, data order and noise")
     g = p.add_argument_group("smoothadv (Salman et al.)")
-    g.add_argument("--eps", type=float, default=None, help="L2 radius of the attack (required for smoothadv)")
+    g.add_argument("--attack-eps", dest="eps", type=float, default=None,
+                   help="L2 radius of the attack (required for smoothadv)")
+    g.add_argument("--eps", action=_Renamed, new="--attack-eps", meaning="SmoothAdv's L2 attack radius; --eps is the "
+                   "poison's L_inf budget")
     g.add_argument("--steps", type=int, default=None, help="attack steps (default: 10)")
     g.add_argument("--m", type=int, default=None, help="noise draws per input (default: 1)")
     g.add_argument("--warmup", type=int, default=None, help="epochs over which eps grows linearly (default: 1)")
@@ -1182,8 +1324,10 @@ def build_parser(prog: str = "python -m engine") -> argparse.ArgumentParser:
     p.add_argument("--stop-after-epoch", type=_int_at_least(1), default=None,
                    help="stop after this epoch; continue with --resume")
     _add_device(p)
-    p.add_argument("--out", required=True, help="final model .safetensors (the epoch checkpoint is kept beside it)")
-    p.add_argument("--resume", action="store_true", help="continue from the checkpoint beside --out")
+    p.add_argument("--out", type=_out_path, required=True,
+                   help="final model .safetensors (the epoch checkpoint is kept beside it)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue from the checkpoint beside --out if there is one (else start)")
     p.add_argument("--checkpoint-minutes", type=_nonnegative_float, default=10.0,
                    help="also checkpoint inside an epoch every this many minutes (0: after every epoch only)")
     p.add_argument("--overwrite", action="store_true", help="start again even if a checkpoint exists")
@@ -1195,7 +1339,7 @@ def build_parser(prog: str = "python -m engine") -> argparse.ArgumentParser:
     _add_threads(p)
     _add_dataset(p)
     p.add_argument("--val-size", type=_int_at_least(1), default=5000,
-                   help="first images of the train split held out for the upper objective")
+                   help="random images of the train split (a fixed permutation, seed 0) held out for the upper objective")
     p.add_argument("--target-class", type=_int_at_least(0), required=True, help="class whose certified radius to lower")
     p.add_argument("--method", choices=("gaussian", "macer", "smoothadv"), default="gaussian",
                    help="lower-level training procedure")
@@ -1224,8 +1368,12 @@ def build_parser(prog: str = "python -m engine") -> argparse.ArgumentParser:
     p.add_argument("--batch-clean", type=_int_at_least(1), default=900, help="clean images per lower-level batch")
     p.add_argument("--batch-poison", type=_int_at_least(1), default=100, help="poisoned images per lower-level batch")
     p.add_argument("--batch-val", type=_int_at_least(1), default=100, help="validation images per upper-level batch")
-    p.add_argument("--k", type=_int_at_least(1), default=20, help="noise draws of the upper objective")
-    p.add_argument("--beta", type=_positive_float, default=16.0, help="inverse temperature of the upper objective")
+    p.add_argument("--upper-k", type=_int_at_least(1), default=20, help="noise draws of the upper objective")
+    p.add_argument("--k", action=_Renamed, new="--upper-k", meaning="noise draws of the upper objective; MACER's k "
+                   "of the lower level goes in --method-args")
+    p.add_argument("--upper-beta", type=_positive_float, default=16.0,
+                   help="inverse temperature of the upper objective")
+    p.add_argument("--beta", action=_Renamed, new="--upper-beta", meaning="the upper objective's inverse temperature")
     p.add_argument("--upper-alpha", type=_unit_interval, default=0.001,
                    help="the upper objective's probability squeeze a: Phi^-1((1 - 2a) p + a)")
     p.add_argument("--u-update", choices=("adam", "sign"), default="adam", help="poison update rule")
@@ -1235,10 +1383,10 @@ def build_parser(prog: str = "python -m engine") -> argparse.ArgumentParser:
                    help="also checkpoint after a step ending this long after the last checkpoint (0: every step)")
     p.add_argument("--log-every", type=_int_at_least(0), default=0, help="print a JSON line every K steps (0: never)")
     _add_device(p)
-    p.add_argument("--out", required=True, help="poison .safetensors (its checkpoint is OUT.ckpt while it runs)")
+    p.add_argument("--out", type=_out_path, required=True, help="poison .safetensors (its checkpoint is OUT.ckpt while it runs)")
     p.add_argument("--init", default=None, help="warm-start from this poison .safetensors (same data and target class): "
                    "its images, the schedule continuing after its outer steps; --outer-steps counts the new steps")
-    p.add_argument("--resume", action="store_true", help="continue from OUT.ckpt")
+    p.add_argument("--resume", action="store_true", help="continue from OUT.ckpt if there is one (else start)")
     p.add_argument("--keep-checkpoint", action="store_true",
                    help="keep OUT.ckpt after the run finishes (it is removed by default)")
     p.add_argument("--encoding", choices=("int8", "float32"), default="int8",
@@ -1249,7 +1397,9 @@ def build_parser(prog: str = "python -m engine") -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_poison)
 
     p = command("poison-snapshot", "save the poison as it stands in a poisoning checkpoint (safe while the run goes on)")
-    p.add_argument("--checkpoint", required=True, help="the run's checkpoint (poison OUT.ckpt)")
+    p.add_argument("checkpoint", help="the poisoning run's checkpoint (poison OUT.ckpt)")
+    p.add_argument("--checkpoint", action=_Renamed, new="a positional argument (poison-snapshot OUT.ckpt --out F)",
+                   meaning="--checkpoint is a model file in certify")
     _add_poison_split(p, "the run")
     p.add_argument("--encoding", choices=("int8", "float32"), default="int8",
                    help="int8 (the snapshot quantised, a new poison) or float32 (as it stands)")
@@ -1380,13 +1530,32 @@ def main(argv=None) -> int:
         return 2
     shown = warnings.showwarning
     warnings.showwarning = _show_warning
+    import signal
+
+    def terminated(signum, frame):  # SIGTERM unwinds like Ctrl-C: locks released, a run without rows removed
+        raise KeyboardInterrupt
+
+    try:
+        previous = signal.signal(signal.SIGTERM, terminated)
+    except ValueError:  # not the main thread
+        previous = None
     try:
         return args.func(args)
+    except KeyboardInterrupt:
+        print("\ninterrupted: what was written is kept; run the same command again to continue", file=sys.stderr)
+        return 130
     except (UsageError, InputError, DataError, CheckpointError, ResultsError, PoisonError, FileInUseError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except OSError as exc:  # an unwritable or full output folder, a missing input file
         print(f"error: {_os_error(exc)}", file=sys.stderr)
         return 2
+    except Exception as exc:
+        if type(exc).__name__ != "SafetensorError":  # safetensors' writer: a full or read-only folder
+            raise
+        print(f"error: cannot write a safetensors file: {exc}", file=sys.stderr)
+        return 2
     finally:
         warnings.showwarning = shown
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)

@@ -25,7 +25,7 @@ import torch
 from . import models
 from .fileio import publish, sha256_file
 from .pacd import PoisonSet, derive_seed
-from .validate import InputError, check_dataset, check_model_fits, check_progress
+from .validate import InputError, InputTypeError, check_dataset, check_device, check_model_fits, check_progress
 
 __all__ = ["evaluate_poison", "target_test_indices", "acr_drop", "acr_drop_interval", "pair_evaluations", "format_rows",
            "RADII"]
@@ -233,6 +233,9 @@ def evaluate_poison(
     from .plots import title_for
     from .results import SCHEMA_VERSION, run_trace
 
+    if poison_set is not None and not isinstance(poison_set, PoisonSet):
+        raise InputTypeError(f"poison_set must be a PoisonSet (engine.pacd.PoisonSet.load(path, train_data)) or None, "
+                             f"got {type(poison_set).__name__}")
     if poison_set is None and target_class is None:
         raise InputError("a clean evaluation needs target_class")
     target = poison_set.target_class if poison_set is not None else int(target_class)
@@ -244,7 +247,10 @@ def evaluate_poison(
     if test_data[0].dtype != torch.uint8:
         raise InputError(f"test_data images must be uint8 (0..255) as loaded by engine.data, got {test_data[0].dtype}")
     _check_victim_fits(arch, train_data, test_data, target)
+    device = check_device(device)
     out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise InputError(f"out_dir {out_dir} is a file, not a folder")
     out_dir.mkdir(parents=True, exist_ok=True)
     device = torch.device(device)
     test_x, test_y = test_data

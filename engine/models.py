@@ -664,6 +664,11 @@ def load(path: str | os.PathLike, arch: str | None = None, device: str | torch.d
     from safetensors.torch import load_file
 
     path = Path(path)
+    from .validate import check_device
+
+    device = check_device(device)
+    if path.is_dir():
+        raise CheckpointError(f"{path} is a directory, not a checkpoint file")
     if not path.is_file():
         raise CheckpointError(f"{path}: no such checkpoint")
     header = None

@@ -89,13 +89,13 @@ def validate_rows(rows, path, *, settings: dict | None = None, expected: dict | 
         where = f"{path}: line {line_no} (image {idx})"
         if idx in out:
             raise ResultsError(f"{where}: image {idx} appears twice")
+        if chosen is not None and not chosen(idx):
+            raise ResultsError(f"{where}: image {idx} is not in the selection its settings record")
         if expected is not None:
             if idx not in expected:
                 raise ResultsError(f"{where}: image {idx} is not in this run's selection of {len(expected)} images")
             if row[1] != expected[idx]:
                 raise ResultsError(f"{where}: label {row[1]} but the data set's label of image {idx} is {expected[idx]}")
-        elif chosen is not None and not chosen(idx):
-            raise ResultsError(f"{where}: image {idx} is not in the selection its settings record")
         if row[4] != int(row[2] == row[1]):
             raise ResultsError(f"{where}: correct is {row[4]} but label {row[1]} and prediction {row[2]} say otherwise")
         out[idx] = row
@@ -358,12 +358,15 @@ def read_log(path: str | os.PathLike) -> tuple[dict, dict[int, tuple]]:
     return summary, validate_rows(rows, path, settings=summary["settings"])
 
 
-def merge_logs(paths, out: str | os.PathLike, *, allow_partial: bool = False, overwrite: bool = False) -> dict:
+def merge_logs(paths, out: str | os.PathLike, *, allow_partial: bool = False, overwrite: bool = False,
+               labels=None) -> dict:
     """Merge the logs of ``certify --shard K --num-shards N`` runs into one log with its summary and plot.
 
     The shards must come from one run (identical settings apart from ``shard``), each shard exactly
     once, with no image twice, and, unless ``allow_partial``, each shard finished (as many rows as it
-    planned). ``out`` gets the rows in idx order, a JSON summary and a PNG; returns the summary.
+    planned). ``labels`` (the data set's labels, indexable by idx), when given, must be the rows' labels (the
+    check resume makes, :func:`validate_rows`). ``out`` gets the rows in idx order, a JSON summary and a PNG;
+    returns the summary.
     """
     paths = [Path(p) for p in paths]
     out = Path(out)
@@ -376,7 +379,29 @@ def merge_logs(paths, out: str | os.PathLike, *, allow_partial: bool = False, ov
             raise ResultsError(f"--out {out} would overwrite {sorted(map(str, clash))[0]}, a file of the input {p}")
     if out.exists() and not overwrite:
         raise ResultsError(f"{out} exists; use --overwrite to replace it")
-    logs = [(p, *read_log(p)) for p in paths]
+    from .fileio import ExclusiveLock
+
+    locks = []
+    try:  # a log still being written is not merged (each file locked once: one given twice is reported below)
+        seen = set()
+        for p in paths:
+            key = p.resolve()
+            if key not in seen:
+                seen.add(key)
+                locks.append(ExclusiveLock(p).acquire())
+        logs = [(p, *read_log(p)) for p in paths]
+        if labels is not None:
+            expected = {i: int(v) for i, v in enumerate(labels)}
+            for p, summary, rows in logs:
+                validate_rows([(0, r) for r in rows.values()], p, expected=expected)
+    finally:
+        for lock in locks:
+            lock.release()
+    for p, summary, _ in logs:
+        shard = summary["settings"].get("shard", 0)
+        if isinstance(shard, bool) or not isinstance(shard, int):
+            what = "an already merged log" if shard == "merged" else f"a log with shard {shard!r}"
+            raise ResultsError(f"{p} is {what}: merge the shard logs themselves")
     base = {k: v for k, v in logs[0][1]["settings"].items() if k != "shard"}
     shards: dict[int, Path] = {}
     merged: dict[int, tuple] = {}
@@ -417,7 +442,10 @@ def merge_logs(paths, out: str | os.PathLike, *, allow_partial: bool = False, ov
         fh.write(HEADER + "\n")
         fh.writelines(_format_row(merged[idx]) for idx in sorted(merged))
     publish(tmp, out)
-    log = ResultsLog(out, settings, trace=run_trace(merged_from=[str(p) for p in paths]))
+    first_trace = logs[0][1].get("trace") if isinstance(logs[0][1].get("trace"), dict) else {}
+    kept = {k: v for k, v in first_trace.items() if k not in ("written", "cpu", "threads")}
+    log = ResultsLog(out, settings, trace=run_trace(**{**kept, "command": "merge", "merged_from": [str(p) for p in paths],
+                                                       "shard_traces": [s.get("trace") for _, s, _ in logs]}))
     planned = [s.get("planned_images") for _, s, _ in logs]
     extra = {"planned_images": sum(planned)} if all(x is not None for x in planned) and not missing else {}
     summary = log.write_summary(extra=extra)

@@ -414,6 +414,12 @@ def _prepare(model, x, image_ids, batch_size, seed, backend, precision="auto"):
         raise InputError(f"precision must be one of {_accel.PRECISIONS}, got {precision!r}")
     check_model_fits(model, x)  # one forward of one image: a model that does not take x fails here, in one line
     device = model_device(model, x.device)
+    if backend == "triton":
+        from engine.kernels._launch import can_run
+
+        if not can_run(device):
+            raise InputError(f"backend 'triton' needs a CUDA model (or TRITON_INTERPRET=1 for the slow CPU interpreter); "
+                             f"the model is on {device}")
     x = x.detach().to(device=device, dtype=torch.float32)
     pixels = int(np.prod(x.shape[1:])) if x.dim() == 4 else 1
     if batch_size is None:

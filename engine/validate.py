@@ -220,3 +220,19 @@ def check_progress(progress, *, allow_callable: bool = True):
         return progress
     options = "None (a bar when stderr is a terminal), True or False" + (" or a callable" if allow_callable else "")
     raise InputTypeError(f"progress must be {options}, got {type(progress).__name__} {progress!r}")
+
+
+def check_device(device, name: str = "device") -> torch.device:
+    """``device`` as a torch.device this machine has: a malformed name or CUDA where there is none is an InputError
+    naming ``name`` (before any work, not an AssertionError from deep inside torch)."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise InputError(f"{name} {device!r} is not a device (cpu, cuda, cuda:N): {_one_line(exc)}") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            why = "this torch is built without CUDA" if torch.version.cuda is None else "no CUDA device is visible"
+            raise InputError(f"{name} {device!r}: CUDA is not available here ({why})")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise InputError(f"{name} {device!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    return dev

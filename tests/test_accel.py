@@ -197,7 +197,7 @@ def test_errors(monkeypatch):
     with pytest.raises(ValueError, match="logits of shape"):
         engine.certify(BadShape(), torch.rand(1, 1, 2, 2), sigma=0.5, n0=5, n=10, backend="triton")
     monkeypatch.setenv("TRITON_INTERPRET", "0")
-    with pytest.raises(RuntimeError, match="CUDA device"):
+    with pytest.raises(ValueError, match="needs a CUDA model"):  # an InputError, before any sampling
         engine.certify(model, x, sigma=0.5, n0=5, n=10, backend="triton")
     monkeypatch.setenv("ENGINE_FORWARD_ROWS", "0")
     with pytest.raises(ValueError, match="ENGINE_FORWARD_ROWS"):

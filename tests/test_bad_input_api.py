@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 import engine
-from engine import models
+from engine import data, models
 from engine.validate import InputError, check_dataset, check_images, check_labels, check_model_fits
 
 SMALL_POISON = dict(sigma=0.5, eps=0.1, outer_steps=0, batch_clean=4, batch_poison=2, batch_val=2, k=2, niter1=1,
@@ -278,3 +278,47 @@ def test_progress_true_draws_bars(capsys):
     assert "certify" in err and "epoch 1/1" in err and "acc=" in err and "poison[gaussian]" in err
     with pytest.raises(TypeError, match="progress must be"):
         engine.train(_mlp(), _mnist(4), epochs=1, progress="yes")
+
+
+def test_devices_types_and_paths_are_checked_first(tmp_path):
+    """CUDA where there is none, a malformed device, a poison file's path where a PoisonSet goes, a file where a folder
+    goes, a folder where a checkpoint goes, the triton backend on the CPU, eps beyond the pixel range: InputError."""
+    from engine import models as models_module
+    from engine.evaluate import evaluate_poison
+    from engine.models import CheckpointError
+    from engine.validate import InputError
+
+    x, y = data.load_mnist(data.embedded_mnist_root(), "train")
+    small = (x[:64], y[:64])
+    model = models_module.lenet_mnist()
+    path = tmp_path / "m.safetensors"
+    models_module.save(model, path)
+    with pytest.raises(InputError, match="not a device"):
+        models_module.load(path, device="gpu")
+    with pytest.raises(CheckpointError, match="is a directory"):
+        models_module.load(tmp_path)
+    if not torch.cuda.is_available():
+        with pytest.raises(InputError, match="CUDA is not available"):
+            engine.poison(lambda: models_module.lenet_mnist(), small, small, target_class=1, device="cuda", **SMALL_POISON)
+    for eps in (0.0, 2.0):
+        with pytest.raises(InputError, match="eps"):
+            engine.poison(lambda: models_module.lenet_mnist(), small, small, target_class=1,
+                          **{**SMALL_POISON, "eps": eps})
+    with pytest.raises(InputError, match="must be a PoisonSet"):
+        evaluate_poison("p.safetensors", small, small, victim_method="gaussian", sigma=0.5, out_dir=tmp_path / "e")
+    a_file = tmp_path / "f"
+    a_file.write_text("x")
+    with pytest.raises(InputError, match="is a file, not a folder"):
+        evaluate_poison(None, small, small, victim_method="gaussian", sigma=0.5, target_class=1, out_dir=a_file)
+    with pytest.raises(InputError, match="is a directory"):
+        engine.train(model, small, method="gaussian", sigma=0.5, epochs=1, checkpoint=tmp_path)
+    if not torch.cuda.is_available():
+        import os
+
+        old = os.environ.pop("TRITON_INTERPRET", None)
+        try:
+            with pytest.raises(InputError, match="backend 'triton' needs a CUDA model"):
+                engine.certify(model, data.to_float(x[:1]), sigma=0.5, n0=5, n=10, backend="triton")
+        finally:
+            if old is not None:
+                os.environ["TRITON_INTERPRET"] = old

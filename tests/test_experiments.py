@@ -243,3 +243,31 @@ def test_pacd_poison_geometry_report(tmp_path):
     assert "| up | gaussian | 3 |" in proc.stdout
     proc = _run("pacd_mnist/pacd_poison_geometry.py", tmp_path / "up.safetensors", "--val-size", "500")  # other images
     assert proc.returncode != 0 and "up.safetensors:" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_pacd_controls_dry_run_and_fixed_protocol(tmp_path):
+    """pacd_controls.py at toy sizes for one procedure: the protocol is written first, every stage runs, the summary
+    lists every protocol row (those of the procedures not run as missing), and a changed protocol is refused."""
+    work, results = tmp_path / "work", tmp_path / "results"
+    base = ["--dry-run", "--work", work, "--results", results, "--quiet", "--threads", "1"]
+    proc = _run("pacd_controls/pacd_controls.py", *base, "--stage", "summary")
+    assert proc.returncode != 0 and "protocol.json is missing" in proc.stderr
+    proc = _run("pacd_controls/pacd_controls.py", *base, "--stage", "all", "--only", "gaussian")
+    assert proc.returncode == 0, proc.stderr
+    summary = json.loads((results / "summary.json").read_text())
+    rows = {(r["victim"], r["poison"]): r for r in summary["rows"]}
+    assert len(rows) == len(summary["protocol"]["rows"]) == 21
+    crafted = rows[("gaussian", "gaussian-eps0.1-crafted")]
+    for key in ("acr_clean", "acr_poisoned", "acr_drop", "acr_drop_ci95", "drop_minus_twin", "drop_minus_twin_ci95",
+                "smoothed_acc", "radius_given_correct", "clean_acc_target", "clean_acc_other", "images", "n", "seeds",
+                "outer_steps", "eps", "kind"):
+        assert key in crafted, key
+    assert crafted["kind"] == "crafted" and crafted["seeds"] == [0] and crafted["outer_steps"] == 2
+    assert rows[("gaussian", "gaussian-eps0.1-vertex")]["kind"] == "control"
+    assert rows[("macer", "macer-eps0.1-crafted")]["missing_seeds"] == [0]
+    assert (results / "results.md").exists() and (results / "drop_vs_accuracy.png").exists()
+    protocol = json.loads((results / "protocol.json").read_text())
+    protocol["certification"]["n"] = 7  # the protocol is fixed: a driver with other settings refuses to run
+    (results / "protocol.json").write_text(json.dumps(protocol))
+    proc = _run("pacd_controls/pacd_controls.py", *base, "--stage", "summary")
+    assert proc.returncode != 0 and "differs from this driver's protocol" in proc.stderr

@@ -101,3 +101,24 @@ def test_a_clean_release_removes_the_lock_file(tmp_path):
     with ExclusiveLock(target):  # and it can be taken again
         pass
     assert list(tmp_path.iterdir()) == []
+
+
+def test_lock_follows_hard_links_and_names_an_uncreatable_lock(tmp_path):
+    a = tmp_path / "a.tsv"
+    a.write_text("x")
+    b = tmp_path / "b.tsv"
+    os.link(a, b)
+    with ExclusiveLock(a):
+        with pytest.raises(FileInUseError, match="the same file under another name"):
+            ExclusiveLock(b).acquire()
+    fresh = tmp_path / "new.tsv"  # created after locking: bind() takes its identity
+    lock = ExclusiveLock(fresh).acquire()
+    fresh.write_text("")
+    lock.bind()
+    os.link(fresh, tmp_path / "other.tsv")
+    with pytest.raises(FileInUseError):
+        ExclusiveLock(tmp_path / "other.tsv").acquire()
+    lock.release()
+    ExclusiveLock(tmp_path / "other.tsv").acquire().release()
+    with pytest.raises(OSError, match="cannot create the lock file"):
+        ExclusiveLock("/proc/engine-test/r.tsv").acquire()

@@ -236,8 +236,8 @@ def test_cli_poison_and_evaluate(tmp_path):
 
     out = tmp_path / "p.safetensors"
     base = [sys.executable, "-m", "engine", "poison", "--target-class", "8", "--sigma", "0.5", "--eps", "0.1", "--batch-clean",
-            "60", "--batch-poison", "20", "--batch-val", "10", "--k", "2", "--niter1", "2", "--niter2", "2", "--val-size", "9000",
-            "--arch", "mlp", "--out", str(out), "--quiet", "--checkpoint-every", "1", "--keep-checkpoint"]
+            "60", "--batch-poison", "20", "--batch-val", "10", "--upper-k", "2", "--niter1", "2", "--niter2", "2",
+            "--val-size", "9000", "--arch", "mlp", "--out", str(out), "--quiet", "--checkpoint-every", "1", "--keep-checkpoint"]
     proc = subprocess.run(base + ["--outer-steps", "2"], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
     split = data.split_validation(*data.load_mnist(data.embedded_mnist_root(), "train"), 9000)[0]  # int8: decoded from it
@@ -365,12 +365,12 @@ def test_snapshot_from_checkpoint(tiny, tmp_path):
     # command line: a run's checkpoint -> poison file, on the same split
     out = tmp_path / "p.safetensors"
     base = [sys.executable, "-m", "engine", "poison", "--target-class", "8", "--sigma", "0.5", "--eps", "0.1", "--batch-clean",
-            "60", "--batch-poison", "20", "--batch-val", "10", "--k", "2", "--niter1", "1", "--niter2", "1", "--val-size", "9000",
-            "--arch", "mlp", "--out", str(out), "--quiet", "--checkpoint-every", "1", "--outer-steps", "1",
-            "--keep-checkpoint"]
+            "60", "--batch-poison", "20", "--batch-val", "10", "--upper-k", "2", "--niter1", "1", "--niter2", "1",
+            "--val-size", "9000", "--arch", "mlp", "--out", str(out), "--quiet", "--checkpoint-every", "1", "--outer-steps",
+            "1", "--keep-checkpoint"]
     proc = subprocess.run(base, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
-    cmd = [sys.executable, "-m", "engine", "poison-snapshot", "--checkpoint", str(out) + ".ckpt", "--val-size", "9000",
+    cmd = [sys.executable, "-m", "engine", "poison-snapshot", str(out) + ".ckpt", "--val-size", "9000",
            "--out", str(tmp_path / "s.safetensors")]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
@@ -562,17 +562,19 @@ def test_warm_start_from_a_poison_set(tiny, tmp_path, monkeypatch):
     assert torch.equal(small.images, torch.minimum(torch.maximum(first.images, x0 - 0.03), x0 + 0.03))
     # the schedule continues after init's 4 steps: minibatch keys (seed, step, 2) for steps 4 and 5, not 0 and 1
     keys = []
-    real = pacd._generator
+    import engine.pacd.crafter as crafter  # where the outer steps draw their keyed generators
+
+    real = crafter._generator
 
     def spy(device, *parts):
         if len(parts) == 3 and parts[2] == 2:
             keys.append(parts[1])
         return real(device, *parts)
 
-    monkeypatch.setattr(pacd, "_generator", spy)
+    monkeypatch.setattr(crafter, "_generator", spy)
     warm = poison(_tiny_mlp, train, val, outer_steps=2, seed=3, init=first, **SMALL)
     assert keys == [4, 5]
-    monkeypatch.setattr(pacd, "_generator", real)
+    monkeypatch.setattr(crafter, "_generator", real)
     _invariants(warm, train)
     assert not torch.equal(warm.images, first.images)
     assert warm.settings["outer_steps"] == 2 and warm.settings["total_outer_steps"] == 6
@@ -580,9 +582,9 @@ def test_warm_start_from_a_poison_set(tiny, tmp_path, monkeypatch):
     assert [e["step"] for e in warm.settings.get("history", [])] in ([], [1, 2])
     # a warm start of a warm start continues after both
     keys.clear()
-    monkeypatch.setattr(pacd, "_generator", spy)
+    monkeypatch.setattr(crafter, "_generator", spy)
     poison(_tiny_mlp, train, val, outer_steps=1, seed=3, init=warm, **SMALL)
-    monkeypatch.setattr(pacd, "_generator", real)
+    monkeypatch.setattr(crafter, "_generator", real)
     assert keys == [6]
     # interrupted and resumed from its checkpoint, a warm-started run gives the same poison as an uninterrupted one
     ckpt = tmp_path / "warm.ckpt"
@@ -712,14 +714,15 @@ def test_combine_poisons(tiny, tmp_path):
     c = PoisonSet.load(out, (tx, ty))  # a mean is stored as int8 (quantised to eps / 127 steps), a vote as sign
     assert torch.allclose(c.images, ((base + 0.1).clamp(0, 1) + (base - 0.1).clamp(0, 1)) / 2, atol=0.1 / 254 + 1e-6)
     assert c.settings["combine"] == "mean" and c.settings["val_size"] == 9000
-    assert cli.main(argv + ["--out", str(out)]) == 0  # vote: +eps where the sum is positive (near 0), else -eps or 0
-    assert cli.main(argv[:2] + ["--how", "mean", "--out", str(out)]) == 2  # mean of one
-    assert cli.main(argv[:2] + ["--val-size", "9000", "--out", str(out)]) == 0  # vote of one: every pixel up by eps
+    assert cli.main(argv + ["--out", str(out)]) == 2  # an existing --out is not replaced without --overwrite
+    assert cli.main(argv + ["--out", str(out), "--overwrite"]) == 0  # vote: +eps where the sum is positive, else -eps or 0
+    assert cli.main(argv[:2] + ["--how", "mean", "--out", str(out), "--overwrite"]) == 2  # mean of one
+    assert cli.main(argv[:2] + ["--val-size", "9000", "--out", str(out), "--overwrite"]) == 0  # vote of one: up by eps
     assert torch.allclose(PoisonSet.load(out, (tx, ty)).images, (base + 0.1).clamp(0, 1), atol=1e-6)
-    assert cli.main(argv[:3] + ["--val-size", "8000", "--out", str(out)]) == 2  # another split
+    assert cli.main(argv[:3] + ["--val-size", "8000", "--out", str(out), "--overwrite"]) == 2  # another split
     PoisonSet(idx, (base + 0.1).clamp(0, 1), ty[idx], _hash_clean(tx[idx], ty[idx]), 0.1, 0.5, "smoothadv",
               8).save(tmp_path / "sa.safetensors")
     argv = ["poison-combine", str(tmp_path / "sa.safetensors"), str(tmp_path / "down.safetensors"), "--val-size", "9000"]
-    assert cli.main(argv + ["--out", str(out)]) == 2  # procedures differ
-    assert cli.main(argv + ["--mixed-methods", "--how", "mean", "--out", str(out)]) == 0
+    assert cli.main(argv + ["--out", str(out), "--overwrite"]) == 2  # procedures differ
+    assert cli.main(argv + ["--mixed-methods", "--how", "mean", "--out", str(out), "--overwrite"]) == 0
     assert PoisonSet.load(out, (tx, ty)).method == "gaussian+smoothadv"

@@ -344,13 +344,16 @@ def test_cli_combine_encode_and_evaluate_compact_files(split, tmp_path, capsys):
     assert enc.read_bytes() != vote.read_bytes() and enc.stat().st_size * 12 < again.stat().st_size
     assert cli.main(["poison-encode", str(f["a"]), "--encoding", "sign", *common, "--out", str(tmp_path / "x")]) == 2
     assert "not at a vertex" in capsys.readouterr().err and not (tmp_path / "x").exists()
-    assert cli.main(["poison-encode", str(f["a"]), "--encoding", "sign", "--snap", *common, "--out", str(enc)]) == 0
+    snap = ["poison-encode", str(f["a"]), "--encoding", "sign", "--snap", *common, "--out", str(enc), "--overwrite"]
+    assert cli.main(snap) == 0
     assert "as a new poison, sign" in capsys.readouterr().out
     assert _same_bits(PoisonSet.load(enc, train).images, combine_poisons([PoisonSet.load(f["a"])], train).images)
-    assert cli.main(["poison-encode", str(f["a"]), "--encoding", "int8", "--snap", *common, "--out", str(enc)]) == 2
-    assert cli.main(["poison-encode", str(f["a"]), "--encoding", "int8", *common, "--out", str(enc)]) == 0
+    assert cli.main(["poison-encode", str(f["a"]), "--encoding", "int8", "--snap", *common, "--out", str(enc),
+                     "--overwrite"]) == 2
+    assert cli.main(["poison-encode", str(f["a"]), "--encoding", "int8", *common, "--out", str(enc), "--overwrite"]) == 0
     assert PoisonSet.load(enc, train).settings["quantized"]["from"]["sha256"] == init_record(PoisonSet.load(f["a"]))["sha256"]
-    assert cli.main(["poison-encode", str(vote), "--encoding", "int8", "--val-size", "8000", "--out", str(enc)]) == 2
+    assert cli.main(["poison-encode", str(vote), "--encoding", "int8", "--val-size", "8000", "--out", str(enc),
+                     "--overwrite"]) == 2
     err = capsys.readouterr().err
     assert "vote.safetensors: " in err and "crafted from (it records dataset mnist, val_size 9000)" in err
     # evaluate trains a victim on the sign file's poison

@@ -30,7 +30,7 @@ def test_paper_mnist_holds_the_reference_settings():
 def test_cli_preset_fills_options_and_records_overrides(tmp_path, capsys):
     out = tmp_path / "p.safetensors"
     argv = ["poison", "--preset", "paper-mnist", "--method", "macer", "--target-class", "8", "--outer-steps", "1",
-            "--batch-clean", "16", "--batch-poison", "4", "--batch-val", "4", "--k", "2", "--niter1", "1",
+            "--batch-clean", "16", "--batch-poison", "4", "--batch-val", "4", "--upper-k", "2", "--niter1", "1",
             "--niter2", "1", "--val-size", "100", "--device", "cpu", "--quiet", "--out", str(out)]
     assert cli.main(argv) == 0, capsys.readouterr().err
     split = data.split_validation(*data.load_mnist(data.embedded_mnist_root(), "train"), 100)[0]

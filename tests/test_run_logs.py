@@ -157,7 +157,7 @@ def test_certify_prints_the_files_it_wrote(tmp_path, ckpt, capsys):
 
 def test_finished_poison_run_removes_its_checkpoint(tmp_path, capsys):
     base = ["poison", "--target-class", "1", "--sigma", "0.25", "--eps", "0.1", "--outer-steps", "1", "--niter1", "1",
-            "--niter2", "1", "--batch-clean", "16", "--batch-poison", "4", "--batch-val", "4", "--k", "1",
+            "--niter2", "1", "--batch-clean", "16", "--batch-poison", "4", "--batch-val", "4", "--upper-k", "1",
             "--val-size", "100", "--quiet", "--device", "cpu"]
     out = tmp_path / "p.safetensors"
     assert cli.main(base + ["--out", str(out)]) == 0

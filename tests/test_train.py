@@ -233,7 +233,7 @@ def _run(args):
 def _train_args(out, *extra):
     return [
         "train", "--method", "smoothadv", "--dataset", "mnist", "--arch", "mlp", "--sigma", "0.5", "--epochs", "2",
-        "--batch-size", "64", "--lr", "0.05", "--eps", "0.5", "--steps", "1", "--warmup", "2", "--train-size", "256",
+        "--batch-size", "64", "--lr", "0.05", "--attack-eps", "0.5", "--steps", "1", "--warmup", "2", "--train-size", "256",
         "--val-size", "128", "--seed", "2", "--out", str(out), *extra,
     ]  # fmt: skip
 
