@@ -3,6 +3,7 @@
 Public API (a contract; other tools call these names):
 
 - :func:`certify`, :func:`predict`, :class:`CertifyResult` - Cohen et al. (2019) CERTIFY / PREDICT.
+- :func:`certify_dataset` - CERTIFY over a data set into a resumable log (several images per forward batch).
 - :mod:`engine.metrics` - ACR and certified accuracy.
 - :mod:`engine.data` - MNIST (idx) and CIFAR-10 (binary / restricted pickle) loaders.
 - :mod:`engine.models` - LeNet for MNIST, CIFAR ResNets, safetensors save / load.
@@ -15,6 +16,7 @@ Public API (a contract; other tools call these names):
 
 from . import _ext, attacks, data, losses, metrics, models, noise
 from ._version import __version__
+from .certification import DatasetCertification, certify_dataset
 from .evaluate import evaluate_poison
 from .hessian import HVPResult, hvp, mixed_vjp
 from .pacd import PoisonSet, poison
@@ -28,6 +30,8 @@ __all__ = [
     "certify",
     "predict",
     "CertifyResult",
+    "certify_dataset",
+    "DatasetCertification",
     "train",
     "poison",
     "PoisonSet",

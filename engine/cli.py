@@ -65,24 +65,15 @@ def _claim_outputs(outputs, inputs=(), *, overwrite: bool = False, flag: str = "
 
 
 def _device(name: str) -> torch.device:
-    """The device of ``--device NAME``; CUDA where this machine has none is a UsageError."""
+    """The device of ``--device NAME``; CUDA where this machine has none is an InputError naming ``--device``."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            why = "this torch is built without CUDA" if torch.version.cuda is None else "no CUDA device is visible"
-            raise UsageError(f"--device {name}: CUDA is not available here ({why}); use --device cpu or auto")
-        if device.index is not None and device.index >= torch.cuda.device_count():
-            raise UsageError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
-    return device
+    from .validate import check_device
+
+    return check_device(name, "--device")
 
 
-def select_indices(count: int, skip: int, max_index: int, shard: int = 0, num_shards: int = 1) -> list[int]:
-    """Cohen et al.'s selection: every ``skip``-th index below ``max_index`` (-1: all), then this shard's share."""
-    stop = count if max_index < 0 else min(count, max_index)
-    chosen = list(range(0, stop, skip))
-    return chosen[shard::num_shards]
+from .certification import select_indices  # noqa: E402  (Cohen et al.'s selection; the command line's --skip/--max)
 
 
 def run_certify(
@@ -106,72 +97,13 @@ def run_certify(
     trace: dict | None = None,
     title: str | None = None,
 ) -> dict:
-    """Certify ``images[indices]`` one image at a time into a resumable log; returns the summary.
+    """Certify ``images[indices]`` into a resumable log and return its summary: :func:`engine.certify_dataset`
+    with the command line's settings (kept for scripts that call it)."""
+    from .certification import certify_dataset
 
-    The log is locked while this runs: a second run on the same file (by any name) raises FileInUseError.
-    A resumed log must hold only images of ``indices`` with their labels. A run that fails before its
-    first image leaves no files behind."""
-    from tqdm.auto import tqdm
-
-    from .data import to_float
-    from .fileio import ExclusiveLock
-    from .results import ResultsLog, run_trace, summary_paths
-    from .smoothing import certify
-
-    indices = [int(i) for i in indices]
-    if not indices:
-        raise ResultsError(f"{out}: nothing to certify: the selection is empty")
-    summary_paths(out)  # a log named like its summary or plot: refused before anything is written
-    expected = {i: int(labels[i]) for i in indices}
-    with ExclusiveLock(out) as lock:
-        log = ResultsLog(out, settings, overwrite=overwrite, expected=expected,
-                         trace=run_trace(**(trace or {})))
-        lock.bind()  # the log exists now: its other names (hard links) are locked too
-        planned = {"planned_images": len(indices)}
-        log.write_summary(extra=planned)
-        if log.repaired_bytes:
-            print(f"repaired {out}: dropped a truncated last line ({log.repaired_bytes} bytes)", file=sys.stderr)
-        todo = [i for i in indices if i not in log.done]
-        bar = tqdm(
-            total=len(indices),
-            initial=len(indices) - len(todo),
-            unit="img",
-            desc="certify",
-            disable=not show_progress,
-            dynamic_ncols=True,
-        )
-        finished = False
-        try:
-            for i in todo:
-                x = to_float(images[i : i + 1])
-                t0 = time.perf_counter()
-                res = certify(
-                    model,
-                    x,
-                    sigma=sigma,
-                    n0=n0,
-                    n=n,
-                    alpha=alpha,
-                    batch_size=batch_size,
-                    seed=seed,
-                    image_ids=torch.tensor([i]),
-                    backend=backend,
-                    precision=precision,
-                    progress=False,
-                )
-                dt = time.perf_counter() - t0
-                log.append(i, int(labels[i]), int(res.prediction[0]), float(res.radius[0]), float(res.seconds[0]))
-                bar.set_postfix(samples_per_s=f"{(n0 + n) / dt:,.0f}")
-                bar.update(1)
-            finished = True
-        finally:
-            bar.close()
-            if not finished and log.discard():  # failed before its first image: no empty outputs
-                pass
-            else:
-                summ = log.write_summary(extra=planned)
-                log.plot(title=title)
-        return summ
+    return certify_dataset(model, (images, labels), sigma=sigma, n0=n0, n=n, alpha=alpha, out=out, indices=indices,
+                           seed=seed, batch_size=batch_size, backend=backend, precision=precision, overwrite=overwrite,
+                           settings=settings, trace=trace, title=title, progress=show_progress).summary
 
 
 def format_table(summary: dict) -> str:

@@ -228,7 +228,7 @@ def evaluate_poison(
         dict with acr, certified_accuracy (at :data:`RADII`), clean accuracy of the base classifier on
         the other classes and on the target class, abstain rate, training time, settings.
     """
-    from .cli import run_certify
+    from .certification import certify_dataset
     from .pacd import _poison_sha256
     from .plots import title_for
     from .results import SCHEMA_VERSION, run_trace
@@ -333,24 +333,23 @@ def evaluate_poison(
     which = "poisoned" if poison_set is not None else "clean"
     trace = {"command": "evaluate", "dataset": dataset, "device": str(device), "threads": torch.get_num_threads(),
              **({} if poison_set is None else {"poison_sha256": _poison_sha256(poison_set)})}
-    summ = run_certify(
+    summ = certify_dataset(
         model,
-        test_x,
-        test_y,
-        indices,
-        out_dir / "certify.tsv",
-        cert_settings,
+        (test_x, test_y),
         sigma=sigma,
         n0=n0,
         n=n,
         alpha=alpha,
+        out=out_dir / "certify.tsv",
+        indices=indices,
+        settings=cert_settings,
         batch_size=batch,
         seed=0,
-        show_progress=progress,
+        progress=progress,
         title=title_for({"dataset": dataset, "split": "test", "sigma": float(sigma), "n": n, "alpha": alpha},
                         len(indices), f"class {target}, {victim_method} victim on {which} data"),
         trace=trace,
-    )
+    ).summary
     others = test_y != target
     result = {
         "target_class": target,

@@ -232,7 +232,7 @@ def check_device(device, name: str = "device") -> torch.device:
     if dev.type == "cuda":
         if not torch.cuda.is_available():
             why = "this torch is built without CUDA" if torch.version.cuda is None else "no CUDA device is visible"
-            raise InputError(f"{name} {device!r}: CUDA is not available here ({why})")
+            raise InputError(f"{name} {device}: CUDA is not available here ({why}); use cpu")
         if dev.index is not None and dev.index >= torch.cuda.device_count():
-            raise InputError(f"{name} {device!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+            raise InputError(f"{name} {device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
     return dev

@@ -7,7 +7,6 @@ import pytest
 import torch
 from test_poison import SMALL, TARGET, _tiny_mlp
 
-from engine import data
 from engine.pacd import Crafter, PoisonConfig, PoisonError, poison, read_checkpoint
 from engine.validate import InputError, InputTypeError
 
@@ -17,15 +16,6 @@ pytestmark = pytest.mark.filterwarnings(r"ignore:step \d+. the approxgrad solve"
 CONFIG = {k: v for k, v in SMALL.items() if k != "target_class"}
 TIMING = ("seconds", "history_tail", "step_seconds_total")
 SEED = 1  # (with this seed every step of these runs moves the poison: the solver and both Adam states take part)
-
-
-@pytest.fixture(scope="module")
-def tiny():
-    """300 training and 100 validation images of classes 3, 5, 8 from the shipped MNIST subset (as test_poison)."""
-    x, y = data.load_mnist(data.embedded_mnist_root(), "train")
-    keep = (y == 3) | (y == 5) | (y == 8)
-    x, y = x[keep], y[keep]
-    return (x[100:400], y[100:400]), (x[:100], y[:100])
 
 
 def _bits(t: torch.Tensor) -> torch.Tensor:

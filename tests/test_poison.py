@@ -20,15 +20,6 @@ def _tiny_mlp():
                          nn.Linear(32, 10))
 
 
-@pytest.fixture(scope="module")
-def tiny():
-    """300 training and 100 validation images of classes 3, 5, 8 from the shipped MNIST subset."""
-    x, y = data.load_mnist(data.embedded_mnist_root(), "train")
-    keep = (y == 3) | (y == 5) | (y == 8)
-    x, y = x[keep], y[keep]
-    return (x[100:400], y[100:400]), (x[:100], y[:100])
-
-
 SMALL = dict(target_class=TARGET, method="gaussian", sigma=0.5, eps=0.1, batch_clean=60, batch_poison=20, batch_val=20,
              k=4, niter1=3, niter2=3, lr_u=0.05, reset_every=0)
 
