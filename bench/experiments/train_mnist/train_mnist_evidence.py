@@ -3,7 +3,7 @@
 For every method (gaussian, smoothadv, macer) and sigma (0.25, 0.5): train LeNet on the MNIST train
 split with ``python -m engine train`` (a checkpoint every epoch, ``--resume``), then certify
 ``--images`` test images (every (10000 / images)-th, Cohen et al.'s selection; n0 100, n 100,000,
-alpha 0.001) into the resumable certify log of ``engine.cli.run_certify`` (the same log and settings
+alpha 0.001) into the resumable certify log of ``engine.certify_dataset`` (the same log and settings
 as ``python -m engine certify``), and write the results table as markdown and JSON.
 
 Everything resumes: finished models are skipped, an interrupted training run continues from its last
@@ -51,7 +51,7 @@ sys.path.insert(0, str(REPO / "bench"))  # bench/common.py
 from common import append_json, device_name, git_commit, record, resolve_device  # noqa: E402
 
 from engine import data, metrics, models  # noqa: E402
-from engine.cli import run_certify, select_indices  # noqa: E402
+from engine.certification import certify_dataset, select_indices  # noqa: E402
 from engine.fileio import sha256_file  # noqa: E402
 from engine.train import evaluate, train  # noqa: E402
 
@@ -171,24 +171,22 @@ def run_one(args, method: str, sigma: float, test, device) -> dict:
     indices = select_indices(test_x.shape[0], skip, max_index)
     log_path = folder / "certify.tsv"
     print(f"== {name}: certifying {len(indices)} test images (n0 {args.n0}, n {args.n}, alpha {args.alpha})", flush=True)
-    summ = run_certify(
+    res = certify_dataset(
         model,
-        test_x,
-        test_y,
-        indices,
-        log_path,
-        certify_settings(args, ckpt, sigma, skip, max_index),
+        (test_x, test_y),
         sigma=sigma,
         n0=args.n0,
         n=args.n,
         alpha=args.alpha,
+        out=log_path,
+        indices=indices,
+        settings=certify_settings(args, ckpt, sigma, skip, max_index),
         batch_size=args.cert_batch,
         seed=args.seed,
-        show_progress=not args.quiet,
+        progress=not args.quiet,
     )
-    from engine.results import ResultsLog
-
-    pred, rad, lab, sec = ResultsLog(log_path, summ["settings"]).arrays()
+    summ = res.summary
+    pred, rad, lab, sec = res.prediction.numpy(), res.radius.numpy(), res.labels.numpy(), res.seconds.numpy()
     cert = metrics.certified_accuracy(pred, rad, lab, RADII).tolist()
     return {
         "name": name,
