@@ -46,8 +46,9 @@ class DatasetCertification:
         return int(self.indices.shape[0])
 
 
-def _as_tensors(dataset) -> tuple[torch.Tensor, torch.Tensor]:
-    """(images, labels) of a (images, labels) pair of tensors or of an indexable data set of (image, label)."""
+def _as_tensors(dataset):
+    """(images, labels) of a (images, labels) pair of tensors, or, for an indexable data set of (image, label), lazy
+    views that read an item only when asked for it (nothing is decoded before the work starts)."""
     from .validate import InputError, InputTypeError
 
     if isinstance(dataset, (tuple, list)) and len(dataset) == 2 and all(isinstance(t, torch.Tensor) for t in dataset):
@@ -60,19 +61,37 @@ def _as_tensors(dataset) -> tuple[torch.Tensor, torch.Tensor]:
     first = dataset[0]
     if not (isinstance(first, (tuple, list)) and len(first) == 2 and isinstance(first[0], torch.Tensor)):
         raise InputTypeError(f"dataset items must be (image tensor, label) pairs, got {type(first).__name__}")
-    return _LazyImages(dataset), torch.tensor([int(dataset[i][1]) for i in range(len(dataset))], dtype=torch.int64)
+    return _LazyImages(dataset, first), _LazyLabels(dataset)
 
 
 class _LazyImages:
     """images[ids] of an indexable data set, read on demand (one chunk at a time)."""
 
-    def __init__(self, dataset):
+    def __init__(self, dataset, first):
         self.dataset = dataset
-        self.shape = (len(dataset), *tuple(dataset[0][0].shape))
-        self.dtype = dataset[0][0].dtype
+        self.shape = (len(dataset), *tuple(first[0].shape))
+        self.dtype = first[0].dtype
 
     def __getitem__(self, ids):
         return torch.stack([self.dataset[int(i)][0] for i in ids])
+
+
+class _LazyLabels:
+    """labels[i] of an indexable data set (its ``targets`` when it has them, else the items' second element)."""
+
+    def __init__(self, dataset):
+        self.dataset = dataset
+        targets = getattr(dataset, "targets", None)
+        self.targets = None if targets is None or len(targets) != len(dataset) else targets
+        self.shape = (len(dataset),)
+
+    def dim(self) -> int:
+        return 1
+
+    def __getitem__(self, i):
+        if isinstance(i, torch.Tensor):
+            return torch.tensor([self[int(k)] for k in i.tolist()], dtype=torch.int64)
+        return int(self.targets[i]) if self.targets is not None else int(self.dataset[int(i)][1])
 
 
 def certify_dataset(
@@ -151,7 +170,6 @@ def certify_dataset(
         settings = {"sigma": sigma, "n0": n0, "n": n, "alpha": alpha, "seed": seed, "images": len(indices)}
         if precision not in ("auto", "fp32"):
             settings["precision"] = precision
-    labels = labels.to(torch.int64)
     expected = {i: int(labels[i]) for i in indices}
     results: dict[int, tuple[int, float, float]] = {}
 
@@ -207,7 +225,7 @@ def certify_dataset(
     pred = torch.tensor([results[i][0] for i in order], dtype=torch.int64)
     radius = torch.tensor([results[i][1] for i in order], dtype=torch.float64)
     seconds = torch.tensor([results[i][2] for i in order], dtype=torch.float64)
-    lab = labels[torch.tensor(order, dtype=torch.int64)]
+    lab = torch.tensor([expected[i] for i in order], dtype=torch.int64)
     if not summary:
         from . import metrics
 

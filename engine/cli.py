@@ -57,7 +57,8 @@ def _claim_outputs(outputs, inputs=(), *, overwrite: bool = False, flag: str = "
     for o in outputs:
         for i in (Path(x) for x in inputs if x is not None):
             if _same_file(o, i) or Path(os.path.abspath(o)).resolve() == Path(os.path.abspath(i)).resolve():
-                raise UsageError(f"{flag} {outputs[0]} would overwrite {i}, an input of this command")
+                what = flag if o == outputs[0] else f"{flag} {outputs[0]}'s companion"
+                raise UsageError(f"{what} {o} would overwrite {i}, an input of this command")
         if o.is_dir():
             raise UsageError(f"{o} is a directory: {flag} names a file")
         if o.exists() and not overwrite:

@@ -252,7 +252,6 @@ def evaluate_poison(
     if out_dir.exists() and not out_dir.is_dir():
         raise InputError(f"out_dir {out_dir} is a file, not a folder")
     out_dir.mkdir(parents=True, exist_ok=True)
-    device = torch.device(device)
     test_x, test_y = test_data
     if poison_set is not None:
         train_x, train_y = poison_set.apply(train_data)
@@ -332,7 +331,7 @@ def evaluate_poison(
     }
     which = "poisoned" if poison_set is not None else "clean"
     trace = {"command": "evaluate", "dataset": dataset, "device": str(device), "threads": torch.get_num_threads(),
-             **({} if poison_set is None else {"poison_sha256": _poison_sha256(poison_set)})}
+             **({} if poison_set is None else {"poison_content_sha256": _poison_sha256(poison_set)})}
     summ = certify_dataset(
         model,
         (test_x, test_y),

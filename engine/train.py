@@ -121,7 +121,6 @@ def progress_bar(images: int, desc: str = ""):
     return progress, close
 
 
-train_progress_bar = progress_bar  # the name engine.cli used for it
 
 
 @torch.no_grad()

@@ -73,3 +73,20 @@ def test_the_library_does_not_import_the_command_line():
             if isinstance(node, ast.ImportFrom):
                 name = ("." * node.level) + (node.module or "")
                 assert not name.endswith("cli") and name != "engine.cli", f"{path} imports {name}"
+
+
+def test_an_indexable_dataset_is_read_only_where_certified(setup):
+    model, images, labels = setup
+
+    class Counting:
+        reads = 0
+
+        def __len__(self):
+            return 1000
+
+        def __getitem__(self, i):
+            Counting.reads += 1
+            return data.to_float(images[i % 40 : i % 40 + 1])[0], int(labels[i % 40])
+
+    res = engine.certify_dataset(model, Counting(), sigma=0.5, n0=5, n=10, indices=[0, 1], progress=False)
+    assert len(res) == 2 and Counting.reads <= 6  # the first item, then each certified one for its label and image

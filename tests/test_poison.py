@@ -246,7 +246,7 @@ def test_cli_poison_and_evaluate(tmp_path):
     summary = json.loads((tmp_path / "ev" / "summary.json").read_text())
     assert summary["poisoned"] and summary["images"] == 3 and summary["target_class"] == 8
     assert summary["schema_version"] >= 2 and summary["trace"]["dataset"] == "mnist"
-    assert summary["trace"]["poison_sha256"] and summary["trace"]["torch_version"]
+    assert summary["trace"]["poison_content_sha256"] and summary["trace"]["torch_version"]
     assert json.loads((tmp_path / "ev" / "certify.json").read_text())["trace"]["command"] == "evaluate"
     assert 0 <= summary["clean_accuracy_other_classes"] <= 1
     proc = subprocess.run(ev + ["--out-dir", str(tmp_path / "ev2")], capture_output=True, text=True)
