@@ -7,6 +7,9 @@ poison, 100 validation, k 20, niter1 = niter2 = 10, LeNet; Gaussian augmentation
 outer steps.
 
     python bench/bench_poison.py [--steps 3] [--out bench/results/poison-cpu.json]
+
+Beside each configuration, in the same run: the seconds of one plain gradient of the lower model's loss and of one
+engine.hvp at the step's batch (medians of 5), and the step in gradient-times.
 """
 
 from __future__ import annotations
@@ -52,6 +55,54 @@ class Result:
     full_run_steps: int
     steps_timed: int
     phase_seconds: dict  # mean seconds per timed step of each phase: lower (niter1 steps), upper, solve, poison
+    gradient_seconds: float  # one plain gradient of the lower model's loss at the step's batch, same run (median)
+    hvp_seconds: float  # one engine.hvp (this backend) at that batch and weights (median)
+    step_in_gradients: float  # seconds_per_step / gradient_seconds (the issue's target: <= 20 for GA)
+
+
+def _median_seconds(fn, reps: int = 5) -> float:
+    fn()  # warm-up
+    times = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return sorted(times)[len(times) // 2]
+
+
+def gradient_and_hvp_seconds(cfg: Config, device: torch.device, train) -> tuple[float, float]:
+    """Seconds of one plain gradient (cross-entropy, as the lower level's Gaussian-augmentation loss, through the
+    same pool-first view the crafter trains with) and of one engine.hvp with this backend, at the step's batch."""
+    from engine.hessian import hvp
+    from engine.smoothing import pool_first_view
+
+    torch.manual_seed(0)
+    model = models.build(cfg.arch).to(device)
+    b = cfg.batch_clean + cfg.batch_poison
+    x = data.to_float(train[0][:b]).to(device)
+    y = train[1][:b].to(device)
+    forward = pool_first_view(model)
+    params = [p for p in model.parameters() if p.requires_grad]
+
+    def gradient():
+        loss = torch.nn.functional.cross_entropy(forward(x + 0.5 * torch.randn_like(x)), y)
+        torch.autograd.grad(loss, params)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+
+    model.eval()
+    v = torch.randn(sum(p.numel() for p in params), device=device)
+    noisy = x + 0.5 * torch.randn_like(x)
+
+    def product():
+        hvp(model, noisy, y, v, backend="auto" if cfg.hvp_backend == "fused" else cfg.hvp_backend)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+
+    model.train()
+    g = _median_seconds(gradient)
+    model.eval()
+    return g, _median_seconds(product)
 
 
 def run(cfg: Config, device: torch.device, train, val, steps: int) -> Result:
@@ -81,6 +132,7 @@ def run(cfg: Config, device: torch.device, train, val, steps: int) -> Result:
     per_step = sum(e["seconds"] for e in timed) / max(1, len(timed))
     phases = {k: round(sum(e["phases"].get(k, 0.0) for e in timed) / max(1, len(timed)), 4) for k in entries[0]["phases"]}
     full = FULL_STEPS[cfg.method]
+    grad_s, hvp_s = gradient_and_hvp_seconds(cfg, device, train)
     return Result(
         cfg.method,
         cfg.hvp_backend,
@@ -91,6 +143,9 @@ def run(cfg: Config, device: torch.device, train, val, steps: int) -> Result:
         full,
         len(timed),
         phases,
+        grad_s,
+        hvp_s,
+        per_step / grad_s,
     )
 
 
@@ -111,8 +166,9 @@ def main(argv=None) -> int:
     images, labels = data.load_mnist(root if root.is_dir() else data.embedded_mnist_root(), "train")
     train, val = data.split_validation(images, labels, min(5000, images.shape[0] // 10))
     print(f"device: {device_name(device)}; torch {torch.__version__}; train {train[0].shape[0]} images")
-    head = ("method", "hvp backend", "batch", "s/step", "projected s", "steps", "speed-up", "  seconds per phase")
-    print("{:10s} {:14s} {:16s} {:>8s} {:>12s} {:>6s} {:>9s} {}".format(*head))
+    head = ("method", "hvp backend", "batch", "s/step", "projected s", "steps", "speed-up", "grad s", "H v s",
+            "step/grad", "  seconds per phase")
+    print("{:10s} {:14s} {:16s} {:>8s} {:>12s} {:>6s} {:>9s} {:>7s} {:>6s} {:>9s} {}".format(*head))
     results = []
     t0 = time.perf_counter()
     for method in args.methods.split(","):
@@ -123,7 +179,8 @@ def main(argv=None) -> int:
             base = base or r.seconds_per_step
             print(
                 f"{r.method:10s} {r.hvp_backend:14s} {r.batch:16s} {r.seconds_per_step:8.2f} {r.projected_full_run_s:12.0f} "
-                f"{r.full_run_steps:6d} {base / r.seconds_per_step:8.2f}x   "
+                f"{r.full_run_steps:6d} {base / r.seconds_per_step:8.2f}x {r.gradient_seconds:7.3f} {r.hvp_seconds:6.3f} "
+                f"{r.step_in_gradients:9.1f}   "
                 + " ".join(f"{k} {v:.2f}" for k, v in r.phase_seconds.items()),
                 flush=True,
             )
