@@ -382,11 +382,7 @@ def cmd_plot(args) -> int:
         raise UsageError(f"--out {out}: give a .png, .pdf or .svg file")
     if args.label is not None and len(args.label) != len(args.runs):
         raise UsageError(f"--label given {len(args.label)} times for {len(args.runs)} runs: give one per run, in order")
-    for r in args.runs:
-        if Path(r).resolve() == out.resolve():
-            raise UsageError(f"--out {out} is one of the runs")
-    if out.exists() and not args.overwrite:
-        raise UsageError(f"--out {out} exists; pass --overwrite to replace it")
+    _claim_outputs([out], args.runs, overwrite=args.overwrite)  # not one of the runs; an existing figure: --overwrite
     labels = args.label or [None] * len(args.runs)
     try:  # a missing or damaged log, a run without images: ValueError naming it
         runs = [Run.from_log(r, label=lab) for r, lab in zip(args.runs, labels)]
