@@ -40,6 +40,7 @@ class DatasetCertification:
     prediction: torch.Tensor  # (B,) int64, -1 = abstain
     radius: torch.Tensor  # (B,) float64
     seconds: torch.Tensor  # (B,) float64 per image
+    samples: torch.Tensor  # (B,) int64 samples drawn per image (selection + estimation)
     summary: dict = field(default_factory=dict)  # metrics (and, with ``out``, the log's JSON summary)
 
     def __len__(self) -> int:
@@ -114,6 +115,9 @@ def certify_dataset(
     title: str | None = None,
     images_per_chunk: int | None = None,
     progress: bool | None = None,
+    sampling: str = "fixed",
+    radii=None,
+    radius_tol: float | None = None,
 ) -> DatasetCertification:
     """Certify ``model``'s smoothed classifier at the images of ``dataset`` (Cohen et al., CERTIFY).
 
@@ -134,6 +138,10 @@ def certify_dataset(
         images_per_chunk: images certified together (default: enough to fill a forward batch with their
             n0 + n samples, at least 1). Rows are logged as each chunk finishes.
         progress: a tqdm bar over images: None (default) on a terminal only, True, False.
+        sampling, radii, radius_tol: as for :func:`engine.certify`: "adaptive" draws the estimation samples in
+            looks and stops each image once settled (:mod:`engine.adaptive`), decision mode with ``radii``,
+            radius mode with ``radius_tol``. The plan is part of the log's settings; its rows get a
+            ``samples`` column and the summary the mean samples per image.
 
     Returns:
         :class:`DatasetCertification`. The guarantee is :func:`engine.certify`'s, per image.
@@ -143,12 +151,13 @@ def certify_dataset(
     from . import data as _data
     from .fileio import ExclusiveLock
     from .results import ResultsLog, run_trace, summary_paths
-    from .smoothing import _check_alpha, _check_int, _check_sigma, certify, default_batch_size, model_device
+    from .smoothing import _check_alpha, _check_int, _check_sigma, certify, default_batch_size, model_device, sampling_plan
     from .validate import InputError, check_progress
 
     sigma, alpha = _check_sigma(sigma), _check_alpha(alpha)
     n0, n = _check_int("n0", n0, 1), _check_int("n", n, 1)
     progress = check_progress(progress, allow_callable=False)
+    plan = sampling_plan(sampling, n, alpha, radii, radius_tol)
     images, labels = _as_tensors(dataset)
     if labels.dim() != 1 or labels.shape[0] != images.shape[0]:
         raise InputError(f"dataset labels must be ({images.shape[0]},), got {tuple(labels.shape)}")
@@ -164,14 +173,18 @@ def certify_dataset(
     if images_per_chunk is None:
         pixels = math.prod(images.shape[1:])
         per_batch = batch_size or default_batch_size(pixels, model_device(model, torch.device("cpu")))
-        images_per_chunk = max(1, per_batch // (n0 + n))
+        # fixed: the images whose samples fill a forward batch; adaptive: enough that the first look fills a few
+        images_per_chunk = max(1, per_batch // (n0 + n) if plan is None else 4 * per_batch // (n0 + plan.looks[0]))
     images_per_chunk = _check_int("images_per_chunk", images_per_chunk, 1)
     if settings is None:
         settings = {"sigma": sigma, "n0": n0, "n": n, "alpha": alpha, "seed": seed, "images": len(indices)}
         if precision not in ("auto", "fp32"):
             settings["precision"] = precision
+    if plan is not None:
+        settings = {**settings, **plan.describe()}
     expected = {i: int(labels[i]) for i in indices}
-    results: dict[int, tuple[int, float, float]] = {}
+    results: dict[int, tuple[int, float, float, int]] = {}
+    adaptive = dict(sampling=sampling, radii=radii, radius_tol=radius_tol)
 
     def run(log) -> None:
         todo = [i for i in indices if log is None or i not in log.done]
@@ -185,15 +198,16 @@ def certify_dataset(
                 x = _data.to_float(x) if x.dtype == torch.uint8 else x.to(torch.float32)
                 res = certify(model, x, sigma=sigma, n0=n0, n=n, alpha=alpha,
                               batch_size=batch_size, seed=seed, image_ids=ids, backend=backend, precision=precision,
-                              progress=False)
-                per_image = (time.perf_counter() - t0) / len(ids)
+                              progress=False, **adaptive)
+                elapsed = time.perf_counter() - t0
+                share = res.samples.double() / res.samples.sum().double()  # the chunk's time, by samples drawn
                 for k, i in enumerate(ids.tolist()):
-                    row = (int(res.prediction[k]), float(res.radius[k]), per_image)
-                    if log is not None:  # the values the log holds (radius to 6 decimals), as a resume reads them
-                        log.append(i, expected[i], *row)
-                        row = (row[0], log.rows[i][3], row[2])
+                    row = (int(res.prediction[k]), float(res.radius[k]), elapsed * float(share[k]), int(res.samples[k]))
+                    if log is not None:  # the values the log holds (rounded), as a resume reads them
+                        log.append(i, expected[i], *row[:3], *([row[3]] if plan is not None else []))
+                        row = (row[0], log.rows[i][3], log.rows[i][5], row[3])
                     results[i] = row
-                bar.set_postfix(samples_per_s=f"{len(ids) * (n0 + n) / max(per_image * len(ids), 1e-9):,.0f}")
+                bar.set_postfix(samples_per_s=f"{int(res.samples.sum()) / max(elapsed, 1e-9):,.0f}")
                 bar.update(len(ids))
         finally:
             bar.close()
@@ -212,7 +226,7 @@ def certify_dataset(
             if log.repaired_bytes:
                 print(f"repaired {out}: dropped a truncated last line ({log.repaired_bytes} bytes)", file=sys.stderr)
             for i, row in log.rows.items():
-                results[i] = (row[2], row[3], row[5])
+                results[i] = (row[2], row[3], row[5], row[6] if len(row) > 6 else n0 + n)
             finished = False
             try:
                 run(log)
@@ -225,10 +239,12 @@ def certify_dataset(
     pred = torch.tensor([results[i][0] for i in order], dtype=torch.int64)
     radius = torch.tensor([results[i][1] for i in order], dtype=torch.float64)
     seconds = torch.tensor([results[i][2] for i in order], dtype=torch.float64)
+    samples = torch.tensor([results[i][3] for i in order], dtype=torch.int64)
     lab = torch.tensor([expected[i] for i in order], dtype=torch.int64)
     if not summary:
         from . import metrics
 
         summary = {"images": len(order), **metrics.summary(pred.numpy(), radius.numpy(), lab.numpy(),
                                                             metrics.DEFAULT_RADII)}
-    return DatasetCertification(torch.tensor(order, dtype=torch.int64), lab, pred, radius, seconds, summary)
+        summary.update(samples_total=int(samples.sum()), samples_per_image=float(samples.double().mean()))
+    return DatasetCertification(torch.tensor(order, dtype=torch.int64), lab, pred, radius, seconds, samples, summary)

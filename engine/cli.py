@@ -97,6 +97,9 @@ def run_certify(
     precision: str = "auto",
     trace: dict | None = None,
     title: str | None = None,
+    sampling: str = "fixed",
+    radii=None,
+    radius_tol: float | None = None,
 ) -> dict:
     """Certify ``images[indices]`` into a resumable log and return its summary: :func:`engine.certify_dataset`
     with the command line's settings (kept for scripts that call it)."""
@@ -104,7 +107,8 @@ def run_certify(
 
     return certify_dataset(model, (images, labels), sigma=sigma, n0=n0, n=n, alpha=alpha, out=out, indices=indices,
                            seed=seed, batch_size=batch_size, backend=backend, precision=precision, overwrite=overwrite,
-                           settings=settings, trace=trace, title=title, progress=show_progress).summary
+                           settings=settings, trace=trace, title=title, progress=show_progress, sampling=sampling,
+                           radii=radii, radius_tol=radius_tol).summary
 
 
 def format_table(summary: dict) -> str:
@@ -119,6 +123,8 @@ def format_table(summary: dict) -> str:
         lines.append(f"  r = {float(r):4.2f}      {v:.4f}")
     if "seconds_per_image" in summary:
         lines.append(f"seconds / image   {summary['seconds_per_image']:.3f}")
+    if "samples_per_image" in summary:
+        lines.append(f"samples / image   {summary['samples_per_image']:,.0f}")
     return "\n".join(lines)
 
 
@@ -248,9 +254,22 @@ def _trace(args, device, precision, path) -> dict:
             "precision": precision, "device": str(device), "threads": torch.get_num_threads()}
 
 
+def _sampling_args(args) -> dict:
+    """certify's --sampling / --radii / --radius-tol, checked together (UsageError naming the clash)."""
+    if args.sampling == "fixed" and (args.radii is not None or args.radius_tol is not None):
+        given = "--radii" if args.radii is not None else "--radius-tol"
+        raise UsageError(f"{given} applies to --sampling adaptive only (fixed sampling certifies every image with --n "
+                         "samples)")
+    if args.radii is not None and args.radius_tol is not None:
+        raise UsageError("give --radii (decision mode: the largest grid radius certified) or --radius-tol (radius "
+                         "mode), not both")
+    return {"sampling": args.sampling, "radii": args.radii, "radius_tol": args.radius_tol}
+
+
 def cmd_certify(args) -> int:
     from .results import summary_paths
 
+    adaptive = _sampling_args(args)  # before any work
     out = Path(args.out)
     json_path, png_path = summary_paths(out)  # --out r.json / r.png: refused before any work
     model_file = args.checkpoint or args.weights
@@ -293,6 +312,7 @@ def cmd_certify(args) -> int:
         backend=args.backend,
         precision=precision,
         trace=_trace(args, device, precision, path),
+        **adaptive,
     )
     print(format_table(summ))
     print(_wrote(out, *summary_paths(out)))
@@ -940,6 +960,17 @@ def _positive_float(text: str) -> float:
     return value
 
 
+def _radii_list(text: str) -> list[float]:
+    """--radii: comma-separated distinct finite radii >= 0, e.g. 0,0.25,0.5."""
+    parts = [t for t in text.split(",") if t.strip()]
+    if not parts:
+        raise argparse.ArgumentTypeError(f"must be a comma-separated list of radii >= 0, got {text!r}")
+    values = [_nonnegative_float(t.strip()) for t in parts]
+    if len(set(values)) != len(values):
+        raise argparse.ArgumentTypeError(f"must not repeat a radius, got {text!r}")
+    return sorted(values)
+
+
 def _nonnegative_float(text: str) -> float:
     value = _number(text, "a finite number >= 0")
     if not 0 <= value < float("inf"):
@@ -1167,6 +1198,14 @@ def build_parser(prog: str = "python -m engine") -> argparse.ArgumentParser:
             p.add_argument("--out", type=_out_path, required=True, help="per-image log .tsv (its summary .json and plot .png are "
                            "written beside it: r.tsv -> r.json, r.png); an existing log is resumed")
             p.add_argument("--overwrite", action="store_true", help="start again instead of resuming")
+            p.add_argument("--sampling", choices=("fixed", "adaptive"), default="fixed",
+                           help="fixed: Cohen et al.'s n samples per image; adaptive: samples in looks up to --n, each "
+                           "image stopping once settled, same guarantee (docs/adaptive_sampling.md)")
+            p.add_argument("--radii", type=_radii_list, default=None,
+                           help="adaptive decision mode: grid radii, e.g. 0,0.25,0.5,0.75 (radius = the largest certified)")
+            p.add_argument("--radius-tol", type=_positive_float, default=None,
+                           help="adaptive radius mode: stop when the radius cannot grow by more than this by sampling "
+                           "up to --n (default 0.05)")
         else:
             p.add_argument("--out", type=_out_path, default=None, help="per-image predictions .tsv (summary .json beside it)")
             p.add_argument("--overwrite", action="store_true", help="replace an existing --out")

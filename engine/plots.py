@@ -45,7 +45,8 @@ __all__ = [
     "TITLE_WIDTH",
 ]
 
-HEADER = "idx\tlabel\tpredict\tradius\tcorrect\ttime"
+HEADER = "idx\tlabel\tpredict\tradius\tcorrect\ttime"  # engine.results.HEADER (no import: plots stay standalone)
+HEADER_SAMPLES = HEADER + "\tsamples"
 FORMATS = (".png", ".pdf", ".svg")
 MIN_RADIUS_LIMIT = 0.5  # the x axis shows at least [0, 0.5], so a run with no certified image still shows
 RADIUS_MARGIN = 1.05  # the x axis ends 5% past the largest certified radius of a correct prediction
@@ -70,8 +71,11 @@ def read_tsv(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray, np.ndarra
     lines = text.split("\n")
     if len(lines) > 1:  # drop what follows the last newline: nothing, or a line still being written
         lines = lines[:-1]
-    if not lines or lines[0].rstrip("\r").split() != HEADER.split():
-        raise ValueError(f"{path}: not a certification log (the first line is not the header {HEADER!r})")
+    header = lines[0].rstrip("\r").split() if lines else []
+    if header not in (HEADER.split(), HEADER_SAMPLES.split()):
+        raise ValueError(f"{path}: not a certification log (the first line is not the header {HEADER!r}, with a "
+                         "samples column for adaptive sampling)")
+    columns = len(header)
     pred: list[int] = []
     rad: list[float] = []
     lab: list[int] = []
@@ -82,8 +86,8 @@ def read_tsv(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray, np.ndarra
             continue
         fields = line.split("\t")
         try:
-            if len(fields) != 6:
-                raise ValueError(f"{len(fields)} columns, expected 6")
+            if len(fields) != columns:
+                raise ValueError(f"{len(fields)} columns, expected {columns}")
             idx, label, predict, radius = int(fields[0]), int(fields[1]), int(fields[2]), float(fields[3])
             correct, seconds = int(fields[4]), float(fields[5])
             if not math.isfinite(radius) or radius < 0:

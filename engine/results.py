@@ -1,6 +1,7 @@
 """Crash-safe certification logs in the classic tab-separated format, with resume.
 
-One row per image: ``idx label predict radius correct time`` (Cohen et al.'s format). Every row is
+One row per image: ``idx label predict radius correct time`` (Cohen et al.'s format), and a seventh column
+``samples`` (selection plus estimation samples drawn) in the logs of adaptive sampling. Every row is
 flushed and fsync'ed when written, so a crash loses at most the image in flight; a truncated last
 line left by a crash is cut off on the next open. The run's settings travel with the log in the JSON
 summary beside it (``r.tsv`` -> ``r.json``, plot ``r.png``): a resume with other settings is refused,
@@ -20,10 +21,16 @@ import numpy as np
 from . import metrics
 from .fileio import publish
 
-__all__ = ["ResultsLog", "ResultsError", "HEADER", "SCHEMA_VERSION", "summary_paths", "read_log", "merge_logs",
-           "validate_rows", "in_selection", "run_trace"]
+__all__ = ["ResultsLog", "ResultsError", "HEADER", "HEADER_SAMPLES", "header_for", "SCHEMA_VERSION", "summary_paths",
+           "read_log", "merge_logs", "validate_rows", "in_selection", "run_trace"]
 
 HEADER = "idx\tlabel\tpredict\tradius\tcorrect\ttime"
+HEADER_SAMPLES = HEADER + "\tsamples"  # adaptive sampling: the samples each image drew
+
+
+def header_for(settings: dict) -> str:
+    """The header of a log made with ``settings``: with the samples column when its sampling is adaptive."""
+    return HEADER_SAMPLES if settings.get("sampling", "fixed") != "fixed" else HEADER
 SCHEMA_VERSION = 2  # of the JSON summary: 2 added schema_version and trace
 _NOT_A_LOG = (".json", ".png", ".pdf", ".svg", ".lock", ".tmp")
 
@@ -102,7 +109,7 @@ def validate_rows(rows, path, *, settings: dict | None = None, expected: dict | 
     return out
 
 
-def _split_rows(raw: bytes, path: Path) -> tuple[list[tuple[int, tuple]], int, bool]:
+def _split_rows(raw: bytes, path: Path, header: str = HEADER) -> tuple[list[tuple[int, tuple]], int, bool]:
     """(rows with their 1-based line numbers, bytes of the intact part, header present) of a log's bytes.
 
     A line without its newline at the very end (cut by a crash) and a damaged last line are left out
@@ -118,12 +125,12 @@ def _split_rows(raw: bytes, path: Path) -> tuple[list[tuple[int, tuple]], int, b
         line_no += 1
         line = raw[pos:nl].decode("utf-8", errors="replace")
         if first:
-            if line != HEADER:
-                raise ResultsError(f"{path}: first line is not the header {HEADER!r}")
+            if line != header:
+                raise ResultsError(f"{path}: first line is not the header {header!r} its settings call for")
             first = False
         else:
             try:
-                row = _parse(line)
+                row = _parse(line, header.count("\t") + 1)
             except ValueError as exc:
                 if nl + 1 >= len(raw):  # damaged last line: drop it
                     break
@@ -169,18 +176,24 @@ def _cpu_model() -> str:
 
 
 def _format_row(row: tuple) -> str:
-    """One log line (with its newline) of ``(idx, label, predict, radius, correct, seconds)``."""
-    return f"{row[0]}\t{row[1]}\t{row[2]}\t{row[3]:.6f}\t{row[4]}\t{row[5]:.4f}\n"
+    """One log line (with its newline) of ``(idx, label, predict, radius, correct, seconds[, samples])``."""
+    line = f"{row[0]}\t{row[1]}\t{row[2]}\t{row[3]:.6f}\t{row[4]}\t{row[5]:.4f}"
+    return line + (f"\t{row[6]}\n" if len(row) > 6 else "\n")
 
 
-def _parse(line: str) -> tuple[int, int, int, float, int, float]:
+def _parse(line: str, columns: int = 6) -> tuple:
     fields = line.split("\t")
-    if len(fields) != 6:
+    if len(fields) != columns:
         raise ValueError(f"{len(fields)} fields")
     idx, label, pred = int(fields[0]), int(fields[1]), int(fields[2])
     radius, correct, seconds = float(fields[3]), int(fields[4]), float(fields[5])
     if correct not in (0, 1) or not np.isfinite(radius) or radius < 0:
         raise ValueError("bad values")
+    if columns == 7:
+        samples = int(fields[6])
+        if samples < 1:
+            raise ValueError("bad samples")
+        return idx, label, pred, radius, correct, seconds, samples
     return idx, label, pred, radius, correct, seconds
 
 
@@ -204,12 +217,13 @@ class ResultsLog:
         self.settings = json.loads(json.dumps(settings))
         self.trace = None if trace is None else json.loads(json.dumps(trace))
         self.json_path, self.png_path = summary_paths(self.path)
+        self.header = header_for(self.settings)
         self.rows: dict[int, tuple] = {}
         self.repaired_bytes = 0
         self.created = False  # this object made the log (a failed run may then remove it: :meth:`discard`)
         if self.path.exists() and not overwrite:
             raw = self.path.read_bytes()
-            rows, good_end, has_header = _split_rows(raw, self.path)
+            rows, good_end, has_header = _split_rows(raw, self.path, self.header)
             if rows:
                 self._check_settings(len(rows))
             self.rows = validate_rows(rows, self.path, settings=self.settings, expected=expected)
@@ -217,7 +231,7 @@ class ResultsLog:
         else:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             tmp = self.path.with_name(self.path.name + ".tmp")
-            tmp.write_text(HEADER + "\n")
+            tmp.write_text(self.header + "\n")
             publish(tmp, self.path)  # a fresh log replaces an old one in one step (overwrite)
             if self.png_path.exists():  # an old run's plot
                 self.png_path.unlink()
@@ -256,7 +270,7 @@ class ResultsLog:
                 fh.truncate(good_end)
                 if not has_header:  # empty file or header cut short
                     fh.seek(0)
-                    fh.write((HEADER + "\n").encode())
+                    fh.write((self.header + "\n").encode())
                 fh.flush()
                 os.fsync(fh.fileno())
 
@@ -277,14 +291,19 @@ class ResultsLog:
         return set(self.rows)
 
     # -- writing ----------------------------------------------------------------------------------
-    def append(self, idx: int, label: int, predict: int, radius: float, seconds: float) -> None:
+    def append(self, idx: int, label: int, predict: int, radius: float, seconds: float, samples: int | None = None) -> None:
+        """Write one image's row (``samples``: required by, and only by, a log of adaptive sampling)."""
+        if (samples is None) != (self.header == HEADER):
+            raise ValueError(f"{self.path}: samples must be given exactly for logs of adaptive sampling")
         correct = int(predict == label)
         row = (int(idx), int(label), int(predict), float(radius), correct, float(seconds))
+        if samples is not None:
+            row += (int(samples),)
         with open(self.path, "a") as fh:
             fh.write(_format_row(row))
             fh.flush()
             os.fsync(fh.fileno())
-        self.rows[row[0]] = (row[0], row[1], row[2], float(f"{row[3]:.6f}"), row[4], row[5])
+        self.rows[row[0]] = (*row[:3], float(f"{row[3]:.6f}"), row[4], float(f"{row[5]:.4f}"), *row[6:])
 
     def arrays(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         """(prediction, radius, labels, seconds) of the logged images, in idx order."""
@@ -295,6 +314,16 @@ class ResultsLog:
         sec = np.array([r[5] for r in rows], dtype=np.float64)
         return pred, rad, lab, sec
 
+    def samples(self) -> np.ndarray | None:
+        """Samples drawn per logged image (idx order): the log's column, or n0 + n of fixed sampling's settings;
+        None when the settings do not say."""
+        if self.header == HEADER_SAMPLES:
+            return np.array([self.rows[k][6] for k in sorted(self.rows)], dtype=np.int64)
+        n0, n = self.settings.get("n0"), self.settings.get("n")
+        if isinstance(n0, int) and isinstance(n, int):
+            return np.full(len(self.rows), n0 + n, dtype=np.int64)
+        return None
+
     def summary(self, radii=metrics.DEFAULT_RADII, extra: dict | None = None) -> dict:
         pred, rad, lab, sec = self.arrays()
         out = {"schema_version": SCHEMA_VERSION, "settings": self.settings, "images": int(pred.size)}
@@ -304,6 +333,10 @@ class ResultsLog:
             out.update(metrics.summary(pred, rad, lab, radii))
             out["seconds_total"] = float(sec.sum())
             out["seconds_per_image"] = float(sec.mean())
+            samples = self.samples()
+            if samples is not None:
+                out["samples_total"] = int(samples.sum())
+                out["samples_per_image"] = float(samples.mean())
         if extra:
             out.update(extra)
         return out
@@ -352,9 +385,10 @@ def read_log(path: str | os.PathLike) -> tuple[dict, dict[int, tuple]]:
     if not isinstance(summary, dict) or not isinstance(summary.get("settings"), dict):
         raise ResultsError(f"{json_path}: not a results summary (no settings)")
     raw = path.read_bytes()
-    rows, _, has_header = _split_rows(raw, path)
+    header = header_for(summary["settings"])
+    rows, _, has_header = _split_rows(raw, path, header)
     if not has_header:
-        raise ResultsError(f"{path}: first line is not the header {HEADER!r}")
+        raise ResultsError(f"{path}: first line is not the header {header!r}")
     return summary, validate_rows(rows, path, settings=summary["settings"])
 
 
@@ -439,7 +473,7 @@ def merge_logs(paths, out: str | os.PathLike, *, allow_partial: bool = False, ov
     publish(tmp, json_path)
     tmp = out.with_name(out.name + ".tmp")
     with open(tmp, "w") as fh:
-        fh.write(HEADER + "\n")
+        fh.write(header_for(settings) + "\n")
         fh.writelines(_format_row(merged[idx]) for idx in sorted(merged))
     publish(tmp, out)
     first_trace = logs[0][1].get("trace") if isinstance(logs[0][1].get("trace"), dict) else {}

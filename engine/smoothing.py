@@ -38,9 +38,11 @@ class CertifyResult:
     radius: (B,) float64, certified L2 radius (0 when abstaining).
     counts_selection: (B, num_classes) int64, top-1 counts of the n0 selection samples.
     counts_estimation: (B, num_classes) int64, top-1 counts of the n estimation samples.
-    p_lower: (B,) float64, one-sided Clopper-Pearson lower bound on p_A.
-    seconds: (B,) float64, wall time of the call shared equally by the images (each draws the same
-        number of samples; with one image per call it is that image's time).
+    p_lower: (B,) float64, one-sided Clopper-Pearson lower bound on p_A (adaptive sampling: at alpha / L,
+        from the samples drawn).
+    seconds: (B,) float64, wall time of the call shared by the images in proportion to the samples each
+        drew (with one image per call it is that image's time).
+    samples: (B,) int64, samples drawn per image, selection plus estimation (n0 + n for fixed sampling).
     """
 
     prediction: torch.Tensor
@@ -49,6 +51,7 @@ class CertifyResult:
     counts_estimation: torch.Tensor
     p_lower: torch.Tensor
     seconds: torch.Tensor
+    samples: torch.Tensor
 
     def __len__(self) -> int:
         return int(self.prediction.shape[0])
@@ -456,6 +459,9 @@ def certify(
     backend: str = "auto",
     progress=None,
     precision: str = "auto",
+    sampling: str = "fixed",
+    radii=None,
+    radius_tol: float | None = None,
 ) -> CertifyResult:
     """Certify the smoothed classifier of ``model`` at each image of ``x`` (Cohen et al., CERTIFY).
 
@@ -480,6 +486,12 @@ def certify(
             receiving rows done after every forward batch.
         precision: "fp32", "bf16", "fp16" or "auto" (bf16 for "auto" / "triton" on CUDA, fp32
             otherwise). Lower precision changes the base classifier slightly, not the guarantee.
+        sampling: "fixed" (Cohen et al.: n estimation samples per image) or "adaptive": the
+            estimation samples come in looks at a fixed schedule up to n and an image stops once its
+            answer is settled, with the same guarantee (:mod:`engine.adaptive`).
+        radii: adaptive decision mode: grid radii; ``radius`` is then the largest one certified.
+        radius_tol: adaptive radius mode (no ``radii``): stop when the certified radius cannot grow by
+            more than this by sampling up to n (default 0.05).
 
     Raises:
         :class:`engine.validate.InputError` (a ValueError; TypeError too for wrong types) for bad
@@ -495,6 +507,7 @@ def certify(
     n0 = _check_int("n0", n0, 1, _noise.MAX_INDEX + 1)
     n = _check_int("n", n, 1, _noise.MAX_INDEX + 1)
     alpha = _check_alpha(alpha)
+    plan = sampling_plan(sampling, n, alpha, radii, radius_tol)
     x, ids, batch_size = _prepare(model, x, image_ids, batch_size, seed, backend, precision)
     batch = x.shape[0]
     update, bar = _progress_bar(progress, batch * (n0 + n), "certify")
@@ -504,28 +517,56 @@ def certify(
             sampler = _accel.make_sampler(model, x, backend=backend, precision=precision, batch_size=batch_size)
             common = dict(sigma=sigma, seed=seed, progress=update)
             counts0 = sampler(x, ids, n0, _noise.STREAM_SELECTION, **common).cpu()
-            counts = sampler(x, ids, n, _noise.STREAM_ESTIMATION, **common).cpu()
+            c_a = counts0.argmax(dim=1) if batch else torch.zeros(0, dtype=torch.int64)  # ties -> lowest class
+            if plan is None:
+                counts = sampler(x, ids, n, _noise.STREAM_ESTIMATION, **common).cpu()
+            else:
+                from .adaptive import adaptive_counts
+
+                counts, used, p_lower, radius = adaptive_counts(sampler, x, ids, c_a, plan, **common)
     finally:
         if bar is not None:
             bar.close()
     elapsed = time.perf_counter() - start
     if batch == 0:
         empty = torch.zeros(0, dtype=torch.float64)
-        return CertifyResult(torch.zeros(0, dtype=torch.int64), empty, counts0, counts, empty.clone(), empty.clone())
-    c_a = counts0.argmax(dim=1)  # ties -> lowest class index
-    n_a = counts.gather(1, c_a[:, None])[:, 0]
-    p_lower = clopper_pearson_lower(n_a.numpy(), n, alpha)
-    abstain = p_lower < 0.5
-    radius = np.where(abstain, 0.0, certified_radius(np.maximum(p_lower, 0.5), sigma))
-    prediction = torch.where(torch.from_numpy(abstain), torch.full_like(c_a, ABSTAIN), c_a)
+        return CertifyResult(torch.zeros(0, dtype=torch.int64), empty, counts0, counts, empty.clone(), empty.clone(),
+                             torch.zeros(0, dtype=torch.int64))
+    if plan is None:
+        n_a = counts.gather(1, c_a[:, None])[:, 0]
+        p_lower = torch.from_numpy(np.asarray(clopper_pearson_lower(n_a.numpy(), n, alpha), dtype=np.float64))
+        used = torch.full((batch,), n, dtype=torch.int64)
+        radius = torch.from_numpy(np.asarray(certified_radius(np.maximum(p_lower.numpy(), 0.5), sigma)))
+        abstain = p_lower < 0.5
+    else:
+        abstain = ~torch.isfinite(radius)
+    radius = torch.where(abstain, torch.zeros_like(radius), radius).to(torch.float64)
+    prediction = torch.where(abstain, torch.full_like(c_a, ABSTAIN), c_a)
+    samples = used + n0
     return CertifyResult(
         prediction=prediction,
-        radius=torch.from_numpy(radius.astype(np.float64)),
+        radius=radius,
         counts_selection=counts0,
         counts_estimation=counts,
-        p_lower=torch.from_numpy(np.asarray(p_lower, dtype=np.float64)),
-        seconds=torch.full((batch,), elapsed / batch, dtype=torch.float64),
+        p_lower=p_lower,
+        seconds=elapsed * samples.double() / samples.sum().double(),
+        samples=samples,
     )
+
+
+def sampling_plan(sampling, n: int, alpha: float, radii=None, radius_tol=None):
+    """None for ``sampling="fixed"`` (CERTIFY as published), else the :class:`engine.adaptive.SamplingPlan` of
+    ``"adaptive"``; an :class:`InputError` names a bad setting."""
+    from .adaptive import SAMPLING_MODES, make_plan
+
+    if sampling not in SAMPLING_MODES:
+        raise InputError(f"sampling must be one of {SAMPLING_MODES}, got {sampling!r}")
+    if sampling == "fixed":
+        if radii is not None or radius_tol is not None:
+            raise InputError("radii and radius_tol apply to sampling='adaptive' only (fixed sampling certifies "
+                             "every image with n samples)")
+        return None
+    return make_plan(n, alpha, radii, radius_tol)
 
 
 def predict(
