@@ -223,3 +223,20 @@ def test_command_line(tmp_path):
     for bad in ("0,-1", "a,b", "0.5,0.5", ""):
         with pytest.raises(SystemExit):
             cli.main([*base, "--out", str(tmp_path / "y.tsv"), "--sampling", "adaptive", "--radii", bad])
+
+
+def test_adaptive_shards_merge_into_the_whole_run(tmp_path):
+    from engine import cli, models
+
+    torch.manual_seed(0)
+    ckpt = tmp_path / "lenet.safetensors"
+    models.save(models.lenet_mnist(), ckpt, sigma=0.5)
+    base = ["certify", "--checkpoint", str(ckpt), "--dataset", "mnist", "--n0", "10", "--n", "400", "--skip", "20",
+            "--max", "100", "--quiet", "--sampling", "adaptive", "--radii", "0,0.25"]
+    for k in (0, 1):
+        assert cli.main([*base, "--shard", str(k), "--num-shards", "2", "--out", str(tmp_path / f"s{k}.tsv")]) == 0
+    assert cli.main(["merge", str(tmp_path / "s0.tsv"), str(tmp_path / "s1.tsv"), "--out", str(tmp_path / "m.tsv")]) == 0
+    summary, rows = read_log(tmp_path / "m.tsv")
+    assert (tmp_path / "m.tsv").read_text().splitlines()[0] == HEADER_SAMPLES and sorted(rows) == [0, 20, 40, 60, 80]
+    parts = {**read_log(tmp_path / "s0.tsv")[1], **read_log(tmp_path / "s1.tsv")[1]}
+    assert rows == parts and summary["samples_per_image"] == pytest.approx(np.mean([r[6] for r in rows.values()]))
