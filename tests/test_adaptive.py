@@ -42,7 +42,8 @@ def _linear_trials(trials=3000, sigma=0.25, hi=0.9999, seed=3):
 
 
 def test_look_schedule():
-    assert adaptive.look_schedule(100_000) == (196, 391, 782, 1563, 3125, 6250, 12500, 25000, 50000, 100000)
+    looks = adaptive.look_schedule(100_000)
+    assert len(looks) == 20 and looks[:3] == (139, 196, 277) and looks[-3:] == (50000, 70711, 100000)
     for n in (1, 7, 150, 199, 200, 201, 999, 12345, 10**6):
         looks = adaptive.look_schedule(n)
         assert looks[-1] == n and list(looks) == sorted(set(looks))
@@ -120,7 +121,9 @@ def test_decision_mode_stops_early_on_settled_images():
     x = torch.full((3, 1, 2, 2), 0.5)
     res = engine.certify(Constant(), x, sigma=0.25, n0=100, n=100_000, sampling="adaptive", radii=[0, 0.25, 0.5, 3.0])
     assert res.prediction.tolist() == [1, 1, 1] and res.radius.tolist() == [0.5, 0.5, 0.5]
-    assert res.samples.tolist() == [100 + 782] * 3  # the first look at which Phi(2) is certified at alpha / 10
+    plan = adaptive.make_plan(100_000, 0.001, [0, 0.25, 0.5, 3.0])
+    first = min(m for m in plan.looks if clopper_pearson_lower(m, m, plan.alpha_look) >= stats.norm.cdf(2.0))
+    assert res.samples.tolist() == [100 + first] * 3 and first < 1000  # the first look certifying Phi(2)
     coin = engine.certify(Threshold(0.5), x, sigma=0.25, n0=100, n=100_000, sampling="adaptive", radii=[0.25, 0.5])
     assert (coin.samples < 100 + 100_000 // 8).all()
     fixed = engine.certify(Constant(), x, sigma=0.25, n0=100, n=1000)
@@ -177,7 +180,8 @@ def test_adaptive_logs_record_samples_and_resume(tmp_path, kw):
     labels = torch.randint(0, 2, (12,))
     common = dict(sigma=0.3, n0=20, n=2000, alpha=0.01, seed=3, sampling="adaptive", images_per_chunk=2,
                   progress=False, backend="torch", **kw)
-    whole = engine.certify_dataset(Threshold(0.45), (images, labels), out=tmp_path / "whole.tsv", **common)
+    counter = Crashes(after=10**9)
+    whole = engine.certify_dataset(counter, (images, labels), out=tmp_path / "whole.tsv", **common)
     assert (tmp_path / "whole.tsv").read_text().splitlines()[0] == HEADER_SAMPLES
     summary, rows = read_log(tmp_path / "whole.tsv")
     assert summary["settings"]["sampling"] == "adaptive" and summary["settings"]["looks"][-1] == 2000
@@ -185,7 +189,7 @@ def test_adaptive_logs_record_samples_and_resume(tmp_path, kw):
     assert [rows[i][6] for i in range(12)] == whole.samples.tolist()
 
     with pytest.raises(KeyboardInterrupt):
-        engine.certify_dataset(Crashes(after=7), (images, labels), out=tmp_path / "part.tsv", **common)
+        engine.certify_dataset(Crashes(after=counter.calls // 2), (images, labels), out=tmp_path / "part.tsv", **common)
     _, partial = read_log(tmp_path / "part.tsv")
     assert 0 < len(partial) < 12
     resumed = engine.certify_dataset(Threshold(0.45), (images, labels), out=tmp_path / "part.tsv", **common)
