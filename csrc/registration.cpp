@@ -21,6 +21,10 @@ TORCH_LIBRARY(engine, m) {
   // Noisy forward batch: out[r] = dtype(x[row_image[r]] + sigma * z(seed, image_ids[row_image[r]], row_sample[r], stream)).
   m.def("noisy_batch(Tensor x, Tensor row_image, Tensor row_sample, Tensor image_ids, int seed, int stream, float sigma, "
         "ScalarType dtype) -> Tensor");
+  // Discrete (sound) noise on the 8-bit grid (csrc/discrete_noise.h): out[r] = dtype(float32(j) / 255) (int32: j), j =
+  // grid[row_image[r]] + k, k = #{thresholds <= u} - len/2, u the 64-bit keyed uniform of the pixel (engine/noise.py).
+  m.def("noisy_batch_discrete(Tensor grid, Tensor row_image, Tensor row_sample, Tensor image_ids, Tensor thresholds, "
+        "int seed, int stream, ScalarType dtype) -> Tensor");
   // CPU certification's convolution stages, fused per sample (csrc/conv_pool_cpu.cpp): relu(maxpool2x2(conv2d((x - mean)
   // / std, weight, bias))) for x (B, C, H, W), weight (O, C, kh, kw) -> (B, O, Hp, Wp) channels-last.
   m.def("conv_pool_relu(Tensor x, Tensor weight, Tensor bias, float mean, float std) -> Tensor");

@@ -31,13 +31,41 @@ to the model's input dtype.
 
 Stream tags: :data:`STREAM_SELECTION` (0), :data:`STREAM_ESTIMATION` (1), :data:`STREAM_PREDICT`
 (2); training and attacks use tags from 16 on.
+
+Discrete (sound) noise: ``noise="discrete"``
+-------------------------------------------
+Voracek and Hein (ICLR 2023, arXiv 2207.07209) show that rounding ``x + sigma * z`` to floats lets
+a base classifier earn certificates that are wrong. With ``noise="discrete"`` every noisy pixel is a
+point of the 8-bit grid, drawn from the keyed integer stream by exact integer comparisons, so no
+floating-point rounding enters the noise (docs/sound_noise.md has the derivation):
+
+    s       = 255 sigma                      (the standard deviation in grid steps)
+    table   = T_{-K} <= ... <= T_{K-1}      uint64, T_k = round(2^64 Phi((k + 1/2) / s)) for k >= 0,
+              T_{-k-1} = 2^64 - T_k (exactly symmetric), K = the least k >= 0 with T_k = 2^64
+              (Phi evaluated with mpmath at 160 bits; :func:`discrete_table`)
+    counter = (p >> 1, sample, image, tag), key as above -> words (w0, w1, w2, w3); pixel p takes
+              u = w0 2^32 + w1 (p even) or w2 2^32 + w3 (p odd)       (64 uniform bits)
+    k       = #{T <= u in the table} - K     in [-K, K], P(k) = (T_k - T_{k-1}) / 2^64 exactly
+    j       = round(255 x) + k               (x must be on the grid, :func:`grid_indices`)
+    noisy   = float32(j / 255)               (correctly rounded quotient), then cast to dtype
+
+The implemented law q of k is within total variation ``tv_bound = (K + 2) 2^-64`` of the rounded
+Gaussian r(k) = Phi((k + 1/2)/s) - Phi((k - 1/2)/s). Guarantee (:func:`discrete_certified_radius`):
+if P(f(noisy) = A) >= p at x, then for every grid point x' = x + delta / 255 (delta integer) with
+||x' - x||_2 < R = sigma (Phi^-1(p - eta) - Phi^-1(1/2 + eta)), eta = D tv_bound (D pixels),
+P(f(noisy') = A) > 1/2, for any base classifier f that is a deterministic function of its input.
 """
 
 from __future__ import annotations
 
+import functools
 import math
+from dataclasses import dataclass
 
+import numpy as np
 import torch
+
+from .validate import InputError
 
 __all__ = [
     "STREAM_SELECTION",
@@ -48,7 +76,16 @@ __all__ = [
     "noisy_batch",
     "noisy_batch_ref",
     "fit_polynomials",
+    "NOISE_KINDS",
+    "DiscreteTable",
+    "discrete_table",
+    "discrete_pmf",
+    "discrete_noise",
+    "discrete_certified_radius",
+    "grid_indices",
 ]
+
+NOISE_KINDS = ("gaussian", "discrete")
 
 STREAM_SELECTION = 0
 STREAM_ESTIMATION = 1
@@ -234,6 +271,244 @@ def _noise_rows_ref(ids: torch.Tensor, samples: torch.Tensor, num_pixels: int, s
 
 
 # ----------------------------------------------------------------------------------------------
+# Discrete (sound) noise: the threshold table, its exact law, the grid check and the reference
+# ----------------------------------------------------------------------------------------------
+
+DISCRETE_BITS = 64  # uniform bits per pixel (two Philox words)
+DISCRETE_MAX_SIGMA = 16.0  # the table has about 2 * 9.16 * 255 sigma entries (74,708 at 16)
+GRID_TOL = 1e-3  # |255 x - round(255 x)| allowed, in grid steps (float32 j/255 is within 2e-5)
+_TWO64 = 1 << 64
+
+
+@dataclass(frozen=True)
+class DiscreteTable:
+    """The threshold table of the discrete noise of one sigma and the exact law it implements.
+
+    Attributes:
+        sigma: noise standard deviation in pixel units (the float64 value given).
+        half_width: K; the steps k lie in [-K, K].
+        thresholds: (T_{-K}, ..., T_{K-1}) as Python integers in (0, 2^64), non-decreasing; a
+            64-bit uniform ``u`` gives ``k = #{T <= u} - K``.
+        tv_bound: an upper bound on the total variation distance between the implemented law of k
+            and the rounded Gaussian r(k) = Phi((k + 1/2) / s) - Phi((k - 1/2) / s), s = 255 sigma.
+    """
+
+    sigma: float
+    half_width: int
+    thresholds: tuple[int, ...]
+    tv_bound: float
+
+    def counts(self) -> tuple[int, ...]:
+        """Exact law: the numerators c_k (k = -K..K) of P(k) = c_k / 2^64 (they sum to 2^64)."""
+        cuts = (0,) + self.thresholds + (_TWO64,)
+        return tuple(b - a for a, b in zip(cuts[:-1], cuts[1:]))
+
+    def pmf(self) -> np.ndarray:
+        """The implemented law P(k), k = -K..K, as float64 (rounded from the exact :meth:`counts`)."""
+        return np.array([c / _TWO64 for c in self.counts()], dtype=np.float64)
+
+    def steps(self) -> np.ndarray:
+        """The support -K..K (int64) that :meth:`pmf` and :meth:`counts` index."""
+        return np.arange(-self.half_width, self.half_width + 1, dtype=np.int64)
+
+    def as_tensor(self, device=None) -> torch.Tensor:
+        """The thresholds as an int64 tensor holding their uint64 bit patterns (C++ / Triton ops)."""
+        return _table_tensor(self.sigma, str(torch.device(device or "cpu")))
+
+
+def _check_sigma_discrete(sigma) -> float:
+    try:
+        value = float(sigma)
+    except (TypeError, ValueError):
+        raise InputError(f"sigma must be a positive number, got {sigma!r}") from None
+    if not (math.isfinite(value) and 0.0 < value <= DISCRETE_MAX_SIGMA):
+        raise InputError(f"sigma must lie in (0, {DISCRETE_MAX_SIGMA:g}] for noise='discrete', got {sigma!r}")
+    return value
+
+
+@functools.lru_cache(maxsize=32)
+def _discrete_table_cached(sigma: float) -> DiscreteTable:
+    import mpmath  # declared in pyproject.toml (and a dependency of torch through sympy)
+
+    ctx = mpmath.MPContext()
+    ctx.prec = 160
+    scale = ctx.mpf(sigma) * 255 * ctx.sqrt(2)  # s sqrt(2), s = 255 sigma exactly (float64 sigma)
+    tails = []  # R_k = round(2^63 erfc((k + 1/2) / (s sqrt 2))) = round(2^64 (1 - Phi((k + 1/2) / s)))
+    k = 0
+    while True:
+        tail = int(ctx.floor(ctx.erfc((k + ctx.mpf(0.5)) / scale) * 2**63 + ctx.mpf(0.5)))
+        if tail == 0:
+            break
+        tails.append(tail)
+        k += 1
+    half = len(tails)  # K: T_K = 2^64 - R_K = 2^64
+    thresholds = tuple(tails[::-1]) + tuple(_TWO64 - t for t in tails)  # T_{-K..-1} = R_{K-1..0}, T_{0..K-1}
+    # |T_k 2^-64 - Phi_k| <= 2^-65 for every integer k (rounding; beyond the table both sides are
+    # within 2^-65 of 0 or 1), so sum_k |q(k) - r(k)| <= (2K + 1) 2^-64 + (r's mass beyond +-K <
+    # 2^-64): TV <= (K + 1) 2^-64. One more 2^-64 covers mpmath's error at 160 bits.
+    return DiscreteTable(sigma=sigma, half_width=half, thresholds=thresholds, tv_bound=(half + 2) * 2.0**-64)
+
+
+def discrete_table(sigma) -> DiscreteTable:
+    """The threshold table of ``noise="discrete"`` for ``sigma`` (pixel units; cached).
+
+    T_k = round(2^64 Phi((k + 1/2) / s)) for k >= 0 and T_{-k-1} = 2^64 - T_k, s = 255 sigma, over
+    k = -K..K-1 where K is the least k >= 0 with T_k = 2^64; Phi is evaluated with mpmath at 160
+    bits. The law it implements is :meth:`DiscreteTable.counts` / 2^64, exactly symmetric.
+    """
+    return _discrete_table_cached(_check_sigma_discrete(sigma))
+
+
+def discrete_pmf(sigma) -> tuple[np.ndarray, np.ndarray]:
+    """(steps k = -K..K as int64, their exact implemented probabilities as float64)."""
+    table = discrete_table(sigma)
+    return table.steps(), table.pmf()
+
+
+@functools.lru_cache(maxsize=64)
+def _table_tensor(sigma: float, device: str) -> torch.Tensor:
+    table = _discrete_table_cached(sigma)
+    bits = [t - _TWO64 if t >= 1 << 63 else t for t in table.thresholds]
+    return torch.tensor(bits, dtype=torch.int64, device=device)
+
+
+@functools.lru_cache(maxsize=64)
+def _table_flipped(sigma: float, device: str) -> torch.Tensor:
+    """The thresholds minus 2^63 as int64: signed order = unsigned order of the thresholds."""
+    table = _discrete_table_cached(sigma)
+    return torch.tensor([t - (1 << 63) for t in table.thresholds], dtype=torch.int64, device=device)
+
+
+def discrete_certified_radius(p_lower, sigma, num_pixels):
+    """Sound L2 radius (pixel units) of ``noise="discrete"`` from a lower bound on p_A.
+
+    Args:
+        p_lower: lower confidence bound(s) on P(f(noisy x) = A) under the implemented noise
+            (float, array or tensor).
+        sigma: the noise level the samples were drawn with (pixel units).
+        num_pixels: D, the number of pixels (C * H * W) of an image.
+
+    Returns:
+        float64 radius (a float for a scalar input, else a NumPy array of the same shape)
+
+            R = sigma * (Phi^-1(p - eta) - Phi^-1(1/2 + eta)),   eta = D * tv_bound(sigma),
+
+        and 0 where that is not positive (p <= 1/2 + 2 eta; p <= 1/2 means abstain).
+
+    Guarantee (docs/sound_noise.md): if P(f(x + k/255) = A) >= p for the implemented law of k, then
+    P(f(x' + k/255) = A) > 1/2 for every grid point x' = x + delta/255 (delta in Z^D) with
+    ||x' - x||_2 < R, for any base classifier f that is a deterministic function of its (grid)
+    input. Proof: x + round(255 eps)/255 = round_grid(x + eps) for x on the grid and eps ~
+    N(0, sigma^2 I), so the rounded Gaussian r is Cohen et al.'s smoothing of f o round_grid
+    (Theorem 1 holds for it); the implemented law is within eta of r^D in total variation, once at
+    x and once at x'. Phi^-1 is evaluated one ulp conservatively and R shrunk by 2^-40 relative.
+    """
+    from scipy.special import ndtri
+
+    sigma = _check_sigma_discrete(sigma)
+    if isinstance(num_pixels, bool) or not isinstance(num_pixels, (int, np.integer)) or num_pixels < 1:
+        raise InputError(f"num_pixels must be a positive integer, got {num_pixels!r}")
+    scalar = np.ndim(p_lower) == 0
+    if isinstance(p_lower, torch.Tensor):
+        p_lower = p_lower.detach().cpu().numpy()
+    p = np.asarray(p_lower, dtype=np.float64)
+    if np.isnan(p).any() or (p < 0).any() or (p > 1).any():
+        raise InputError("p_lower must lie in [0, 1]")
+    eta = int(num_pixels) * discrete_table(sigma).tv_bound
+    lo = np.nextafter(p - eta, -np.inf)  # at most p - eta
+    hi = np.nextafter(0.5 + eta, np.inf)  # at least 1/2 + eta
+    with np.errstate(invalid="ignore", divide="ignore"):
+        gap = ndtri(np.clip(lo, 0.0, 1.0)) - ndtri(hi)
+    radius = sigma * gap * (1.0 - 2.0**-40)
+    radius = np.where((lo > hi) & np.isfinite(radius), radius, 0.0)
+    return float(radius) if scalar else radius
+
+
+def grid_indices(x, name: str = "x") -> torch.Tensor:
+    """round(255 x) of images on the 8-bit grid, as (B, D) int32; raises :class:`InputError` otherwise.
+
+    ``x`` is uint8 (0..255, taken as is) or floating with every pixel within ``GRID_TOL`` grid
+    steps of a multiple of 1/255 in [0, 1] (255 x evaluated in float64). ``data.to_float`` of uint8
+    images passes; float16 / bfloat16 images of the grid do not (they are not on it).
+    """
+    if not isinstance(x, torch.Tensor) or x.dim() < 1:
+        raise InputError(f"{name} must be a tensor of shape (B, ...) holding the clean images")
+    flat = x.detach().reshape(x.shape[0], -1)
+    if flat.dtype == torch.uint8:
+        return flat.to(torch.int32)
+    if not flat.is_floating_point():
+        raise InputError(f"{name} must be uint8 or floating for noise='discrete', got {x.dtype}")
+    if flat.numel() == 0:
+        return torch.zeros(flat.shape, dtype=torch.int32, device=flat.device)
+    scaled = flat.to(torch.float64) * 255.0
+    if not bool(torch.isfinite(scaled).all()):
+        raise InputError(f"{name} holds NaN or infinite pixels")
+    j = torch.round(scaled)
+    off = (scaled - j).abs()
+    worst = float(off.max())
+    lo, hi = (float(v) for v in torch.aminmax(j))
+    if worst > GRID_TOL or lo < 0 or hi > 255:
+        raise InputError(
+            f"{name}: noise='discrete' needs pixels on the 8-bit grid (multiples of 1/255 in [0, 1], within "
+            f"{GRID_TOL:g} of a step); got 255*x up to {worst:.3g} steps off the grid and round(255*x) in "
+            f"[{lo:.0f}, {hi:.0f}] (quantise with torch.round(x * 255) / 255, or pass uint8)"
+        )
+    return j.to(torch.int32)
+
+
+def _discrete_steps_ref(ids: torch.Tensor, samples: torch.Tensor, num_pixels: int, seed: int, stream: int,
+                        sigma: float) -> torch.Tensor:
+    """(R, num_pixels) int64 steps k for rows (image id, sample index), plain PyTorch."""
+    table = _discrete_table_cached(sigma)
+    device = ids.device
+    rows = ids.shape[0]
+    if table.half_width == 0:
+        return torch.zeros((rows, num_pixels), dtype=torch.int64, device=device)
+    pairs = (num_pixels + 1) // 2
+    g = torch.arange(pairs, dtype=torch.int64, device=device)[None, :]
+    w0, w1, w2, w3 = philox4x32_ref(g, samples[:, None], ids[:, None], stream, seed)
+    hi = torch.stack((w0, w2), dim=-1).reshape(rows, 2 * pairs)[:, :num_pixels]
+    lo = torch.stack((w1, w3), dim=-1).reshape(rows, 2 * pairs)[:, :num_pixels]
+    u_flipped = (hi - (1 << 31)) * (1 << 32) + lo  # u - 2^63, no overflow
+    count = torch.searchsorted(_table_flipped(sigma, str(device)), u_flipped.contiguous(), right=True)
+    return count - table.half_width
+
+
+def _grid_values_ref(j: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """dtype(float32(j / 255)) of int64 grid indices (|j| < 2^24), or j itself for dtype int32.
+
+    float32(float64(j) / 255) is the correctly rounded quotient: j / 255 has a period-8 binary
+    expansion, so its float64 rounding never lands on a float32 rounding boundary.
+    """
+    if dtype == torch.int32:
+        return j.to(torch.int32)
+    return (j.to(torch.float64) / 255.0).to(torch.float32).to(dtype)
+
+
+def _check_noise(noise) -> str:
+    if noise not in NOISE_KINDS:
+        raise InputError(f"noise must be one of {NOISE_KINDS}, got {noise!r}")
+    return noise
+
+
+DISCRETE_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.int32)
+
+
+def _check_discrete_dtype(dtype) -> None:
+    if dtype not in DISCRETE_DTYPES:
+        raise InputError(f"dtype must be one of {DISCRETE_DTYPES} for noise='discrete', got {dtype}")
+
+
+def _noisy_discrete_ref(x, row_image, row_sample, image_ids, *, seed, stream, sigma, dtype):
+    sigma = _check_sigma_discrete(sigma)
+    _check_discrete_dtype(dtype)
+    grid = grid_indices(x).to(torch.int64)
+    k = _discrete_steps_ref(image_ids[row_image], row_sample, grid.shape[1], seed, stream, sigma)
+    out = _grid_values_ref(grid[row_image] + k, dtype)
+    return out.reshape((row_image.shape[0],) + tuple(x.shape[1:]))
+
+
+# ----------------------------------------------------------------------------------------------
 # Public entry points
 # ----------------------------------------------------------------------------------------------
 
@@ -257,37 +532,51 @@ def _check_rows(x: torch.Tensor, row_image: torch.Tensor, row_sample: torch.Tens
         raise ValueError(f"image_ids has {image_ids.shape[0]} entries, x has {x.shape[0]} images")
 
 
-def noisy_batch_ref(x, row_image, row_sample, image_ids, *, seed, stream, sigma, dtype=torch.float32):
+def noisy_batch_ref(x, row_image, row_sample, image_ids, *, seed, stream, sigma, dtype=torch.float32, noise="gaussian"):
     """Plain-PyTorch reference of :func:`noisy_batch` (same arguments, same bits)."""
+    _check_noise(noise)
     _check_rows(x, row_image, row_sample, image_ids)
     _check_key(seed, stream)
+    if noise == "discrete":
+        return _noisy_discrete_ref(x, row_image, row_sample, image_ids, seed=seed, stream=stream, sigma=sigma, dtype=dtype)
     flat = x.reshape(x.shape[0], -1).to(torch.float32)
     z = _noise_rows_ref(image_ids[row_image], row_sample, flat.shape[1], seed, stream)
     out = flat[row_image] + z * _f32(float(sigma), z)
     return out.to(dtype).reshape((row_image.shape[0],) + tuple(x.shape[1:]))
 
 
-def noisy_batch(x, row_image, row_sample, image_ids, *, seed, stream, sigma, dtype=torch.float32, backend="auto"):
+def noisy_batch(x, row_image, row_sample, image_ids, *, seed, stream, sigma, dtype=torch.float32, backend="auto",
+                noise="gaussian"):
     """Noisy copies of clean images, written straight into a forward batch.
 
     Args:
-        x: (B, C, H, W) float clean images (any trailing shape works).
+        x: (B, C, H, W) float clean images (any trailing shape works); for ``noise="discrete"``
+            uint8 or floating images on the 8-bit grid (:func:`grid_indices`).
         row_image: (R,) int64, row r copies image ``x[row_image[r]]``.
         row_sample: (R,) int64 sample index of row r, in [0, 2^32).
         image_ids: (B,) int64 global id of each image in [0, 2^32) (its index in the data set).
         seed, stream: the key of the noise stream (see module docstring).
         sigma: noise standard deviation in pixel units.
-        dtype: output dtype (float32, float16 or bfloat16).
+        dtype: output dtype (float32, float16 or bfloat16; with ``noise="discrete"`` also int32,
+            which returns the grid indices j = round(255 x) + k instead of pixel values).
         backend: "auto" (the extension's op on CPU, or on CUDA when built with CUDA; else the
-            reference), "torch", "cpp" or "triton" (``kernels.noisy_batch``; CUDA or the interpreter).
+            reference), "torch", "cpp" or "triton" (``kernels.noisy_batch`` /
+            ``kernels.discrete_noise``; CUDA or the interpreter).
+        noise: "gaussian" (the float stream) or "discrete" (sound noise on the 8-bit grid; see
+            the module docstring and :func:`discrete_certified_radius` for its guarantee).
 
     Returns:
-        (R, C, H, W) tensor ``dtype(float32(x + float32(sigma * z)))``, ``z`` the keyed noise.
+        (R, C, H, W) tensor: gaussian ``dtype(float32(x + float32(sigma * z)))``, ``z`` the keyed
+        noise; discrete ``dtype(float32((round(255 x) + k) / 255))``, ``k`` the keyed integer steps.
     """
     from . import _ext
 
+    _check_noise(noise)
     if backend not in ("auto", "torch", "cpp", "triton"):
         raise ValueError(f"backend must be 'auto', 'torch', 'cpp' or 'triton', got {backend!r}")
+    if noise == "discrete":
+        return _noisy_batch_discrete(x, row_image, row_sample, image_ids, seed=seed, stream=stream, sigma=sigma,
+                                     dtype=dtype, backend=backend)
     if backend == "triton":
         from engine.kernels.noisy_batch import noisy_batch as noisy_batch_triton
 
@@ -326,3 +615,56 @@ def gaussian_noise(image_ids, samples, shape, *, seed, stream, backend="auto"):
     zeros = torch.zeros((image_ids.shape[0],) + tuple(shape), dtype=torch.float32, device=image_ids.device)
     rows = torch.arange(image_ids.shape[0], dtype=torch.int64, device=image_ids.device)
     return noisy_batch(zeros, rows, samples, image_ids, seed=seed, stream=stream, sigma=1.0, backend=backend)
+
+
+def _noisy_batch_discrete(x, row_image, row_sample, image_ids, *, seed, stream, sigma, dtype, backend):
+    from . import _ext
+
+    _check_rows(x, row_image, row_sample, image_ids)
+    _check_key(seed, stream)
+    sigma = _check_sigma_discrete(sigma)
+    _check_discrete_dtype(dtype)
+    if backend == "triton":
+        from engine.kernels.discrete_noise import noisy_batch_discrete as noisy_batch_discrete_triton
+
+        return noisy_batch_discrete_triton(x, row_image, row_sample, image_ids, seed=seed, stream=stream, sigma=sigma,
+                                           dtype=dtype)
+    if backend == "auto":
+        use_cpp = _ext.available() and (x.device.type == "cpu" or (x.device.type == "cuda" and _ext.has_cuda_ops()))
+    else:
+        use_cpp = backend == "cpp"
+    if not use_cpp:
+        return _noisy_discrete_ref(x, row_image, row_sample, image_ids, seed=seed, stream=stream, sigma=sigma, dtype=dtype)
+    _ext.require("noisy_batch backend 'cpp'")
+    grid = grid_indices(x).reshape(x.shape)
+    return _discrete_op(grid, row_image, row_sample, image_ids, seed=seed, stream=stream, sigma=sigma, dtype=dtype)
+
+
+def _discrete_op(grid, row_image, row_sample, image_ids, *, seed, stream, sigma, dtype):
+    """torch.ops.engine.noisy_batch_discrete on int32 grid indices (checked by the caller)."""
+    seed_signed = seed - 2**64 if seed >= 2**63 else seed
+    return torch.ops.engine.noisy_batch_discrete(
+        grid.contiguous(),
+        row_image.contiguous(),
+        row_sample.contiguous(),
+        image_ids.contiguous(),
+        _table_tensor(sigma, str(grid.device)),
+        seed_signed,
+        stream,
+        dtype,
+    )
+
+
+def discrete_noise(image_ids, samples, shape, *, seed, stream, sigma, backend="auto"):
+    """Integer grid steps k of ``noise="discrete"``, shape (R, *shape) int32, rows (image_ids[r], samples[r]).
+
+    ``image_ids`` and ``samples`` are (R,) int64. These are the exact steps that
+    :func:`noisy_batch` with ``noise="discrete"`` adds to round(255 x) (its int32 output of a zero
+    image), on every backend.
+    """
+    image_ids = torch.as_tensor(image_ids, dtype=torch.int64)
+    samples = torch.as_tensor(samples, dtype=torch.int64, device=image_ids.device)
+    zeros = torch.zeros((image_ids.shape[0],) + tuple(shape), dtype=torch.uint8, device=image_ids.device)
+    rows = torch.arange(image_ids.shape[0], dtype=torch.int64, device=image_ids.device)
+    return noisy_batch(zeros, rows, samples, image_ids, seed=seed, stream=stream, sigma=sigma, dtype=torch.int32,
+                       backend=backend, noise="discrete")

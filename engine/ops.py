@@ -19,6 +19,14 @@ def _noisy_batch_fake(x, row_image, row_sample, image_ids, seed, stream, sigma, 
     return x.new_empty((row_image.shape[0],) + tuple(x.shape[1:]), dtype=dtype)
 
 
+@torch.library.register_fake("engine::noisy_batch_discrete")
+def _noisy_batch_discrete_fake(grid, row_image, row_sample, image_ids, thresholds, seed, stream, dtype):
+    torch._check(row_image.dim() == 1 and row_sample.dim() == 1, lambda: "row_image and row_sample must be 1-D")
+    torch._check(row_image.shape[0] == row_sample.shape[0], lambda: "row_image and row_sample differ in length")
+    torch._check(image_ids.shape[0] == grid.shape[0], lambda: "image_ids must have one entry per image")
+    return grid.new_empty((row_image.shape[0],) + tuple(grid.shape[1:]), dtype=dtype)
+
+
 @torch.library.register_fake("engine::conv_pool_relu")
 def _conv_pool_relu_fake(x, weight, bias, mean, std):
     torch._check(x.dim() == 4, lambda: "conv_pool_relu: x must be (B, C, H, W)")

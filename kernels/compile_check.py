@@ -34,6 +34,7 @@ from pathlib import Path
 
 KERNELS = (
     "engine.kernels.noisy_batch:_noisy_batch_kernel",
+    "engine.kernels.discrete_noise:_noisy_discrete_kernel",
     "engine.kernels.class_counts:_class_counts_kernel",
     "engine.kernels.class_counts:_linear_counts_kernel",
     "engine.kernels.mlp_counts:_mlp_counts_kernel",
@@ -103,7 +104,7 @@ def _record_launches(path: Path) -> None:
 def _representative_launches(torch) -> None:
     import warnings
 
-    from engine.kernels import class_counts, noisy_batch
+    from engine.kernels import class_counts, discrete_noise, noisy_batch
 
     import engine
     from engine import models
@@ -128,6 +129,9 @@ def _representative_launches(torch) -> None:
     ids = torch.arange(3)
     for dtype in noisy_batch.DTYPES:
         noisy_batch.noisy_batch(x, rows, samples, ids, seed=1, stream=2, sigma=0.5, dtype=dtype)
+    grid_x = torch.randint(0, 256, (3, 1, 5, 7), generator=gen, dtype=torch.uint8)
+    for dtype in discrete_noise.DTYPES:
+        discrete_noise.noisy_batch_discrete(grid_x, rows, samples, ids, seed=1, stream=2, sigma=0.5, dtype=dtype)
     for dtype in (torch.float32, torch.bfloat16, torch.float16):
         logits = torch.randn(5, 10, generator=gen).to(dtype)
         class_counts.class_counts(logits, rows, 3)

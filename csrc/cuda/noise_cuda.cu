@@ -7,6 +7,7 @@
 #include <c10/cuda/CUDAException.h>
 
 #include "../philox_normal.h"
+#include "../discrete_noise.h"
 
 namespace {
 
@@ -79,6 +80,107 @@ at::Tensor noisy_batch_cuda(const at::Tensor& x, const at::Tensor& row_image, co
   return out;
 }
 
+// engine::noisy_batch_discrete (same integers and bits as engine.noise.noisy_batch_ref(..., noise="discrete")).
+// One thread per Philox block (2 pixels) of one row; the threshold table is read from global memory.
+template <typename out_t>
+__device__ __forceinline__ out_t discrete_value(int32_t j) {
+  if constexpr (std::is_same_v<out_t, int32_t>) {
+    return j;
+  } else {
+    return static_cast<out_t>(__fdiv_rn(static_cast<float>(j), 255.0f));  // correctly rounded quotient
+  }
+}
+
+template <typename out_t>
+__global__ void noisy_batch_discrete_kernel(const int32_t* __restrict__ grid, int64_t num_pixels, int64_t pairs,
+                                            const int64_t* __restrict__ row_image,
+                                            const int64_t* __restrict__ row_sample,
+                                            const int64_t* __restrict__ image_ids, const uint64_t* __restrict__ table,
+                                            int64_t len, int64_t top, uint32_t k0, uint32_t k1, uint32_t stream,
+                                            out_t* __restrict__ out, int64_t rows) {
+  const int64_t tid = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (tid >= rows * pairs) return;
+  const int64_t r = tid / pairs;
+  const int64_t g = tid - r * pairs;
+  const int64_t slot = row_image[r];
+  uint64_t u[2];
+  engine_noise::discrete_uniform_pair(static_cast<uint32_t>(g), static_cast<uint32_t>(row_sample[r]),
+                                      static_cast<uint32_t>(image_ids[slot]), stream, k0, k1, u[0], u[1]);
+  const int32_t* src = grid + slot * num_pixels;
+  out_t* dst = out + r * num_pixels;
+  const int64_t half = len / 2;
+#pragma unroll
+  for (int l = 0; l < 2; ++l) {
+    const int64_t p = 2 * g + l;
+    if (p < num_pixels) {
+      const int64_t k = engine_noise::count_le(table, len, top, u[l]) - half;
+      dst[p] = discrete_value<out_t>(src[p] + static_cast<int32_t>(k));
+    }
+  }
+}
+
+at::Tensor noisy_batch_discrete_cuda(const at::Tensor& grid, const at::Tensor& row_image, const at::Tensor& row_sample,
+                                     const at::Tensor& image_ids, const at::Tensor& thresholds, int64_t seed,
+                                     int64_t stream, at::ScalarType dtype) {
+  TORCH_CHECK(grid.is_cuda() && row_image.is_cuda() && row_sample.is_cuda() && image_ids.is_cuda() && thresholds.is_cuda(),
+              "noisy_batch_discrete: all tensors must be on the same CUDA device");
+  TORCH_CHECK(grid.scalar_type() == at::kInt, "noisy_batch_discrete: grid must be int32, got ", grid.scalar_type());
+  TORCH_CHECK(grid.dim() >= 1, "noisy_batch_discrete: grid must have shape (B, ...)");
+  TORCH_CHECK(row_image.dim() == 1 && row_image.scalar_type() == at::kLong,
+              "noisy_batch_discrete: row_image must be 1-D int64");
+  TORCH_CHECK(row_sample.dim() == 1 && row_sample.scalar_type() == at::kLong,
+              "noisy_batch_discrete: row_sample must be 1-D int64");
+  TORCH_CHECK(image_ids.dim() == 1 && image_ids.scalar_type() == at::kLong,
+              "noisy_batch_discrete: image_ids must be 1-D int64");
+  TORCH_CHECK(thresholds.dim() == 1 && thresholds.scalar_type() == at::kLong && thresholds.size(0) % 2 == 0,
+              "noisy_batch_discrete: thresholds must be a 1-D int64 tensor of even length");
+  TORCH_CHECK(row_image.size(0) == row_sample.size(0), "noisy_batch_discrete: row_image and row_sample differ in length");
+  TORCH_CHECK(image_ids.size(0) == grid.size(0), "noisy_batch_discrete: image_ids must have one entry per image");
+  TORCH_CHECK(stream >= 0 && stream <= 0xFFFFFFFFLL, "noisy_batch_discrete: stream must be in [0, 2^32)");
+  TORCH_CHECK(dtype == at::kFloat || dtype == at::kHalf || dtype == at::kBFloat16 || dtype == at::kInt,
+              "noisy_batch_discrete: dtype must be float32, float16, bfloat16 or int32");
+  TORCH_CHECK(thresholds.size(0) / 2 < (1LL << 22), "noisy_batch_discrete: threshold table too long");
+  const c10::cuda::CUDAGuard guard(grid.device());
+  const int64_t batch = grid.size(0), rows = row_image.size(0), len = thresholds.size(0);
+  auto gc = grid.contiguous();
+  auto ri = row_image.contiguous(), rs = row_sample.contiguous(), ids = image_ids.contiguous();
+  auto tc = thresholds.contiguous();
+  std::vector<int64_t> shape(grid.sizes().begin(), grid.sizes().end());
+  shape[0] = rows;
+  auto out = at::empty(shape, grid.options().dtype(dtype));
+  const int64_t num_pixels = batch > 0 ? gc.numel() / batch : 0;
+  if (rows == 0 || num_pixels == 0) return out;
+  const int64_t pairs = (num_pixels + 1) / 2;
+  const int64_t total = rows * pairs;
+  const int threads = 256;
+  const int64_t blocks = (total + threads - 1) / threads;
+  const uint64_t useed = static_cast<uint64_t>(seed);
+  const auto* table = reinterpret_cast<const uint64_t*>(tc.data_ptr<int64_t>());
+  const int64_t top = engine_noise::top_step(len);
+  auto cuda_stream = c10::cuda::getCurrentCUDAStream();
+  auto launch = [&](auto* op) {
+    using out_t = std::remove_pointer_t<decltype(op)>;
+    noisy_batch_discrete_kernel<out_t><<<static_cast<unsigned>(blocks), threads, 0, cuda_stream>>>(
+        gc.data_ptr<int32_t>(), num_pixels, pairs, ri.data_ptr<int64_t>(), rs.data_ptr<int64_t>(),
+        ids.data_ptr<int64_t>(), table, len, top, static_cast<uint32_t>(useed), static_cast<uint32_t>(useed >> 32),
+        static_cast<uint32_t>(stream), op, rows);
+  };
+  if (dtype == at::kFloat) {
+    launch(out.data_ptr<float>());
+  } else if (dtype == at::kHalf) {
+    launch(out.data_ptr<at::Half>());
+  } else if (dtype == at::kBFloat16) {
+    launch(out.data_ptr<at::BFloat16>());
+  } else {
+    launch(out.data_ptr<int32_t>());
+  }
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return out;
+}
+
 }  // namespace
 
-TORCH_LIBRARY_IMPL(engine, CUDA, m) { m.impl("noisy_batch", &noisy_batch_cuda); }
+TORCH_LIBRARY_IMPL(engine, CUDA, m) {
+  m.impl("noisy_batch", &noisy_batch_cuda);
+  m.impl("noisy_batch_discrete", &noisy_batch_discrete_cuda);
+}
