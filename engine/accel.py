@@ -232,9 +232,10 @@ def numerics(device: torch.device, precision: str):
 class LoopSampler:
     """The plain loop (:func:`engine.smoothing.sample_counts`), optionally under autocast."""
 
-    def __init__(self, model: nn.Module, device: torch.device, noise_backend: str, precision: str, batch_size: int):
+    def __init__(self, model: nn.Module, device: torch.device, noise_backend: str, precision: str, batch_size: int,
+                 noise: str = "gaussian"):
         self.model, self.device, self.noise_backend = model, device, noise_backend
-        self.precision, self.batch_size = precision, batch_size
+        self.precision, self.batch_size, self.noise = precision, batch_size, noise
         self.kind = "loop"
 
     def __call__(self, x, ids, num, stream, *, sigma, seed, progress=None) -> torch.Tensor:
@@ -243,7 +244,7 @@ class LoopSampler:
         with numerics(self.device, self.precision):
             return sample_counts(
                 self.model, x, ids, num, stream, sigma=sigma, seed=seed, batch_size=self.batch_size,
-                backend=self.noise_backend, progress=progress,
+                backend=self.noise_backend, progress=progress, noise=self.noise,
             )  # fmt: skip
 
 
@@ -476,12 +477,19 @@ def cached_samplers() -> list[TritonSampler]:
     return [entry[3] for entry in _CACHE]
 
 
-def make_sampler(model: nn.Module, x: torch.Tensor, *, backend: str, precision: str, batch_size: int):
-    """The sampler for ``backend`` / ``precision`` (see the module docstring); ``model`` in eval mode."""
+def make_sampler(model: nn.Module, x: torch.Tensor, *, backend: str, precision: str, batch_size: int,
+                 noise: str = "gaussian"):
+    """The sampler for ``backend`` / ``precision`` (see the module docstring); ``model`` in eval mode.
+
+    ``noise="discrete"`` (:mod:`engine.noise`, sound noise on the 8-bit grid) runs the loop with that noise from
+    the backend's noise op (the Triton noise kernel for "triton"); the fused kernels draw Gaussian noise only."""
     from .smoothing import fast_forward_model
 
     device = x.device
     prec = resolve_precision(precision, device, backend)
+    if noise != "gaussian":
+        runner = model if backend == "triton" else fast_forward_model(model, device, backend)
+        return LoopSampler(runner, device, "auto" if backend == "auto" else backend, prec, batch_size, noise=noise)
     if backend == "triton" or (backend == "auto" and device.type == "cuda"):
         if x.shape[0] == 0:
             return LoopSampler(model, device, "torch", prec, batch_size)

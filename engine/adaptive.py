@@ -123,10 +123,12 @@ def make_plan(n: int, alpha: float, radii=None, radius_tol=None) -> SamplingPlan
     return SamplingPlan(look_schedule(n), alpha, None, float(tol))
 
 
-def _radius(p: np.ndarray, sigma: float) -> np.ndarray:
-    """sigma Phi^-1(p) where p >= 1/2, -inf below (not certified)."""
+def _radius(p: np.ndarray, sigma: float, radius_of=None) -> np.ndarray:
+    """radius_of(p) (default sigma Phi^-1(p)) where p >= 1/2, -inf below (not certified)."""
     with np.errstate(divide="ignore"):
-        return np.where(p >= 0.5, certified_radius(np.clip(p, 0.5, 1.0), sigma), -np.inf)
+        q = np.clip(p, 0.5, 1.0)
+        r = certified_radius(q, sigma) if radius_of is None else radius_of(q)
+        return np.where(p >= 0.5, r, -np.inf)
 
 
 def _grid_floor(r: np.ndarray, grid: np.ndarray) -> np.ndarray:
@@ -145,13 +147,14 @@ def _settled(plan: SamplingPlan, r_cur: np.ndarray, r_reach: np.ndarray) -> np.n
     return ~(r_reach > np.maximum(r_cur, 0.0) + plan.radius_tol)
 
 
-def adaptive_counts(sampler, x, ids, c_a, plan: SamplingPlan, *, sigma: float, seed: int, progress=None):
+def adaptive_counts(sampler, x, ids, c_a, plan: SamplingPlan, *, sigma: float, seed: int, progress=None, radius_of=None):
     """Run the looks of ``plan`` for the images ``x`` whose selected classes are ``c_a``.
 
     ``sampler(x, ids, num, stream, sigma=, seed=, progress=)`` returns (B, K) top-1 counts (see
     :mod:`engine.accel`). Returns (counts (B, K) int64 over the estimation samples drawn, used (B,) int64
     estimation samples drawn, p_lower (B,) float64 at alpha / L, radius (B,) float64 with -inf where not
-    certified; in decision mode the certified grid radius), all on the CPU.
+    certified; in decision mode the certified grid radius), all on the CPU. ``radius_of``: p_lower -> radius of the
+    noise drawn (default Cohen et al.'s sigma Phi^-1(p)).
     """
     batch = x.shape[0]
     c_a = c_a.cpu()
@@ -175,7 +178,7 @@ def adaptive_counts(sampler, x, ids, c_a, plan: SamplingPlan, *, sigma: float, s
         used[active] = n_l
         n_a = counts[sel].gather(1, c_a[sel][:, None])[:, 0].numpy()
         lb = clopper_pearson_lower(n_a, n_l, plan.alpha_look)
-        r_cur = _radius(lb, sigma)
+        r_cur = _radius(lb, sigma, radius_of)
         if plan.radii is not None:
             r_cur = _grid_floor(r_cur, np.asarray(plan.radii))
         if n_l == n_final:
@@ -183,7 +186,7 @@ def adaptive_counts(sampler, x, ids, c_a, plan: SamplingPlan, *, sigma: float, s
         else:
             ub = clopper_pearson_upper(n_a, n_l, plan.alpha_look)
             k_reach = np.minimum(n_final, np.ceil(ub * n_final))
-            r_reach = _radius(clopper_pearson_lower(k_reach, n_final, plan.alpha_look), sigma)
+            r_reach = _radius(clopper_pearson_lower(k_reach, n_final, plan.alpha_look), sigma, radius_of)
             stop = _settled(plan, r_cur, r_reach)
         done = active[stop]
         p_lower[done] = lb[stop]

@@ -118,6 +118,7 @@ def certify_dataset(
     sampling: str = "fixed",
     radii=None,
     radius_tol: float | None = None,
+    noise: str = "gaussian",
 ) -> DatasetCertification:
     """Certify ``model``'s smoothed classifier at the images of ``dataset`` (Cohen et al., CERTIFY).
 
@@ -142,6 +143,8 @@ def certify_dataset(
             looks and stops each image once settled (:mod:`engine.adaptive`), decision mode with ``radii``,
             radius mode with ``radius_tol``. The plan is part of the log's settings; its rows get a
             ``samples`` column and the summary the mean samples per image.
+        noise: "gaussian" or "discrete" (sound noise on the 8-bit grid, :func:`engine.certify`); recorded in the
+            settings when not "gaussian".
 
     Returns:
         :class:`DatasetCertification`. The guarantee is :func:`engine.certify`'s, per image.
@@ -150,6 +153,7 @@ def certify_dataset(
 
     from . import data as _data
     from .fileio import ExclusiveLock
+    from .noise import _check_noise as _noise_kind
     from .results import ResultsLog, run_trace, summary_paths
     from .smoothing import _check_alpha, _check_int, _check_sigma, certify, default_batch_size, model_device, sampling_plan
     from .validate import InputError, check_progress
@@ -158,6 +162,7 @@ def certify_dataset(
     n0, n = _check_int("n0", n0, 1), _check_int("n", n, 1)
     progress = check_progress(progress, allow_callable=False)
     plan = sampling_plan(sampling, n, alpha, radii, radius_tol)
+    noise = _noise_kind(noise)
     images, labels = _as_tensors(dataset)
     if labels.dim() != 1 or labels.shape[0] != images.shape[0]:
         raise InputError(f"dataset labels must be ({images.shape[0]},), got {tuple(labels.shape)}")
@@ -182,9 +187,11 @@ def certify_dataset(
             settings["precision"] = precision
     if plan is not None:
         settings = {**settings, **plan.describe()}
+    if noise != "gaussian":
+        settings = {**settings, "noise": noise}
     expected = {i: int(labels[i]) for i in indices}
     results: dict[int, tuple[int, float, float, int]] = {}
-    adaptive = dict(sampling=sampling, radii=radii, radius_tol=radius_tol)
+    adaptive = dict(sampling=sampling, radii=radii, radius_tol=radius_tol, noise=noise)
 
     def run(log) -> None:
         todo = [i for i in indices if log is None or i not in log.done]

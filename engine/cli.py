@@ -100,6 +100,7 @@ def run_certify(
     sampling: str = "fixed",
     radii=None,
     radius_tol: float | None = None,
+    noise: str = "gaussian",
 ) -> dict:
     """Certify ``images[indices]`` into a resumable log and return its summary: :func:`engine.certify_dataset`
     with the command line's settings (kept for scripts that call it)."""
@@ -108,7 +109,7 @@ def run_certify(
     return certify_dataset(model, (images, labels), sigma=sigma, n0=n0, n=n, alpha=alpha, out=out, indices=indices,
                            seed=seed, batch_size=batch_size, backend=backend, precision=precision, overwrite=overwrite,
                            settings=settings, trace=trace, title=title, progress=show_progress, sampling=sampling,
-                           radii=radii, radius_tol=radius_tol).summary
+                           radii=radii, radius_tol=radius_tol, noise=noise).summary
 
 
 def format_table(summary: dict) -> str:
@@ -263,7 +264,7 @@ def _sampling_args(args) -> dict:
     if args.radii is not None and args.radius_tol is not None:
         raise UsageError("give --radii (decision mode: the largest grid radius certified) or --radius-tol (radius "
                          "mode), not both")
-    return {"sampling": args.sampling, "radii": args.radii, "radius_tol": args.radius_tol}
+    return {"sampling": args.sampling, "radii": args.radii, "radius_tol": args.radius_tol, "noise": args.noise}
 
 
 def cmd_certify(args) -> int:
@@ -358,7 +359,7 @@ def _predict(args, out, lock) -> int:
             t0 = time.perf_counter()
             pred = predict(model, to_float(images[ids]), sigma=sigma, n=args.n, alpha=args.alpha,
                            batch_size=args.noise_batch, seed=args.seed, image_ids=ids, backend=args.backend,
-                           precision=precision, progress=False)
+                           precision=precision, progress=False, noise=args.noise)
             dt = (time.perf_counter() - t0) / len(ids)
             rows += [(int(i), int(labels[i]), int(p), dt) for i, p in zip(ids.tolist(), pred.tolist())]
             bar.update(len(ids))
@@ -368,7 +369,8 @@ def _predict(args, out, lock) -> int:
         "schema_version": SCHEMA_VERSION,
         "settings": {"command": "predict", **identity, "dataset": args.dataset, "split": args.split, "sigma": sigma,
                      "n": args.n, "alpha": args.alpha, "seed": args.seed, "skip": args.skip, "max": args.max,
-                     "shard": args.shard, "num_shards": args.num_shards},
+                     "shard": args.shard, "num_shards": args.num_shards,
+                     **({"noise": args.noise} if args.noise != "gaussian" else {})},
         "trace": run_trace(**_trace(args, device, precision, path)),
         "images": len(rows),
         "accuracy": correct / len(rows),
@@ -1193,6 +1195,9 @@ def build_parser(prog: str = "python -m engine") -> argparse.ArgumentParser:
                        "cpp (the extension's noise op), triton (CUDA, or TRITON_INTERPRET=1)")
         p.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"), default="auto",
                        help="auto: bf16 with the auto/triton backends on CUDA, fp32 otherwise")
+        p.add_argument("--noise", choices=("gaussian", "discrete"), default="gaussian",
+                       help="gaussian (Cohen et al.) or discrete: sound noise on the 8-bit pixel grid, certificates "
+                       "immune to float rounding (docs/sound_noise.md)")
         _add_device(p)
         if name == "certify":
             p.add_argument("--out", type=_out_path, required=True, help="per-image log .tsv (its summary .json and plot .png are "

@@ -363,8 +363,10 @@ def sample_counts(
     batch_size: int,
     backend: str = "auto",
     progress: Callable[[int], None] | None = None,
+    noise: str = "gaussian",
 ) -> torch.Tensor:
-    """Top-1 class counts of ``model`` on ``num`` keyed noisy copies of each image.
+    """Top-1 class counts of ``model`` on ``num`` keyed noisy copies of each image (``noise``: see
+    :func:`engine.noise.noisy_batch`).
 
     The B * num (image, sample) rows are laid out image-major and cut into forward batches of
     ``batch_size`` rows, so samples of several images share a batch when num < batch_size. The
@@ -382,7 +384,8 @@ def sample_counts(
         rows = torch.arange(start, stop, dtype=torch.int64, device=device)
         row_image = torch.div(rows, num, rounding_mode="floor")
         row_sample = rows - row_image * num
-        noisy = _noise.noisy_batch(x, row_image, row_sample, ids, seed=seed, stream=stream, sigma=sigma, backend=backend)
+        noisy = _noise.noisy_batch(x, row_image, row_sample, ids, seed=seed, stream=stream, sigma=sigma, backend=backend,
+                                   noise=noise)
         logits = model(noisy)
         if not isinstance(logits, torch.Tensor) or logits.dim() != 2 or logits.shape[0] != stop - start:
             shape = tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
@@ -462,6 +465,7 @@ def certify(
     sampling: str = "fixed",
     radii=None,
     radius_tol: float | None = None,
+    noise: str = "gaussian",
 ) -> CertifyResult:
     """Certify the smoothed classifier of ``model`` at each image of ``x`` (Cohen et al., CERTIFY).
 
@@ -492,6 +496,11 @@ def certify(
         radii: adaptive decision mode: grid radii; ``radius`` is then the largest one certified.
         radius_tol: adaptive radius mode (no ``radii``): stop when the certified radius cannot grow by
             more than this by sampling up to n (default 0.05).
+        noise: "gaussian" (Cohen et al.'s float noise) or "discrete": sound noise on the 8-bit grid
+            (Voracek and Hein, ICLR 2023; docs/sound_noise.md): x must be on the grid (multiples of 1/255,
+            e.g. ``data.to_float`` of uint8 images), every noisy input is float32(j / 255) for an integer j,
+            and the radius is :func:`engine.noise.discrete_certified_radius`, which holds for perturbations
+            on the grid under the noise the engine actually draws, whatever the float rounding.
 
     Raises:
         :class:`engine.validate.InputError` (a ValueError; TypeError too for wrong types) for bad
@@ -509,12 +518,15 @@ def certify(
     alpha = _check_alpha(alpha)
     plan = sampling_plan(sampling, n, alpha, radii, radius_tol)
     x, ids, batch_size = _prepare(model, x, image_ids, batch_size, seed, backend, precision)
+    noise = _check_noise(noise, x)
     batch = x.shape[0]
+    radius_of = radius_function(noise, sigma, x)
     update, bar = _progress_bar(progress, batch * (n0 + n), "certify")
     start = time.perf_counter()
     try:
         with _EvalMode(model), torch.inference_mode():
-            sampler = _accel.make_sampler(model, x, backend=backend, precision=precision, batch_size=batch_size)
+            sampler = _accel.make_sampler(model, x, backend=backend, precision=precision, batch_size=batch_size,
+                                          noise=noise)
             common = dict(sigma=sigma, seed=seed, progress=update)
             counts0 = sampler(x, ids, n0, _noise.STREAM_SELECTION, **common).cpu()
             c_a = counts0.argmax(dim=1) if batch else torch.zeros(0, dtype=torch.int64)  # ties -> lowest class
@@ -523,7 +535,7 @@ def certify(
             else:
                 from .adaptive import adaptive_counts
 
-                counts, used, p_lower, radius = adaptive_counts(sampler, x, ids, c_a, plan, **common)
+                counts, used, p_lower, radius = adaptive_counts(sampler, x, ids, c_a, plan, radius_of=radius_of, **common)
     finally:
         if bar is not None:
             bar.close()
@@ -536,7 +548,7 @@ def certify(
         n_a = counts.gather(1, c_a[:, None])[:, 0]
         p_lower = torch.from_numpy(np.asarray(clopper_pearson_lower(n_a.numpy(), n, alpha), dtype=np.float64))
         used = torch.full((batch,), n, dtype=torch.int64)
-        radius = torch.from_numpy(np.asarray(certified_radius(np.maximum(p_lower.numpy(), 0.5), sigma)))
+        radius = torch.from_numpy(np.asarray(radius_of(np.maximum(p_lower.numpy(), 0.5)), dtype=np.float64))
         abstain = p_lower < 0.5
     else:
         abstain = ~torch.isfinite(radius)
@@ -552,6 +564,25 @@ def certify(
         seconds=elapsed * samples.double() / samples.sum().double(),
         samples=samples,
     )
+
+
+def _check_noise(noise, x) -> str:
+    """The noise kind, and for "discrete" images on the 8-bit grid (InputError naming x otherwise)."""
+    noise = _noise._check_noise(noise)
+    if noise == "discrete":
+        _noise.grid_indices(x, "x")
+    return noise
+
+
+def radius_function(noise: str, sigma: float, x: torch.Tensor):
+    """p_lower -> certified radius (float64) of the noise kind, for p_lower >= 1/2: Cohen et al.'s sigma Phi^-1(p)
+    for "gaussian", :func:`engine.noise.discrete_certified_radius` (which depends on the pixels per image) for
+    "discrete"."""
+    if noise == "discrete":
+        pixels = int(np.prod(x.shape[1:])) if x.dim() > 1 else 1
+        return lambda p: np.asarray(_noise.discrete_certified_radius(np.asarray(p, dtype=np.float64), sigma, pixels),
+                                    dtype=np.float64)
+    return lambda p: np.asarray(certified_radius(p, sigma), dtype=np.float64)
 
 
 def sampling_plan(sampling, n: int, alpha: float, radii=None, radius_tol=None):
@@ -582,6 +613,7 @@ def predict(
     backend: str = "auto",
     progress=None,
     precision: str = "auto",
+    noise: str = "gaussian",
 ) -> torch.Tensor:
     """Predict with the smoothed classifier (Cohen et al., PREDICT): (B,) int64, -1 = abstain.
 
@@ -594,10 +626,12 @@ def predict(
     n = _check_int("n", n, 1, _noise.MAX_INDEX + 1)
     alpha = _check_alpha(alpha)
     x, ids, batch_size = _prepare(model, x, image_ids, batch_size, seed, backend, precision)
+    noise = _check_noise(noise, x)
     update, bar = _progress_bar(progress, x.shape[0] * n, "predict")
     try:
         with _EvalMode(model), torch.inference_mode():
-            sampler = _accel.make_sampler(model, x, backend=backend, precision=precision, batch_size=batch_size)
+            sampler = _accel.make_sampler(model, x, backend=backend, precision=precision, batch_size=batch_size,
+                                          noise=noise)
             counts = sampler(x, ids, n, _noise.STREAM_PREDICT, sigma=sigma, seed=seed, progress=update).cpu()
     finally:
         if bar is not None:
