@@ -151,7 +151,10 @@ def run(
     repeats: int = 1,
     peaks: dict | None = None,
     sheet: dict | None = None,
+    timer=None,
 ) -> Result:
+    """``timer(fn)``: seconds of the timed calls of ``fn`` (e.g. ``common.time_events``: CUDA events); default: the
+    wall clock around ``repeats`` calls, the device synchronised."""
     torch.manual_seed(0)
     model = models.build(cfg.arch).to(device).eval()
     x = torch.rand((cfg.images,) + cfg.shape, device=device)
@@ -184,8 +187,8 @@ def run(
         path = engine.accel.cached_samplers()[-1].kind  # the sampler the warm-up built (and the timed run reuses)
     else:
         path = "loop"
-    times = []
-    for _ in range(repeats):
+    times = [] if timer is None else timer(once)
+    for _ in range(repeats if timer is None else 0):
         sync(device)
         t0 = time.perf_counter()
         once()

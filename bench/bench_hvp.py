@@ -144,7 +144,9 @@ def peak_memory_mb(fn, device: torch.device) -> tuple[float, str]:
 # -- run ----------------------------------------------------------------------------------------------------------
 
 
-def run(cfg: Config, device: torch.device, providers=PROVIDERS) -> list[Result]:
+def run(cfg: Config, device: torch.device, providers=PROVIDERS, time_one=None) -> list[Result]:
+    """``time_one(fn)``: seconds of one call (e.g. ``common.time_once``: CUDA events); default: the wall clock, the
+    device synchronised."""
     torch.manual_seed(0)
     model = build(cfg.arch).to(device).eval()
     x = torch.rand((cfg.batch,) + cfg.shape, device=device)
@@ -162,6 +164,9 @@ def run(cfg: Config, device: torch.device, providers=PROVIDERS) -> list[Result]:
     times = {k: [] for k in calls}
     for _ in range(cfg.repeats):  # interleaved, so that a noisy machine affects every provider alike
         for k, fn in calls.items():
+            if time_one is not None:
+                times[k].append(time_one(fn))
+                continue
             sync(device)
             t0 = time.perf_counter()
             fn()

@@ -105,7 +105,9 @@ def gradient_and_hvp_seconds(cfg: Config, device: torch.device, train) -> tuple[
     return g, _median_seconds(product)
 
 
-def run(cfg: Config, device: torch.device, train, val, steps: int) -> Result:
+def step_entries(cfg: Config, device: torch.device, train, val, steps: int) -> list[dict]:
+    """The log entries of ``steps + 1`` outer steps of ``poison`` (the first warms up; each has ``seconds``, the step's
+    wall time, which ends in a host synchronisation, and ``phases``)."""
     kwargs = {"hvp_backend": cfg.hvp_backend}
     sigma = 0.5 if cfg.method == "gaussian" else 0.75
     entries = []
@@ -128,6 +130,11 @@ def run(cfg: Config, device: torch.device, train, val, steps: int) -> Result:
         log=entries.append,
         **kwargs,
     )
+    return entries
+
+
+def run(cfg: Config, device: torch.device, train, val, steps: int) -> Result:
+    entries = step_entries(cfg, device, train, val, steps)
     timed = entries[1:]  # the first step warms up
     per_step = sum(e["seconds"] for e in timed) / max(1, len(timed))
     phases = {k: round(sum(e["phases"].get(k, 0.0) for e in timed) / max(1, len(timed)), 4) for k in entries[0]["phases"]}
@@ -149,6 +156,14 @@ def run(cfg: Config, device: torch.device, train, val, steps: int) -> Result:
     )
 
 
+def mnist_train_val(data_root: str | Path = "/work/shared/data/mnist"):
+    """(train, val) MNIST of the benchmark: the folder ``data_root`` (the embedded subset if it is missing), a tenth
+    (at most 5,000 images) held out for validation."""
+    root = Path(data_root)
+    images, labels = data.load_mnist(root if root.is_dir() else data.embedded_mnist_root(), "train")
+    return data.split_validation(images, labels, min(5000, images.shape[0] // 10))
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--device", default="auto")
@@ -162,9 +177,7 @@ def main(argv=None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     device = resolve_device(args.device)
-    root = Path(args.data_root)
-    images, labels = data.load_mnist(root if root.is_dir() else data.embedded_mnist_root(), "train")
-    train, val = data.split_validation(images, labels, min(5000, images.shape[0] // 10))
+    train, val = mnist_train_val(args.data_root)
     print(f"device: {device_name(device)}; torch {torch.__version__}; train {train[0].shape[0]} images")
     head = ("method", "hvp backend", "batch", "s/step", "projected s", "steps", "speed-up", "grad s", "H v s",
             "step/grad", "  seconds per phase")

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-__all__ = ["device_name", "resolve_device", "sync", "time_call", "record", "append_json"]
+__all__ = ["device_name", "resolve_device", "sync", "time_call", "time_once", "time_events", "record", "append_json"]
 
 
 def resolve_device(name: str) -> torch.device:
@@ -51,6 +51,30 @@ def time_call(fn, device: torch.device, repeats: int = 3, warmup: int = 1) -> fl
         sync(device)
         times.append(time.perf_counter() - t0)
     return float(np.median(times))
+
+
+def time_once(fn, device: torch.device) -> float:
+    """Seconds of one ``fn()``: on CUDA between two CUDA events recorded around it (the device idle before the
+    first, the second waited for), elsewhere the wall clock."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end) / 1e3
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def time_events(fn, device: torch.device, repeats: int = 3, warmup: int = 1) -> list[float]:
+    """Seconds of each of ``repeats`` calls of ``fn()`` after ``warmup`` untimed ones (``time_once``: CUDA events)."""
+    for _ in range(warmup):
+        fn()
+    sync(device)
+    return [time_once(fn, device) for _ in range(repeats)]
 
 
 def record(benchmark: str, device: torch.device, results: list[dict], argv=None) -> dict:
