@@ -244,3 +244,16 @@ def test_adaptive_shards_merge_into_the_whole_run(tmp_path):
     assert (tmp_path / "m.tsv").read_text().splitlines()[0] == HEADER_SAMPLES and sorted(rows) == [0, 20, 40, 60, 80]
     parts = {**read_log(tmp_path / "s0.tsv")[1], **read_log(tmp_path / "s1.tsv")[1]}
     assert rows == parts and summary["samples_per_image"] == pytest.approx(np.mean([r[6] for r in rows.values()]))
+
+
+def test_certify_dataset_rows_do_not_depend_on_batches_or_chunks():
+    torch.manual_seed(2)
+    images = (torch.rand(10, 1, 3, 3) * 255).round().to(torch.uint8)
+    labels = torch.randint(0, 2, (10,))
+    kw = dict(sigma=0.3, n0=20, n=1500, alpha=0.01, seed=9, sampling="adaptive", radii=[0, 0.2, 0.4], progress=False,
+              backend="torch")
+    runs = [engine.certify_dataset(Threshold(0.45), (images, labels), batch_size=bs, images_per_chunk=c, **kw)
+            for bs, c in ((1000, None), (7, 3), (1, 1), (64, 10))]
+    for other in runs[1:]:
+        for f in ("prediction", "radius", "samples"):
+            assert torch.equal(getattr(runs[0], f), getattr(other, f)), f
