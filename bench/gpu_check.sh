@@ -14,6 +14,13 @@ export PYTHONUNBUFFERED=1
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 export MAX_JOBS=${MAX_JOBS:-$(nproc)}            # parallel compilation (ninja) of engine._C
 export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0}  # H100 only
+# torch guesses CUDA_HOME from nvcc's folder; where nvcc sits outside the toolkit (/usr/local/bin) the link step then
+# misses libcudart: take the toolkit that has it
+if [ -z "${CUDA_HOME:-}" ] && command -v nvcc > /dev/null; then
+  for d in /usr/local/cuda "$(dirname "$(dirname "$(readlink -f "$(command -v nvcc)")")")"; do
+    if [ -e "$d/lib64/libcudart.so" ] || [ -e "$d/lib/libcudart.so" ]; then export CUDA_HOME=$d; break; fi
+  done
+fi
 PY=${PYTHON:-python3}
 {
   echo "date $(date -u +%FT%TZ)"
@@ -26,7 +33,7 @@ PY=${PYTHON:-python3}
   $PY -c "import triton; print('triton', triton.__version__)" 2>&1 | tail -1
   $PY -c "import setuptools, pip; print('setuptools', setuptools.__version__, 'pip', pip.__version__)" 2>&1 | tail -1
   echo "git $(git rev-parse HEAD 2>/dev/null)$(git status --porcelain --untracked-files=no 2>/dev/null | grep -q . && echo +dirty)"
-  echo "MAX_JOBS=$MAX_JOBS TORCH_CUDA_ARCH_LIST=$TORCH_CUDA_ARCH_LIST"
+  echo "MAX_JOBS=$MAX_JOBS TORCH_CUDA_ARCH_LIST=$TORCH_CUDA_ARCH_LIST CUDA_HOME=${CUDA_HOME:-unset}"
 } > "$OUT/env.txt" 2>&1
 cat "$OUT/env.txt"
 $PY bench/gpu_check.py --out "$OUT" "$@"
