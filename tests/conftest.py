@@ -14,6 +14,27 @@ def _seed():
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "slow: longer statistical or end-to-end tests")
+    _check_interpreter_numpy()
+
+
+def _check_interpreter_numpy():
+    """Triton 3.6's interpreter turns 1-element arrays into loop bounds with int(), which NumPy 2.4 refuses: every
+    kernel with a runtime loop bound would fail with "only 0-dimensional arrays can be converted". Say so once."""
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        return
+    try:
+        import numpy
+        import triton
+    except ImportError:
+        return
+
+    def version(module):
+        return tuple(int(p) for p in module.__version__.split("+")[0].split(".")[:2])
+
+    if version(triton) < (3, 7) and version(numpy) >= (2, 4):
+        raise pytest.UsageError(f"triton {triton.__version__}'s interpreter does not run with numpy {numpy.__version__} "
+                                "(int() of 1-element arrays, refused since numpy 2.4): install numpy<2.4 to run the tests "
+                                "under TRITON_INTERPRET=1, or triton>=3.7")
 
 
 @pytest.fixture(scope="module")
