@@ -22,14 +22,16 @@ Stopping rules (they decide only how many samples are drawn, never what is certi
 - **decision mode** (``radii=[r_1, ..., r_m]``): the answer is the largest grid radius certified,
   max{r_j : LB >= Phi(r_j / sigma)}. An image stops when the next grid radius above its certified one is
   out of reach: even if p_A were as large as its upper bound UB_l = CP_upper(N_A, n_l, alpha / L), a count of
-  ceil(UB_l n) out of n would not certify it. The returned ``radius`` is the certified grid radius (0 when
-  it is below the smallest grid radius but the image is certified).
-- **radius mode** (``radii=None``): the answer is sigma Phi^-1(LB) as in CERTIFY. An image stops when the
-  radius reachable at n (the same optimistic count) exceeds the current one by at most ``radius_tol``.
+  ceil(UB_l n) out of n would not certify it (radius 0, certification itself, counts as a grid step). The
+  returned ``radius`` is the certified grid radius (0 when it is below the smallest grid radius but the image
+  is certified).
+- **radius mode** (``radii=None``): the answer is sigma Phi^-1(LB) as in CERTIFY. A certified image stops when
+  the radius reachable at n (the same optimistic count) exceeds the current one by at most ``radius_tol``; an
+  image not yet certified goes on while certification is reachable.
 
-Both stop at the last look, n_L = n. If UB_l holds (probability >= 1 - alpha / L) the reachable radius bounds
-what the fixed-n procedure at the same alpha / L could certify, so the early stop loses at most one grid
-step (decision) or ``radius_tol`` (radius mode) against sampling to n.
+Both stop at the last look, n_L = n. The reachable radius is a heuristic, not a bound: the count at n is random
+and may exceed ceil(UB_l n), so an early stop may, rarely, miss a grid step (or more than ``radius_tol``) that
+sampling to n would have certified. It never affects soundness.
 
 Noise: the selection samples are CERTIFY's (stream :data:`engine.noise.STREAM_SELECTION`); look l draws its
 n_l - n_{l-1} new samples from stream ``STREAM_LOOK_BASE + l``, samples 0, 1, ..., keyed by (seed, image id,
@@ -139,12 +141,15 @@ def _grid_floor(r: np.ndarray, grid: np.ndarray) -> np.ndarray:
 
 
 def _settled(plan: SamplingPlan, r_cur: np.ndarray, r_reach: np.ndarray) -> np.ndarray:
+    """Which images stop: their next answer is out of reach. Certification itself (radius 0: a prediction instead
+    of an abstention) is always a step worth sampling for while it is reachable."""
     if plan.radii is not None:
-        grid = np.asarray(plan.radii)
+        grid = np.union1d([0.0], np.asarray(plan.radii))  # 0 too: certified below the grid is not abstaining
         nxt_idx = np.searchsorted(grid, r_cur, side="right")  # first grid radius above the certified one
         nxt = np.where(nxt_idx < grid.size, grid[np.clip(nxt_idx, 0, grid.size - 1)], np.inf)
         return ~(nxt <= r_reach)
-    return ~(r_reach > np.maximum(r_cur, 0.0) + plan.radius_tol)
+    uncertified = ~np.isfinite(r_cur)
+    return np.where(uncertified, ~np.isfinite(r_reach), ~(r_reach > r_cur + plan.radius_tol))
 
 
 def adaptive_counts(sampler, x, ids, c_a, plan: SamplingPlan, *, sigma: float, seed: int, progress=None, radius_of=None):

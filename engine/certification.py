@@ -251,7 +251,7 @@ def certify_dataset(
     if not summary:
         from . import metrics
 
-        summary = {"images": len(order), **metrics.summary(pred.numpy(), radius.numpy(), lab.numpy(),
-                                                            metrics.DEFAULT_RADII)}
+        grid = list(plan.radii) if plan is not None and plan.radii is not None else metrics.DEFAULT_RADII
+        summary = {"images": len(order), **metrics.summary(pred.numpy(), radius.numpy(), lab.numpy(), grid)}
         summary.update(samples_total=int(samples.sum()), samples_per_image=float(samples.double().mean()))
     return DatasetCertification(torch.tensor(order, dtype=torch.int64), lab, pred, radius, seconds, samples, summary)

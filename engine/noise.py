@@ -433,7 +433,7 @@ def grid_indices(x, name: str = "x") -> torch.Tensor:
     """
     if not isinstance(x, torch.Tensor) or x.dim() < 1:
         raise InputError(f"{name} must be a tensor of shape (B, ...) holding the clean images")
-    flat = x.detach().reshape(x.shape[0], -1)
+    flat = x.detach().flatten(1) if x.dim() > 1 else x.detach()[:, None]
     if flat.dtype == torch.uint8:
         return flat.to(torch.int32)
     if not flat.is_floating_point():

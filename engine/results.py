@@ -175,9 +175,15 @@ def _cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+def _radius_down(radius: float) -> float:
+    """The radius as the log stores it: 6 decimals, rounded down (a certificate is never written larger than made)."""
+    stored = float(f"{radius:.6f}")
+    return stored if stored <= radius else float(f"{stored - 1e-6:.6f}")  # idempotent on stored values
+
+
 def _format_row(row: tuple) -> str:
     """One log line (with its newline) of ``(idx, label, predict, radius, correct, seconds[, samples])``."""
-    line = f"{row[0]}\t{row[1]}\t{row[2]}\t{row[3]:.6f}\t{row[4]}\t{row[5]:.4f}"
+    line = f"{row[0]}\t{row[1]}\t{row[2]}\t{_radius_down(row[3]):.6f}\t{row[4]}\t{row[5]:.4f}"
     return line + (f"\t{row[6]}\n" if len(row) > 6 else "\n")
 
 
@@ -223,6 +229,11 @@ class ResultsLog:
         self.created = False  # this object made the log (a failed run may then remove it: :meth:`discard`)
         if self.path.exists() and not overwrite:
             raw = self.path.read_bytes()
+            first = raw.split(b"\n", 1)[0].decode("utf-8", errors="replace")
+            if first in (HEADER, HEADER_SAMPLES) and first != self.header:  # a log of the other sampling
+                if raw[len(first) + 1 :].strip():
+                    self._check_settings(raw.count(b"\n") - 1)  # its rows: refused as other settings
+                raw = b""  # only its header: started again with this run's
             rows, good_end, has_header = _split_rows(raw, self.path, self.header)
             if rows:
                 self._check_settings(len(rows))
@@ -303,7 +314,7 @@ class ResultsLog:
             fh.write(_format_row(row))
             fh.flush()
             os.fsync(fh.fileno())
-        self.rows[row[0]] = (*row[:3], float(f"{row[3]:.6f}"), row[4], float(f"{row[5]:.4f}"), *row[6:])
+        self.rows[row[0]] = (*row[:3], _radius_down(row[3]), row[4], float(f"{row[5]:.4f}"), *row[6:])
 
     def arrays(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         """(prediction, radius, labels, seconds) of the logged images, in idx order."""
@@ -325,6 +336,9 @@ class ResultsLog:
         return None
 
     def summary(self, radii=metrics.DEFAULT_RADII, extra: dict | None = None) -> dict:
+        """The log's JSON summary; certified accuracy at ``radii``, or, for adaptive decision mode, at its grid."""
+        if self.settings.get("mode") == "decision" and isinstance(self.settings.get("radii"), list):
+            radii = self.settings["radii"]
         pred, rad, lab, sec = self.arrays()
         out = {"schema_version": SCHEMA_VERSION, "settings": self.settings, "images": int(pred.size)}
         if self.trace is not None:

@@ -536,6 +536,8 @@ def certify(
                 from .adaptive import adaptive_counts
 
                 counts, used, p_lower, radius = adaptive_counts(sampler, x, ids, c_a, plan, radius_of=radius_of, **common)
+                if bar is not None:  # the images stopped early: the bar ends at the samples drawn
+                    bar.total = bar.n
     finally:
         if bar is not None:
             bar.close()

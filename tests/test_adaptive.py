@@ -124,8 +124,14 @@ def test_decision_mode_stops_early_on_settled_images():
     plan = adaptive.make_plan(100_000, 0.001, [0, 0.25, 0.5, 3.0])
     first = min(m for m in plan.looks if clopper_pearson_lower(m, m, plan.alpha_look) >= stats.norm.cdf(2.0))
     assert res.samples.tolist() == [100 + first] * 3 and first < 1000  # the first look certifying Phi(2)
-    coin = engine.certify(Threshold(0.5), x, sigma=0.25, n0=100, n=100_000, sampling="adaptive", radii=[0.25, 0.5])
-    assert (coin.samples < 100 + 100_000 // 8).all()
+    class Thirds(nn.Module):  # three classes of probability 1/3 each around x0 = 0.5: nothing is certifiable
+        def forward(self, x):
+            z = (x.flatten(1)[:, 0] - 0.5) / 0.25
+            cut = float(stats.norm.ppf(2 / 3))
+            return nn.functional.one_hot(torch.bucketize(z, torch.tensor([-cut, cut])), 3).float()
+
+    thirds = engine.certify(Thirds(), x, sigma=0.25, n0=100, n=100_000, sampling="adaptive", radii=[0, 0.5])
+    assert (thirds.prediction == -1).all() and (thirds.samples < 100 + 2000).all()
     fixed = engine.certify(Constant(), x, sigma=0.25, n0=100, n=1000)
     assert fixed.samples.tolist() == [1100] * 3
 
@@ -257,3 +263,44 @@ def test_certify_dataset_rows_do_not_depend_on_batches_or_chunks():
     for other in runs[1:]:
         for f in ("prediction", "radius", "samples"):
             assert torch.equal(getattr(runs[0], f), getattr(other, f)), f
+
+
+@pytest.mark.parametrize("kw", [{"radii": [0.25, 0.5]}, {"radius_tol": 0.05}], ids=["grid-above-0", "radius"])
+def test_an_image_certifiable_below_the_grid_is_not_left_abstaining(kw):
+    """p_A = 0.53: fixed sampling certifies it at a tiny radius; adaptive sampling must not stop it uncertified
+    (radius 0 below the grid, or radius mode's tolerance, are not reasons to abstain)."""
+    x = torch.full((12, 1, 2, 2), 0.5)
+    x[:, 0, 0, 0] = 0.5 + 0.25 * float(stats.norm.ppf(0.53))
+    fixed = engine.certify(Threshold(0.5), x, sigma=0.25, n0=100, n=100_000, alpha=0.001, backend="torch")
+    res = engine.certify(Threshold(0.5), x, sigma=0.25, n0=100, n=100_000, alpha=0.001, backend="torch",
+                         sampling="adaptive", **kw)
+    # the same selection samples: the images whose n0 samples picked class 1 are certified by both
+    picked = res.counts_selection.argmax(1) == 1
+    assert torch.equal(picked, fixed.counts_selection.argmax(1) == 1) and int(picked.sum()) >= 6
+    assert (fixed.prediction[picked] == 1).all()
+    assert int((res.prediction[picked] == 1).sum()) >= int(picked.sum()) - 1  # the counts at the looks are random
+
+
+def test_empty_batch_with_discrete_noise():
+    res = engine.certify(Threshold(), torch.zeros(0, 1, 2, 2), sigma=0.25, n=10, noise="discrete")
+    assert len(res) == 0
+
+
+def test_a_log_of_the_other_sampling_is_refused_as_other_settings(tmp_path):
+    from engine.results import HEADER, ResultsLog
+
+    fixed = {"sigma": 0.25, "n0": 10, "n": 100}
+    adaptive_settings = {**fixed, **adaptive.make_plan(100, 0.001, [0, 0.5]).describe()}
+    log = ResultsLog(tmp_path / "r.tsv", fixed)
+    log.append(3, 1, 1, 0.4999996, 1.0)
+    assert (tmp_path / "r.tsv").read_text().splitlines()[1].split("\t")[3] == "0.499999"  # rounded down
+    assert log.rows[3][3] == 0.499999
+    with pytest.raises(ResultsError, match="other settings"):
+        ResultsLog(tmp_path / "r.tsv", adaptive_settings)
+    ResultsLog(tmp_path / "h.tsv", fixed)  # a log with its header only (a run killed before its first image)
+    taken = ResultsLog(tmp_path / "h.tsv", adaptive_settings)
+    taken.append(0, 1, 1, 0.5, 1.0, samples=110)
+    assert (tmp_path / "h.tsv").read_text().splitlines() == [HEADER_SAMPLES, "0\t1\t1\t0.500000\t1\t1.0000\t110"]
+    assert HEADER != HEADER_SAMPLES
+    summary = taken.summary()
+    assert set(summary["certified_accuracy"]) == {"0", "0.5"}  # decision mode: accuracy at its grid
