@@ -286,7 +286,7 @@ def test_macer_and_smoothadv_lower_levels(tiny, method, margs):
 
 @pytest.mark.parametrize("method", ["gaussian", "smoothadv", "macer"])
 def test_lower_products_agree_across_backends(method):
-    """The fused second-order products of a PACD step equal torch.func's on the same frozen noise (float64).
+    """The cached and fused second-order products of a PACD step equal torch.func's on the same frozen noise (float64).
     MACER: the products on its loss's expansion at the logits (fused, double_backward) equal torch.func on
     the whole loss (its torch_func backend and the generic FuncLower), robustness term active (beta 2)."""
     from engine import bilevel
@@ -306,7 +306,7 @@ def test_lower_products_agree_across_backends(method):
     n = sum(p.numel() for p in model.parameters())
     v = torch.randn(n, dtype=torch.float64)
     results = {}
-    for backend in ("fused", "torch_func", "double_backward"):
+    for backend in ("cached", "fused", "torch_func", "double_backward"):
         hvp, mixed = lower.products(u, 7, backend)
         results[backend] = (hvp(v), mixed(v))
     params = {k: p.detach() for k, p in model.named_parameters()}

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 from .. import bilevel
 from ..validate import InputError
-from .lower import METHODS, resolve_method_args
+from .lower import HVP_BACKENDS, METHODS, resolve_method_args
 
 __all__ = ["PoisonConfig"]
 
@@ -70,8 +70,6 @@ class PoisonConfig:
             raise InputError(f"method must be one of {METHODS}, got {self.method!r}")
         if self.solver not in bilevel.SOLVERS:
             raise InputError(f"solver must be one of {tuple(bilevel.SOLVERS)}, got {self.solver!r}")
-        from ..hessian import BACKENDS as HVP_BACKENDS
-
         if self.hvp_backend not in HVP_BACKENDS:
             raise InputError(f"hvp_backend must be one of {HVP_BACKENDS}, got {self.hvp_backend!r}")
         if self.u_update not in ("adam", "sign"):

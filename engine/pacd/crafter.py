@@ -607,9 +607,12 @@ def poison(
             resumes exactly, a warm start does not). ``outer_steps`` counts the steps of this run;
             the PoisonSet's ``settings["init"]`` names ``init`` (content sha256, outer steps) and
             ``settings["total_outer_steps"]`` adds them up.
-        hvp_backend: second-order backend of :func:`engine.hvp` ("auto": the fused extension op where
-            the model is supported, else torch.func); MACER's loss enters through its expansion at the
-            logits, or, with "torch_func", as a whole through torch.func (see ``LowerLevel.products``).
+        hvp_backend: second-order products of the solve ("auto": an :class:`engine.curvature.CurvatureOperator`
+            per solve where the model is supported, its forward and gradient passes run once and each product
+            its R-passes only, else :func:`engine.hvp`'s choice; "cached" that operator or an error; "fused",
+            "torch_func", "double_backward": :func:`engine.hvp` with that backend, a full sweep per product);
+            MACER's loss enters through its expansion at the logits, or, with "torch_func", as a whole through
+            torch.func (see ``LowerLevel.products``).
             The Hessian and mixed products run with the model in eval mode (BatchNorm running statistics).
         encoding: "float32" (the crafted images as they are) or "int8": the crafted poison quantised at the end
             (:meth:`PoisonSet.encode`; ``settings["quantized"]`` records the float32 poison it came from), so the

@@ -17,9 +17,12 @@ from ..smoothing import pool_first_view
 from ..validate import InputError
 from .objective import _generator
 
-__all__ = ["METHODS", "LowerLevel", "OuterBatch", "resolve_method_args"]
+__all__ = ["HVP_BACKENDS", "METHODS", "LowerLevel", "OuterBatch", "resolve_method_args"]
 
 METHODS = ("gaussian", "macer", "smoothadv")
+# "cached": one engine.curvature.CurvatureOperator per solve (forward and gradient pass once, R-passes per product);
+# the others: engine.hvp's backends, a full sweep per product. "auto": cached where the model is supported.
+HVP_BACKENDS = ("auto", "cached", "fused", "torch_func", "double_backward")
 
 
 class _Functional(torch.nn.Module):
@@ -117,16 +120,20 @@ class LowerLevel:
         """(hvp, mixed) closures at the current weights for the noise sample ``key``; flat vectors in,
         flat H v and the poison-batch mixed term d/du (grad_w G . p) out.
 
-        Cross-entropy procedures (Gaussian augmentation, SmoothAdv) use :func:`engine.hvp` /
-        :func:`engine.mixed_vjp` with ``backend`` (the fused R-operator sweep where the model is
-        supported). MACER's loss is not a cross-entropy: one forward pass gives the logits of its noisy
-        copies, where the loss is expanded to second order (:func:`engine.hessian.expand_logit_loss`,
-        exact first and second derivatives there), and the same products run on that expansion; the
-        poison's mixed term sums those of its k copies. With ``backend="torch_func"`` MACER instead
-        differentiates the whole loss with torch.func (the plain reference, about 2x slower).
+        Cross-entropy procedures (Gaussian augmentation, SmoothAdv): with ``backend`` "auto" (where the model
+        is supported) or "cached", one :class:`engine.curvature.CurvatureOperator` at these weights and inputs
+        runs the forward and gradient passes once and each product its R-passes only; with "fused",
+        "torch_func" or "double_backward", :func:`engine.hvp` / :func:`engine.mixed_vjp` with that backend
+        (a full sweep per product; "auto" falls back to engine.hvp's choice). MACER's loss is not a
+        cross-entropy: one forward pass gives the logits of its noisy copies, where the loss is expanded to
+        second order (:func:`engine.hessian.expand_logit_loss`, exact first and second derivatives there),
+        and the same products run on that expansion; the poison's mixed term sums those of its k copies.
+        With ``backend="torch_func"`` MACER instead differentiates the whole loss with torch.func (the plain
+        reference, about 2x slower).
         """
         u_batch = u_batch.detach()
         if self.method != "macer" or backend != "torch_func":
+            from ..curvature import CurvatureOperator, curvature_support
             from ..hessian import expand_logit_loss, mixed_vjp
             from ..hessian import hvp as hvp_op
 
@@ -149,11 +156,24 @@ class LowerLevel:
             else:
                 inputs, y, expansion, copies = self.noisy_inputs(u_batch, key).detach(), self.y, None, 1
 
-            def hvp(v):
-                return hvp_op(self.model, inputs, y, v, backend=backend, expansion=expansion).hv_flat
+            cached = backend == "cached"
+            if backend in ("auto", "cached"):
+                supported, reason = curvature_support(self.model, inputs)
+                if cached and not supported:
+                    raise InputError(f"hvp_backend='cached' cannot run this model: {reason}")
+                cached = supported
+            if cached:
+                op = CurvatureOperator(self.model, inputs, y, expansion=expansion)
+                hvp, mixed_of = op.hvp, op.mixed
+            else:
+                def hvp(v):
+                    return hvp_op(self.model, inputs, y, v, backend=backend, expansion=expansion).hv_flat
+
+                def mixed_of(p):
+                    return mixed_vjp(self.model, inputs, y, p, backend=backend, expansion=expansion)
 
             def mixed(p):  # the input gradient of each copy, summed per image (one copy: unchanged)
-                r = mixed_vjp(self.model, inputs, y, p, backend=backend, expansion=expansion)
+                r = mixed_of(p)
                 return r.reshape((-1, copies) + tuple(r.shape[1:])).sum(1)[n_clean:]
 
             return hvp, mixed
