@@ -12,6 +12,7 @@ writer per file) with its JSON summary and PNG plot.
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import sys
@@ -119,6 +120,7 @@ def certify_dataset(
     radii=None,
     radius_tol: float | None = None,
     noise: str = "gaussian",
+    distributed: bool | None = None,
 ) -> DatasetCertification:
     """Certify ``model``'s smoothed classifier at the images of ``dataset`` (Cohen et al., CERTIFY).
 
@@ -145,6 +147,14 @@ def certify_dataset(
             ``samples`` column and the summary the mean samples per image.
         noise: "gaussian" or "discrete" (sound noise on the 8-bit grid, :func:`engine.certify`); recorded in the
             settings when not "gaussian".
+        distributed: None (default): split the images over the ranks of the default torch.distributed process group
+            when one is initialised (e.g. under torchrun), else run alone; False: run alone; True: the group must be
+            there. Rank r certifies ``indices[r::world]`` with the noise of their data-set indices, so every row equals
+            a single-process run's; with ``out`` each rank keeps its share in ``OUT.parts/rank{r}-of-{world}.tsv``
+            (resumable: relaunch with the same number of processes), and rank 0 then writes ``out``, its summary and
+            plot as one process would (the same rows in the same order; only times differ) and removes the parts.
+            Every rank returns the whole result. Call it on every rank with the same arguments; the ranks wait for
+            the slowest share at the end (within the group's timeout).
 
     Returns:
         :class:`DatasetCertification`. The guarantee is :func:`engine.certify`'s, per image.
@@ -192,6 +202,19 @@ def certify_dataset(
     expected = {i: int(labels[i]) for i in indices}
     results: dict[int, tuple[int, float, float, int]] = {}
     adaptive = dict(sampling=sampling, radii=radii, radius_tol=radius_tol, noise=noise)
+    from .distributed import world as _world
+
+    rank, world = _world(distributed)
+    if world > 1:
+        def part(share, part_out, part_settings):
+            return certify_dataset(model, dataset, sigma=sigma, n0=n0, n=n, alpha=alpha, out=part_out, indices=share,
+                                   seed=seed, batch_size=batch_size, backend=backend, precision=precision,
+                                   overwrite=False, settings=part_settings, trace=trace, title=title,
+                                   images_per_chunk=images_per_chunk, progress=progress and rank == 0,
+                                   distributed=False, **adaptive)
+
+        return _across_ranks(part, rank, world, out=out, indices=indices, settings=settings, expected=expected,
+                             overwrite=overwrite, trace=trace, title=title, n0=n0, n=n, plan=plan)
 
     def run(log) -> None:
         todo = [i for i in indices if log is None or i not in log.done]
@@ -242,6 +265,12 @@ def certify_dataset(
                 if finished or not log.discard():  # failed before its first image: no empty outputs
                     summary = log.write_summary(extra=planned)
                     log.plot(title=title)
+    return _collect(indices, results, expected, summary, plan)
+
+
+def _collect(indices, results: dict, expected: dict, summary: dict, plan) -> DatasetCertification:
+    """The :class:`DatasetCertification` of ``results`` (idx -> (prediction, radius, seconds, samples)) in the order
+    of ``indices``; ``summary`` (the log's) or, when empty, the in-memory one."""
     order = [i for i in indices if i in results]
     pred = torch.tensor([results[i][0] for i in order], dtype=torch.int64)
     radius = torch.tensor([results[i][1] for i in order], dtype=torch.float64)
@@ -255,3 +284,111 @@ def certify_dataset(
         summary = {"images": len(order), **metrics.summary(pred.numpy(), radius.numpy(), lab.numpy(), grid)}
         summary.update(samples_total=int(samples.sum()), samples_per_image=float(samples.double().mean()))
     return DatasetCertification(torch.tensor(order, dtype=torch.int64), lab, pred, radius, seconds, samples, summary)
+
+
+def _parts_dir(out: Path) -> Path:
+    return out.with_name(out.name + ".parts")
+
+
+def _plan_parts(out: Path, world: int, overwrite: bool, settings: dict, indices: list[int]) -> tuple[str, str | None]:
+    """Rank 0's decision before a distributed run with ``out``: ("run", None), ("done", None) when ``out`` already
+    holds this run finished, or ("error", message)."""
+    import shutil
+
+    from .results import ResultsError, read_log, summary_paths
+
+    parts = _parts_dir(out)
+    if overwrite:
+        for f in (out, *summary_paths(out)):
+            if f.exists():
+                f.unlink()
+        if parts.is_dir():
+            shutil.rmtree(parts)
+        return "run", None
+    if parts.is_dir():  # an interrupted distributed run: its parts resume, ``out`` is written again from them
+        mine = {f"rank{r}-of-{world}.tsv" for r in range(world)}
+        for f in sorted(parts.glob("*.tsv")):
+            if f.name not in mine:
+                return "error", (f"{parts} holds {f.name}, a part of a run over another number of processes: relaunch "
+                                 "with that many, or start again (overwrite)")
+        for r in range(world):
+            f = parts / f"rank{r}-of-{world}.tsv"
+            if f.exists():
+                try:
+                    stored, _ = read_log(f)
+                except ResultsError as exc:
+                    return "error", str(exc)
+                want = json.loads(json.dumps({**settings, "rank": r, "world_size": world}))
+                if stored["settings"] != want:
+                    diff = sorted(k for k in set(want) | set(stored["settings"])
+                                  if want.get(k) != stored["settings"].get(k))
+                    return "error", f"{f} was made with other settings ({', '.join(diff)} differ); start again (overwrite)"
+        return "run", None
+    if out.exists():
+        try:
+            stored, rows = read_log(out)
+        except ResultsError as exc:
+            return "error", str(exc)
+        if stored["settings"] != json.loads(json.dumps(settings)):
+            return "error", f"{out} exists from a run with other settings; start again (overwrite) or choose another out"
+        if set(rows) != set(indices):
+            return "error", (f"{out} holds {len(rows)} of {len(indices)} images of an unfinished single-process run: "
+                             "finish it in one process, or start again (overwrite)")
+        return "done", None
+    return "run", None
+
+
+def _across_ranks(part, rank: int, world: int, *, out, indices, settings, expected, overwrite, trace, title, n0, n,
+                  plan) -> DatasetCertification:
+    """certify_dataset over the ranks of the default process group (its ``distributed`` argument)."""
+    import shutil
+
+    import torch.distributed as dist
+
+    from .results import ResultsError, read_log, run_trace, write_log
+
+    share = indices[rank::world]
+    if out is None:
+        mine = {}
+        if share:
+            res = part(share, None, settings)
+            mine = {int(i): (int(p), float(r), float(t), int(k)) for i, p, r, t, k in
+                    zip(res.indices, res.prediction, res.radius, res.seconds, res.samples)}
+        gathered: list = [None] * world
+        dist.all_gather_object(gathered, mine)
+        results = {i: row for rows in gathered for i, row in rows.items()}
+        return _collect(indices, results, expected, {}, plan)
+
+    out = Path(out)
+    decision = [_plan_parts(out, world, overwrite, settings, indices) if rank == 0 else None]
+    dist.broadcast_object_list(decision, src=0)
+    what, message = decision[0]
+    if what == "error":
+        raise ResultsError(message)
+    parts = _parts_dir(out)
+    if what == "run" and share:
+        part(share, parts / f"rank{rank}-of-{world}.tsv", {**settings, "rank": rank, "world_size": world})
+    dist.barrier()
+    failure = [None]
+    if rank == 0 and what == "run":
+        try:
+            rows: dict[int, tuple] = {}
+            for r in range(world):
+                if not indices[r::world]:
+                    continue
+                f = parts / f"rank{r}-of-{world}.tsv"
+                _, got = read_log(f)
+                if set(got) != set(indices[r::world]):
+                    raise ResultsError(f"{f} holds {len(got)} of its {len(indices[r::world])} images")
+                rows.update(got)
+            write_log(out, settings, rows, indices, trace=run_trace(**(trace or {})),
+                      extra={"planned_images": len(indices)}, title=title)
+            shutil.rmtree(parts)
+        except (OSError, ResultsError) as exc:
+            failure[0] = f"{type(exc).__name__}: {exc}"
+    dist.broadcast_object_list(failure, src=0)
+    if failure[0] is not None:
+        raise ResultsError(f"rank 0 could not write {out} from the parts in {parts}: {failure[0]}")
+    summary, rows = read_log(out)
+    results = {i: (row[2], row[3], row[5], row[6] if len(row) > 6 else n0 + n) for i, row in rows.items()}
+    return _collect(indices, results, expected, summary, plan)

@@ -231,12 +231,17 @@ def _model_fits(model, images, labels, what: str) -> None:
     check_model_fits(model, images[:1], labels=labels, name=what)
 
 
-def _prepare_model_run(args):
-    """(device, model, identity, images, labels, indices, sigma, precision, path) of certify / predict."""
+def _prepare_model_run(args, distributed: bool = False):
+    """(device, model, identity, images, labels, indices, sigma, precision, path) of certify / predict; with
+    ``distributed``, this process joins the process group of a torchrun launch first (its device: cuda:LOCAL_RANK)."""
     from . import data
     from .accel import resolve_precision
 
     device = _device(args.device)
+    if distributed:
+        from .distributed import init_from_env
+
+        device = init_from_env(device)
     _check_backend(args.backend, device)
     model, identity = load_model_arg(args.checkpoint, args.weights, args.arch, device)
     path = args.checkpoint or args.weights
@@ -267,17 +272,38 @@ def _sampling_args(args) -> dict:
     return {"sampling": args.sampling, "radii": args.radii, "radius_tol": args.radius_tol, "noise": args.noise}
 
 
+def _leave_process_group() -> None:
+    """Destroy the process group a torchrun launch joined (a command that fails leaves it too)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def _launch_world_size() -> int:
+    from .distributed import env_world_size
+
+    try:
+        return env_world_size()
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+
+
 def cmd_certify(args) -> int:
     from .results import summary_paths
 
     adaptive = _sampling_args(args)  # before any work
+    world = _launch_world_size()
+    if world > 1 and args.num_shards > 1:
+        raise UsageError(f"under torchrun ({world} processes) the processes share the images out among themselves: "
+                         "drop --shard / --num-shards (those split a run by hand, to merge later)")
     out = Path(args.out)
     json_path, png_path = summary_paths(out)  # --out r.json / r.png: refused before any work
     model_file = args.checkpoint or args.weights
     fresh = args.overwrite or not out.exists()
     # a fresh log claims its summary and plot too: files of that name that are not this log's are not replaced
     _claim_outputs([out, json_path, png_path] if fresh else [out], [model_file], overwrite=args.overwrite or not fresh)
-    device, model, identity, images, labels, indices, sigma, precision, path = _prepare_model_run(args)
+    device, model, identity, images, labels, indices, sigma, precision, path = _prepare_model_run(args, world > 1)
     settings = {
         "command": "certify",
         **identity,
@@ -315,8 +341,11 @@ def cmd_certify(args) -> int:
         trace=_trace(args, device, precision, path),
         **adaptive,
     )
-    print(format_table(summ))
-    print(_wrote(out, *summary_paths(out)))
+    import torch.distributed as dist
+
+    if world == 1 or dist.get_rank() == 0:
+        print(format_table(summ))
+        print(_wrote(out, *summary_paths(out)))
     return 0
 
 
@@ -1532,3 +1561,4 @@ def main(argv=None) -> int:
         warnings.showwarning = shown
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
+        _leave_process_group()

@@ -478,6 +478,24 @@ def merge_logs(paths, out: str | os.PathLike, *, allow_partial: bool = False, ov
     if missing and not allow_partial:
         raise ResultsError(f"shards {missing} of {num_shards} are missing (or pass --allow-partial)")
     settings = {**base, "merged_shards": sorted(shards), "shard": "merged"}
+    first_trace = logs[0][1].get("trace") if isinstance(logs[0][1].get("trace"), dict) else {}
+    kept = {k: v for k, v in first_trace.items() if k not in ("written", "cpu", "threads")}
+    trace = run_trace(**{**kept, "command": "merge", "merged_from": [str(p) for p in paths],
+                         "shard_traces": [s.get("trace") for _, s, _ in logs]})
+    planned = [s.get("planned_images") for _, s, _ in logs]
+    extra = {"planned_images": sum(planned)} if all(x is not None for x in planned) and not missing else {}
+    return write_log(out, settings, merged, sorted(merged), trace=trace, extra=extra)
+
+
+def write_log(out: str | os.PathLike, settings: dict, rows: dict[int, tuple], order, *, trace: dict | None = None,
+              extra: dict | None = None, title: str | None = None) -> dict:
+    """Write the complete log ``out`` of ``rows`` (idx -> row as :func:`read_log` gives it) in ``order``, with its
+    summary and plot, replacing what is there; returns the summary.
+
+    The settings go first (the JSON), then the rows in one step (a temporary file renamed over ``out``), then the
+    summary and plot: a crash leaves the old log or the new one, never a mix, and a log never without its settings.
+    """
+    out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     json_path, png_path = summary_paths(out)
     if png_path.exists():
@@ -488,14 +506,9 @@ def merge_logs(paths, out: str | os.PathLike, *, allow_partial: bool = False, ov
     tmp = out.with_name(out.name + ".tmp")
     with open(tmp, "w") as fh:
         fh.write(header_for(settings) + "\n")
-        fh.writelines(_format_row(merged[idx]) for idx in sorted(merged))
+        fh.writelines(_format_row(rows[idx]) for idx in order)
     publish(tmp, out)
-    first_trace = logs[0][1].get("trace") if isinstance(logs[0][1].get("trace"), dict) else {}
-    kept = {k: v for k, v in first_trace.items() if k not in ("written", "cpu", "threads")}
-    log = ResultsLog(out, settings, trace=run_trace(**{**kept, "command": "merge", "merged_from": [str(p) for p in paths],
-                                                       "shard_traces": [s.get("trace") for _, s, _ in logs]}))
-    planned = [s.get("planned_images") for _, s, _ in logs]
-    extra = {"planned_images": sum(planned)} if all(x is not None for x in planned) and not missing else {}
+    log = ResultsLog(out, settings, trace=trace)
     summary = log.write_summary(extra=extra)
-    log.plot()
+    log.plot(title=title)
     return summary

@@ -1,0 +1,194 @@
+"""Distributed certification on torch.distributed (gloo, 2 processes via torchrun): the same log as one process
+(rows byte for byte except the time column, summary except times), a rank killed mid-run resumed with nothing
+lost or duplicated, the library under an initialised group, and the refusals."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+import engine
+from engine import cli, data, models
+from engine.certification import _plan_parts
+from engine.distributed import world
+from engine.results import read_log
+
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2"]
+
+
+def _env():
+    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """The in-process runs at one thread, as the ranks (results are equal across thread counts up to float near-ties)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    path = tmp_path_factory.mktemp("dist") / "lenet.safetensors"
+    torch.manual_seed(0)
+    models.save(models.lenet_mnist(), path, sigma=0.5)
+    return path
+
+
+def _args(ckpt, out, n=300, maximum=180):
+    return ["certify", "--checkpoint", str(ckpt), "--dataset", "mnist", "--n0", "10", "--n", str(n), "--skip", "20",
+            "--max", str(maximum), "--quiet", "--out", str(out)]
+
+
+def _without_time(path: Path) -> list[str]:
+    return ["\t".join(f for k, f in enumerate(line.split("\t")) if k != 5) for line in path.read_text().splitlines()]
+
+
+def _summary(path: Path) -> dict:
+    s = json.loads(path.with_suffix(".json").read_text())
+    for k in ("seconds_total", "seconds_per_image"):
+        s.pop(k)
+    for k in ("written", "threads"):
+        s["trace"].pop(k)
+    return s
+
+
+def _torchrun(args, check=True, **kw):
+    # torchrun's own options take abbreviations (--n, --max would match its --nnodes, --max-restarts): '--' first
+    proc = subprocess.run([*TORCHRUN, "-m", "engine", "--", *args], capture_output=True, text=True, env=_env(), **kw)
+    if check:
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+def test_two_ranks_write_the_single_process_log(ckpt, tmp_path):
+    assert cli.main(_args(ckpt, tmp_path / "one.tsv")) == 0
+    proc = _torchrun(_args(ckpt, tmp_path / "two.tsv"))
+    assert proc.stdout.count("wrote ") == 1  # rank 0 reports
+    assert _without_time(tmp_path / "two.tsv") == _without_time(tmp_path / "one.tsv")
+    assert len(_without_time(tmp_path / "one.tsv")) == 1 + 9
+    assert _summary(tmp_path / "two.tsv") == _summary(tmp_path / "one.tsv")
+    assert (tmp_path / "two.png").exists() and not (tmp_path / "two.tsv.parts").exists()
+    # a finished run launched again does nothing more and reports the same
+    again = _torchrun(_args(ckpt, tmp_path / "two.tsv"))
+    assert "images            9" in again.stdout
+    assert _without_time(tmp_path / "two.tsv") == _without_time(tmp_path / "one.tsv")
+
+
+def _rank_pid(rank: int, marker: str) -> int | None:
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            cmd = (entry / "cmdline").read_bytes()
+            env = (entry / "environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if marker.encode() in cmd and f"RANK={rank}".encode() in env and b"LOCAL_RANK=" + str(rank).encode() in env:
+            return int(entry.name)
+    return None
+
+
+@pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason="finds the rank's process in /proc")
+def test_rank_killed_mid_run_resumes_without_loss_or_duplicates(ckpt, tmp_path):
+    out = tmp_path / "k.tsv"
+    args = _args(ckpt, out, n=8000, maximum=240)  # 12 images, half a second each at one thread
+    proc = subprocess.Popen([*TORCHRUN, "-m", "engine", "--", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env=_env())
+    part = tmp_path / "k.tsv.parts" / "rank1-of-2.tsv"
+    deadline = time.time() + 240
+    killed = False
+    while time.time() < deadline and proc.poll() is None:
+        if part.exists() and len(part.read_text().splitlines()) >= 3:  # header + 2 rows
+            pid = _rank_pid(1, str(out))
+            if pid is not None:
+                os.kill(pid, signal.SIGKILL)
+                killed = True
+                break
+        time.sleep(0.2)
+    proc.communicate(timeout=120)
+    assert killed, "rank 1 was not found running"
+    assert proc.returncode != 0 and not out.exists()
+    before = read_log(tmp_path / "k.tsv.parts" / "rank1-of-2.tsv")[1]
+    assert 2 <= len(before) < 6
+    _torchrun(args)
+    _, rows = read_log(out)
+    lines = out.read_text().splitlines()
+    assert [int(line.split("\t")[0]) for line in lines[1:]] == list(range(0, 240, 20))  # each once, in order
+    assert all(rows[i] == row for i, row in before.items())  # kept as written, time included: not certified again
+
+
+LIBRARY_SCRIPT = """
+import sys, torch, torch.distributed as dist, engine
+from engine import data, models
+dist.init_process_group("gloo")
+model = models.load(sys.argv[1])
+test = data.load_mnist(data.embedded_mnist_root(), "test")
+kw = dict(sigma=0.5, n0=10, n=200, alpha=0.001, indices=list(range(0, 150, 10)), progress=False)
+mem = engine.certify_dataset(model, test, **kw)
+logged = engine.certify_dataset(model, test, out=sys.argv[2], sampling="adaptive", radii=[0, 0.25], **kw)
+torch.save({"mem": [mem.indices, mem.prediction, mem.radius, mem.samples],
+            "log": [logged.indices, logged.prediction, logged.radius, logged.samples]},
+           f"{sys.argv[3]}.rank{dist.get_rank()}.pt")
+dist.destroy_process_group()
+"""
+
+
+def test_library_under_an_initialised_group(ckpt, tmp_path):
+    script = tmp_path / "lib.py"
+    script.write_text(LIBRARY_SCRIPT)
+    proc = subprocess.run([*TORCHRUN, str(script), str(ckpt), str(tmp_path / "lib.tsv"), str(tmp_path / "res")],
+                          capture_output=True, text=True, env=_env())
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    model = models.load(ckpt)
+    test = data.load_mnist(data.embedded_mnist_root(), "test")
+    kw = dict(sigma=0.5, n0=10, n=200, alpha=0.001, indices=list(range(0, 150, 10)), progress=False)
+    mem = engine.certify_dataset(model, test, **kw)
+    logged = engine.certify_dataset(model, test, out=tmp_path / "alone.tsv", sampling="adaptive", radii=[0, 0.25], **kw)
+    for rank in (0, 1):  # every rank returns the whole result
+        got = torch.load(tmp_path / f"res.rank{rank}.pt")
+        for name, want in (("mem", mem), ("log", logged)):
+            indices, pred, radius, samples = got[name]
+            assert torch.equal(indices, want.indices) and torch.equal(pred, want.prediction)
+            assert torch.equal(samples, want.samples)
+            assert torch.allclose(radius, want.radius, rtol=0, atol=0)
+    assert _without_time(tmp_path / "lib.tsv") == _without_time(tmp_path / "alone.tsv")
+
+
+def test_refusals(ckpt, tmp_path, monkeypatch):
+    # parts of a run over another number of processes
+    out = tmp_path / "r.tsv"
+    (tmp_path / "r.tsv.parts").mkdir()
+    (tmp_path / "r.tsv.parts" / "rank0-of-3.tsv").write_text("x")
+    what, message = _plan_parts(out, 2, False, {"sigma": 0.5}, [0, 1])
+    assert what == "error" and "another number of processes" in message
+    assert _plan_parts(out, 2, True, {"sigma": 0.5}, [0, 1]) == ("run", None)  # overwrite clears them
+    assert not (tmp_path / "r.tsv.parts").exists()
+    # an unfinished single-process log is not taken over by a distributed run
+    images = torch.zeros(4, 1, 28, 28, dtype=torch.uint8)
+    labels = torch.zeros(4, dtype=torch.int64)
+    engine.certify_dataset(models.load(ckpt), (images, labels), sigma=0.5, n0=5, n=20, indices=[0, 1], out=out,
+                           progress=False)
+    settings = read_log(out)[0]["settings"]
+    what, message = _plan_parts(out, 2, False, settings, [0, 1, 2, 3])
+    assert what == "error" and "unfinished single-process run" in message
+    assert _plan_parts(out, 2, False, settings, [0, 1]) == ("done", None)
+    # --shard under torchrun; a bad WORLD_SIZE
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    proc = subprocess.run([sys.executable, "-m", "engine", *_args(ckpt, tmp_path / "s.tsv"), "--num-shards", "2"],
+                          capture_output=True, text=True, env={**_env(), "WORLD_SIZE": "2"})
+    assert proc.returncode == 2 and "drop --shard / --num-shards" in proc.stderr and proc.stderr.count("\n") == 1
+    proc = subprocess.run([sys.executable, "-m", "engine", *_args(ckpt, tmp_path / "s.tsv")],
+                          capture_output=True, text=True, env={**_env(), "WORLD_SIZE": "two"})
+    assert proc.returncode == 2 and "WORLD_SIZE='two'" in proc.stderr
+    assert world() == (0, 1) and world(False) == (0, 1)
+    with pytest.raises(ValueError, match="initialised default process group"):
+        world(True)
