@@ -51,9 +51,11 @@ class DatasetCertification:
 def _as_tensors(dataset):
     """(images, labels) of a (images, labels) pair of tensors, or, for an indexable data set of (image, label), lazy
     views that read an item only when asked for it (nothing is decoded before the work starts)."""
+    from .imagedata import ImageView
     from .validate import InputError, InputTypeError
 
-    if isinstance(dataset, (tuple, list)) and len(dataset) == 2 and all(isinstance(t, torch.Tensor) for t in dataset):
+    if isinstance(dataset, (tuple, list)) and len(dataset) == 2 and isinstance(dataset[1], torch.Tensor) and (
+            isinstance(dataset[0], (torch.Tensor, ImageView))):
         return dataset[0], dataset[1]
     if not hasattr(dataset, "__getitem__") or not hasattr(dataset, "__len__"):
         raise InputTypeError(f"dataset must be (images, labels) tensors or an indexable data set of (image, label), got "

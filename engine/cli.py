@@ -140,11 +140,27 @@ def _recorded_labels(log):
     try:
         summary = json.loads(summary_paths(log)[0].read_text())
         settings, trace = summary["settings"], summary.get("trace") or {}
-        return data.load_dataset(settings["dataset"], trace.get("data_root"), settings["split"])[1]
+        return data.load_dataset(settings["dataset"], trace.get("data_root"), settings["split"],
+                                 image_size=settings.get("image_size"), labels_file=settings.get("val_labels"))[1]
     except Exception as exc:  # an older summary without a trace, data not on this machine
         warnings.warn(f"the rows' labels are not checked against their data set ({type(exc).__name__}: {exc})",
                       stacklevel=2)
         return None
+
+
+def cmd_data(args) -> int:
+    from .imagedata import ImageFolderData, pack
+
+    src, out = Path(args.src), Path(args.out)
+    if out.resolve() == src.resolve() or src.resolve() in out.resolve().parents:
+        raise UsageError(f"{out} lies inside the images {src}: pack into another folder")
+    ds = ImageFolderData(src, args.image_size, labels_file=args.val_labels)
+    source = {"root": str(src.resolve()), "image_size": args.image_size, "layout": "imagenet-val" if args.val_labels
+              else "imagefolder", **({"val_labels": str(Path(args.val_labels).resolve())} if args.val_labels else {})}
+    index = pack(ds, out, shard_images=args.shard_images, source=source, progress=not args.quiet)
+    print(f"wrote {out}: {index['count']} images {'x'.join(map(str, index['image_shape']))} in {len(index['shards'])} "
+          f"shards, {len(index['classes'])} classes")
+    return 0
 
 
 def cmd_merge(args) -> int:
@@ -245,8 +261,14 @@ def _prepare_model_run(args, distributed: bool = False):
     _check_backend(args.backend, device)
     model, identity = load_model_arg(args.checkpoint, args.weights, args.arch, device)
     path = args.checkpoint or args.weights
-    images, labels = data.load_dataset(args.dataset, args.data_root, args.split)
-    where = f"the {args.dataset} {args.split} split"
+    if args.val_labels is not None and args.dataset != "imagenet-val":
+        raise UsageError("--val-labels applies to --dataset imagenet-val only")
+    if args.image_size is not None and args.dataset not in data.IMAGE_DATASETS:
+        raise UsageError(f"--image-size applies to the image-folder data sets, not {args.dataset}")
+    images, labels = data.load_dataset(args.dataset, args.data_root, args.split, image_size=args.image_size,
+                                       labels_file=args.val_labels)
+    where = (f"the {args.dataset} {args.split} split" if args.dataset not in data.IMAGE_DATASETS
+             else f"{args.dataset} {args.data_root}")
     indices = _selection(args, images.shape[0], where)
     _model_fits(model, images, labels[indices], f"model of {path}")
     sigma = _sigma_of(args, model, path)
@@ -280,6 +302,18 @@ def _leave_process_group() -> None:
         dist.destroy_process_group()
 
 
+def _image_settings(args) -> dict:
+    """What identifies an ImageNet-style data set in a run's settings (image size, labels file), {} for the others."""
+    from .data import IMAGE_DATASETS
+
+    if args.dataset not in IMAGE_DATASETS:
+        return {}
+    out = {"image_size": args.image_size or (None if args.dataset == "packed" else 224)}
+    if args.val_labels is not None:
+        out["val_labels"] = str(Path(args.val_labels).resolve())
+    return {k: v for k, v in out.items() if v is not None}
+
+
 def _launch_world_size() -> int:
     from .distributed import env_world_size
 
@@ -309,6 +343,7 @@ def cmd_certify(args) -> int:
         **identity,
         "dataset": args.dataset,
         "split": args.split,
+        **_image_settings(args),
         "sigma": sigma,
         "n0": args.n0,
         "n": args.n,
@@ -396,7 +431,8 @@ def _predict(args, out, lock) -> int:
     abstain = sum(r[2] == -1 for r in rows)
     summary = {
         "schema_version": SCHEMA_VERSION,
-        "settings": {"command": "predict", **identity, "dataset": args.dataset, "split": args.split, "sigma": sigma,
+        "settings": {"command": "predict", **identity, "dataset": args.dataset, "split": args.split,
+                     **_image_settings(args), "sigma": sigma,
                      "n": args.n, "alpha": args.alpha, "seed": args.seed, "skip": args.skip, "max": args.max,
                      "shard": args.shard, "num_shards": args.num_shards,
                      **({"noise": args.noise} if args.noise != "gaussian" else {})},
@@ -1158,11 +1194,23 @@ def _add_quiet(p) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
-def _add_dataset(p, required: bool = False, root_help: str = "data folder") -> None:
-    p.add_argument("--dataset", choices=("mnist", "cifar10"), required=required,
-                   **({} if required else {"default": "mnist"}), help="data set")
+def _add_dataset(p, required: bool = False, root_help: str = "data folder", images: bool = False) -> None:
+    """--dataset / --data-root; with ``images`` also the ImageNet-style data sets, --image-size and --val-labels."""
+    from .data import IMAGE_DATASETS
+
+    choices = ("mnist", "cifar10") + (IMAGE_DATASETS if images else ())
+    help_ds = ("data set: mnist, cifar10, imagefolder (class folders of images), imagenet-val (one folder and "
+               "--val-labels), packed (a store written by 'data pack')") if images else "data set"
+    p.add_argument("--dataset", choices=choices, required=required, **({} if required else {"default": "mnist"}),
+                   help=help_ds)
     p.add_argument("--data-root", default=None,
-                   help=f"{root_help} (default: mnist: the MNIST subset shipped in the package; cifar10: required)")
+                   help=f"{root_help} (default: mnist: the MNIST subset shipped in the package; others: required)")
+    if images:
+        p.add_argument("--image-size", type=_int_at_least(1), default=None,
+                       help="imagefolder / imagenet-val: centre crop size after resizing the shorter side to size/0.875 "
+                       "(default 224: resize 256, crop 224); packed: must match the store")
+        p.add_argument("--val-labels", default=None,
+                       help="imagenet-val: text file of '<file name> <label>' lines (a class index or a class name)")
 
 
 def _add_poison_split(p, whose: str) -> None:
@@ -1208,8 +1256,9 @@ def build_parser(prog: str = "python -m engine") -> argparse.ArgumentParser:
                        "PyTorch state_dict (torch.save(model.state_dict(), F); read with weights_only=True, never "
                        "unpickled)")
         p.add_argument("--arch", type=_arch_name, default=None, help=f"architecture of --weights: {ARCH_HELP}")
-        _add_dataset(p, required=True)
-        p.add_argument("--split", choices=("train", "test"), default="test", help="which split of the data set")
+        _add_dataset(p, required=True, images=True)
+        p.add_argument("--split", choices=("train", "test"), default="test",
+                       help="which split of mnist / cifar10 (an image folder or packed store is its own split)")
         _add_certify_args(p, n_default=100_000 if name == "certify" else 10_000,
                           sigma_help="noise level (default: the sigma recorded in the checkpoint; a different one "
                           "prints a warning)")
@@ -1276,6 +1325,18 @@ def build_parser(prog: str = "python -m engine") -> argparse.ArgumentParser:
     p.add_argument("--allow-partial", action="store_true", help="merge unfinished or missing shards too")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     p.set_defaults(func=cmd_merge)
+
+    p = command("data", "data tools: 'data pack SRC OUT' writes an image folder once as a packed store (preprocessed "
+                "uint8 shards with sha256, read memory-mapped by --dataset packed)")
+    p.add_argument("action", choices=("pack",), help="pack: image folder -> packed store")
+    p.add_argument("src", help="folder of class folders (or, with --val-labels, the ImageNet validation images)")
+    p.add_argument("out", help="folder of the packed store to write (new, or an unfinished pack of the same data)")
+    p.add_argument("--image-size", type=_int_at_least(1), default=224,
+                   help="centre crop size after resizing the shorter side to size/0.875 (224: resize 256, crop 224)")
+    p.add_argument("--val-labels", default=None, help="ImageNet validation layout: '<file name> <label>' lines")
+    p.add_argument("--shard-images", type=_int_at_least(1), default=4096, help="images per shard file")
+    _add_quiet(p)
+    p.set_defaults(func=cmd_data)
 
     p = command("make-subset", "cut a small MNIST subset (gzipped idx files)")
     p.add_argument("--src", required=True, help="folder of the full MNIST idx files")

@@ -253,15 +253,43 @@ def load_cifar10(root: str | os.PathLike, split: str = "train") -> tuple[torch.T
     return torch.from_numpy(images.copy()), torch.from_numpy(labels)
 
 
-def load_dataset(name: str, root: str | os.PathLike | None, split: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """Dispatch by name ('mnist' or 'cifar10'); ``root=None`` for mnist means the embedded subset."""
+DATASETS = ("mnist", "cifar10", "imagefolder", "imagenet-val", "packed")
+IMAGE_DATASETS = ("imagefolder", "imagenet-val", "packed")  # read on demand (engine.imagedata)
+
+
+def load_dataset(name: str, root: str | os.PathLike | None, split: str, *, image_size: int | None = None,
+                 labels_file: str | os.PathLike | None = None):
+    """(images, labels) by name; ``root=None`` for mnist means the embedded subset.
+
+    mnist and cifar10 give tensors. imagefolder (class folders), imagenet-val (one folder and ``labels_file``) and
+    packed (a store written by ``engine.imagedata.pack``) give an :class:`engine.imagedata.ImageView` of uint8
+    images read on demand and an int64 labels tensor; ``split`` does not apply to them (the folder is the split),
+    ``image_size`` (default 224) to the folders only.
+    """
+    if name in IMAGE_DATASETS:
+        from . import imagedata
+
+        if root is None:
+            raise DataError(f"{name} needs --data-root (the folder of the images)")
+        if name == "packed":
+            ds = imagedata.PackedData(root)
+            if image_size is not None and tuple(ds.image_shape[1:]) != (image_size, image_size):
+                raise DataError(f"{root} holds {ds.image_shape[1]}x{ds.image_shape[2]} images, not the {image_size} "
+                                "asked for (a packed store keeps the size it was packed at)")
+        else:
+            if name == "imagenet-val" and labels_file is None:
+                raise DataError("imagenet-val needs its labels file (--val-labels: lines '<file name> <label>')")
+            ds = imagedata.ImageFolderData(root, 224 if image_size is None else image_size,
+                                           labels_file=labels_file if name == "imagenet-val" else None)
+        first = ds[0][0]
+        return imagedata.ImageView(ds, tuple(first.shape)), torch.as_tensor(ds.targets, dtype=torch.int64)
     if name == "mnist":
         return load_mnist(embedded_mnist_root() if root is None else root, split)
     if name == "cifar10":
         if root is None:
             raise DataError("cifar10 needs --data-root (no CIFAR-10 data is shipped)")
         return load_cifar10(root, split)
-    raise ValueError(f"dataset must be 'mnist' or 'cifar10', got {name!r}")
+    raise ValueError(f"dataset must be one of {DATASETS}, got {name!r}")
 
 
 def cut_mnist_subset(src_root, dst_root, *, n_train: int, n_test: int, seed: int = 0) -> dict:

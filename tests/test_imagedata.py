@@ -1,0 +1,174 @@
+"""ImageNet-style data (engine.imagedata): class folders of PNG and JPEG files of odd sizes, the validation layout
+with a labels file, the evaluation transform, the packed store (round trip, several shards, resume, corrupt and
+truncated shards) and the command line (certify on a folder and on its packed store give the same rows)."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from engine import cli, data, models
+from engine.data import DataError
+from engine.imagedata import ImageFolderData, ImageView, PackedData, load_image, pack, resize_size
+
+
+def _write(path, arr, mode=None):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(arr, mode).save(path)
+
+
+@pytest.fixture
+def folder(tmp_path):
+    """3 classes (folders named out of order), PNG / JPEG, RGB / grey / RGBA, odd sizes, a nested folder, a text file."""
+    rng = np.random.default_rng(0)
+    root = tmp_path / "images"
+    _write(root / "zebra" / "b.png", rng.integers(0, 256, (45, 37, 3), dtype=np.uint8))
+    _write(root / "zebra" / "a.jpg", rng.integers(0, 256, (60, 81, 3), dtype=np.uint8))
+    _write(root / "apple" / "x.png", rng.integers(0, 256, (40, 40), dtype=np.uint8))  # grey
+    _write(root / "apple" / "sub" / "y.png", rng.integers(0, 256, (33, 70, 4), dtype=np.uint8))  # RGBA, nested
+    _write(root / "mango" / "m.JPEG", rng.integers(0, 256, (50, 50, 3), dtype=np.uint8))
+    (root / "mango" / "notes.txt").write_text("not an image")
+    return root
+
+
+def test_folder_order_labels_and_shapes(folder):
+    ds = ImageFolderData(folder, 32)
+    assert ds.classes == ["apple", "mango", "zebra"]
+    names = [p.relative_to(folder).as_posix() for p, _ in ds.samples]
+    assert names == ["apple/x.png", "apple/sub/y.png", "mango/m.JPEG", "zebra/a.jpg", "zebra/b.png"]
+    assert ds.targets == [0, 0, 1, 2, 2]
+    for k in range(len(ds)):
+        img, label = ds[k]
+        assert img.dtype == torch.uint8 and tuple(img.shape) == (3, 32, 32) and label == ds.targets[k]
+    view = ImageView(ds, (3, 32, 32))
+    assert view.shape == (5, 3, 32, 32) and torch.equal(view[torch.tensor([4, 0])], torch.stack([ds[4][0], ds[0][0]]))
+    assert torch.equal(view[1:3], torch.stack([ds[1][0], ds[2][0]]))
+
+
+def test_transform_crops_the_centre_exactly_and_resizes_in_proportion(tmp_path):
+    """An image whose shorter side is already size / 0.875 is not resampled: the crop is its exact centre, at
+    torchvision's CenterCrop offsets. A resized image keeps its aspect (shorter side to 256 for 224) and a constant
+    image stays constant."""
+    rng = np.random.default_rng(1)
+    arr = rng.integers(0, 256, (300, 256, 3), dtype=np.uint8)  # H 300, W 256: short side 256 = resize_size(224)
+    _write(tmp_path / "a.png", arr)
+    assert resize_size(224) == 256
+    out = load_image(tmp_path / "a.png", 224).numpy().transpose(1, 2, 0)
+    top, left = int(round((300 - 224) / 2.0)), int(round((256 - 224) / 2.0))
+    assert np.array_equal(out, arr[top : top + 224, left : left + 224])
+    _write(tmp_path / "c.png", np.full((37, 90, 3), 77, np.uint8))
+    assert torch.equal(load_image(tmp_path / "c.png", 16), torch.full((3, 16, 16), 77, dtype=torch.uint8))
+    (tmp_path / "bad.png").write_bytes(b"\x89PNG broken")
+    with pytest.raises(DataError, match="bad.png"):
+        load_image(tmp_path / "bad.png", 16)
+
+
+def test_validation_layout(tmp_path):
+    rng = np.random.default_rng(2)
+    root = tmp_path / "val"
+    for name in ("v1.png", "v2.jpg", "v3.png"):
+        _write(root / name, rng.integers(0, 256, (20, 24, 3), dtype=np.uint8))
+    (tmp_path / "wnid.txt").write_text("v1.png n02\nv2.jpg n01\n\nv3.png n02\n")
+    ds = ImageFolderData(root, 16, labels_file=tmp_path / "wnid.txt")
+    assert ds.classes == ["n01", "n02"] and ds.targets == [1, 0, 1]
+    (tmp_path / "idx.txt").write_text("v3.png 7\nv1.png 0\n")
+    ds = ImageFolderData(root, 16, labels_file=tmp_path / "idx.txt")
+    assert ds.targets == [7, 0] and len(ds.classes) == 8 and tuple(ds[0][0].shape) == (3, 16, 16)
+    for text, match in (("v9.png 1\n", "v9.png, which is not a file"), ("v1.png\n", "expected '<file name> <label>'"),
+                        ("", "no labels")):
+        (tmp_path / "bad.txt").write_text(text)
+        with pytest.raises(DataError, match=match):
+            ImageFolderData(root, 16, labels_file=tmp_path / "bad.txt")
+    with pytest.raises(DataError, match="no class folders"):
+        ImageFolderData(root, 16)
+
+
+def test_pack_round_trip_over_several_shards_and_resume(folder, tmp_path):
+    ds = ImageFolderData(folder, 24)
+    index = pack(ds, tmp_path / "packed", shard_images=2, source={"root": str(folder)})
+    assert [s["count"] for s in index["shards"]] == [2, 2, 1] and index["image_shape"] == [3, 24, 24]
+    packed = PackedData(tmp_path / "packed")
+    assert len(packed) == len(ds) and packed.classes == ds.classes and packed.targets.tolist() == ds.targets
+    for k in range(len(ds)):
+        assert torch.equal(packed[k][0], ds[k][0]) and packed[k][1] == ds[k][1]
+    with pytest.raises(DataError, match="already holds a packed store"):
+        pack(ds, tmp_path / "packed")
+
+    class Failing:  # stops at image 3: the first shard is kept, a second run continues after it
+        classes, targets = ds.classes, ds.targets
+
+        def __len__(self):
+            return len(ds)
+
+        def __getitem__(self, i):
+            if i == 3:
+                raise KeyboardInterrupt
+            return ds[i]
+
+    with pytest.raises(KeyboardInterrupt):
+        pack(Failing(), tmp_path / "again", shard_images=2)
+    assert json.loads((tmp_path / "again" / "index.partial.json").read_text())["shards"][0]["count"] == 2
+    with pytest.raises(DataError, match="unfinished pack"):
+        PackedData(tmp_path / "again")
+    pack(ds, tmp_path / "again", shard_images=2)
+    again = PackedData(tmp_path / "again")
+    assert all(torch.equal(again[k][0], packed[k][0]) for k in range(len(ds)))
+    assert not (tmp_path / "again" / "index.partial.json").exists()
+    with pytest.raises(DataError, match="another pack"):  # a partial pack of other settings is not continued
+        with pytest.raises(KeyboardInterrupt):
+            pack(Failing(), tmp_path / "third", shard_images=2)
+        pack(ds, tmp_path / "third", shard_images=3)
+
+
+def test_damaged_stores_are_refused_with_the_shard_name(folder, tmp_path):
+    pack(ImageFolderData(folder, 16), tmp_path / "p", shard_images=2)
+    shard = tmp_path / "p" / "shard-00001.npy"
+    good = shard.read_bytes()
+    shard.write_bytes(good[:-10])
+    with pytest.raises(DataError, match="shard-00001.npy has .* bytes"):
+        PackedData(tmp_path / "p")
+    flipped = bytearray(good)
+    flipped[-5] ^= 0xFF
+    shard.write_bytes(bytes(flipped))
+    store = PackedData(tmp_path / "p")  # sizes fine: the hash is checked when the shard is first read
+    store[0]
+    with pytest.raises(DataError, match="shard-00001.npy does not match its sha256"):
+        store[2]
+    shard.unlink()
+    with pytest.raises(DataError, match="shard-00001.npy is missing"):
+        PackedData(tmp_path / "p")
+    with pytest.raises(DataError, match="not a packed store"):
+        PackedData(folder)
+
+
+def test_cli_certify_folder_and_packed_store_give_the_same_rows(folder, tmp_path, capsys):
+    torch.manual_seed(0)
+    ckpt = tmp_path / "resnet20.safetensors"
+    models.save(models.build("resnet20", num_classes=3), ckpt, sigma=0.25)
+    assert cli.main(["data", "pack", str(folder), str(tmp_path / "store"), "--image-size", "32", "--shard-images", "2",
+                     "--quiet"]) == 0
+    base = ["certify", "--checkpoint", str(ckpt), "--n0", "8", "--n", "40", "--quiet"]
+    assert cli.main([*base, "--dataset", "imagefolder", "--data-root", str(folder), "--image-size", "32",
+                     "--out", str(tmp_path / "f.tsv")]) == 0
+    assert cli.main([*base, "--dataset", "packed", "--data-root", str(tmp_path / "store"),
+                     "--out", str(tmp_path / "p.tsv")]) == 0
+
+    def rows(name):
+        return [line.split("\t")[:5] for line in (tmp_path / name).read_text().splitlines()]
+
+    assert rows("f.tsv") == rows("p.tsv") and len(rows("f.tsv")) == 6
+    settings = json.loads((tmp_path / "f.json").read_text())["settings"]
+    assert settings["dataset"] == "imagefolder" and settings["image_size"] == 32
+    images, labels = data.load_dataset("packed", tmp_path / "store", "test")
+    assert images.shape == (5, 3, 32, 32) and labels.tolist() == [0, 0, 1, 2, 2]
+    for extra, match in ((["--dataset", "packed", "--data-root", str(tmp_path / "store"), "--image-size", "64"],
+                          "not the 64 asked for"),
+                         (["--dataset", "mnist", "--val-labels", "x.txt"], "--val-labels applies to"),
+                         (["--dataset", "imagenet-val", "--data-root", str(folder)], "needs its labels file"),
+                         (["--dataset", "imagefolder"], "needs --data-root")):
+        capsys.readouterr()
+        assert cli.main([*base, *extra, "--out", str(tmp_path / "x.tsv")]) == 2, match
+        err = capsys.readouterr().err
+        assert match in err and err.count("\n") == 1, err
