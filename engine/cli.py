@@ -314,6 +314,12 @@ def _image_settings(args) -> dict:
     return {k: v for k, v in out.items() if v is not None}
 
 
+def _rank() -> int:
+    import torch.distributed as dist
+
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
 def _launch_world_size() -> int:
     from .distributed import env_world_size
 
@@ -376,9 +382,7 @@ def cmd_certify(args) -> int:
         trace=_trace(args, device, precision, path),
         **adaptive,
     )
-    import torch.distributed as dist
-
-    if world == 1 or dist.get_rank() == 0:
+    if _rank() == 0:
         print(format_table(summ))
         print(_wrote(out, *summary_paths(out)))
     return 0
@@ -773,6 +777,11 @@ def cmd_poison(args) -> int:
     _claim_outputs([out, ckpt], [args.init], overwrite=True)
     _writable_folder(out)
     device = _device(args.device)
+    world = _launch_world_size()
+    if world > 1:  # under torchrun: data-parallel crafting, rank 0 writes the checkpoint and the poison
+        from .distributed import init_from_env
+
+        device = init_from_env(device)
     margs = _method_args(args, args.method)
     train_data, val_data = _load_split(args)
     _check_target_class(args.target_class, train_data[1], args.dataset)
@@ -780,7 +789,7 @@ def cmd_poison(args) -> int:
     init = PoisonSet.load(args.init, train_data) if args.init is not None else None  # a bad file: PoisonError naming it
 
     def log(entry):
-        if args.log_every and entry["step"] % args.log_every == 0:
+        if args.log_every and entry["step"] % args.log_every == 0 and (world == 1 or _rank() == 0):
             print(json.dumps(entry), file=sys.stderr, flush=True)
 
     ps = poison(
@@ -816,7 +825,10 @@ def cmd_poison(args) -> int:
         device=device,
         progress=not args.quiet,
         log=log,
+        lower_subset=args.lower_subset,
     )
+    if _rank() != 0:
+        return 0
     ps.settings.update({"arch": args.arch, "dataset": args.dataset, "val_size": args.val_size, **preset_record})
     crafted, ps = ps, ps.encode(train_data, args.encoding)  # the poison the file holds (int8: quantised, a new poison)
     ps.save(out)
@@ -1431,6 +1443,9 @@ def build_parser(prog: str = "python -m engine") -> argparse.ArgumentParser:
     p.add_argument("--batch-clean", type=_int_at_least(1), default=900, help="clean images per lower-level batch")
     p.add_argument("--batch-poison", type=_int_at_least(1), default=100, help="poisoned images per lower-level batch")
     p.add_argument("--batch-val", type=_int_at_least(1), default=100, help="validation images per upper-level batch")
+    p.add_argument("--lower-subset", type=_int_at_least(1), default=None,
+                   help="craft against part of the clean data: the lower level trains on this many images of the "
+                   "other classes (a random choice from --seed) beside the poison (default: all)")
     p.add_argument("--upper-k", type=_int_at_least(1), default=20, help="noise draws of the upper objective")
     p.add_argument("--k", action=_Renamed, new="--upper-k", meaning="noise draws of the upper objective; MACER's k "
                    "of the lower level goes in --method-args")

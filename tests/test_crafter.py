@@ -165,3 +165,45 @@ def test_poison_config_values(tiny):
         Crafter(_tiny_mlp(), train, val, TARGET, PoisonConfig(sigma=0.5, eps=0.1, outer_steps=1))
     with pytest.raises(InputError, match="target_class must be >= 0"):
         Crafter(_tiny_mlp, train, val, -1, PoisonConfig(sigma=0.5, eps=0.1, outer_steps=1))
+
+
+def test_lower_subset(tiny):
+    """lower_subset: the lower level's clean pool is a seeded random part of the other classes' images (recorded in
+    the settings), the poison is crafted as usual; more than there are is refused."""
+    train, val = tiny
+    cfg = PoisonConfig(**CONFIG, outer_steps=2, seed=SEED, lower_subset=50)
+    crafter = Crafter(_tiny_mlp, train, val, TARGET, cfg)
+    pool = crafter._pool_c
+    assert pool.numel() == 50 and bool((train[1][pool] != TARGET).all()) and bool((pool.diff() > 0).all())
+    again = Crafter(_tiny_mlp, train, val, TARGET, cfg)
+    assert torch.equal(again._pool_c, pool)
+    other = Crafter(_tiny_mlp, train, val, TARGET, dataclasses.replace(cfg, seed=SEED + 1))
+    assert not torch.equal(other._pool_c, pool)
+    crafter.step()
+    crafter.step()
+    ps = crafter.result()
+    assert ps.settings["lower_subset"] == 50 and float((ps.images - train[0][ps.indices].float() / 255).abs().max()) > 0
+    assert "lower_subset" not in Crafter(_tiny_mlp, train, val, TARGET, dataclasses.replace(cfg, lower_subset=None)).settings
+    with pytest.raises(InputError, match="lower_subset 100000 is more than"):
+        Crafter(_tiny_mlp, train, val, TARGET, dataclasses.replace(cfg, lower_subset=100000))
+    with pytest.raises(InputError, match="lower_subset"):
+        PoisonConfig(**CONFIG, outer_steps=2, lower_subset=0)
+
+
+def test_data_parallel_refusals(tiny, monkeypatch):
+    """Under a process group of 2 (faked): SmoothAdv and models with BatchNorm are refused before any work."""
+    from torch import nn
+
+    from engine import distributed, models
+
+    train, val = tiny
+    monkeypatch.setattr(distributed, "world", lambda distributed=None: (0, 2))
+    with pytest.raises(InputError, match="does not support smoothadv"):
+        Crafter(_tiny_mlp, train, val, TARGET, PoisonConfig(**{**CONFIG, "method": "smoothadv"}, outer_steps=1))
+
+    def with_bn():
+        return nn.Sequential(models.Normalize(models.MNIST_MEAN, models.MNIST_STD), nn.Flatten(), nn.Linear(784, 16),
+                             nn.BatchNorm1d(16), nn.ReLU(), nn.Linear(16, 10))
+
+    with pytest.raises(InputError, match="BatchNorm"):
+        Crafter(with_bn, train, val, TARGET, PoisonConfig(**CONFIG, outer_steps=1))

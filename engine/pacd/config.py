@@ -61,6 +61,7 @@ class PoisonConfig:
     checkpoint_every: int = 50
     checkpoint_seconds: float | None = 600.0
     encoding: str = "float32"
+    lower_subset: int | None = None
 
     def __post_init__(self):
         def put(name, value):
@@ -90,6 +91,8 @@ class PoisonConfig:
             put("checkpoint_seconds", _positive("checkpoint_seconds", self.checkpoint_seconds, allow_zero=True))
         for name in ("batch_clean", "batch_poison", "batch_val", "k"):
             put(name, _count(name, getattr(self, name), 1))
+        if self.lower_subset is not None:
+            put("lower_subset", _count("lower_subset", self.lower_subset, 1))
         if not 0 <= float(self.a) < 0.5:
             raise InputError(f"a must lie in [0, 0.5), got {self.a}")
         put("method_args", resolve_method_args(self.method, dict(self.method_args or {})))

@@ -93,6 +93,52 @@ class _RowAdam:
 # ----------------------------------------------------------------------------------------------
 
 
+def _all_reduce_grads(model: torch.nn.Module, loss: torch.Tensor) -> torch.Tensor:
+    """Sum the ranks' gradients of their parts of the loss (and the parts themselves: the global loss), in place."""
+    import torch.distributed as dist
+
+    params = [p for p in flat_params(model) if p.grad is not None]
+    flat = torch.cat([p.grad.reshape(-1) for p in params] + [loss.detach().reshape(1)])
+    dist.all_reduce(flat)
+    pos = 0
+    for p in params:
+        p.grad.copy_(flat[pos : pos + p.numel()].view_as(p.grad))
+        pos += p.numel()
+    return flat[-1]
+
+
+def _summed(hvp):
+    """H v of the global batch: the ranks' parts summed (every rank gets the same vector)."""
+    import torch.distributed as dist
+
+    def summed(v):
+        out = hvp(v).contiguous()
+        dist.all_reduce(out)
+        return out
+
+    return summed
+
+
+def _gathered(mixed, count: int, rank: int, world: int):
+    """The mixed term of the whole poison batch (``count`` rows, rank r holding rows r, r + world, ...) on every rank."""
+    import torch.distributed as dist
+
+    def gathered(p):
+        mine = mixed(p)
+        rows = -(-count // world)
+        padded = mine.new_zeros((rows, *mine.shape[1:]))
+        padded[: mine.shape[0]] = mine
+        pieces = [torch.empty_like(padded) for _ in range(world)]
+        dist.all_gather(pieces, padded.contiguous())
+        out = mine.new_empty((count, *mine.shape[1:]))
+        for r in range(world):
+            n_r = len(range(r, count, world))
+            out[r::world] = pieces[r][:n_r]
+        return out
+
+    return gathered
+
+
 def _solve_advice(solver: str, lr_p: float, damping: float) -> str:
     """What to change when a solve ends above the residual of p = 0 (the warning of :meth:`Crafter.step`)."""
     if solver == "cg":  # no step size: CG stops at a non-positive curvature and its residual need not fall
@@ -163,8 +209,12 @@ class Crafter:
     """
 
     def __init__(self, model_fn: Callable[[], torch.nn.Module], train_data, val_data, target_class: int,
-                 config: PoisonConfig, init: PoisonSet | None = None, device: str | torch.device = "cpu"):
+                 config: PoisonConfig, init: PoisonSet | None = None, device: str | torch.device = "cpu",
+                 distributed: bool | None = None):
+        from ..distributed import world
+
         _check_model_fn(model_fn)
+        self._rank, self._world = world(distributed)
         target_class = _check_target_class(target_class)
         if not isinstance(config, PoisonConfig):
             raise InputTypeError(f"config must be a PoisonConfig, got {type(config).__name__}")
@@ -182,6 +232,15 @@ class Crafter:
         # the first model (re-initialisation 0), run once on a training image before anything else
         first_model = self._build_model(0)
         model_name = f"model from model_fn ({describe_module(first_model)})"
+        if self._world > 1:
+            if config.method == "smoothadv":
+                raise InputError("data-parallel crafting does not support smoothadv yet (its attack draws the noise of "
+                                 "the whole batch); craft it in one process")
+            if any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in first_model.modules()):
+                raise InputError(f"the {model_name} has BatchNorm layers, whose batch statistics would differ per rank: "
+                                 "data-parallel crafting needs a model without them")
+            if min(config.batch_clean, config.batch_val) < self._world:
+                raise InputError(f"batch_clean and batch_val must be at least the {self._world} processes")
         classes = check_model_fits(first_model, images, name=model_name, labels=labels, labels_name="train_data labels")
         if tuple(val_images.shape[1:]) != tuple(images.shape[1:]):
             check_model_fits(first_model, val_images, name=model_name, num_classes=classes)
@@ -199,11 +258,18 @@ class Crafter:
                 f"target_class {target_class}: {pool_p.numel()} training, {val_t.shape[0]} validation images of "
                 f"the class and {pool_c.numel()} other training images; all must be > 0"
             )
+        if cfg.lower_subset is not None:  # the lower level trains on a random part of the other classes' images
+            if cfg.lower_subset > pool_c.numel():
+                raise InputError(f"lower_subset {cfg.lower_subset} is more than the {pool_c.numel()} training images "
+                                 f"of the other classes")
+            g_sub = torch.Generator().manual_seed(derive_seed(cfg.seed, 0, 6))
+            pool_c = pool_c[torch.randperm(pool_c.numel(), generator=g_sub)[: cfg.lower_subset].sort().values]
         clean_hash = _hash_clean(images[pool_p], labels[pool_p])
         x_all, val_t = x_all.to(device), val_t.to(device)
         x0 = x_all[pool_p].clone()
         n_poison = pool_p.numel()
-        steps_per_epoch = math.ceil(x_all.shape[0] / (cfg.batch_clean + cfg.batch_poison))
+        lower_images = x_all.shape[0] if cfg.lower_subset is None else cfg.lower_subset + n_poison
+        steps_per_epoch = math.ceil(lower_images / (cfg.batch_clean + cfg.batch_poison))
         reset_period = cfg.reset_every * steps_per_epoch
         offset, init_info = 0, None
         if init is not None:
@@ -259,6 +325,8 @@ class Crafter:
         }
         if init_info is not None:
             settings["init"] = init_info
+        if cfg.lower_subset is not None:
+            settings["lower_subset"] = cfg.lower_subset
 
         self._labels, self._labels_dev = labels, labels.to(device)
         self._x_all, self._val_t, self._x0 = x_all, val_t, x0
@@ -331,6 +399,12 @@ class Crafter:
         order = torch.randperm(self._n_poison, generator=_generator("cpu", cfg.seed, step // self._poison_epoch, 3))
         j = step % self._poison_epoch
         pos = order[j * cfg.batch_poison : (j + 1) * cfg.batch_poison]
+        rank, W = self._rank, self._world
+        rows, total, vi_all = None, None, vi
+        if W > 1:  # this rank's share of the global batch: every W-th clean, poison and validation row
+            sel_c, sel_p = torch.arange(ci.numel())[rank::W], torch.arange(pos.numel())[rank::W]
+            rows, total = torch.cat([sel_c, ci.numel() + sel_p]), ci.numel() + pos.numel()
+            ci, pos_all, pos, vi = ci[sel_c], pos, pos[sel_p], vi[rank::W]
         batch = OuterBatch(
             xc=self._x_all[ci.to(device)],
             yc=self._labels_dev[ci.to(device)],
@@ -338,6 +412,8 @@ class Crafter:
             yp=self._labels_dev[self._pool_p[pos].to(device)],
             xv=self._val_t[vi.to(device)],
             seed=derive_seed(cfg.seed, step, 4),
+            rows=rows,
+            total=total,
         )
         lower = LowerLevel(cfg.method, model, batch, cfg.sigma, cfg.method_args)
         u_batch = u[pos.to(device)]
@@ -349,21 +425,44 @@ class Crafter:
             loss = lower.loss(lower.forward, u_batch, 100 + it)
             opt_w.zero_grad(set_to_none=True)
             loss.backward()
+            if W > 1:
+                loss = _all_reduce_grads(model, loss)
             opt_w.step()
             lower_loss = float(loss.detach())
         clock.lap("lower")
         model.eval()  # the smoothed classifier (upper level) and the second-order products use eval mode
         params = flat_params(model)
-        f_val, counted = soft_radius_objective(
-            lower.forward, batch.xv, self.target_class, sigma=cfg.sigma, k=cfg.k, beta=cfg.beta, a=cfg.a,
-            generator=_generator(device, batch.seed, 5),
-        )
+        if W == 1:
+            f_val, counted = soft_radius_objective(
+                lower.forward, batch.xv, self.target_class, sigma=cfg.sigma, k=cfg.k, beta=cfg.beta, a=cfg.a,
+                generator=_generator(device, batch.seed, 5),
+            )
+        else:  # the global draw of noise at this rank's validation rows; F and the count summed over the ranks
+            g5 = _generator(device, batch.seed, 5)
+            shape = (cfg.k, vi_all.numel(), *self._val_t.shape[1:])
+            noise = torch.randn(shape, generator=g5, device=device, dtype=self._val_t.dtype)[:, rank::W]
+            f_val, counted = soft_radius_objective(
+                lower.forward, batch.xv, self.target_class, sigma=cfg.sigma, k=cfg.k, beta=cfg.beta, a=cfg.a,
+                noise=noise,
+            )
+            f_val = f_val * (batch.xv.shape[0] / vi_all.numel())
+            counted = counted * batch.xv.shape[0] / vi_all.numel()
         grads = torch.autograd.grad(f_val, params, allow_unused=True)
         g_w = torch.cat([(gr if gr is not None else torch.zeros_like(p)).reshape(-1) for gr, p in zip(grads, params)])
+        if W > 1:
+            import torch.distributed as dist
+
+            sums = torch.cat([g_w.detach(), f_val.detach().reshape(1), torch.tensor([counted], device=device,
+                                                                                  dtype=g_w.dtype)])
+            dist.all_reduce(sums)
+            g_w, f_val, counted = sums[:-2], sums[-2], float(sums[-1])
         moved, solve_residual = 0.0, None
         clock.lap("upper")
         if float(g_w.abs().max()) > 0:
             hvp, mixed = lower.products(u_batch, 999, cfg.hvp_backend)
+            if W > 1:
+                hvp, mixed = _summed(hvp), _gathered(mixed, pos_all.numel(), rank, W)
+                pos = pos_all
             kwargs = {"state": self._p_state} if cfg.solver == "approxgrad" else {}
             trace: list[float] = []
             self._p_vec = bilevel.SOLVERS[cfg.solver](hvp, g_w.detach(), self._p_vec, steps=cfg.niter2, lr=cfg.lr_p,
@@ -380,6 +479,7 @@ class Crafter:
                     )
             clock.lap("solve")
             grad_u = -mixed(self._p_vec)
+            u_batch = u[pos.to(device)]
             if cfg.u_update == "adam":
                 new = u_opt.step(u, pos.to(device), grad_u, cfg.lr_u)
             else:
@@ -571,6 +671,8 @@ def poison(
     encoding: str = "float32",
     progress: bool | None = None,
     log: Callable[[dict], None] | None = None,
+    distributed: bool | None = None,
+    lower_subset: int | None = None,
 ) -> PoisonSet:
     """Craft a PACD poison against ``method``'s training procedure (ApproxGrad bilevel optimisation).
 
@@ -620,6 +722,17 @@ def poison(
             resumed run quantises the same), and the encoding is no checkpoint setting.
         progress: a tqdm bar over the outer steps: None (default) only when stderr is a terminal (never
             under pytest or in a log file), True always, False never.
+        distributed: None (default): data-parallel over the ranks of the default torch.distributed process group
+            when one is initialised (e.g. under torchrun), else one process; False: one process; True: the group
+            must be there. Each rank takes every W-th row of each outer step's clean, poison and validation batch
+            (with the noise those rows have in one process); the lower model's gradients, the upper gradient, every
+            H v and the poison batch's mixed term are summed or gathered over the ranks, so every rank holds the
+            same weights and poison, equal to one process's on the same global batches up to the order of
+            floating-point sums. Rank 0 alone writes the checkpoint and shows progress; every rank returns the
+            poison. Gaussian augmentation and MACER (SmoothAdv not yet); models without BatchNorm.
+        lower_subset: craft against part of the clean data: the lower level trains on this many of the other
+            classes' training images (a random choice from ``seed``) beside the poison, instead of all of them (the
+            re-initialisation period counts epochs of that part); victims may then train on the whole set.
 
     Raises:
         :class:`engine.validate.InputError` (a ValueError) for bad arguments, data (as for
@@ -637,22 +750,25 @@ def poison(
         lr_u=lr_u, lr_w=lr_w, lr_p=lr_p, damping=damping, reset_every=reset_every, batch_clean=batch_clean,
         batch_poison=batch_poison, batch_val=batch_val, k=k, beta=beta, a=a, u_update=u_update, seed=seed,
         method_args=method_args, hvp_backend=hvp_backend, checkpoint_every=checkpoint_every,
-        checkpoint_seconds=checkpoint_seconds, encoding=encoding,
+        checkpoint_seconds=checkpoint_seconds, encoding=encoding, lower_subset=lower_subset,
     )  # fmt: skip
-    crafter = Crafter(model_fn, train_data, val_data, target_class, config, init=init, device=check_device(device))
+    crafter = Crafter(model_fn, train_data, val_data, target_class, config, init=init, device=check_device(device),
+                      distributed=distributed)
     ckpt = Path(checkpoint) if checkpoint is not None else None
+    writer = crafter._rank == 0  # data-parallel: every rank resumes from the checkpoint, rank 0 writes it
     # one writer per checkpoint, released (its lock file removed) however the run ends
-    lock = ExclusiveLock(ckpt).acquire() if ckpt is not None else None
+    lock = ExclusiveLock(ckpt).acquire() if ckpt is not None and writer else None
     try:
-        _run_crafter(crafter, config, ckpt, method, progress, log)
+        _run_crafter(crafter, config, ckpt, method, progress and writer, log, write=writer)
     finally:
         if lock is not None:
             lock.release()
     return crafter.result()
 
 
-def _run_crafter(crafter, config, ckpt, method, progress, log) -> None:
-    """Resume ``crafter`` from ``ckpt`` (when it exists) and step it to ``config.outer_steps``, checkpointing."""
+def _run_crafter(crafter, config, ckpt, method, progress, log, write: bool = True) -> None:
+    """Resume ``crafter`` from ``ckpt`` (when it exists) and step it to ``config.outer_steps``, checkpointing (when
+    ``write``)."""
     if ckpt is not None and ckpt.exists():
         tensors, meta = read_checkpoint(ckpt)
         diff = _settings_differ(meta["settings"], crafter.settings)
@@ -662,7 +778,7 @@ def _run_crafter(crafter, config, ckpt, method, progress, log) -> None:
     start = crafter.steps_done
 
     def save_state():
-        if ckpt is not None:
+        if ckpt is not None and write:
             _save_checkpoint(ckpt, *_checkpoint_payload(crafter.state_dict()))
 
     bar = None

@@ -47,6 +47,8 @@ class OuterBatch:
     yp: torch.Tensor
     xv: torch.Tensor  # (Bv, C, H, W) validation images of the target class
     seed: int  # key of this step's randomness
+    rows: torch.Tensor | None = None  # data-parallel share: this rank's rows of the global [clean; poison] batch
+    total: int | None = None  # rows of the global batch (None: this batch is the whole one)
 
 
 def resolve_method_args(method: str, args: dict) -> dict:
@@ -75,6 +77,20 @@ class LowerLevel:
         self.forward = pool_first_view(model)  # same layers and gradients, faster to train (smoothing.pool_first_view)
         self.y = torch.cat([step.yc, step.yp])
         self.delta = None
+        # a data-parallel share (step.rows of step.total): the global batch's noise rows, its loss scale
+        self.share = step.rows is not None
+        if self.share and method == "smoothadv":
+            raise InputError("data-parallel crafting does not support smoothadv yet (its attack draws the noise of the "
+                             "whole batch); craft it in one process")
+        self.scale = self.y.shape[0] / step.total if self.share else 1.0
+
+    def _noise(self, shape_rest: tuple, g: torch.Generator, like: torch.Tensor) -> torch.Tensor:
+        """Standard normal noise of this batch's rows (B, *shape_rest): with a share, the global batch's draw at its
+        rows, so that every row sees the noise it has in one process."""
+        if not self.share:
+            return torch.randn((like.shape[0], *shape_rest), generator=g, device=like.device, dtype=like.dtype)
+        full = torch.randn((self.step.total, *shape_rest), generator=g, device=like.device, dtype=like.dtype)
+        return full[self.step.rows.to(like.device)]
 
     def prepare(self, u_batch: torch.Tensor) -> None:
         """SmoothAdv: attack points for the clean and poison batch at the current weights (outside the graph)."""
@@ -102,19 +118,36 @@ class LowerLevel:
         if self.delta is not None:
             x = x + self.delta
         g = _generator(x.device, self.step.seed, key)
-        return x + self.sigma * torch.randn(x.shape, generator=g, device=x.device, dtype=x.dtype)
+        if not self.share:
+            return x + self.sigma * torch.randn(x.shape, generator=g, device=x.device, dtype=x.dtype)
+        return x + self.sigma * self._noise(tuple(x.shape[1:]), g, x)
+
+    def _macer_inputs(self, x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+        from ..losses import macer_inputs
+
+        k = self.margs["k"]
+        if not self.share:
+            return macer_inputs(x, self.sigma, k, g)
+        noise = self._noise((k, *x.shape[1:]), g, x)
+        return (x.unsqueeze(1) + self.sigma * noise).reshape((x.shape[0] * k,) + tuple(x.shape[1:]))
 
     def loss(self, model: torch.nn.Module, u_batch: torch.Tensor, key: int) -> torch.Tensor:
+        """G on this batch; with a share, its rows' part of the global batch's mean (the ranks' parts sum to G)."""
         if self.method == "macer":
-            from ..losses import macer
+            from ..losses import macer, macer_terms
 
             m = self.margs
             x = torch.cat([self.step.xc, u_batch])
             g = _generator(x.device, self.step.seed, key)
-            return macer(
-                model, x, self.y, sigma=self.sigma, k=m["k"], beta=m["beta"], gamma=m["gamma"], lbd=m["lbd"], generator=g
-            )
-        return F.cross_entropy(model(self.noisy_inputs(u_batch, key)), self.y)
+            if not self.share:
+                return macer(model, x, self.y, sigma=self.sigma, k=m["k"], beta=m["beta"], gamma=m["gamma"],
+                             lbd=m["lbd"], generator=g)
+            logits = model(self._macer_inputs(x, g)).reshape(x.shape[0], m["k"], -1)
+            cls, rob = macer_terms(logits, self.y, self.sigma, m["beta"], m["gamma"])
+            return (cls.sum() + m["lbd"] * rob.sum()) / self.step.total
+        if not self.share:
+            return F.cross_entropy(model(self.noisy_inputs(u_batch, key)), self.y)
+        return F.cross_entropy(model(self.noisy_inputs(u_batch, key)), self.y, reduction="sum") / self.step.total
 
     def products(self, u_batch: torch.Tensor, key: int, backend: str = "auto"):
         """(hvp, mixed) closures at the current weights for the noise sample ``key``; flat vectors in,
@@ -139,12 +172,12 @@ class LowerLevel:
 
             n_clean = self.step.xc.shape[0]
             if self.method == "macer":
-                from ..losses import macer_inputs, macer_terms
+                from ..losses import macer_terms
 
                 m = self.margs
                 x = torch.cat([self.step.xc, u_batch])
-                b, copies = x.shape[0], m["k"]
-                inputs = macer_inputs(x, self.sigma, copies, _generator(x.device, self.step.seed, key)).detach()
+                b, copies = (self.step.total if self.share else x.shape[0]), m["k"]
+                inputs = self._macer_inputs(x, _generator(x.device, self.step.seed, key)).detach()
                 with torch.no_grad():
                     logits = self.model(inputs)
 
@@ -155,6 +188,9 @@ class LowerLevel:
                 y, expansion = None, expand_logit_loss(group_loss, logits, self.y, group=copies)
             else:
                 inputs, y, expansion, copies = self.noisy_inputs(u_batch, key).detach(), self.y, None, 1
+            # a share's products are its rows' parts of the global batch's (cross-entropy: weights B_local / B_global)
+            weights = (torch.full((inputs.shape[0],), self.scale, dtype=inputs.dtype, device=inputs.device)
+                       if self.share and expansion is None else None)
 
             cached = backend == "cached"
             if backend in ("auto", "cached"):
@@ -163,14 +199,14 @@ class LowerLevel:
                     raise InputError(f"hvp_backend='cached' cannot run this model: {reason}")
                 cached = supported
             if cached:
-                op = CurvatureOperator(self.model, inputs, y, expansion=expansion)
+                op = CurvatureOperator(self.model, inputs, y, weights=weights, expansion=expansion)
                 hvp, mixed_of = op.hvp, op.mixed
             else:
                 def hvp(v):
-                    return hvp_op(self.model, inputs, y, v, backend=backend, expansion=expansion).hv_flat
+                    return hvp_op(self.model, inputs, y, v, weights=weights, backend=backend, expansion=expansion).hv_flat
 
                 def mixed_of(p):
-                    return mixed_vjp(self.model, inputs, y, p, backend=backend, expansion=expansion)
+                    return mixed_vjp(self.model, inputs, y, p, weights=weights, backend=backend, expansion=expansion)
 
             def mixed(p):  # the input gradient of each copy, summed per image (one copy: unchanged)
                 r = mixed_of(p)
