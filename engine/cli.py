@@ -255,9 +255,7 @@ def _prepare_model_run(args, distributed: bool = False):
 
     device = _device(args.device)
     if distributed:
-        from .distributed import init_from_env
-
-        device = init_from_env(device)
+        device = _join_launch(device)
     _check_backend(args.backend, device)
     model, identity = load_model_arg(args.checkpoint, args.weights, args.arch, device)
     path = args.checkpoint or args.weights
@@ -312,6 +310,19 @@ def _image_settings(args) -> dict:
     if args.val_labels is not None:
         out["val_labels"] = str(Path(args.val_labels).resolve())
     return {k: v for k, v in out.items() if v is not None}
+
+
+def _join_launch(device: torch.device) -> torch.device:
+    """Join a torchrun launch's process group; this rank's device. Ranks other than 0 keep warnings to themselves
+    (rank 0 prints each once)."""
+    from .distributed import init_from_env
+
+    device = init_from_env(device)
+    if _rank() != 0:
+        import warnings
+
+        warnings.simplefilter("ignore")
+    return device
 
 
 def _rank() -> int:
@@ -779,9 +790,7 @@ def cmd_poison(args) -> int:
     device = _device(args.device)
     world = _launch_world_size()
     if world > 1:  # under torchrun: data-parallel crafting, rank 0 writes the checkpoint and the poison
-        from .distributed import init_from_env
-
-        device = init_from_env(device)
+        device = _join_launch(device)
     margs = _method_args(args, args.method)
     train_data, val_data = _load_split(args)
     _check_target_class(args.target_class, train_data[1], args.dataset)

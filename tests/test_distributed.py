@@ -244,3 +244,19 @@ def test_data_parallel_poisoning_equals_one_process(tmp_path, method):
         assert a["counted"] == pytest.approx(b["counted"], abs=1e-6)
         if b["solve_residual"] is not None:
             assert a["solve_residual"] == pytest.approx(b["solve_residual"], rel=1e-3)
+
+
+def test_cli_poison_under_torchrun(tmp_path):
+    """torchrun -m engine -- poison: rank 0 alone writes the poison and reports; the file loads with its split."""
+    from engine.pacd import PoisonSet
+
+    out = tmp_path / "p.safetensors"
+    proc = _torchrun(["poison", "--dataset", "mnist", "--target-class", "8", "--method", "gaussian", "--sigma", "0.25",
+                      "--eps", "0.1", "--outer-steps", "2", "--batch-clean", "30", "--batch-poison", "10",
+                      "--batch-val", "10", "--upper-k", "3", "--niter1", "2", "--niter2", "2", "--quiet", "--out",
+                      str(out)])
+    assert proc.stdout.count("wrote ") == 1 and proc.stderr.count("approxgrad solve ends") <= 1
+    assert not out.with_name(out.name + ".ckpt").exists() and not list(tmp_path.glob("*.lock"))
+    train = data.split_validation(*data.load_mnist(data.embedded_mnist_root(), "train"), 5000)[0]
+    ps = PoisonSet.load(out, train)
+    assert ps.target_class == 8 and ps.settings["outer_steps"] == 2
