@@ -55,6 +55,7 @@ __all__ = ["CurvatureOperator", "curvature_support"]
 _conv_backward = torch.ops.aten.convolution_backward
 _COLS_MAX_K = 64  # a first convolution with C * kh * kw <= this runs its products as GEMMs on cached columns (CPU)
 _COLS_MAX_BYTES = 1 << 30
+_FIXED = ("normalize", "relu", "maxpool", "avgpool", "flatten")  # no parameters; backward linear at these inputs
 
 
 @dataclass
@@ -256,8 +257,8 @@ class CurvatureOperator:
             need_input = li > self._lowest
             if k in ("linear", "conv", "batchnorm"):
                 lay.g = g
-            if k == "normalize":
-                g = g / m.std
+            if k in _FIXED:
+                g = self._back_fixed(lay, g)
             elif k == "linear":
                 put(lay.pidx[0], g.t() @ lay.a)
                 put(lay.pidx[1], g.sum(0))
@@ -271,14 +272,6 @@ class CurvatureOperator:
                 put(lay.pidx[0], gw)
                 put(lay.pidx[1], gb)
                 g = gi
-            elif k == "relu":
-                g = g * lay.aux["mask"]
-            elif k == "maxpool":
-                g = self._pool_back(lay, g)
-            elif k == "avgpool":
-                g = torch.ops.aten.avg_pool2d_backward(g, lay.a, *lay.aux["args"])
-            elif k == "flatten":
-                g = g.reshape(lay.aux["shape"])
             else:
                 shape, inv = lay.aux["shape"], lay.aux["inv"]
                 dims = [0, 2, 3] if len(shape) == 4 else [0]
@@ -289,6 +282,20 @@ class CurvatureOperator:
                 else:
                     g = g * inv
         return tuple(torch.zeros_like(p) if t is None else t.reshape(p.shape) for t, p in zip(grads, self._params))
+
+    def _back_fixed(self, lay: _Layer, g: torch.Tensor) -> torch.Tensor:
+        """Backward through a layer without parameters, linear in its input at these inputs (Normalize, the ReLU
+        mask, pooling, Flatten): the same map carries a gradient and its R-tangent."""
+        k = lay.kind
+        if k == "normalize":
+            return g / lay.module.std
+        if k == "relu":
+            return g * lay.aux["mask"]
+        if k == "maxpool":
+            return self._pool_back(lay, g)
+        if k == "avgpool":
+            return torch.ops.aten.avg_pool2d_backward(g, lay.a, *lay.aux["args"])
+        return g.reshape(lay.aux["shape"])  # flatten
 
     @staticmethod
     def _pool_back(lay: _Layer, g: torch.Tensor) -> torch.Tensor:
@@ -417,8 +424,8 @@ class CurvatureOperator:
             m, k = lay.module, lay.kind
             ra_in = rin[li]
             need_input = want_mixed or li > self._lowest
-            if k == "normalize":
-                rg = rg / m.std
+            if k in _FIXED:
+                rg = self._back_fixed(lay, rg)
             elif k == "linear":
                 vw = tan(lay.pidx[0])
                 if want_hv and lay.pidx[0] is not None:
@@ -460,14 +467,6 @@ class CurvatureOperator:
                         gi = gi.add_(_conv_backward(lay.g, lay.a, self._cl4(vw), None, st, pd, dl, False, [0, 0], 1,
                                                     [True, False, False])[0])
                     rg = gi
-            elif k == "relu":
-                rg = rg * lay.aux["mask"]
-            elif k == "maxpool":
-                rg = self._pool_back(lay, rg)
-            elif k == "avgpool":
-                rg = torch.ops.aten.avg_pool2d_backward(rg, lay.a, *lay.aux["args"])
-            elif k == "flatten":
-                rg = rg.reshape(lay.aux["shape"])
             else:
                 shape, inv = lay.aux["shape"], lay.aux["inv"]
                 dims = [0, 2, 3] if len(shape) == 4 else [0]
