@@ -153,21 +153,9 @@ class CurvatureOperator:
 
     @staticmethod
     def _kind(m: nn.Module) -> str:
-        if isinstance(m, Normalize):
-            return "normalize"
-        if isinstance(m, nn.Linear):
-            return "linear"
-        if isinstance(m, nn.Conv2d):
-            return "conv"
-        if isinstance(m, nn.ReLU):
-            return "relu"
-        if isinstance(m, nn.MaxPool2d):
-            return "maxpool"
-        if isinstance(m, nn.AvgPool2d):
-            return "avgpool"
-        if isinstance(m, nn.Flatten):
-            return "flatten"
-        return "batchnorm"
+        kinds = ((Normalize, "normalize"), (nn.Linear, "linear"), (nn.Conv2d, "conv"), (nn.ReLU, "relu"),
+                 (nn.MaxPool2d, "maxpool"), (nn.AvgPool2d, "avgpool"), (nn.Flatten, "flatten"))
+        return next((name for cls, name in kinds if isinstance(m, cls)), "batchnorm")  # (the supported layers: _plan)
 
     def _cl4(self, t: torch.Tensor) -> torch.Tensor:
         return t.contiguous(memory_format=torch.channels_last) if self._cl and t.dim() == 4 else t
