@@ -216,7 +216,8 @@ def certify_dataset(
                                    distributed=False, **adaptive)
 
         return _across_ranks(part, rank, world, out=out, indices=indices, settings=settings, expected=expected,
-                             overwrite=overwrite, trace=trace, title=title, n0=n0, n=n, plan=plan)
+                             overwrite=overwrite, trace=trace, title=title, n0=n0, n=n, plan=plan,
+                             model_digest=_model_digest(model))
 
     def run(log) -> None:
         todo = [i for i in indices if log is None or i not in log.done]
@@ -340,20 +341,51 @@ def _plan_parts(out: Path, world: int, overwrite: bool, settings: dict, indices:
     return "run", None
 
 
+def _model_digest(model: torch.nn.Module) -> str:
+    """sha256 over a model's parameters and buffers (what the ranks of a distributed run must share)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for name, t in model.state_dict().items():
+        h.update(name.encode())
+        h.update(t.detach().to("cpu").reshape(-1).contiguous().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
 def _across_ranks(part, rank: int, world: int, *, out, indices, settings, expected, overwrite, trace, title, n0, n,
-                  plan) -> DatasetCertification:
+                  plan, model_digest: str) -> DatasetCertification:
     """certify_dataset over the ranks of the default process group (its ``distributed`` argument)."""
     import shutil
 
     import torch.distributed as dist
 
-    from .results import ResultsError, read_log, run_trace, write_log
+    from .distributed import check_same, first_error
+    from .results import ResultsError, read_log, run_trace, summary_paths, write_log
 
+    if out is not None:
+        summary_paths(Path(out))  # a bad name: refused on every rank alike, before any work
+    check_same("certify_dataset's arguments (model, settings, images, output)",
+               {"model": model_digest, "settings": settings, "indices": indices, "out": None if out is None else str(out)})
     share = indices[rank::world]
+
+    def run_part(part_out, part_settings):
+        error, res = None, None
+        try:
+            if share:
+                res = part(share, part_out, part_settings)
+        except Exception as exc:  # every rank learns of it (no rank left waiting for the others)
+            error = exc
+        failed = first_error(error)
+        if failed is not None:
+            if error is not None:
+                raise error
+            raise ResultsError(f"distributed certification failed on {failed}")
+        return res
+
     if out is None:
+        res = run_part(None, settings)
         mine = {}
-        if share:
-            res = part(share, None, settings)
+        if res is not None:
             mine = {int(i): (int(p), float(r), float(t), int(k)) for i, p, r, t, k in
                     zip(res.indices, res.prediction, res.radius, res.seconds, res.samples)}
         gathered: list = [None] * world
@@ -362,15 +394,19 @@ def _across_ranks(part, rank: int, world: int, *, out, indices, settings, expect
         return _collect(indices, results, expected, {}, plan)
 
     out = Path(out)
-    decision = [_plan_parts(out, world, overwrite, settings, indices) if rank == 0 else None]
+    if rank == 0:
+        try:
+            plan_parts = _plan_parts(out, world, overwrite, settings, indices)
+        except Exception as exc:  # (an unreadable folder, say): every rank gets the error
+            plan_parts = ("error", f"{type(exc).__name__}: {exc}")
+    decision = [plan_parts if rank == 0 else None]
     dist.broadcast_object_list(decision, src=0)
     what, message = decision[0]
     if what == "error":
         raise ResultsError(message)
     parts = _parts_dir(out)
-    if what == "run" and share:
-        part(share, parts / f"rank{rank}-of-{world}.tsv", {**settings, "rank": rank, "world_size": world})
-    dist.barrier()
+    if what == "run":
+        run_part(parts / f"rank{rank}-of-{world}.tsv", {**settings, "rank": rank, "world_size": world})
     failure = [None]
     if rank == 0 and what == "run":
         try:
@@ -386,7 +422,7 @@ def _across_ranks(part, rank: int, world: int, *, out, indices, settings, expect
             write_log(out, settings, rows, indices, trace=run_trace(**(trace or {})),
                       extra={"planned_images": len(indices)}, title=title)
             shutil.rmtree(parts)
-        except (OSError, ResultsError) as exc:
+        except Exception as exc:
             failure[0] = f"{type(exc).__name__}: {exc}"
     dist.broadcast_object_list(failure, src=0)
     if failure[0] is not None:

@@ -141,7 +141,8 @@ def _recorded_labels(log):
         summary = json.loads(summary_paths(log)[0].read_text())
         settings, trace = summary["settings"], summary.get("trace") or {}
         return data.load_dataset(settings["dataset"], trace.get("data_root"), settings["split"],
-                                 image_size=settings.get("image_size"), labels_file=settings.get("val_labels"))[1]
+                                 image_size=settings.get("image_size"), labels_file=settings.get("val_labels"),
+                                 classes=settings.get("val_classes"))[1]
     except Exception as exc:  # an older summary without a trace, data not on this machine
         warnings.warn(f"the rows' labels are not checked against their data set ({type(exc).__name__}: {exc})",
                       stacklevel=2)
@@ -154,7 +155,7 @@ def cmd_data(args) -> int:
     src, out = Path(args.src), Path(args.out)
     if out.resolve() == src.resolve() or src.resolve() in out.resolve().parents:
         raise UsageError(f"{out} lies inside the images {src}: pack into another folder")
-    ds = ImageFolderData(src, args.image_size, labels_file=args.val_labels)
+    ds = ImageFolderData(src, args.image_size, labels_file=args.val_labels, classes=args.val_classes)
     source = {"root": str(src.resolve()), "image_size": args.image_size, "layout": "imagenet-val" if args.val_labels
               else "imagefolder", **({"val_labels": str(Path(args.val_labels).resolve())} if args.val_labels else {})}
     index = pack(ds, out, shard_images=args.shard_images, source=source, progress=not args.quiet)
@@ -259,12 +260,12 @@ def _prepare_model_run(args, distributed: bool = False):
     _check_backend(args.backend, device)
     model, identity = load_model_arg(args.checkpoint, args.weights, args.arch, device)
     path = args.checkpoint or args.weights
-    if args.val_labels is not None and args.dataset != "imagenet-val":
-        raise UsageError("--val-labels applies to --dataset imagenet-val only")
+    if (args.val_labels is not None or args.val_classes is not None) and args.dataset != "imagenet-val":
+        raise UsageError("--val-labels and --val-classes apply to --dataset imagenet-val only")
     if args.image_size is not None and args.dataset not in data.IMAGE_DATASETS:
         raise UsageError(f"--image-size applies to the image-folder data sets, not {args.dataset}")
     images, labels = data.load_dataset(args.dataset, args.data_root, args.split, image_size=args.image_size,
-                                       labels_file=args.val_labels)
+                                       labels_file=args.val_labels, classes=args.val_classes)
     where = (f"the {args.dataset} {args.split} split" if args.dataset not in data.IMAGE_DATASETS
              else f"{args.dataset} {args.data_root}")
     indices = _selection(args, images.shape[0], where)
@@ -292,12 +293,17 @@ def _sampling_args(args) -> dict:
     return {"sampling": args.sampling, "radii": args.radii, "radius_tol": args.radius_tol, "noise": args.noise}
 
 
+_JOINED: list[bool] = []  # the command joined a torchrun launch's group (and so leaves it)
+
+
 def _leave_process_group() -> None:
-    """Destroy the process group a torchrun launch joined (a command that fails leaves it too)."""
+    """Destroy the process group this command joined (a command that fails leaves it too); a group made by whoever
+    called ``main`` is theirs."""
     import torch.distributed as dist
 
-    if dist.is_available() and dist.is_initialized():
+    if _JOINED and dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+    _JOINED.clear()
 
 
 def _image_settings(args) -> dict:
@@ -309,15 +315,22 @@ def _image_settings(args) -> dict:
     out = {"image_size": args.image_size or (None if args.dataset == "packed" else 224)}
     if args.val_labels is not None:
         out["val_labels"] = str(Path(args.val_labels).resolve())
+    if args.val_classes is not None:
+        out["val_classes"] = str(Path(args.val_classes).resolve())
     return {k: v for k, v in out.items() if v is not None}
 
 
 def _join_launch(device: torch.device) -> torch.device:
     """Join a torchrun launch's process group; this rank's device. Ranks other than 0 keep warnings to themselves
     (rank 0 prints each once)."""
+    import torch.distributed as dist
+
     from .distributed import init_from_env
 
+    joined = not (dist.is_available() and dist.is_initialized())
     device = init_from_env(device)
+    if joined:
+        _JOINED.append(True)
     if _rank() != 0:
         import warnings
 
@@ -351,7 +364,8 @@ def cmd_certify(args) -> int:
     out = Path(args.out)
     json_path, png_path = summary_paths(out)  # --out r.json / r.png: refused before any work
     model_file = args.checkpoint or args.weights
-    fresh = args.overwrite or not out.exists()
+    # a distributed run's parts make it a resumed run (rank 0 may have stopped while writing OUT from them)
+    fresh = args.overwrite or not (out.exists() or out.with_name(out.name + ".parts").is_dir())
     # a fresh log claims its summary and plot too: files of that name that are not this log's are not replaced
     _claim_outputs([out, json_path, png_path] if fresh else [out], [model_file], overwrite=args.overwrite or not fresh)
     device, model, identity, images, labels, indices, sigma, precision, path = _prepare_model_run(args, world > 1)
@@ -1231,7 +1245,10 @@ def _add_dataset(p, required: bool = False, root_help: str = "data folder", imag
                        help="imagefolder / imagenet-val: centre crop size after resizing the shorter side to size/0.875 "
                        "(default 224: resize 256, crop 224); packed: must match the store")
         p.add_argument("--val-labels", default=None,
-                       help="imagenet-val: text file of '<file name> <label>' lines (a class index or a class name)")
+                       help="imagenet-val: text file of '<file name> <label>' lines (a 0-based class index or a name)")
+        p.add_argument("--val-classes", default=None,
+                       help="imagenet-val with class names: the training folder of class folders (or a file of names in "
+                       "order) that numbers them")
 
 
 def _add_poison_split(p, whose: str) -> None:
@@ -1355,6 +1372,8 @@ def build_parser(prog: str = "python -m engine") -> argparse.ArgumentParser:
     p.add_argument("--image-size", type=_int_at_least(1), default=224,
                    help="centre crop size after resizing the shorter side to size/0.875 (224: resize 256, crop 224)")
     p.add_argument("--val-labels", default=None, help="ImageNet validation layout: '<file name> <label>' lines")
+    p.add_argument("--val-classes", default=None, help="with --val-labels of class names: the training folder of class "
+                   "folders (or a file of names in order) that numbers them")
     p.add_argument("--shard-images", type=_int_at_least(1), default=4096, help="images per shard file")
     _add_quiet(p)
     p.set_defaults(func=cmd_data)
@@ -1627,6 +1646,9 @@ def main(argv=None) -> int:
     except ValueError:  # not the main thread
         previous = None
     try:
+        if args.command not in ("certify", "poison") and _launch_world_size() > 1:
+            raise UsageError(f"{args.command} runs in one process: under torchrun (WORLD_SIZE > 1) only certify and poison "
+                             "split their work over the processes")
         return args.func(args)
     except KeyboardInterrupt:
         print("\ninterrupted: what was written is kept; run the same command again to continue", file=sys.stderr)

@@ -258,13 +258,13 @@ IMAGE_DATASETS = ("imagefolder", "imagenet-val", "packed")  # read on demand (en
 
 
 def load_dataset(name: str, root: str | os.PathLike | None, split: str, *, image_size: int | None = None,
-                 labels_file: str | os.PathLike | None = None):
+                 labels_file: str | os.PathLike | None = None, classes=None):
     """(images, labels) by name; ``root=None`` for mnist means the embedded subset.
 
     mnist and cifar10 give tensors. imagefolder (class folders), imagenet-val (one folder and ``labels_file``) and
     packed (a store written by ``engine.imagedata.pack``) give an :class:`engine.imagedata.ImageView` of uint8
     images read on demand and an int64 labels tensor; ``split`` does not apply to them (the folder is the split),
-    ``image_size`` (default 224) to the folders only.
+    ``image_size`` (default 224) to the folders only; ``classes`` numbers imagenet-val's class names.
     """
     if name in IMAGE_DATASETS:
         from . import imagedata
@@ -280,9 +280,9 @@ def load_dataset(name: str, root: str | os.PathLike | None, split: str, *, image
             if name == "imagenet-val" and labels_file is None:
                 raise DataError("imagenet-val needs its labels file (--val-labels: lines '<file name> <label>')")
             ds = imagedata.ImageFolderData(root, 224 if image_size is None else image_size,
-                                           labels_file=labels_file if name == "imagenet-val" else None)
-        first = ds[0][0]
-        return imagedata.ImageView(ds, tuple(first.shape)), torch.as_tensor(ds.targets, dtype=torch.int64)
+                                           labels_file=labels_file if name == "imagenet-val" else None, classes=classes)
+        shape = ds.image_shape if name == "packed" else (3, ds.image_size, ds.image_size)
+        return imagedata.ImageView(ds, tuple(shape)), torch.as_tensor(ds.targets, dtype=torch.int64)
     if name == "mnist":
         return load_mnist(embedded_mnist_root() if root is None else root, split)
     if name == "cifar10":

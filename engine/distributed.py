@@ -9,11 +9,13 @@ of an initialised default process group (the caller's) and give every rank the w
 from __future__ import annotations
 
 import datetime
+import hashlib
+import json
 import os
 
 import torch
 
-__all__ = ["world", "env_world_size", "init_from_env", "DEFAULT_TIMEOUT"]
+__all__ = ["world", "env_world_size", "init_from_env", "check_same", "first_error", "DEFAULT_TIMEOUT"]
 
 # ranks wait for each other at the end of a run (the slowest share decides): a day, not torch's 10-30 minutes
 DEFAULT_TIMEOUT = datetime.timedelta(hours=24)
@@ -72,3 +74,28 @@ def init_from_env(device: torch.device, timeout: datetime.timedelta = DEFAULT_TI
     else:
         dist.init_process_group("gloo", timeout=timeout)
     return device
+
+
+def check_same(what: str, value) -> None:
+    """Refuse (ValueError on every rank) unless every rank of the default group passes the same ``value`` (anything
+    JSON can write; compared by digest): data-parallel work summed over ranks that run different calls would be
+    silently wrong. A collective: every rank must call it."""
+    import torch.distributed as dist
+
+    digest = hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()
+    digests: list = [None] * dist.get_world_size()
+    dist.all_gather_object(digests, digest)
+    differ = [r for r, d in enumerate(digests) if d != digests[0]]
+    if differ:
+        raise ValueError(f"{what} differ between the ranks (rank 0 and ranks {differ}): every rank must make the same "
+                         "call with the same arguments (or pass distributed=False to run alone)")
+
+
+def first_error(error: BaseException | None) -> str | None:
+    """Every rank's outcome of a step that may fail on some ranks only: the first failure's message (with its rank),
+    or None when all succeeded. A collective that also stands for a barrier."""
+    import torch.distributed as dist
+
+    messages: list = [None] * dist.get_world_size()
+    dist.all_gather_object(messages, None if error is None else f"{type(error).__name__}: {error}")
+    return next((f"rank {r}: {m}" for r, m in enumerate(messages) if m is not None), None)

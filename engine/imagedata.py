@@ -7,8 +7,8 @@
   centred ``size`` x ``size`` crop (torchvision's ``CenterCrop`` offsets). Items are uint8 (3, size, size) tensors
   (pixels j / 255 once the engine converts them) and labels; nothing is decoded before it is asked for.
   ``labels_file=`` reads the ImageNet validation layout instead: images in one folder, a text file of
-  ``<file name> <label>`` lines (label: a class index, or a class name such as a WordNet id, numbered in sorted
-  order).
+  ``<file name> <label>`` lines (label: a 0-based class index, or a class name such as a WordNet id, numbered by
+  ``classes=``: the training folder of class folders, or a file of names in order).
 - :func:`pack` writes any such data set once into a packed store: fixed-size shards of preprocessed uint8 images
   (``shard-NNNNN.npy``, plain arrays, read without pickle), the labels, and ``index.json`` with every shard's size
   and sha256. :class:`PackedData` reads it memory-mapped (no process loads the whole set, nothing is decoded
@@ -32,7 +32,7 @@ import torch
 from .data import DataError
 
 __all__ = ["IMG_EXTENSIONS", "ImageFolderData", "ImageView", "PackedData", "pack", "resize_size", "load_image",
-           "DEFAULT_SHARD_IMAGES"]
+           "class_names", "DEFAULT_SHARD_IMAGES"]
 
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 DEFAULT_SHARD_IMAGES = 4096
@@ -70,7 +70,26 @@ def _folder_samples(root: Path) -> tuple[list[str], list[tuple[Path, int]]]:
     return classes, samples
 
 
-def _val_samples(root: Path, labels_file: Path) -> tuple[list[str], list[tuple[Path, int]]]:
+def class_names(source) -> list[str]:
+    """The class names of a folder of class folders (sorted, as :class:`ImageFolderData` numbers them) or of a text
+    file of one name per line (in that order), or a list of names as given."""
+    if isinstance(source, (list, tuple)):
+        names = [str(n) for n in source]
+    else:
+        path = Path(source)
+        if path.is_dir():
+            names = sorted(e.name for e in os.scandir(path) if e.is_dir())
+        else:
+            try:
+                names = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+            except (OSError, UnicodeDecodeError) as exc:
+                raise DataError(f"cannot read the class names {path}: {exc}") from None
+    if not names or len(set(names)) != len(names):
+        raise DataError(f"class names from {source}: {'none' if not names else 'a name repeats'}")
+    return names
+
+
+def _val_samples(root: Path, labels_file: Path, classes) -> tuple[list[str], list[tuple[Path, int]]]:
     try:
         lines = labels_file.read_text().splitlines()
     except (OSError, UnicodeDecodeError) as exc:
@@ -90,12 +109,20 @@ def _val_samples(root: Path, labels_file: Path) -> tuple[list[str], list[tuple[P
         top = max(int(lab) for _, lab in pairs)
         if min(int(lab) for _, lab in pairs) < 0:
             raise DataError(f"{labels_file}: negative class index")
-        classes = [str(c) for c in range(top + 1)]
+        classes = [str(c) for c in range(top + 1)] if classes is None else class_names(classes)
+        if top >= len(classes):
+            raise DataError(f"{labels_file}: class index {top} beyond the {len(classes)} classes")
         index = {str(c): c for c in range(top + 1)}
         pairs = [(f, str(int(lab))) for f, lab in pairs]
     else:
-        classes = sorted({lab for _, lab in pairs})
+        if classes is None:
+            raise DataError(f"{labels_file} names its classes: give the class list they are numbered by (classes=: the "
+                            "training folder of class folders, or a file of names in order; --val-classes)")
+        classes = class_names(classes)
         index = {name: c for c, name in enumerate(classes)}
+        unknown = sorted({lab for _, lab in pairs} - set(index))
+        if unknown:
+            raise DataError(f"{labels_file} has classes not in the class list: {', '.join(unknown[:5])}")
     samples = []
     for name, lab in pairs:
         path = root / name
@@ -108,7 +135,8 @@ def _val_samples(root: Path, labels_file: Path) -> tuple[list[str], list[tuple[P
 class ImageFolderData:
     """Class folders (or the ImageNet validation layout) as an indexable data set of (uint8 (3, S, S), label)."""
 
-    def __init__(self, root: str | os.PathLike, image_size: int = 224, *, labels_file: str | os.PathLike | None = None):
+    def __init__(self, root: str | os.PathLike, image_size: int = 224, *, labels_file: str | os.PathLike | None = None,
+                 classes=None):
         self.root = Path(root)
         if not self.root.is_dir():
             raise DataError(f"{self.root}: no such folder")
@@ -117,7 +145,7 @@ class ImageFolderData:
         if self.labels_file is None:
             self.classes, self.samples = _folder_samples(self.root)
         else:
-            self.classes, self.samples = _val_samples(self.root, self.labels_file)
+            self.classes, self.samples = _val_samples(self.root, self.labels_file, classes)
         self.targets = [c for _, c in self.samples]
 
     def __len__(self) -> int:

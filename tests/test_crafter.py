@@ -207,3 +207,13 @@ def test_data_parallel_refusals(tiny, monkeypatch):
 
     with pytest.raises(InputError, match="BatchNorm"):
         Crafter(with_bn, train, val, TARGET, PoisonConfig(**CONFIG, outer_steps=1))
+
+    def with_dropout():
+        return nn.Sequential(nn.Flatten(), nn.Linear(784, 16), nn.Dropout(0.5), nn.ReLU(), nn.Linear(16, 10))
+
+    with pytest.raises(InputError, match="Dropout"):
+        Crafter(with_dropout, train, val, TARGET, PoisonConfig(**CONFIG, outer_steps=1))
+    one = int((val[1] == TARGET).nonzero()[0])  # a single validation image of the class: no share for rank 1
+    keep = torch.tensor([i for i in range(val[1].numel()) if val[1][i] != TARGET or i == one])
+    with pytest.raises(InputError, match="batch_val .*: 1 rows per step for 2 processes"):
+        Crafter(_tiny_mlp, train, (val[0][keep], val[1][keep]), TARGET, PoisonConfig(**CONFIG, outer_steps=1))

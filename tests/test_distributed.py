@@ -260,3 +260,47 @@ def test_cli_poison_under_torchrun(tmp_path):
     train = data.split_validation(*data.load_mnist(data.embedded_mnist_root(), "train"), 5000)[0]
     ps = PoisonSet.load(out, train)
     assert ps.target_class == 8 and ps.settings["outer_steps"] == 2
+
+
+DISAGREE_SCRIPT = """
+import sys, torch, torch.distributed as dist, engine
+from engine import data, models
+from engine.pacd import poison
+dist.init_process_group("gloo")
+rank = dist.get_rank()
+model = models.load(sys.argv[1])
+test = data.load_mnist(data.embedded_mnist_root(), "test")
+messages = []
+try:  # each rank its own images: refused on both, nothing certified
+    engine.certify_dataset(model, test, sigma=0.5, n0=5, n=20, indices=[rank, 10 + rank], progress=False)
+except ValueError as exc:
+    messages.append(str(exc))
+x, y = data.load_mnist(data.embedded_mnist_root(), "train")
+try:  # each rank another seed: refused before any step
+    poison(models.lenet_mnist, (x[:300], y[:300]), (x[300:400], y[300:400]), target_class=8, sigma=0.5, eps=0.1,
+           outer_steps=1, batch_clean=20, batch_poison=4, batch_val=4, k=2, niter1=1, niter2=1, seed=rank)
+except ValueError as exc:
+    messages.append(str(exc))
+open(f"{sys.argv[2]}.rank{rank}.txt", "w").write("\\n".join(messages))
+dist.destroy_process_group()
+"""
+
+
+def test_ranks_that_disagree_are_refused(ckpt, tmp_path):
+    """Data-parallel work summed over ranks that make different calls would be silently wrong: refused on every rank."""
+    script = tmp_path / "disagree.py"
+    script.write_text(DISAGREE_SCRIPT)
+    proc = subprocess.run([*TORCHRUN, str(script), str(ckpt), str(tmp_path / "msg")], capture_output=True, text=True,
+                          env=_env())
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for rank in (0, 1):
+        lines = (tmp_path / f"msg.rank{rank}.txt").read_text().splitlines()
+        assert len(lines) == 2 and all("differ between the ranks" in line for line in lines), lines
+        assert "certify_dataset's arguments" in lines[0] and "crafting settings" in lines[1]
+
+
+def test_other_commands_refuse_torchrun(ckpt, tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "engine", "predict", "--checkpoint", str(ckpt), "--dataset", "mnist",
+                           "--n", "20", "--max", "20", "--quiet"], capture_output=True, text=True,
+                          env={**_env(), "WORLD_SIZE": "2"})
+    assert proc.returncode == 2 and "predict runs in one process" in proc.stderr and proc.stderr.count("\n") == 1

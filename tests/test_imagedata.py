@@ -71,8 +71,16 @@ def test_validation_layout(tmp_path):
     for name in ("v1.png", "v2.jpg", "v3.png"):
         _write(root / name, rng.integers(0, 256, (20, 24, 3), dtype=np.uint8))
     (tmp_path / "wnid.txt").write_text("v1.png n02\nv2.jpg n01\n\nv3.png n02\n")
-    ds = ImageFolderData(root, 16, labels_file=tmp_path / "wnid.txt")
-    assert ds.classes == ["n01", "n02"] and ds.targets == [1, 0, 1]
+    with pytest.raises(DataError, match="give the class list"):  # names are numbered by the full class list
+        ImageFolderData(root, 16, labels_file=tmp_path / "wnid.txt")
+    for d in ("n00", "n01", "n02", "n03"):  # a training folder with a class the validation file does not use
+        (tmp_path / "train" / d).mkdir(parents=True)
+    ds = ImageFolderData(root, 16, labels_file=tmp_path / "wnid.txt", classes=tmp_path / "train")
+    assert ds.classes == ["n00", "n01", "n02", "n03"] and ds.targets == [2, 1, 2]
+    (tmp_path / "names.txt").write_text("n02\nn01\n")
+    assert ImageFolderData(root, 16, labels_file=tmp_path / "wnid.txt", classes=tmp_path / "names.txt").targets == [0, 1, 0]
+    with pytest.raises(DataError, match="not in the class list: n02"):
+        ImageFolderData(root, 16, labels_file=tmp_path / "wnid.txt", classes=["n01"])
     (tmp_path / "idx.txt").write_text("v3.png 7\nv1.png 0\n")
     ds = ImageFolderData(root, 16, labels_file=tmp_path / "idx.txt")
     assert ds.targets == [7, 0] and len(ds.classes) == 8 and tuple(ds[0][0].shape) == (3, 16, 16)
@@ -165,7 +173,7 @@ def test_cli_certify_folder_and_packed_store_give_the_same_rows(folder, tmp_path
     assert images.shape == (5, 3, 32, 32) and labels.tolist() == [0, 0, 1, 2, 2]
     for extra, match in ((["--dataset", "packed", "--data-root", str(tmp_path / "store"), "--image-size", "64"],
                           "not the 64 asked for"),
-                         (["--dataset", "mnist", "--val-labels", "x.txt"], "--val-labels applies to"),
+                         (["--dataset", "mnist", "--val-labels", "x.txt"], "--val-labels and --val-classes apply to"),
                          (["--dataset", "imagenet-val", "--data-root", str(folder)], "needs its labels file"),
                          (["--dataset", "imagefolder"], "needs --data-root")):
         capsys.readouterr()

@@ -9,6 +9,7 @@ Crafter restored from its :meth:`Crafter.state_dict` continues bit for bit as an
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 import math
 import os
@@ -239,8 +240,9 @@ class Crafter:
             if any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in first_model.modules()):
                 raise InputError(f"the {model_name} has BatchNorm layers, whose batch statistics would differ per rank: "
                                  "data-parallel crafting needs a model without them")
-            if min(config.batch_clean, config.batch_val) < self._world:
-                raise InputError(f"batch_clean and batch_val must be at least the {self._world} processes")
+            if any(isinstance(m, torch.nn.modules.dropout._DropoutNd) and m.p > 0 for m in first_model.modules()):
+                raise InputError(f"the {model_name} has Dropout, whose masks each rank would draw from its own random "
+                                 "state: data-parallel crafting needs a model without it")
         classes = check_model_fits(first_model, images, name=model_name, labels=labels, labels_name="train_data labels")
         if tuple(val_images.shape[1:]) != tuple(images.shape[1:]):
             check_model_fits(first_model, val_images, name=model_name, num_classes=classes)
@@ -264,6 +266,12 @@ class Crafter:
                                  f"of the other classes")
             g_sub = torch.Generator().manual_seed(derive_seed(cfg.seed, 0, 6))
             pool_c = pool_c[torch.randperm(pool_c.numel(), generator=g_sub)[: cfg.lower_subset].sort().values]
+        if self._world > 1:  # every rank needs clean and validation rows in every step
+            shares = {"batch_clean (or the clean images)": min(cfg.batch_clean, pool_c.numel()),
+                      "batch_val (or the validation images of the class)": min(cfg.batch_val, val_t.shape[0])}
+            for what, rows in shares.items():
+                if rows < self._world:
+                    raise InputError(f"{what}: {rows} rows per step for {self._world} processes; each needs one")
         clean_hash = _hash_clean(images[pool_p], labels[pool_p])
         x_all, val_t = x_all.to(device), val_t.to(device)
         x0 = x_all[pool_p].clone()
@@ -345,6 +353,14 @@ class Crafter:
         if init is not None:
             self._u = _project(init.images.to(device, torch.float32), x0, cfg.eps)
         self._u_opt = _RowAdam(self._u)
+        if self._world > 1:
+            from ..distributed import check_same
+
+            check_same("the crafting settings, data, target class and starting poison", {
+                "settings": settings, "target_class": target_class, "device": device.type,
+                "poison": hashlib.sha256(self._u.detach().cpu().numpy().tobytes()).hexdigest(),
+                "weights": [hashlib.sha256(p.detach().cpu().contiguous().numpy().tobytes()).hexdigest()
+                            for p in flat_params(self._model)]})
         self.history: list[dict] = []
         self._steps_done = 0
         self._warned_solve = False  # the unreliable-solve warning, once per Crafter
@@ -775,6 +791,12 @@ def _run_crafter(crafter, config, ckpt, method, progress, log, write: bool = Tru
         if diff is not None:
             raise PoisonError(f"{ckpt}: checkpoint of a run with other settings ({', '.join(diff)} differ)")
         crafter.load_state_dict(_state_from_checkpoint(tensors, meta))
+    if crafter._world > 1:  # every rank resumes from the same checkpoint (a file system all of them see)
+        from ..distributed import check_same
+
+        check_same("the steps and poison resumed (is the checkpoint on a file system every rank sees?)",
+                   {"steps": crafter.steps_done,
+                    "poison": hashlib.sha256(crafter._u.detach().cpu().numpy().tobytes()).hexdigest()})
     start = crafter.steps_done
 
     def save_state():
