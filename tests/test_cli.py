@@ -12,13 +12,21 @@ import pytest
 import torch
 from kernel_testing import assert_no_near_ties
 
-from engine import data, models, noise
+from engine import cli, data, models, noise
 from engine.results import HEADER, ResultsError, ResultsLog
 
 
 def _run(args, **kw):
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     return subprocess.run([sys.executable, "-m", "engine", *args], capture_output=True, text=True, env=env, **kw)
+
+
+def _run_here(args, capsys):
+    """cli.main in this process (no interpreter start-up): returncode, stdout and stderr as _run gives them."""
+    capsys.readouterr()
+    code = cli.main(list(args))
+    captured = capsys.readouterr()
+    return subprocess.CompletedProcess(args, code, captured.out, captured.err)
 
 
 @pytest.fixture(scope="module")
@@ -207,14 +215,14 @@ def test_cli_argument_errors(tmp_path, checkpoint):
     assert proc.returncode == 2 and "--shard" in proc.stderr
 
 
-def test_shards_partition_the_run(tmp_path, checkpoint):
+def test_shards_partition_the_run(tmp_path, checkpoint, capsys):
     _no_near_ties(checkpoint, 200)
     whole = tmp_path / "whole.tsv"
-    assert _run(_certify_args(checkpoint, whole)).returncode == 0
+    assert _run_here(_certify_args(checkpoint, whole), capsys).returncode == 0
     parts = []
     for k in range(3):
         out = tmp_path / f"shard{k}.tsv"
-        assert _run(_certify_args(checkpoint, out, extra=("--shard", str(k), "--num-shards", "3"))).returncode == 0
+        assert _run_here(_certify_args(checkpoint, out, extra=("--shard", str(k), "--num-shards", "3")), capsys).returncode == 0
         parts += _rows(out)
     strip = lambda rs: sorted(r.rsplit("\t", 1)[0] for r in rs)  # noqa: E731
     assert strip(parts) == strip(_rows(whole))
@@ -222,7 +230,7 @@ def test_shards_partition_the_run(tmp_path, checkpoint):
     # merge the shards back into one table: the same rows and summary as the unsharded run
     shards = [str(tmp_path / f"shard{k}.tsv") for k in range(3)]
     merged = tmp_path / "merged.tsv"
-    proc = _run(["merge", *reversed(shards), "--out", str(merged)])
+    proc = _run_here(["merge", *reversed(shards), "--out", str(merged)], capsys)
     assert proc.returncode == 0, proc.stderr
     assert [r.rsplit("\t", 1)[0] for r in _rows(merged)] == strip(_rows(whole))  # idx order
     got, want = (json.loads(p.with_suffix(".json").read_text()) for p in (merged, whole))
@@ -231,21 +239,21 @@ def test_shards_partition_the_run(tmp_path, checkpoint):
     assert got["settings"]["merged_shards"] == [0, 1, 2] and merged.with_suffix(".png").exists()
     assert "ACR" in proc.stdout
     # refused: existing output, a missing shard, a shard twice, another run's shard, an unfinished shard
-    assert _run(["merge", *shards, "--out", str(merged)]).returncode == 2
-    assert _run(["merge", *shards, "--out", str(merged), "--overwrite"]).returncode == 0
-    proc = _run(["merge", *shards[:2], "--out", str(tmp_path / "m2.tsv")])
+    assert _run_here(["merge", *shards, "--out", str(merged)], capsys).returncode == 2
+    assert _run_here(["merge", *shards, "--out", str(merged), "--overwrite"], capsys).returncode == 0
+    proc = _run_here(["merge", *shards[:2], "--out", str(tmp_path / "m2.tsv")], capsys)
     assert proc.returncode == 2 and "shards [2] of 3 are missing" in proc.stderr
-    proc = _run(["merge", shards[0], shards[0], "--out", str(tmp_path / "m3.tsv")])
+    proc = _run_here(["merge", shards[0], shards[0], "--out", str(tmp_path / "m3.tsv")], capsys)
     assert proc.returncode == 2 and "shard 0 given twice" in proc.stderr
     other = tmp_path / "other.tsv"
-    assert _run(_certify_args(checkpoint, other, n=100, extra=("--shard", "2", "--num-shards", "3"))).returncode == 0
-    proc = _run(["merge", *shards[:2], str(other), "--out", str(tmp_path / "m4.tsv")])
+    assert _run_here(_certify_args(checkpoint, other, n=100, extra=("--shard", "2", "--num-shards", "3")), capsys).returncode == 0
+    proc = _run_here(["merge", *shards[:2], str(other), "--out", str(tmp_path / "m4.tsv")], capsys)
     assert proc.returncode == 2 and "another run" in proc.stderr and "n" in proc.stderr
     lines = Path(shards[1]).read_text().splitlines(keepends=True)
     Path(shards[1]).write_text("".join(lines[:-1]))  # shard 1 lost its last image
-    proc = _run(["merge", *shards, "--out", str(tmp_path / "m5.tsv")])
+    proc = _run_here(["merge", *shards, "--out", str(tmp_path / "m5.tsv")], capsys)
     assert proc.returncode == 2 and "incomplete" in proc.stderr
-    proc = _run(["merge", *shards, "--out", str(tmp_path / "m5.tsv"), "--allow-partial"])
+    proc = _run_here(["merge", *shards, "--out", str(tmp_path / "m5.tsv"), "--allow-partial"], capsys)
     assert proc.returncode == 0 and json.loads((tmp_path / "m5.json").read_text())["images"] == 9
 
 
