@@ -210,7 +210,7 @@ dist.destroy_process_group()
 """
 
 
-@pytest.mark.parametrize("method", ["gaussian", "macer"])
+@pytest.mark.parametrize("method", ["gaussian", "macer", "smoothadv"])
 def test_data_parallel_poisoning_equals_one_process(tmp_path, method):
     """Two outer steps of LeNet over 2 ranks (gloo) equal one process's on the same global batches: the poison, the
     upper objective, the lower loss and the solve's residuals, up to the order of floating-point sums."""
@@ -218,7 +218,7 @@ def test_data_parallel_poisoning_equals_one_process(tmp_path, method):
 
     kw = dict(target_class=8, method=method, sigma=0.5, eps=0.1, batch_clean=30, batch_poison=9, batch_val=10, k=3,
               niter1=2, niter2=3, lr_u=0.05, reset_every=0, outer_steps=2, seed=4,
-              method_args={"k": 2} if method == "macer" else {})
+              method_args={"macer": {"k": 2}, "smoothadv": {"steps": 2, "eps": 0.5}, "gaussian": {}}[method])
     script = tmp_path / "craft.py"
     script.write_text(POISON_SCRIPT)
     proc = subprocess.run([*TORCHRUN, str(script), json.dumps(kw), str(tmp_path / "ps")],

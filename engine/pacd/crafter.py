@@ -234,9 +234,6 @@ class Crafter:
         first_model = self._build_model(0)
         model_name = f"model from model_fn ({describe_module(first_model)})"
         if self._world > 1:
-            if config.method == "smoothadv":
-                raise InputError("data-parallel crafting does not support smoothadv yet (its attack draws the noise of "
-                                 "the whole batch); craft it in one process")
             if any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in first_model.modules()):
                 raise InputError(f"the {model_name} has BatchNorm layers, whose batch statistics would differ per rank: "
                                  "data-parallel crafting needs a model without them")
@@ -745,7 +742,9 @@ def poison(
             H v and the poison batch's mixed term are summed or gathered over the ranks, so every rank holds the
             same weights and poison, equal to one process's on the same global batches up to the order of
             floating-point sums. Rank 0 alone writes the checkpoint and shows progress; every rank returns the
-            poison. Gaussian augmentation and MACER (SmoothAdv not yet); models without BatchNorm.
+            poison. Models without BatchNorm or Dropout in training mode (their statistics or masks would be per
+            rank); a SmoothAdv row whose attack gradient is exactly zero takes another random direction than in
+            one process.
         lower_subset: craft against part of the clean data: the lower level trains on this many of the other
             classes' training images (a random choice from ``seed``) beside the poison, instead of all of them (the
             re-initialisation period counts epochs of that part); victims may then train on the whole set.

@@ -79,9 +79,6 @@ class LowerLevel:
         self.delta = None
         # a data-parallel share (step.rows of step.total): the global batch's noise rows, its loss scale
         self.share = step.rows is not None
-        if self.share and method == "smoothadv":
-            raise InputError("data-parallel crafting does not support smoothadv yet (its attack draws the noise of the "
-                             "whole batch); craft it in one process")
         self.scale = self.y.shape[0] / step.total if self.share else 1.0
 
     def _noise(self, shape_rest: tuple, g: torch.Generator, like: torch.Tensor) -> torch.Tensor:
@@ -100,6 +97,9 @@ class LowerLevel:
 
         x = torch.cat([self.step.xc, u_batch.detach()])
         g = _generator(x.device, self.step.seed, 11)
+        # a share: the attack's noise at its rows of the global draw (the attack is per row; only the random direction
+        # that replaces an exactly zero gradient, drawn after the noise, differs from one process's)
+        noise = self._noise((self.margs["m"], *x.shape[1:]), g, x) if self.share else None
         adv = smoothadv(
             self.forward,
             x,
@@ -109,6 +109,7 @@ class LowerLevel:
             steps=self.margs["steps"],
             m=self.margs["m"],
             generator=g,
+            noise=noise,
         )
         self.delta = (adv - x).detach()
 
