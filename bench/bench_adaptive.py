@@ -103,7 +103,8 @@ def main(argv=None) -> int:
             rows[name] = {"images": len(res), "samples_per_image": float(res.samples.double().mean()),
                           "seconds_total": float(res.seconds.sum()), "wall_seconds_this_call": time.perf_counter() - t0,
                           "certified_accuracy": acc, "acr": float(metrics.summary(pred, rad, labels, RADII)["acr"]),
-                          "cpu": run_trace()["cpu"], "threads": args.threads, "log": str(log)}
+                          "cpu": run_trace()["cpu"], "threads": args.threads, "log": str(log),
+                          "command": report["command"], "date": run_trace()["written"]}
             np.save(args.work / f"sigma{sigma:g}-{name}.npy", np.stack([pred, rad]))
         fixed_path = args.work / f"sigma{sigma:g}-fixed.npy"
         if fixed_path.exists():
