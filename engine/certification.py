@@ -407,7 +407,7 @@ def _across_ranks(part, rank: int, world: int, *, out, indices, settings, expect
     parts = _parts_dir(out)
     if what == "run":
         run_part(parts / f"rank{rank}-of-{world}.tsv", {**settings, "rank": rank, "world_size": world})
-    failure = [None]
+    error = None
     if rank == 0 and what == "run":
         try:
             rows: dict[int, tuple] = {}
@@ -422,11 +422,11 @@ def _across_ranks(part, rank: int, world: int, *, out, indices, settings, expect
             write_log(out, settings, rows, indices, trace=run_trace(**(trace or {})),
                       extra={"planned_images": len(indices)}, title=title)
             shutil.rmtree(parts)
-        except Exception as exc:
-            failure[0] = f"{type(exc).__name__}: {exc}"
-    dist.broadcast_object_list(failure, src=0)
-    if failure[0] is not None:
-        raise ResultsError(f"rank 0 could not write {out} from the parts in {parts}: {failure[0]}")
+        except Exception as exc:  # every rank learns of it
+            error = exc
+    failed = first_error(error)
+    if failed is not None:
+        raise ResultsError(f"{out} could not be written from the parts in {parts} ({failed})")
     summary, rows = read_log(out)
     results = {i: (row[2], row[3], row[5], row[6] if len(row) > 6 else n0 + n) for i, row in rows.items()}
     return _collect(indices, results, expected, summary, plan)
