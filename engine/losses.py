@@ -115,11 +115,12 @@ def _macer(model, x, y, sigma, k, beta, gamma, lbd, generator):
     return loss, cls, rob, logits
 
 
-def macer_inputs(x, sigma: float, k: int, generator) -> torch.Tensor:
+def macer_inputs(x, sigma: float, k: int, generator, noise: torch.Tensor | None = None) -> torch.Tensor:
     """The (B * k, C, H, W) noisy copies MACER's model sees: x[:, None] + sigma * noise, one noise draw of
-    shape (B, k, C, H, W) from ``generator`` (copies of one input adjacent)."""
+    shape (B, k, C, H, W) from ``generator`` (copies of one input adjacent), or the ``noise`` given."""
     b = x.shape[0]
-    noise = torch.randn((b, k) + tuple(x.shape[1:]), generator=generator, device=x.device, dtype=x.dtype)
+    if noise is None:
+        noise = torch.randn((b, k) + tuple(x.shape[1:]), generator=generator, device=x.device, dtype=x.dtype)
     return (x.unsqueeze(1) + sigma * noise).reshape((b * k,) + tuple(x.shape[1:]))
 
 

@@ -476,6 +476,7 @@ class Crafter:
             if W > 1:
                 hvp, mixed = _summed(hvp), _gathered(mixed, pos_all.numel(), rank, W)
                 pos = pos_all
+                u_batch = u[pos.to(device)]  # the whole poison batch: every rank makes the same poison step
             kwargs = {"state": self._p_state} if cfg.solver == "approxgrad" else {}
             trace: list[float] = []
             self._p_vec = bilevel.SOLVERS[cfg.solver](hvp, g_w.detach(), self._p_vec, steps=cfg.niter2, lr=cfg.lr_p,
@@ -492,7 +493,6 @@ class Crafter:
                     )
             clock.lap("solve")
             grad_u = -mixed(self._p_vec)
-            u_batch = u[pos.to(device)]
             if cfg.u_update == "adam":
                 new = u_opt.step(u, pos.to(device), grad_u, cfg.lr_u)
             else:

@@ -119,18 +119,13 @@ class LowerLevel:
         if self.delta is not None:
             x = x + self.delta
         g = _generator(x.device, self.step.seed, key)
-        if not self.share:
-            return x + self.sigma * torch.randn(x.shape, generator=g, device=x.device, dtype=x.dtype)
         return x + self.sigma * self._noise(tuple(x.shape[1:]), g, x)
 
     def _macer_inputs(self, x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
         from ..losses import macer_inputs
 
         k = self.margs["k"]
-        if not self.share:
-            return macer_inputs(x, self.sigma, k, g)
-        noise = self._noise((k, *x.shape[1:]), g, x)
-        return (x.unsqueeze(1) + self.sigma * noise).reshape((x.shape[0] * k,) + tuple(x.shape[1:]))
+        return macer_inputs(x, self.sigma, k, g, noise=self._noise((k, *x.shape[1:]), g, x) if self.share else None)
 
     def loss(self, model: torch.nn.Module, u_batch: torch.Tensor, key: int) -> torch.Tensor:
         """G on this batch; with a share, its rows' part of the global batch's mean (the ranks' parts sum to G)."""
