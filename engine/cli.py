@@ -260,10 +260,7 @@ def _prepare_model_run(args, distributed: bool = False):
     _check_backend(args.backend, device)
     model, identity = load_model_arg(args.checkpoint, args.weights, args.arch, device)
     path = args.checkpoint or args.weights
-    if (args.val_labels is not None or args.val_classes is not None) and args.dataset != "imagenet-val":
-        raise UsageError("--val-labels and --val-classes apply to --dataset imagenet-val only")
-    if args.image_size is not None and args.dataset not in data.IMAGE_DATASETS:
-        raise UsageError(f"--image-size applies to the image-folder data sets, not {args.dataset}")
+    _check_image_args(args)
     images, labels = data.load_dataset(args.dataset, args.data_root, args.split, image_size=args.image_size,
                                        labels_file=args.val_labels, classes=args.val_classes)
     where = (f"the {args.dataset} {args.split} split" if args.dataset not in data.IMAGE_DATASETS
@@ -273,6 +270,68 @@ def _prepare_model_run(args, distributed: bool = False):
     sigma = _sigma_of(args, model, path)
     precision = resolve_precision(args.precision, device, args.backend)
     return device, model, identity, images, labels, indices, sigma, precision, path
+
+
+def _check_image_args(args) -> None:
+    """--image-size / --val-labels / --val-classes / --test-root / --test-dataset only where they apply."""
+    from .data import IMAGE_DATASETS
+
+    test_ds = getattr(args, "test_dataset", None)
+    images = args.dataset in IMAGE_DATASETS
+    if getattr(args, "image_size", None) is not None and not images:
+        raise UsageError(f"--image-size applies to the image-folder data sets, not {args.dataset}")
+    if hasattr(args, "test_root") and not images and (args.test_root is not None or test_ds is not None):
+        raise UsageError(f"--test-root and --test-dataset apply to the image data sets; {args.dataset} certifies its "
+                         "test split")
+    labelled = "imagenet-val" in (args.dataset, test_ds if test_ds is not None else args.dataset)
+    if (getattr(args, "val_labels", None) is not None or getattr(args, "val_classes", None) is not None) and not labelled:
+        raise UsageError("--val-labels and --val-classes apply to the imagenet-val layout only"
+                         + (" (--test-dataset imagenet-val)" if hasattr(args, "test_root") else ""))
+
+
+def _load_images(args, split: str = "train"):
+    """(images uint8 tensor, labels) of train / poison / evaluate: mnist / cifar10's split, or with an image data set
+    the images of --data-root (``split`` "train") or --test-root ("test", evaluate), decoded once into memory
+    (:func:`engine.imagedata.materialise`; a set too large for this machine is refused before decoding)."""
+    from . import data
+    from .imagedata import materialise
+
+    _check_image_args(args)
+    if args.dataset not in data.IMAGE_DATASETS:
+        return data.load_dataset(args.dataset, args.data_root, split)
+    name, root, labels_file, classes = args.dataset, args.data_root, None, None
+    if split == "test":
+        name = args.test_dataset or args.dataset
+        root = args.test_root
+        if root is None:
+            raise UsageError(f"--dataset {args.dataset}: give --test-root, the {name} of the test images to certify "
+                             "(an image data set has no test split of its own)")
+        if name == "imagenet-val":
+            labels_file = args.val_labels
+            classes = args.val_classes
+            if classes is None and args.dataset == "imagefolder":
+                classes = args.data_root  # the training folder numbers the classes
+    images, labels = data.load_dataset(name, root, split, image_size=args.image_size, labels_file=labels_file,
+                                       classes=classes)
+    if split == "test":  # the test images must number their classes as the training images do
+        train_classes = _image_classes(args.dataset, args.data_root)
+        test_classes = list(getattr(images.dataset, "classes", []))
+        if train_classes and test_classes and train_classes != test_classes:
+            raise UsageError(f"--test-root {root} has the classes {_brief_list(test_classes)} but --data-root "
+                             f"{args.data_root} has {_brief_list(train_classes)}: the class indices would not match")
+    return materialise(images, f"{name} {root}", progress=not getattr(args, "quiet", True)), labels
+
+
+def _image_classes(name: str, root) -> list[str]:
+    from . import imagedata
+
+    if name == "packed":
+        return imagedata.PackedData(root).classes
+    return imagedata.class_names(root)
+
+
+def _brief_list(names: list[str], limit: int = 4) -> str:
+    return "[" + ", ".join(names[:limit]) + (f", ... ({len(names)} in all)" if len(names) > limit else "") + "]"
 
 
 def _trace(args, device, precision, path) -> dict:
@@ -609,7 +668,7 @@ TRAIN_METHOD_FLAGS = ("eps", "steps", "m", "warmup", "k", "beta", "gamma", "lbd"
 
 
 def cmd_train(args) -> int:
-    from . import data, models
+    from . import models
     from .train import progress_bar, train
 
     device = _device(args.device)
@@ -621,7 +680,7 @@ def cmd_train(args) -> int:
     # the model file may exist only as the result of the run being resumed
     _claim_outputs([out, ckpt], [args.weights], overwrite=args.overwrite or (args.resume and ckpt.exists()))
     _writable_folder(out)
-    images, labels = data.load_dataset(args.dataset, args.data_root, "train")
+    images, labels = _load_images(args, "train")
     (train_x, train_y), val = _split(images, labels, args.val_size, args.train_size, args.dataset)
     torch.manual_seed(args.seed)  # weight initialisation
     if args.weights is None:
@@ -682,6 +741,7 @@ def cmd_train(args) -> int:
         arch=args.arch,
         dataset=args.dataset,
         data_root=None if args.data_root is None else str(args.data_root),
+        **({} if args.image_size is None else {"image_size": args.image_size}),
         train_size=int(train_x.shape[0]),
         val_size=args.val_size,
         history=history,
@@ -724,9 +784,7 @@ def _split(images, labels, val_size: int, train_size: int | None, dataset: str):
 
 
 def _load_split(args):
-    from . import data
-
-    images, labels = data.load_dataset(args.dataset, args.data_root, "train")
+    images, labels = _load_images(args, "train")
     return _split(images, labels, args.val_size, None, args.dataset)
 
 
@@ -853,6 +911,8 @@ def cmd_poison(args) -> int:
     if _rank() != 0:
         return 0
     ps.settings.update({"arch": args.arch, "dataset": args.dataset, "val_size": args.val_size, **preset_record})
+    if args.image_size is not None:
+        ps.settings["image_size"] = args.image_size
     crafted, ps = ps, ps.encode(train_data, args.encoding)  # the poison the file holds (int8: quantised, a new poison)
     ps.save(out)
     print(f"wrote {out}: {len(ps)} poisoned images of class {ps.target_class}, L_inf {ps.linf(train_data):.4f} <= eps {ps.eps}"
@@ -975,7 +1035,7 @@ def _controls(text: str) -> tuple[str, ...]:
 
 
 def cmd_evaluate(args) -> int:
-    from . import data, models
+    from . import models
     from .evaluate import (
         _pair_key,
         control_differences,
@@ -1007,7 +1067,7 @@ def cmd_evaluate(args) -> int:
     ps = PoisonSet.load(args.poison, train_data) if args.poison else None  # compact files decode from the originals
     if args.target_class is not None:
         _check_target_class(args.target_class, train_data[1], args.dataset)
-    test_data = data.load_dataset(args.dataset, args.data_root, "test")
+    test_data = _load_images(args, "test")
     _model_fits(models.build(args.arch), train_data[0], train_data[1], f"--arch {args.arch}")
     kwargs = dict(
         victim_method=args.victim_method,
@@ -1229,31 +1289,49 @@ def _add_quiet(p) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
-def _add_dataset(p, required: bool = False, root_help: str = "data folder", images: bool = False) -> None:
-    """--dataset / --data-root; with ``images`` also the ImageNet-style data sets, --image-size and --val-labels."""
+TRAINING_IMAGE_DATASETS = ("imagefolder", "packed")  # what train / poison / evaluate train on besides mnist, cifar10
+
+
+def _add_dataset(p, required: bool = False, root_help: str = "data folder", images: bool = False,
+                 training: bool = False, test: bool = False) -> None:
+    """--dataset / --data-root; with ``images`` also the ImageNet-style data sets, --image-size and --val-labels (the
+    data of certify / predict); with ``training`` the image folders and packed stores a model is trained on, and
+    --image-size; with ``test`` (evaluate) --test-root / --test-dataset and --val-labels for the test images."""
     from .data import IMAGE_DATASETS
 
-    choices = ("mnist", "cifar10") + (IMAGE_DATASETS if images else ())
+    extra = IMAGE_DATASETS if images else TRAINING_IMAGE_DATASETS if training else ()
+    choices = ("mnist", "cifar10") + extra
     help_ds = ("data set: mnist, cifar10, imagefolder (class folders of images), imagenet-val (one folder and "
-               "--val-labels), packed (a store written by 'data pack')") if images else "data set"
+               "--val-labels), packed (a store written by 'data pack')") if images else (
+               "data set: mnist, cifar10, imagefolder (class folders of images, decoded once into memory), packed "
+               "(a store written by 'data pack')") if training else "data set"
     p.add_argument("--dataset", choices=choices, required=required, **({} if required else {"default": "mnist"}),
                    help=help_ds)
     p.add_argument("--data-root", default=None,
                    help=f"{root_help} (default: mnist: the MNIST subset shipped in the package; others: required)")
-    if images:
+    if images or training:
         p.add_argument("--image-size", type=_int_at_least(1), default=None,
                        help="imagefolder / imagenet-val: centre crop size after resizing the shorter side to size/0.875 "
                        "(default 224: resize 256, crop 224); packed: must match the store")
+    if test:
+        p.add_argument("--test-root", default=None,
+                       help="with an image data set: the folder (or packed store) of the test images certified; "
+                       "mnist / cifar10 use their test split")
+        p.add_argument("--test-dataset", choices=IMAGE_DATASETS, default=None,
+                       help="kind of --test-root (default: --dataset's): imagefolder, imagenet-val (one folder and "
+                       "--val-labels; class names numbered by the training folder), packed")
+    if images or test:
         p.add_argument("--val-labels", default=None,
                        help="imagenet-val: text file of '<file name> <label>' lines (a 0-based class index or a name)")
         p.add_argument("--val-classes", default=None,
                        help="imagenet-val with class names: the training folder of class folders (or a file of names in "
-                       "order) that numbers them")
+                       "order) that numbers them" + (" (default with --dataset imagefolder: --data-root)" if test
+                                                      else ""))
 
 
 def _add_poison_split(p, whose: str) -> None:
     """--dataset / --data-root / --val-size of the training split a poison was crafted on, and --out."""
-    _add_dataset(p, root_help=f"data folder of {whose}")
+    _add_dataset(p, root_help=f"data folder of {whose}", training=True)
     p.add_argument("--val-size", type=_int_at_least(1), default=5000, help=f"{whose}'s --val-size")
     p.add_argument("--out", type=_out_path, required=True, help="poison .safetensors to write")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
@@ -1392,7 +1470,7 @@ def build_parser(prog: str = "python -m engine") -> argparse.ArgumentParser:
     _add_threads(p)
     p.add_argument("--method", choices=("standard", "gaussian", "smoothadv", "macer"), required=True,
                    help="training procedure")
-    _add_dataset(p, required=True)
+    _add_dataset(p, required=True, training=True)
     p.add_argument("--arch", type=_arch_name, required=True, help=ARCH_HELP)
     p.add_argument("--weights", default=None, help="start from these weights (engine checkpoint, safetensors or "
                    "PyTorch state_dict of --arch) instead of a random initialisation")
@@ -1440,7 +1518,7 @@ def build_parser(prog: str = "python -m engine") -> argparse.ArgumentParser:
     # -- poison ------------------------------------------------------------------------------------
     p = command("poison", "craft a PACD poison (ApproxGrad) against a certified-robust training procedure")
     _add_threads(p)
-    _add_dataset(p)
+    _add_dataset(p, training=True)
     p.add_argument("--val-size", type=_int_at_least(1), default=5000,
                    help="random images of the train split (a fixed permutation, seed 0) held out for the upper objective")
     p.add_argument("--target-class", type=_int_at_least(0), required=True, help="class whose certified radius to lower")
@@ -1556,7 +1634,7 @@ def build_parser(prog: str = "python -m engine") -> argparse.ArgumentParser:
     p.add_argument("--clean", action="store_true", help="clean victim (needs --target-class)")
     p.add_argument("--target-class", type=_int_at_least(0), default=None,
                    help="class to certify (default: the poison's; required with --clean)")
-    _add_dataset(p)
+    _add_dataset(p, training=True, test=True)
     p.add_argument("--val-size", type=_int_at_least(1), default=5000, help="the poison's --val-size")
     p.add_argument("--victim-method", choices=("standard", "gaussian", "macer", "smoothadv"), default="gaussian",
                    help="the victim's training procedure")

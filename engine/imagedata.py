@@ -32,7 +32,7 @@ import torch
 from .data import DataError
 
 __all__ = ["IMG_EXTENSIONS", "ImageFolderData", "ImageView", "PackedData", "pack", "resize_size", "load_image",
-           "class_names", "DEFAULT_SHARD_IMAGES"]
+           "class_names", "DEFAULT_SHARD_IMAGES", "materialise", "memory_bytes"]
 
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 DEFAULT_SHARD_IMAGES = 4096
@@ -350,3 +350,47 @@ class ImageView:
         if not items:
             return torch.empty((0, *self.shape[1:]), dtype=torch.uint8)
         return torch.stack(items)
+
+
+def memory_bytes() -> int:
+    """Physical memory of this machine in bytes (0 where the platform does not say)."""
+    try:
+        return int(os.sysconf("SC_PAGE_SIZE")) * int(os.sysconf("SC_PHYS_PAGES"))
+    except (AttributeError, ValueError, OSError):
+        return 0
+
+
+def materialise(images, what: str, *, progress: bool = False, chunk: int = 256,
+                memory_fraction: float = 0.5) -> torch.Tensor:
+    """The images of an :class:`ImageView` decoded once into one uint8 (N, C, H, W) tensor (a tensor comes back as it
+    is): what training, crafting and evaluation hold in memory, as they do for MNIST and CIFAR-10.
+
+    A set larger than ``memory_fraction`` of this machine's memory is refused (a :class:`DataError` naming ``what``,
+    its size and the machine's) before anything is decoded, rather than swapping or being killed half way."""
+    if isinstance(images, torch.Tensor):
+        return images
+    if not isinstance(images, ImageView):
+        raise TypeError(f"{what}: expected an ImageView or a uint8 tensor, got {type(images).__name__}")
+    need, have = images.shape.numel(), memory_bytes()
+    if have and need > memory_fraction * have:
+        n, c, h, w = images.shape
+        raise DataError(f"{what} holds {n:,} images of {c}x{h}x{w}: {need / 2**30:.1f} GiB decoded, more than "
+                        f"{memory_fraction:.0%} of this machine's {have / 2**30:.1f} GiB; training, crafting and "
+                        "evaluation hold their data in memory: give a smaller folder (a subset of the classes or "
+                        "images) or a smaller --image-size (certify and predict read any size on demand)")
+    out = torch.empty(images.shape, dtype=torch.uint8)
+    n = images.shape[0]
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=n, unit="img", desc=f"decode {what}", dynamic_ncols=True)
+    try:
+        for i in range(0, n, chunk):
+            out[i : i + chunk] = images[i : min(i + chunk, n)]
+            if bar is not None:
+                bar.update(min(chunk, n - i))
+    finally:
+        if bar is not None:
+            bar.close()
+    return out

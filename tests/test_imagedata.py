@@ -180,3 +180,67 @@ def test_cli_certify_folder_and_packed_store_give_the_same_rows(folder, tmp_path
         assert cli.main([*base, *extra, "--out", str(tmp_path / "x.tsv")]) == 2, match
         err = capsys.readouterr().err
         assert match in err and err.count("\n") == 1, err
+
+
+def _classes_folder(root, names, per_class, seed):
+    rng = np.random.default_rng(seed)
+    for c, name in enumerate(names):
+        for i in range(per_class):
+            h, w = rng.integers(9, 15, 2)
+            arr = (rng.integers(0, 60, (h, w, 3)) + 60 * c).astype(np.uint8)  # classes differ in brightness
+            _write(root / name / f"{i}.{'png' if i % 2 else 'jpg'}", arr)
+    return root
+
+
+def test_cli_train_poison_evaluate_on_image_folders(tmp_path, capsys):
+    """train / poison / evaluate take --dataset imagefolder (decoded once into memory) and packed stores: a folder and
+    its packed store train the same model; evaluate certifies --test-root, numbered as the training folder."""
+    from safetensors.torch import load_file
+
+    from engine.pacd import PoisonSet
+
+    train = _classes_folder(tmp_path / "train", ["cat", "dog", "owl"], 6, 1)
+    test = _classes_folder(tmp_path / "test", ["cat", "dog", "owl"], 2, 2)
+    assert cli.main(["data", "pack", str(train), str(tmp_path / "store"), "--image-size", "8", "--quiet"]) == 0
+    common = ["--arch", "resnet20", "--sigma", "0.25", "--val-size", "6", "--quiet"]
+    fit = ["train", "--method", "gaussian", "--epochs", "1", "--batch-size", "4", *common]
+    assert cli.main([*fit, "--dataset", "imagefolder", "--data-root", str(train), "--image-size", "8",
+                     "--out", str(tmp_path / "f.safetensors")]) == 0
+    assert cli.main([*fit, "--dataset", "packed", "--data-root", str(tmp_path / "store"),
+                     "--out", str(tmp_path / "p.safetensors")]) == 0
+    a, b = load_file(tmp_path / "f.safetensors"), load_file(tmp_path / "p.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    meta = models.read_meta(tmp_path / "f.safetensors")["meta"]
+    assert meta["dataset"] == "imagefolder" and meta["image_size"] == 8 and meta["train_size"] == 12
+
+    folder = ["--dataset", "imagefolder", "--data-root", str(train), "--image-size", "8"]
+    assert cli.main(["poison", *folder, *common, "--target-class", "1", "--eps", "0.1", "--outer-steps", "1",
+                     "--batch-clean", "6", "--batch-poison", "3", "--batch-val", "3", "--upper-k", "2", "--niter1", "1",
+                     "--niter2", "1", "--out", str(tmp_path / "poison.safetensors")]) == 0
+    images, labels = data.split_validation(*data.load_dataset("packed", tmp_path / "store", "train"), 6)[0]
+    ps = PoisonSet.load(tmp_path / "poison.safetensors", (images[:], labels))  # the store's images are the folder's
+    assert ps.target_class == 1 and ps.settings["image_size"] == 8 and len(ps) == int((labels == 1).sum())
+
+    ev = ["evaluate", "--poison", str(tmp_path / "poison.safetensors"), *folder, *common, "--epochs", "1",
+          "--images", "2", "--n0", "5", "--n", "20", "--controls", "vertex"]
+    assert cli.main([*ev, "--test-root", str(test), "--out-dir", str(tmp_path / "ev")]) == 0
+    summary = json.loads((tmp_path / "ev" / "summary.json").read_text())
+    assert summary["images"] == 2 and summary["target_class"] == 1 and summary["poisoned"]
+    assert json.loads((tmp_path / "ev" / "controls" / "vertex-seed0" / "summary.json").read_text())["images"] == 2
+    rows = (tmp_path / "ev" / "certify.tsv").read_text().splitlines()[1:]
+    assert [int(r.split("\t")[1]) for r in rows] == [1, 1]  # test images of class 1 (dog), numbered as in training
+
+    _classes_folder(tmp_path / "other", ["cat", "owl"], 2, 3)
+    for extra, match in (([], "give --test-root"),
+                         (["--test-root", str(tmp_path / "other")], "the class indices would not match"),
+                         (["--test-dataset", "imagenet-val", "--test-root", str(test)], "needs its labels file")):
+        capsys.readouterr()
+        assert cli.main([*ev, *extra, "--out-dir", str(tmp_path / "never")]) == 2, match
+        err = capsys.readouterr().err
+        assert match in err and err.count("\n") == 1, err
+    mnist = ["evaluate", "--clean", "--target-class", "8", "--sigma", "0.25", "--quiet", "--out-dir", str(tmp_path / "x")]
+    for extra, match in ((["--test-root", str(test)], "--test-root and --test-dataset apply to the image data sets"),
+                         (["--image-size", "8"], "--image-size applies to the image-folder data sets")):
+        capsys.readouterr()
+        assert cli.main([*mnist, *extra]) == 2, match
+        assert match in capsys.readouterr().err
