@@ -244,3 +244,15 @@ def test_cli_train_poison_evaluate_on_image_folders(tmp_path, capsys):
         capsys.readouterr()
         assert cli.main([*mnist, *extra]) == 2, match
         assert match in capsys.readouterr().err
+
+
+def test_materialise_decodes_once_in_chunks_and_refuses_a_set_too_large(folder):
+    from engine.imagedata import materialise
+
+    view, _ = data.load_dataset("imagefolder", folder, "train", image_size=16)
+    whole = materialise(view, "the folder", chunk=2)
+    assert whole.dtype == torch.uint8 and whole.shape == (5, 3, 16, 16)
+    assert all(torch.equal(whole[i], view[i]) for i in range(5))
+    assert materialise(whole, "a tensor") is whole
+    with pytest.raises(DataError, match=r"the folder holds 5 images of 3x16x16: .* GiB decoded, more than"):
+        materialise(view, "the folder", memory_fraction=1e-12)
