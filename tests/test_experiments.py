@@ -271,3 +271,26 @@ def test_pacd_controls_dry_run_and_fixed_protocol(tmp_path):
     (results / "protocol.json").write_text(json.dumps(protocol))
     proc = _run("pacd_controls/pacd_controls.py", *base, "--stage", "summary")
     assert proc.returncode != 0 and "differs from this driver's protocol" in proc.stderr
+
+
+def test_lower_subset_dry_run_crafts_on_the_subset_and_reports_every_row(tmp_path):
+    """lower_subset.py at toy sizes: the subset poison records its lower_subset and covers every image of the class;
+    one victim of the protocol's share 0/6 runs; the summary lists every protocol row (the others as missing)."""
+    work, results = tmp_path / "work", tmp_path / "results"
+    base = ["--dry-run", "--work", work, "--results", results, "--quiet", "--threads", "1"]
+    assert _run("lower_subset/lower_subset.py", *base, "--stage", "protocol").returncode == 0
+    proc = _run("lower_subset/lower_subset.py", *base, "--stage", "craft", "--only", "subset")
+    assert proc.returncode == 0, proc.stderr
+    train = data.split_validation(*data.load_mnist(data.embedded_mnist_root(), "train"), 100)[0]
+    ps = PoisonSet.load(work / "poisons" / "subset-crafted.safetensors", train)
+    assert ps.settings["lower_subset"] == 50 and len(ps) == int((train[1] == 8).sum())
+    assert not (work / "poisons" / "full-crafted.safetensors").exists()
+    proc = _run("lower_subset/lower_subset.py", *base, "--stage", "victims", "--part", "0/6")
+    assert proc.returncode == 0, proc.stderr
+    proc = _run("lower_subset/lower_subset.py", *base, "--stage", "summary")
+    assert proc.returncode == 0, proc.stderr
+    rows = {r["poison"]: r for r in json.loads((results / "summary.json").read_text())["rows"]}
+    assert list(rows) == ["clean", "full-crafted", "subset-crafted", "full-twin", "subset-twin", "vertex"]
+    assert rows["clean"]["seeds"] == [0] and len(rows["clean"]["acr"]) == 1
+    assert all(rows[k]["missing_seeds"] == [0] and rows[k]["acr_drop"] is None for k in list(rows)[1:])
+    assert "| subset-crafted | 0 |" in (results / "results.md").read_text()
