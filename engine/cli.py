@@ -289,45 +289,61 @@ def _check_image_args(args) -> None:
                          + (" (--test-dataset imagenet-val)" if hasattr(args, "test_root") else ""))
 
 
-def _load_images(args, split: str = "train"):
-    """(images uint8 tensor, labels) of train / poison / evaluate: mnist / cifar10's split, or with an image data set
-    the images of --data-root (``split`` "train") or --test-root ("test", evaluate), decoded once into memory
-    (:func:`engine.imagedata.materialise`; a set too large for this machine is refused before decoding)."""
+# copies of the decoded training set a command holds at once (the set, its train / validation split; poison and
+# evaluate --poison also a float32 copy of the whole split): materialise refuses a set these would not fit
+_HELD_COPIES = {"train": 2.0, "poison": 6.0, "evaluate": 6.0}
+
+
+def _open_images(args, split: str = "train"):
+    """(images, labels) of train / poison / evaluate before any decoding: mnist / cifar10's split (tensors), or with
+    an image data set an :class:`engine.imagedata.ImageView` of --data-root (``split`` "train") or of --test-root
+    ("test", evaluate: checked against the training images' size and classes, all before anything is decoded)."""
     from . import data
-    from .imagedata import materialise
 
     _check_image_args(args)
     if args.dataset not in data.IMAGE_DATASETS:
         return data.load_dataset(args.dataset, args.data_root, split)
-    name, root, labels_file, classes = args.dataset, args.data_root, None, None
-    if split == "test":
-        name = args.test_dataset or args.dataset
-        root = args.test_root
-        if root is None:
-            raise UsageError(f"--dataset {args.dataset}: give --test-root, the {name} of the test images to certify "
-                             "(an image data set has no test split of its own)")
-        if name == "imagenet-val":
-            labels_file = args.val_labels
-            classes = args.val_classes
-            if classes is None and args.dataset == "imagefolder":
-                classes = args.data_root  # the training folder numbers the classes
-    images, labels = data.load_dataset(name, root, split, image_size=args.image_size, labels_file=labels_file,
-                                       classes=classes)
-    if split == "test":  # the test images must number their classes as the training images do
-        train_classes = _image_classes(args.dataset, args.data_root)
-        test_classes = list(getattr(images.dataset, "classes", []))
-        if train_classes and test_classes and train_classes != test_classes:
-            raise UsageError(f"--test-root {root} has the classes {_brief_list(test_classes)} but --data-root "
-                             f"{args.data_root} has {_brief_list(train_classes)}: the class indices would not match")
-    return materialise(images, f"{name} {root}", progress=not getattr(args, "quiet", True)), labels
+    if split == "train":
+        return data.load_dataset(args.dataset, args.data_root, split, image_size=args.image_size)
+    name, root = args.test_dataset or args.dataset, args.test_root
+    if root is None:
+        raise UsageError(f"--dataset {args.dataset}: give --test-root, the {name} of the test images to certify "
+                         "(an image data set has no test split of its own)")
+    train_view, _ = data.load_dataset(args.dataset, args.data_root, "train", image_size=args.image_size)
+    size = train_view.shape[-1]  # a folder decodes at the training images' size (a packed store's when not given)
+    train_classes = list(getattr(train_view.dataset, "classes", []))
+    classes = args.val_classes if args.val_classes is not None else (train_classes or None)
+    images, labels = data.load_dataset(name, root, split, image_size=None if name == "packed" else size,
+                                       labels_file=args.val_labels if name == "imagenet-val" else None,
+                                       classes=classes if name == "imagenet-val" else None)
+    if tuple(images.shape[1:]) != tuple(train_view.shape[1:]):
+        raise UsageError(f"--test-root {root} holds {'x'.join(map(str, images.shape[1:]))} images but the training "
+                         f"images are {'x'.join(map(str, train_view.shape[1:]))}: certify at the size the victim is "
+                         "trained at (pack both at one --image-size)")
+    test_classes = list(getattr(images.dataset, "classes", []))
+    if train_classes and test_classes and train_classes != test_classes:
+        raise UsageError(f"--test-root {root} has the classes {_brief_list(test_classes)} but --data-root "
+                         f"{args.data_root} has {_brief_list(train_classes)}: the class indices would not match")
+    return images, labels
 
 
-def _image_classes(name: str, root) -> list[str]:
-    from . import imagedata
+def _decoded(args, opened, split: str = "train"):
+    """:func:`_open_images`'s images decoded once into one uint8 tensor (:func:`engine.imagedata.materialise`; a set
+    that this command's copies would not fit into this machine's memory is refused before decoding)."""
+    from .imagedata import ImageView, materialise
 
-    if name == "packed":
-        return imagedata.PackedData(root).classes
-    return imagedata.class_names(root)
+    images, labels = opened
+    if not isinstance(images, ImageView):
+        return images, labels
+    root = args.data_root if split == "train" else args.test_root
+    copies = _HELD_COPIES.get(args.command, 2.0) if split == "train" else 1.0
+    return materialise(images, f"{args.dataset if split == 'train' else args.test_dataset or args.dataset} {root}",
+                       progress=not getattr(args, "quiet", True), copies=copies), labels
+
+
+def _load_images(args, split: str = "train"):
+    """(images uint8 tensor, labels) of train / poison / evaluate (:func:`_open_images`, then :func:`_decoded`)."""
+    return _decoded(args, _open_images(args, split), split)
 
 
 def _brief_list(names: list[str], limit: int = 4) -> str:
@@ -669,6 +685,7 @@ TRAIN_METHOD_FLAGS = ("eps", "steps", "m", "warmup", "k", "beta", "gamma", "lbd"
 
 def cmd_train(args) -> int:
     from . import models
+    from .data import IMAGE_DATASETS
     from .train import progress_bar, train
 
     device = _device(args.device)
@@ -741,7 +758,7 @@ def cmd_train(args) -> int:
         arch=args.arch,
         dataset=args.dataset,
         data_root=None if args.data_root is None else str(args.data_root),
-        **({} if args.image_size is None else {"image_size": args.image_size}),
+        **({"image_size": int(train_x.shape[-1])} if args.dataset in IMAGE_DATASETS else {}),
         train_size=int(train_x.shape[0]),
         val_size=args.val_size,
         history=history,
@@ -846,6 +863,7 @@ def _apply_preset(args) -> dict:
 
 def cmd_poison(args) -> int:
     from . import models
+    from .data import IMAGE_DATASETS
     from .pacd import PoisonSet, poison
 
     preset_record = _apply_preset(args)
@@ -911,8 +929,8 @@ def cmd_poison(args) -> int:
     if _rank() != 0:
         return 0
     ps.settings.update({"arch": args.arch, "dataset": args.dataset, "val_size": args.val_size, **preset_record})
-    if args.image_size is not None:
-        ps.settings["image_size"] = args.image_size
+    if args.dataset in IMAGE_DATASETS:
+        ps.settings["image_size"] = int(train_data[0].shape[-1])
     crafted, ps = ps, ps.encode(train_data, args.encoding)  # the poison the file holds (int8: quantised, a new poison)
     ps.save(out)
     print(f"wrote {out}: {len(ps)} poisoned images of class {ps.target_class}, L_inf {ps.linf(train_data):.4f} <= eps {ps.eps}"
@@ -1063,11 +1081,12 @@ def cmd_evaluate(args) -> int:
         earlier.append((d, loaded))
     device = _device(args.device)
     margs = _method_args(args, args.victim_method, victim=True)
+    test_opened = _open_images(args, "test")  # test-side mistakes are refused before the training set is decoded
     train_data, _ = _load_split(args)
     ps = PoisonSet.load(args.poison, train_data) if args.poison else None  # compact files decode from the originals
     if args.target_class is not None:
         _check_target_class(args.target_class, train_data[1], args.dataset)
-    test_data = _load_images(args, "test")
+    test_data = _decoded(args, test_opened, "test")
     _model_fits(models.build(args.arch), train_data[0], train_data[1], f"--arch {args.arch}")
     kwargs = dict(
         victim_method=args.victim_method,

@@ -353,31 +353,47 @@ class ImageView:
 
 
 def memory_bytes() -> int:
-    """Physical memory of this machine in bytes (0 where the platform does not say)."""
+    """Memory this process may use in bytes: the machine's physical memory, or the container's limit (cgroup v2
+    ``memory.max`` / v1 ``memory.limit_in_bytes``) where that is lower; 0 where neither can be read."""
     try:
-        return int(os.sysconf("SC_PAGE_SIZE")) * int(os.sysconf("SC_PHYS_PAGES"))
+        total = int(os.sysconf("SC_PAGE_SIZE")) * int(os.sysconf("SC_PHYS_PAGES"))
     except (AttributeError, ValueError, OSError):
-        return 0
+        total = 0
+    for path in ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"):
+        try:
+            limit = int(Path(path).read_text().strip())
+        except (OSError, ValueError):  # absent, unreadable or "max"
+            continue
+        if limit > 0:
+            total = min(total, limit) if total else limit
+    return total
 
 
-def materialise(images, what: str, *, progress: bool = False, chunk: int = 256,
-                memory_fraction: float = 0.5) -> torch.Tensor:
+def materialise(images, what: str, *, progress: bool = False, chunk: int = 256, copies: float = 1.0,
+                memory_fraction: float = 0.8) -> torch.Tensor:
     """The images of an :class:`ImageView` decoded once into one uint8 (N, C, H, W) tensor (a tensor comes back as it
     is): what training, crafting and evaluation hold in memory, as they do for MNIST and CIFAR-10.
 
-    A set larger than ``memory_fraction`` of this machine's memory is refused (a :class:`DataError` naming ``what``,
-    its size and the machine's) before anything is decoded, rather than swapping or being killed half way."""
+    ``copies``: how many bytes per decoded byte the caller will hold (e.g. its train / validation split and a float32
+    copy); with the processes of this node (torchrun's ``LOCAL_WORLD_SIZE``, each decoding its own copy) the need is
+    refused when over ``memory_fraction`` of :func:`memory_bytes` (a :class:`DataError` naming ``what``, the sizes
+    and the machine's memory), before anything is decoded, rather than swapping or being killed half way."""
     if isinstance(images, torch.Tensor):
         return images
     if not isinstance(images, ImageView):
         raise TypeError(f"{what}: expected an ImageView or a uint8 tensor, got {type(images).__name__}")
-    need, have = images.shape.numel(), memory_bytes()
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1)
+    size, have = images.shape.numel(), memory_bytes()
+    need = size * copies * local
     if have and need > memory_fraction * have:
         n, c, h, w = images.shape
-        raise DataError(f"{what} holds {n:,} images of {c}x{h}x{w}: {need / 2**30:.1f} GiB decoded, more than "
-                        f"{memory_fraction:.0%} of this machine's {have / 2**30:.1f} GiB; training, crafting and "
-                        "evaluation hold their data in memory: give a smaller folder (a subset of the classes or "
-                        "images) or a smaller --image-size (certify and predict read any size on demand)")
+        held = f"{copies:g} x " if copies != 1 else ""
+        ranks = f" x {local} processes" if local > 1 else ""
+        raise DataError(f"{what} holds {n:,} images of {c}x{h}x{w}: {size / 2**30:.1f} GiB decoded, {held}that"
+                        f"{ranks} = {need / 2**30:.1f} GiB held, more than {memory_fraction:.0%} of the "
+                        f"{have / 2**30:.1f} GiB this process may use; training, crafting and evaluation hold their "
+                        "data in memory: give a smaller folder (a subset of the classes or images) or a smaller "
+                        "--image-size (certify and predict read any size on demand)")
     out = torch.empty(images.shape, dtype=torch.uint8)
     n = images.shape[0]
     bar = None

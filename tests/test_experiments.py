@@ -284,7 +284,9 @@ def test_lower_subset_dry_run_crafts_on_the_subset_and_reports_every_row(tmp_pat
     train = data.split_validation(*data.load_mnist(data.embedded_mnist_root(), "train"), 100)[0]
     ps = PoisonSet.load(work / "poisons" / "subset-crafted.safetensors", train)
     assert ps.settings["lower_subset"] == 50 and len(ps) == int((train[1] == 8).sum())
-    assert not (work / "poisons" / "full-crafted.safetensors").exists()
+    assert ps.settings["reset_every"] == 0  # neither poison restarts its lower model (the subset's epochs are shorter)
+    assert sorted(p.name for p in (work / "poisons").glob("*.safetensors")) == ["subset-crafted.safetensors",
+                                                                                "subset-twin.safetensors"]
     proc = _run("lower_subset/lower_subset.py", *base, "--stage", "victims", "--part", "0/6")
     assert proc.returncode == 0, proc.stderr
     proc = _run("lower_subset/lower_subset.py", *base, "--stage", "summary")

@@ -228,16 +228,34 @@ def test_cli_train_poison_evaluate_on_image_folders(tmp_path, capsys):
     assert summary["images"] == 2 and summary["target_class"] == 1 and summary["poisoned"]
     assert json.loads((tmp_path / "ev" / "controls" / "vertex-seed0" / "summary.json").read_text())["images"] == 2
     rows = (tmp_path / "ev" / "certify.tsv").read_text().splitlines()[1:]
-    assert [int(r.split("\t")[1]) for r in rows] == [1, 1]  # test images of class 1 (dog), numbered as in training
+    samples = ImageFolderData(test, 8).samples
+    assert sorted(samples[int(r.split("\t")[0])][0].parent.name for r in rows) == ["dog", "dog"]  # class 1's files
 
     _classes_folder(tmp_path / "other", ["cat", "owl"], 2, 3)
+    assert cli.main(["data", "pack", str(test), str(tmp_path / "test16"), "--image-size", "16", "--quiet"]) == 0
     for extra, match in (([], "give --test-root"),
                          (["--test-root", str(tmp_path / "other")], "the class indices would not match"),
-                         (["--test-dataset", "imagenet-val", "--test-root", str(test)], "needs its labels file")):
+                         (["--test-dataset", "imagenet-val", "--test-root", str(test)], "needs its labels file"),
+                         (["--test-dataset", "packed", "--test-root", str(tmp_path / "test16")],
+                          "holds 3x16x16 images but the training images are 3x8x8")):
         capsys.readouterr()
         assert cli.main([*ev, *extra, "--out-dir", str(tmp_path / "never")]) == 2, match
         err = capsys.readouterr().err
         assert match in err and err.count("\n") == 1, err
+    flat = tmp_path / "val"  # the validation layout: test images in one folder, numeric labels
+    flat.mkdir()
+    lines = []
+    for i, (path, label) in enumerate(ImageFolderData(test, 8).samples):
+        (flat / f"v{i}{path.suffix}").write_bytes(path.read_bytes())
+        lines.append(f"v{i}{path.suffix} {label}")
+    (tmp_path / "val.txt").write_text("\n".join(lines) + "\n")
+    packed = ["evaluate", "--clean", "--target-class", "2", "--dataset", "packed", "--data-root", str(tmp_path / "store"),
+              *common, "--epochs", "1", "--images", "2", "--n0", "5", "--n", "20", "--controls", "none"]
+    assert cli.main([*packed, "--test-dataset", "imagenet-val", "--test-root", str(flat), "--val-labels",
+                     str(tmp_path / "val.txt"), "--out-dir", str(tmp_path / "ev2")]) == 0  # 8x8: the store's size
+    rows = (tmp_path / "ev2" / "certify.tsv").read_text().splitlines()[1:]
+    assert sorted(int(r.split("\t")[0]) for r in rows) == [4, 5]  # the two owls (class 2) of the flat folder
+
     mnist = ["evaluate", "--clean", "--target-class", "8", "--sigma", "0.25", "--quiet", "--out-dir", str(tmp_path / "x")]
     for extra, match in ((["--test-root", str(test)], "--test-root and --test-dataset apply to the image data sets"),
                          (["--image-size", "8"], "--image-size applies to the image-folder data sets")):
@@ -246,7 +264,8 @@ def test_cli_train_poison_evaluate_on_image_folders(tmp_path, capsys):
         assert match in capsys.readouterr().err
 
 
-def test_materialise_decodes_once_in_chunks_and_refuses_a_set_too_large(folder):
+def test_materialise_decodes_once_in_chunks_and_refuses_a_set_too_large_before_decoding(folder, monkeypatch):
+    from engine import imagedata
     from engine.imagedata import materialise
 
     view, _ = data.load_dataset("imagefolder", folder, "train", image_size=16)
@@ -254,5 +273,20 @@ def test_materialise_decodes_once_in_chunks_and_refuses_a_set_too_large(folder):
     assert whole.dtype == torch.uint8 and whole.shape == (5, 3, 16, 16)
     assert all(torch.equal(whole[i], view[i]) for i in range(5))
     assert materialise(whole, "a tensor") is whole
-    with pytest.raises(DataError, match=r"the folder holds 5 images of 3x16x16: .* GiB decoded, more than"):
-        materialise(view, "the folder", memory_fraction=1e-12)
+
+    class Undecodable:  # the same shape; decoding any image fails the test
+        def __len__(self):
+            return 5
+
+        def __getitem__(self, i):
+            raise AssertionError("decoded before the memory check")
+
+    big = ImageView(Undecodable(), (3, 16, 16))  # 3,840 bytes
+    monkeypatch.setattr(imagedata, "memory_bytes", lambda: 10_000)
+    with pytest.raises(DataError, match=r"the folder holds 5 images of 3x16x16: .*3 x that = .* GiB held, more than 80%"):
+        materialise(big, "the folder", copies=3)  # 11,520 > 8,000
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "3")
+    with pytest.raises(DataError, match=r"x 3 processes"):
+        materialise(big, "the folder")  # each of the node's 3 processes decodes its own copy
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")
+    assert materialise(view, "the folder", copies=2).shape == (5, 3, 16, 16)  # 7,680 <= 8,000

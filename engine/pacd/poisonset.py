@@ -263,7 +263,7 @@ class PoisonSet:
         else:
             tensors, info = self._compact(path, meta)
             header = {**info, "sha256": _content_hash(tensors, info)}
-        tmp = path.with_name(path.name + ".tmp")
+        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")  # two processes saving one poison never share it
         save_file(tensors, str(tmp), metadata={"engine_poison": json.dumps(header)})
         publish(tmp, path)
 

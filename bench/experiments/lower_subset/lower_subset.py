@@ -4,13 +4,16 @@ Mehra et al. leave open whether a poison crafted against part of a large trainin
 poisons with the same settings (the paper-mnist preset, fewer outer steps; seed 0, eps 0.1) differ only in the clean
 data their lower level trains on: all 49,612 other-class training images ("full") or a random 5,000 of them
 ("subset", ``engine.poison(lower_subset=5000)``). Victims are trained on the whole training set either way, beside
-the clean victim, each poison's twin (same per-pixel magnitudes, random signs) and the vertex control.
+the clean victim, each poison's twin (same per-pixel magnitudes, random signs) and the vertex control. Neither
+poison re-initialises its lower model (the preset's 10 epochs would be 110 outer steps of the subset, 550 of the
+whole set).
 
 Stages (resumable; several processes split the work with --part K/N):
 
     protocol   write results/protocol.json (every setting, row and seed) once; later stages refuse another protocol
-    craft      the crafted poisons (--only full or subset), checkpointed every 10 outer steps
-    victims    the controls (made on demand) and every (row, victim seed) of the protocol
+    craft      the crafted poisons (--only full or subset), checkpointed every 10 outer steps, then their controls
+               (each twin after its poison; the vertex control with the full poison)
+    victims    every (row, victim seed) of the protocol whose poison is written (--part K/N: every N-th)
     summary    results/summary.json and results/results.md from every finished victim (missing seeds reported)
 
     python bench/experiments/lower_subset/lower_subset.py --stage protocol --data-root ../shared/data/mnist
@@ -35,10 +38,11 @@ import torch
 from engine import data, models
 from engine.evaluate import evaluate_poison
 from engine.pacd import PoisonSet, poison, preset, random_poison
+from engine.results import run_trace
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "pacd_controls"))
-from pacd_controls import _bootstrap, _radii, check_protocol, write_protocol  # noqa: E402
+from pacd_controls import _bootstrap, _radii, check_protocol  # noqa: E402
 
 TARGET = 8
 EPS = 0.1
@@ -50,12 +54,15 @@ POISONS = ("full", "subset")
 def build_protocol(args) -> dict:
     dry = args.dry_run
     craft = preset("paper-mnist", "gaussian")
-    craft.update(outer_steps=2 if dry else OUTER_STEPS, eps=EPS)
-    seeds2, seeds1 = ([0], [0]) if dry else ([0, 1], [0])
+    # reset_every counts epochs of the lower level's own data: 10 epochs are 550 outer steps of the full set but 110
+    # of the subset (5,000 + 5,388 poisoned images), so the preset would restart only the subset poison's lower
+    # model within 120 steps; neither restarts here
+    craft.update(outer_steps=2 if dry else OUTER_STEPS, eps=EPS, reset_every=0)
+    seeds2, seeds1 = ([0], [0]) if dry else ([0, 1], [0])  # 2 victim seeds per row, 1 for the vertex control
     rows = [{"poison": "clean", "kind": "clean", "seeds": seeds2},
             {"poison": "full-crafted", "kind": "crafted", "seeds": seeds2},
             {"poison": "subset-crafted", "kind": "crafted", "seeds": seeds2},
-            {"poison": "full-twin", "kind": "twin", "seeds": seeds1},
+            {"poison": "full-twin", "kind": "twin", "seeds": seeds2},
             {"poison": "subset-twin", "kind": "twin", "seeds": seeds2},
             {"poison": "vertex", "kind": "vertex", "seeds": seeds1}]
     return {
@@ -66,9 +73,12 @@ def build_protocol(args) -> dict:
                  "val_size": 100 if dry else 5000, "split_seed": 0},
         "crafting": {"preset": "paper-mnist", "procedure": "gaussian", "seed": 0, "settings": craft,
                      "lower_subset": {"full": None, "subset": 50 if dry else SUBSET},
-                     "deviations": [f"outer_steps {craft['outer_steps']} instead of the preset's 2,750 (CPU budget); "
-                                    "no lower-model re-initialisation happens within them for either poison"]},
-        "controls": {"seed": 0, "twin": "of each crafted poison", "vertex": "one (it does not depend on a poison)"},
+                     "deviations": [f"outer_steps {craft['outer_steps']} instead of the preset's 2,750 (CPU budget)",
+                                    "reset_every 0 (the lower model is never re-initialised) instead of 10 epochs, "
+                                    "which would restart the subset poison's lower model at step 110 and never the "
+                                    "full poison's"]},
+        "controls": {"seed": 0, "twin": "of each crafted poison", "vertex": "one (it does not depend on a poison)",
+                     "made": "by the craft stage, after the poison they need"},
         "victims": {"procedure": "gaussian", "arch": "lenet", "sigma": craft["sigma"], "epochs": 2 if dry else 10,
                     "optimizer": "sgd", "lr": 0.01, "schedule": "cosine", "batch_size": 64,
                     "train_data": "the whole training split (55,000 images), the target class's images poisoned"},
@@ -79,6 +89,18 @@ def build_protocol(args) -> dict:
         "rules": ["every run made under this protocol is reported (no selection among screens)",
                   "all victims on one CPU kind with one thread each (the summary lists the CPUs seen)"],
     }
+
+
+def write_protocol(args, protocol: dict) -> None:
+    path = args.results / "protocol.json"
+    if path.exists():
+        check_protocol(args, protocol)
+        print(f"{path} exists and matches")
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({**protocol, "written": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "machine": run_trace()},
+                               indent=1) + "\n")
+    print(f"wrote {path}")
 
 
 def load_data(args, protocol):
@@ -108,24 +130,26 @@ def stage_craft(args, protocol, train, val) -> None:
                     checkpoint_every=10, device="cpu", progress=not args.quiet, encoding="int8", **c["settings"])
         ps.settings.update({"preset": "paper-mnist", "dataset": "mnist", "val_size": protocol["data"]["val_size"]})
         ps.save(out)
-
-
-def _poison_of(args, protocol, row, train) -> PoisonSet | None:
-    """The row's poison; a control is made (deterministically, from its seed) the first time it is asked for."""
-    if row["kind"] == "clean":
-        return None
-    path = poison_path(args, row["poison"])
-    if not path.exists() and row["kind"] != "crafted":
+    for row in protocol["rows"]:  # the controls: each twin after its poison, the vertex control with the full poison
+        needs = row["poison"].split("-")[0] if row["kind"] == "twin" else "full" if row["kind"] == "vertex" else None
+        if needs is None or (args.only and needs not in args.only) or poison_path(args, row["poison"]).exists():
+            continue
         like = None
         if row["kind"] == "twin":
-            crafted = poison_path(args, row["poison"].replace("-twin", "-crafted"))
+            crafted = poison_path(args, f"{needs}-crafted")
             if not crafted.exists():
-                return None
+                continue
             like = PoisonSet.load(crafted, train)
         ps = random_poison(train, target_class=TARGET, eps=EPS, kind=row["kind"], seed=protocol["controls"]["seed"],
                            like=like)
-        ps.encode(train, "sign" if row["kind"] == "vertex" else "int8").save(path)  # atomic; identical in any process
-    return PoisonSet.load(path, train) if path.exists() else None
+        ps.encode(train, "sign" if row["kind"] == "vertex" else "int8").save(poison_path(args, row["poison"]))
+        print(f"== wrote {row['poison']}.safetensors", flush=True)
+
+
+def _poison_of(args, row, train) -> PoisonSet | None:
+    """The row's poison (None for the clean row or while the craft stage has not written it)."""
+    path = poison_path(args, row["poison"])
+    return PoisonSet.load(path, train) if row["kind"] != "clean" and path.exists() else None
 
 
 def victim_dir(args, row: dict, seed: int) -> Path:
@@ -142,7 +166,7 @@ def stage_victims(args, protocol, train, test) -> None:
         out = victim_dir(args, row, seed)
         if (out / "summary.json").exists():
             continue
-        ps = _poison_of(args, protocol, row, train)
+        ps = _poison_of(args, row, train)
         if ps is None and row["kind"] != "clean":
             print(f"== {row['poison']} / seed {seed}: waiting for its poison")
             continue
@@ -155,12 +179,12 @@ def stage_victims(args, protocol, train, test) -> None:
 
 
 def stage_summary(args, protocol) -> dict:
-    rng = np.random.default_rng(0)
     reps = 200 if args.dry_run else protocol["intervals"]["reps"]
     level = protocol["intervals"]["level"]
     rows = {r["poison"]: r for r in protocol["rows"]}
     out_rows = []
-    for row in protocol["rows"]:
+    for i, row in enumerate(protocol["rows"]):
+        rng = np.random.default_rng(i)  # a row's interval does not depend on which other rows are done
         done = [s for s in row["seeds"] if (victim_dir(args, row, s) / "summary.json").exists()]
         summ = {s: json.loads((victim_dir(args, row, s) / "summary.json").read_text()) for s in done}
         twin = rows.get(row["poison"].replace("-crafted", "-twin")) if row["kind"] == "crafted" else None
@@ -188,11 +212,12 @@ def stage_summary(args, protocol) -> dict:
                                 None if rt is None else np.array([rt[k] for k in keys])))
             sc, sp = sum(t[0].sum() for t in triples), sum(t[1].sum() for t in triples)
             out["acr_drop"] = float(1 - sp / sc) if sc > 0 else None
-            ci, ci_t = _bootstrap(triples, reps, level, rng)
-            out["acr_drop_ci95"] = ci
-            if triples and all(t[2] is not None for t in triples) and sc > 0:
-                out["drop_minus_twin"] = float((sum(t[2].sum() for t in triples) - sp) / sc)
-                out["drop_minus_twin_ci95"] = ci_t
+            out["acr_drop_ci95"] = _bootstrap([(c, p, None) for c, p, _ in triples], reps, level, rng)[0]
+            with_twin = [t for t in triples if t[2] is not None]  # the seeds whose twin victim is done too
+            tc, tp = sum(t[0].sum() for t in with_twin), sum(t[1].sum() for t in with_twin)
+            if with_twin and tc > 0:
+                out["drop_minus_twin"] = float((sum(t[2].sum() for t in with_twin) - tp) / tc)
+                out["drop_minus_twin_ci95"] = _bootstrap(with_twin, reps, level, rng)[1]
         out_rows.append(out)
     summary = {"protocol": json.loads((args.results / "protocol.json").read_text()), "rows": out_rows,
                "written": time.strftime("%Y-%m-%d %H:%M:%S %Z")}
