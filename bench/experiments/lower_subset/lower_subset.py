@@ -42,7 +42,7 @@ from engine.results import run_trace
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "pacd_controls"))
-from pacd_controls import _bootstrap, _radii, check_protocol  # noqa: E402
+from pacd_controls import _bootstrap, _pct, _radii, check_protocol  # noqa: E402
 
 TARGET = 8
 EPS = 0.1
@@ -225,10 +225,6 @@ def stage_summary(args, protocol) -> dict:
     write_markdown(args, summary)
     print(f"wrote {args.results / 'summary.json'} and results.md")
     return summary
-
-
-def _pct(v):
-    return "-" if v is None else f"{100 * v:.1f}%"
 
 
 def write_markdown(args, summary) -> None:
