@@ -7,6 +7,7 @@ it, so that a change to the engine that breaks an experiment shows up.
 import json
 import os
 import shlex
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -247,25 +248,68 @@ def test_pacd_poison_geometry_report(tmp_path):
 
 def test_pacd_controls_dry_run_and_fixed_protocol(tmp_path):
     """pacd_controls.py at toy sizes for one procedure: the protocol is written first, every stage runs, the summary
-    lists every protocol row (those of the procedures not run as missing), and a changed protocol is refused."""
+    lists every protocol row (those of the procedures not run as missing) with the transfer table and the goal,
+    victims of another machine kind are never paired with these, and a changed protocol is refused (an amendment
+    only before any victim, and never of the crafting)."""
     work, results = tmp_path / "work", tmp_path / "results"
     base = ["--dry-run", "--work", work, "--results", results, "--quiet", "--threads", "1"]
     proc = _run("pacd_controls/pacd_controls.py", *base, "--stage", "summary")
     assert proc.returncode != 0 and "protocol.json is missing" in proc.stderr
+    # an amendment before any victim: allowed for the rows, refused for the crafting
+    assert _run("pacd_controls/pacd_controls.py", *base, "--stage", "protocol").returncode == 0
+    stored = json.loads((results / "protocol.json").read_text())
+    older = {**stored, "rows": stored["rows"][:3]}
+    (results / "protocol.json").write_text(json.dumps(older))
+    assert _run("pacd_controls/pacd_controls.py", *base, "--stage", "controls").returncode != 0
+    (results / "protocol.json").write_text(json.dumps({**older, "crafting": {**older["crafting"], "seed": 1}}))
+    proc = _run("pacd_controls/pacd_controls.py", *base, "--stage", "protocol", "--amend")
+    assert proc.returncode != 0 and "changes the protocol's 'crafting'" in proc.stderr
+    (results / "protocol.json").write_text(json.dumps(older))
+    proc = _run("pacd_controls/pacd_controls.py", *base, "--stage", "protocol", "--amend")
+    assert proc.returncode == 0, proc.stderr
+    amended = json.loads((results / "protocol.json").read_text())
+    assert amended["written"] == stored["written"] and "amended" in amended and amended["rows"] == stored["rows"]
+
     proc = _run("pacd_controls/pacd_controls.py", *base, "--stage", "all", "--only", "gaussian")
     assert proc.returncode == 0, proc.stderr
     summary = json.loads((results / "summary.json").read_text())
-    rows = {(r["victim"], r["poison"]): r for r in summary["rows"]}
-    assert len(rows) == len(summary["protocol"]["rows"]) == 21
-    crafted = rows[("gaussian", "gaussian-eps0.1-crafted")]
+    rows = {(r["arch"], r["victim"], r["poison"]): r for r in summary["rows"]}
+    assert len(rows) == len(summary["protocol"]["rows"]) == 42  # 21 main rows, 21 of the transfer table
+    crafted = rows[("lenet", "gaussian", "gaussian-eps0.1-crafted")]
     for key in ("acr_clean", "acr_poisoned", "acr_drop", "acr_drop_ci95", "drop_minus_twin", "drop_minus_twin_ci95",
                 "smoothed_acc", "radius_given_correct", "clean_acc_target", "clean_acc_other", "images", "n", "seeds",
                 "outer_steps", "eps", "kind"):
         assert key in crafted, key
     assert crafted["kind"] == "crafted" and crafted["seeds"] == [0] and crafted["outer_steps"] == 2
-    assert rows[("gaussian", "gaussian-eps0.1-vertex")]["kind"] == "control"
-    assert rows[("macer", "macer-eps0.1-crafted")]["missing_seeds"] == [0]
-    assert (results / "results.md").exists() and (results / "drop_vs_accuracy.png").exists()
+    assert crafted["drop_minus_twin"] is not None and crafted["same_machine_kind"]
+    assert rows[("lenet", "gaussian", "gaussian-eps0.1-vertex")]["kind"] == "control"
+    assert rows[("lenet", "macer", "macer-eps0.1-crafted")]["missing_seeds"] == [0]
+    # the controls other than the twin do not wait for their crafted poison
+    assert (work / "poisons" / "macer-eps0.1-vertex.safetensors").exists()
+    assert not (work / "poisons" / "macer-eps0.1-twin.safetensors").exists()
+    mlp = rows[("mlp", "gaussian", "gaussian-eps0.1-crafted")]
+    assert mlp["table"] == "transfer" and mlp["seeds"] == [0] and mlp["acr_drop"] is not None
+    assert rows[("lenet", "gaussian", "macer-eps0.1-crafted")]["missing_seeds"] == [0]
+    (machine,) = summary["goal"]
+    assert summary["goal"][machine]["gaussian-eps0.1"]["met"] in (True, False)
+    assert summary["goal"][machine]["macer-eps0.1"]["met"] is None
+    text = (results / "results.md").read_text()
+    assert "### Transfer" in text and "| crafted for gaussian |" in text
+    assert (results / "drop_vs_accuracy.png").exists()
+
+    # a victim of another CPU kind is reported in its own section, never paired with this kind's clean victims
+    src = next((work / "victims").glob("*/lenet/gaussian/gaussian-eps0.1-crafted/seed0"))
+    dst = work / "victims" / "other-cpu-t1" / "lenet" / "gaussian" / "gaussian-eps0.1-crafted" / "seed0"
+    shutil.copytree(src, dst)
+    assert _run("pacd_controls/pacd_controls.py", *base, "--stage", "summary").returncode == 0
+    summary = json.loads((results / "summary.json").read_text())
+    assert sorted(summary["goal"]) == sorted([machine, "other-cpu-t1"])
+    other = {(r["arch"], r["victim"], r["poison"]): r for r in summary["rows"] if r["machine"] == "other-cpu-t1"}
+    assert other[("lenet", "gaussian", "gaussian-eps0.1-crafted")]["seeds"] == [0]
+    assert other[("lenet", "gaussian", "gaussian-eps0.1-crafted")]["acr_drop"] is None  # no clean victim there
+    proc = _run("pacd_controls/pacd_controls.py", *base, "--stage", "protocol", "--amend")
+    assert proc.returncode != 0 and "can no longer be amended" in proc.stderr
+
     protocol = json.loads((results / "protocol.json").read_text())
     protocol["certification"]["n"] = 7  # the protocol is fixed: a driver with other settings refuses to run
     (results / "protocol.json").write_text(json.dumps(protocol))

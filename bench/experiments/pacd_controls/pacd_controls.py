@@ -57,6 +57,17 @@ VICTIM_ARGS = {
     "smoothadv": {"eps": 1.0, "steps": 10, "m": 1, "warmup": 2},
 }
 OUTER_STEPS = {"gaussian": 2750, "macer": 1100, "smoothadv": 2200}  # >= 2 re-initialisations each
+TRANSFER_ARCHS = ("lenet", "mlp")
+AMENDMENTS = [
+    {"date": "2026-12-06", "before": "any victim was trained or certified (crafting under way; its settings unchanged)",
+     "what": "rows of the transfer table the issue asks for (table 'transfer': every crafted poison at eps 0.1 x every "
+             "victim procedure x LeNet and the MLP, the clean victims and the vertex control beside them, victim seed "
+             "0, the same certification); every row names its arch, table and source procedure; victims are stored "
+             "and paired per CPU kind and thread count; the controls other than the twin are made without waiting "
+             "for the crafted poison (the same images: every training image of the class)",
+     "why": "the transfer table was left out of the first protocol; training is not bit-reproducible across CPUs, "
+            "so a row pairs only victims of one machine kind"},
+]
 HERE = Path(__file__).resolve().parent
 
 
@@ -64,16 +75,31 @@ def build_protocol(args) -> dict:
     dry = args.dry_run
     seeds_main = [0] if dry else [0, 1, 2]
     rows = []
+
+    def row(victim, source, kind, eps, seeds, arch="lenet", table="main"):
+        name = "clean" if kind == "clean" else f"{source}-eps{eps:g}-{kind}"
+        rows.append({"table": table, "arch": arch, "victim": victim, "poison": name, "source": source, "kind": kind,
+                     "eps": eps, "seeds": seeds})
+
     for proc in PROCEDURES:
-        rows.append({"victim": proc, "poison": "clean", "kind": "clean", "eps": None, "seeds": seeds_main})
+        row(proc, None, "clean", None, seeds_main)
         for kind in ("crafted", *CONTROL_KINDS):
-            rows.append({"victim": proc, "poison": f"{proc}-eps0.1-{kind}", "kind": kind, "eps": 0.1,
-                         "seeds": seeds_main if kind in MAIN_KINDS else [0]})
+            row(proc, proc, kind, 0.1, seeds_main if kind in MAIN_KINDS else [0])
     if not dry:
         for eps in LOW_EPS:
             for kind in ("crafted", "twin", "vertex", "shift"):
-                rows.append({"victim": "gaussian", "poison": f"gaussian-eps{eps:g}-{kind}", "kind": kind, "eps": eps,
-                             "seeds": seeds_main if kind in MAIN_KINDS else [0]})
+                row("gaussian", "gaussian", kind, eps, seeds_main if kind in MAIN_KINDS else [0])
+    # the transfer table (amendment 1): every crafted poison at eps 0.1 against every victim procedure, LeNet and the
+    # MLP, beside the clean victims and the vertex control (the same images for every procedure: seed 0, eps 0.1);
+    # victim seed 0; the LeNet cells of a poison's own procedure are the main rows
+    for arch in TRANSFER_ARCHS:
+        for victim in PROCEDURES:
+            if arch != "lenet":
+                row(victim, None, "clean", None, [0], arch, "transfer")
+                row(victim, "gaussian", "vertex", 0.1, [0], arch, "transfer")
+            for source in PROCEDURES:
+                if arch != "lenet" or source != victim:
+                    row(victim, source, "crafted", 0.1, [0], arch, "transfer")
     crafting = {}
     for proc in PROCEDURES:
         settings = preset("paper-mnist", proc)
@@ -89,7 +115,8 @@ def build_protocol(args) -> dict:
         "crafting": {"preset": "paper-mnist", "seed": 0, "settings": crafting,
                      "eps": {proc: [0.1, *([] if proc != "gaussian" or dry else LOW_EPS)] for proc in PROCEDURES}},
         "controls": {"seed": 0, "kinds": list(CONTROL_KINDS)},
-        "victims": {"arch": "lenet", "epochs": {p: 3 for p in PROCEDURES} if dry else VICTIM_EPOCHS,
+        "victims": {"arch": {"main": "lenet", "transfer": list(TRANSFER_ARCHS)},
+                    "epochs": {p: 3 for p in PROCEDURES} if dry else VICTIM_EPOCHS,
                     "method_args": VICTIM_ARGS, "sigma": {p: crafting[p]["sigma"] for p in PROCEDURES},
                     "optimizer": "sgd", "lr": 0.05 if dry else 0.01, "schedule": "cosine", "batch_size": 64},
         "certification": {"images": 4 if dry else 200, "image_seed": 0, "n0": 10 if dry else 100,
@@ -100,6 +127,7 @@ def build_protocol(args) -> dict:
                   "victims compared in a row are trained on the same CPU kind with the same thread count; the summary "
                   "flags a row whose victims differ",
                   "the crafted poisons are the preset's, not post-processed (no vote, no snap)"],
+        "amendments": AMENDMENTS,
     }
 
 
@@ -112,7 +140,8 @@ def check_protocol(args, protocol: dict) -> None:
     if not path.exists():
         raise SystemExit(f"{path} is missing: run --stage protocol first (the protocol is fixed before any run)")
     stored = json.loads(path.read_text())
-    recorded = {k: v for k, v in stored.items() if k not in ("written", "machine", "git_commit", "estimate")}
+    recorded = {k: v for k, v in stored.items() if k not in ("written", "machine", "git_commit", "estimate",
+                                                              "amended")}
     if _stable(recorded) != _stable(protocol):
         raise SystemExit(f"{path} differs from this driver's protocol: the protocol is fixed; start a new results "
                          "folder for another one")
@@ -120,6 +149,9 @@ def check_protocol(args, protocol: dict) -> None:
 
 def write_protocol(args, protocol: dict) -> None:
     path = args.results / "protocol.json"
+    if path.exists() and args.amend:
+        amend_protocol(args, protocol)
+        return
     if path.exists():
         check_protocol(args, protocol)
         print(f"{path} exists and matches")
@@ -129,6 +161,23 @@ def write_protocol(args, protocol: dict) -> None:
               "estimate": "estimate.json (stage estimate)"}
     path.write_text(json.dumps(record, indent=1) + "\n")
     print(f"wrote {path}")
+
+
+def amend_protocol(args, protocol: dict) -> None:
+    """Replace the stored protocol by the driver's, only before any victim exists and with the crafting unchanged
+    (the amendment is listed in the protocol's ``amendments``; ``written`` stays, ``amended`` is added)."""
+    path = args.results / "protocol.json"
+    stored = json.loads(path.read_text())
+    victims = args.work / "victims"
+    if victims.exists() and any(p.is_file() for p in victims.rglob("*")):
+        raise SystemExit(f"{victims} holds victims (finished or under way): the protocol can no longer be amended")
+    for key in ("crafting", "data", "target_class", "certification"):
+        if _stable(stored.get(key)) != _stable(protocol[key]):
+            raise SystemExit(f"the amendment changes the protocol's {key!r}: start a new results folder instead")
+    record = {**protocol, "written": stored["written"], "amended": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+              "machine": stored.get("machine"), "estimate": stored.get("estimate")}
+    path.write_text(json.dumps(record, indent=1) + "\n")
+    print(f"amended {path}")
 
 
 def load_data(args, protocol):
@@ -142,6 +191,7 @@ def load_data(args, protocol):
 
 
 def poison_path(args, proc: str, eps: float, kind: str) -> Path:
+    """The file of the poison crafted for ``proc`` at ``eps`` (``kind`` crafted) or of one of its controls."""
     return args.work / "poisons" / f"{proc}-eps{eps:g}-{kind}.safetensors"
 
 
@@ -166,48 +216,62 @@ def stage_craft(args, protocol, train, val, only=None) -> None:
 
 
 def stage_controls(args, protocol, train) -> None:
-    for proc in PROCEDURES:
-        for eps in protocol["crafting"]["eps"][proc]:
+    """Every control file a row names. The twin waits for its crafted poison; the other kinds perturb every training
+    image of the class (the crafted poison's images) and are made at once, so their victims need not wait."""
+    wanted = sorted({(r["source"], r["eps"], r["kind"]) for r in protocol["rows"] if r["kind"] in CONTROL_KINDS},
+                    key=lambda t: (PROCEDURES.index(t[0]), t[1], CONTROL_KINDS.index(t[2])))
+    for proc, eps, kind in wanted:
+        out = poison_path(args, proc, eps, kind)
+        if out.exists():
+            continue
+        like = None
+        if kind == "twin":
             crafted = poison_path(args, proc, eps, "crafted")
             if not crafted.exists():
-                print(f"== controls of {crafted.name}: waiting for the crafted poison")
+                print(f"== {out.name}: waiting for {crafted.name}")
                 continue
             like = PoisonSet.load(crafted, train)
-            for kind in sorted({r["kind"] for r in protocol["rows"]} & set(CONTROL_KINDS)):
-                if not any(r["poison"] == f"{proc}-eps{eps:g}-{kind}" for r in protocol["rows"]):
-                    continue
-                out = poison_path(args, proc, eps, kind)
-                if out.exists():
-                    continue
-                ps = random_poison(train, target_class=TARGET, eps=eps, kind=kind, seed=protocol["controls"]["seed"],
-                                   like=like)
-                ps.encode(train, "sign" if kind in ("vertex", "sign", "shift") else "int8").save(out)
-                print(f"== wrote {out.name}")
+        ps = random_poison(train, target_class=TARGET, eps=eps, kind=kind, seed=protocol["controls"]["seed"], like=like)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        ps.encode(train, "sign" if kind in ("vertex", "sign", "shift") else "int8").save(out)
+        print(f"== wrote {out.name}")
 
 
-def victim_dir(args, row: dict, seed: int) -> Path:
-    return args.work / "victims" / row["victim"] / row["poison"] / f"seed{seed}"
+def machine_tag(cpu: str | None = None, threads: int | None = None) -> str:
+    """The victims' folder of one CPU kind and thread count (victims of different ones are never paired)."""
+    cpu = run_trace()["cpu"] if cpu is None else cpu
+    threads = torch.get_num_threads() if threads is None else threads
+    slug = "".join(ch if ch.isalnum() else "-" for ch in cpu.lower()).strip("-")
+    while "--" in slug:
+        slug = slug.replace("--", "-")
+    return f"{slug}-t{threads}"
+
+
+def victim_dir(args, row: dict, seed: int, machine: str) -> Path:
+    return args.work / "victims" / machine / row["arch"] / row["victim"] / row["poison"] / f"seed{seed}"
 
 
 def stage_victims(args, protocol, train, test, only=None) -> None:
     v, c = protocol["victims"], protocol["certification"]
+    machine = machine_tag()
+    print(f"== victims of {machine}", flush=True)
     for row in protocol["rows"]:
         if only and row["victim"] not in only:
             continue
         ps = None
         if row["kind"] != "clean":
-            path = poison_path(args, row["victim"], row["eps"], row["kind"])
+            path = poison_path(args, row["source"], row["eps"], row["kind"])
             if not path.exists():
-                print(f"== {row['poison']}: waiting for {path.name}")
+                print(f"== {row['arch']} / {row['victim']} / {row['poison']}: waiting for {path.name}")
                 continue
             ps = PoisonSet.load(path, train)
         for seed in row["seeds"]:
-            out = victim_dir(args, row, seed)
+            out = victim_dir(args, row, seed, machine)
             if (out / "summary.json").exists():
                 continue
-            print(f"== victim {row['victim']} / {row['poison']} / seed {seed}", flush=True)
+            print(f"== victim {row['arch']} / {row['victim']} / {row['poison']} / seed {seed}", flush=True)
             proc = row["victim"]
-            evaluate_poison(ps, train, test, victim_method=proc, arch=v["arch"], sigma=v["sigma"][proc],
+            evaluate_poison(ps, train, test, victim_method=proc, arch=row["arch"], sigma=v["sigma"][proc],
                             target_class=TARGET, epochs=v["epochs"][proc], batch_size=v["batch_size"], lr=v["lr"],
                             optimizer=v["optimizer"], schedule=v["schedule"], seed=seed,
                             method_args=v["method_args"][proc], n_images=c["images"], n0=c["n0"], n=c["n"],
@@ -237,27 +301,33 @@ def _bootstrap(triples, reps: int, level: float, rng) -> tuple[list[float], list
     return lo_hi, lo_hi_t
 
 
-def stage_summary(args, protocol) -> dict:
+def _summary(args, row: dict, seed: int, machine: str) -> dict | None:
+    path = victim_dir(args, row, seed, machine) / "summary.json"
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def summarise_rows(args, protocol, machine: str, rng, reps: int, level: float) -> list[dict]:
+    """Every protocol row from the victims of one machine kind (the clean and twin victims paired by seed)."""
+    rows = protocol["rows"]
     rows_out = []
-    rng = np.random.default_rng(0)
-    reps = 200 if args.dry_run else protocol["intervals"]["reps"]
-    level = protocol["intervals"]["level"]
-    clean_rows = {r["victim"]: r for r in protocol["rows"] if r["kind"] == "clean"}
-    for row in protocol["rows"]:
-        done = [s for s in row["seeds"] if (victim_dir(args, row, s) / "summary.json").exists()]
-        summaries = {s: json.loads((victim_dir(args, row, s) / "summary.json").read_text()) for s in done}
-        clean_row = clean_rows[row["victim"]]
+    for row in rows:
+        summaries = {s: x for s in row["seeds"] if (x := _summary(args, row, s, machine)) is not None}
+        done = sorted(summaries)
+        clean_row = next(r for r in rows if r["kind"] == "clean" and r["victim"] == row["victim"]
+                         and r["arch"] == row["arch"])
         twin_row = None if row["kind"] in ("clean", "twin") else next(
-            (r for r in protocol["rows"] if r["victim"] == row["victim"] and r["eps"] == row["eps"]
-             and r["kind"] == "twin"), None)
-        paired = [s for s in done if (victim_dir(args, clean_row, s) / "summary.json").exists()]
-        clean = {s: json.loads((victim_dir(args, clean_row, s) / "summary.json").read_text()) for s in paired}
-        out = {"victim": row["victim"], "poison": row["poison"], "kind": row["kind"] if row["kind"] in ("clean", "crafted")
-               else "control", "control": row["kind"] if row["kind"] not in ("clean", "crafted") else None,
-               "eps": row["eps"], "seeds": done, "missing_seeds": [s for s in row["seeds"] if s not in done],
-               "images": protocol["certification"]["images"], "n": protocol["certification"]["n"]}
-        out["outer_steps"] = protocol["crafting"]["settings"][row["victim"]]["outer_steps"] if row["kind"] == "crafted" \
-            else None
+            (r for r in rows if r["kind"] == "twin" and r["victim"] == row["victim"] and r["arch"] == row["arch"]
+             and r["eps"] == row["eps"] and r["source"] == row["source"]), None)
+        clean = {s: x for s in done if (x := _summary(args, clean_row, s, machine)) is not None}
+        paired = sorted(clean)
+        control = row["kind"] if row["kind"] not in ("clean", "crafted") else None
+        out = {"table": row["table"], "arch": row["arch"], "victim": row["victim"], "poison": row["poison"],
+               "source": row["source"], "kind": "control" if control else row["kind"], "control": control,
+               "eps": row["eps"], "machine": machine, "seeds": done,
+               "missing_seeds": [s for s in row["seeds"] if s not in done],
+               "images": protocol["certification"]["images"], "n": protocol["certification"]["n"],
+               "outer_steps": protocol["crafting"]["settings"][row["source"]]["outer_steps"]
+               if row["kind"] == "crafted" else None}
         out["acr_poisoned"] = [summaries[s]["acr"] for s in done]
         out["acr_clean"] = [clean[s]["acr"] for s in paired]
         out["smoothed_acc"] = [summaries[s]["certified_accuracy"].get("0") for s in done]
@@ -266,8 +336,7 @@ def stage_summary(args, protocol) -> dict:
             else None for s in done]
         out["clean_acc_target"] = [summaries[s]["clean_accuracy_target"] for s in done]
         out["clean_acc_other"] = [summaries[s]["clean_accuracy_other_classes"] for s in done]
-        machines = {(summaries[s]["trace"].get("cpu"), summaries[s]["trace"].get("threads")) for s in done}
-        machines |= {(clean[s]["trace"].get("cpu"), clean[s]["trace"].get("threads")) for s in paired}
+        machines = {(x["trace"].get("cpu"), x["trace"].get("threads")) for x in (*summaries.values(), *clean.values())}
         out["cpu"] = sorted({m[0] for m in machines if m[0]})
         out["threads"] = sorted({m[1] for m in machines if m[1]})
         out["same_machine_kind"] = len(machines) <= 1
@@ -275,10 +344,11 @@ def stage_summary(args, protocol) -> dict:
         if row["kind"] != "clean" and paired:
             triples = []
             for s in paired:
-                rc, rp = _radii(victim_dir(args, clean_row, s)), _radii(victim_dir(args, row, s))
+                rc = _radii(victim_dir(args, clean_row, s, machine))
+                rp = _radii(victim_dir(args, row, s, machine))
                 keys = sorted(rc)
-                twin_dir = victim_dir(args, twin_row, s) if twin_row is not None else None
-                rt = _radii(twin_dir) if twin_dir is not None and (twin_dir / "certify.tsv").exists() else None
+                twin_dir = victim_dir(args, twin_row, s, machine) if twin_row is not None else None
+                rt = _radii(twin_dir) if twin_dir is not None and (twin_dir / "summary.json").exists() else None
                 triples.append((np.array([rc[k] for k in keys]), np.array([rp[k] for k in keys]),
                                 None if rt is None else np.array([rt[k] for k in keys])))
             sc, sp = sum(t[0].sum() for t in triples), sum(t[1].sum() for t in triples)
@@ -290,7 +360,76 @@ def stage_summary(args, protocol) -> dict:
             if out["drop_minus_twin"] is not None:
                 out["drop_minus_twin_ci95"] = ci_t
         rows_out.append(out)
-    summary = {"protocol": json.loads((args.results / "protocol.json").read_text()), "rows": rows_out,
+    return rows_out
+
+
+def _mean(xs):
+    return None if not xs or any(x is None for x in xs) else float(np.mean(xs))
+
+
+def goal_verdicts(rows: list[dict]) -> dict:
+    """The issue's goal on one machine kind's main (LeNet) rows; a verdict is None while a row it needs is missing.
+
+    At eps 0.1, per procedure: the crafted poison lowers the ACR by >= 15 points more than its twin with the interval
+    above 0, and lies beyond the controls' frontier (more ACR drop than every control whose mean clean accuracy on the
+    class is no lower, i.e. whose cost is no larger). At eps 0.03 and 0.05 (Gaussian augmentation): the crafted
+    poison's drop is at least twice the vertex control's."""
+    main = [r for r in rows if r["table"] == "main"]
+    out = {}
+
+    def find(victim, eps, kind):
+        return next((r for r in main if r["victim"] == victim and r["eps"] == eps
+                     and (r["control"] or r["kind"]) == kind), None)
+
+    for proc in PROCEDURES:
+        crafted = find(proc, 0.1, "crafted")
+        if crafted is None:
+            continue
+        v = {"drop": crafted["acr_drop"], "drop_minus_twin": crafted["drop_minus_twin"],
+             "drop_minus_twin_ci95": crafted["drop_minus_twin_ci95"], "twin_goal": None, "frontier_goal": None,
+             "met": None}
+        if crafted["drop_minus_twin"] is not None and not crafted["missing_seeds"]:
+            lo = crafted["drop_minus_twin_ci95"][0]
+            v["twin_goal"] = bool(crafted["drop_minus_twin"] >= 0.15 and lo is not None and lo > 0)
+        controls = [r for r in main if r["victim"] == proc and r["eps"] == 0.1 and r["kind"] == "control"]
+        acc = _mean(crafted["clean_acc_target"])
+        if crafted["acr_drop"] is not None and acc is not None and all(
+                r["acr_drop"] is not None and _mean(r["clean_acc_target"]) is not None for r in controls):
+            cheaper = [r for r in controls if _mean(r["clean_acc_target"]) >= acc]
+            v["controls_no_costlier"] = {r["control"]: r["acr_drop"] for r in cheaper}
+            v["frontier_goal"] = bool(all(crafted["acr_drop"] > r["acr_drop"] for r in cheaper))
+        if v["twin_goal"] is not None and v["frontier_goal"] is not None:
+            v["met"] = v["twin_goal"] and v["frontier_goal"]
+        out[f"{proc}-eps0.1"] = v
+    for eps in LOW_EPS:
+        crafted, vertex = find("gaussian", eps, "crafted"), find("gaussian", eps, "vertex")
+        if crafted is None or vertex is None:
+            continue
+        ok = None
+        if crafted["acr_drop"] is not None and vertex["acr_drop"] is not None:
+            ok = bool(crafted["acr_drop"] >= 2 * vertex["acr_drop"])
+        out[f"gaussian-eps{eps:g}"] = {"drop": crafted["acr_drop"], "vertex_drop": vertex["acr_drop"], "met": ok}
+    return out
+
+
+def _machines(args) -> list[str]:
+    """The machine kinds with at least one finished victim (this one when there is none yet)."""
+    root = args.work / "victims"
+    found = sorted(d.name for d in root.iterdir() if d.is_dir() and any(d.rglob("summary.json"))) \
+        if root.exists() else []
+    return found or [machine_tag()]
+
+
+def stage_summary(args, protocol) -> dict:
+    rng = np.random.default_rng(0)
+    reps = 200 if args.dry_run else protocol["intervals"]["reps"]
+    level = protocol["intervals"]["level"]
+    rows, goal = [], {}
+    for machine in _machines(args):
+        got = summarise_rows(args, protocol, machine, rng, reps, level)
+        rows += got
+        goal[machine] = goal_verdicts(got)
+    summary = {"protocol": json.loads((args.results / "protocol.json").read_text()), "rows": rows, "goal": goal,
                "written": time.strftime("%Y-%m-%d %H:%M:%S %Z")}
     (args.results / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
     write_markdown(args, summary)
@@ -303,99 +442,196 @@ def _pct(v):
     return "-" if v is None else f"{100 * v:.1f}%"
 
 
+def _num(xs):
+    m = _mean(xs)
+    return "-" if m is None else f"{m:.4f}"
+
+
+def transfer_cell(rows: list[dict], poison: str, victim: str, arch: str) -> dict | None:
+    """The row of ``poison`` (a crafted-for procedure, "vertex" or "clean") against ``victim`` / ``arch``: the main
+    row where the table reuses it (LeNet, the poison's own procedure, the vertex control)."""
+    for r in rows:
+        if r["victim"] != victim or r["arch"] != arch:
+            continue
+        if poison == "clean" and r["kind"] == "clean":
+            return r
+        if poison == "vertex" and r["control"] == "vertex" and r["eps"] == 0.1:
+            return r
+        if r["kind"] == "crafted" and r["source"] == poison and r["eps"] == 0.1:
+            return r
+    return None
+
+
 def write_markdown(args, summary) -> None:
     lines = ["# PACD against random controls (MNIST, class 8)", "",
-             "Protocol: `protocol.json` (fixed before the runs). Every row of the protocol is listed; missing seeds are "
-             "victims not yet run.", "",
-             "| victim | poison | eps | seeds | ACR clean | ACR poisoned | ACR drop [95%] | drop minus twin [95%] "
-             "| smoothed acc | clean acc target / other | missing |", "|" + "---|" * 11]
-    def mean(xs):
-        return "-" if not xs or any(x is None for x in xs) else f"{np.mean(xs):.4f}"
-
-    for r in summary["rows"]:
-        ci = r["acr_drop_ci95"]
-        cit = r["drop_minus_twin_ci95"]
-        lines.append(
-            f"| {r['victim']} | {r['poison']} | {r['eps'] if r['eps'] is not None else '-'} | {len(r['seeds'])} | "
-            f"{mean(r['acr_clean'])} | {mean(r['acr_poisoned'])} | {_pct(r['acr_drop'])} [{_pct(ci[0])}, {_pct(ci[1])}] | "
-            f"{_pct(r['drop_minus_twin'])} [{_pct(cit[0])}, {_pct(cit[1])}] | {mean(r['smoothed_acc'])} | "
-            f"{mean(r['clean_acc_target'])} / {mean(r['clean_acc_other'])} | {r['missing_seeds'] or '-'} |")
+             "Protocol: `protocol.json` (fixed before the runs, amended once before any victim: see its `amendments`). "
+             "Every row of the protocol is listed; missing seeds are victims not yet run. Victims are paired only "
+             "within one machine kind (CPU model and threads), one section each.", ""]
+    for machine, goal in summary["goal"].items():
+        rows = [r for r in summary["rows"] if r["machine"] == machine]
+        lines += [f"## Victims of `{machine}`", "", "### Main table (LeNet)", "",
+                  "| victim | poison | eps | seeds | ACR clean | ACR poisoned | ACR drop [95%] | drop minus twin [95%] "
+                  "| smoothed acc | radius of correct | clean acc target / other | missing |", "|" + "---|" * 12]
+        for r in rows:
+            if r["table"] != "main":
+                continue
+            ci, cit = r["acr_drop_ci95"], r["drop_minus_twin_ci95"]
+            lines.append(
+                f"| {r['victim']} | {r['poison']} | {r['eps'] if r['eps'] is not None else '-'} | {len(r['seeds'])} | "
+                f"{_num(r['acr_clean'])} | {_num(r['acr_poisoned'])} | {_pct(r['acr_drop'])} [{_pct(ci[0])}, "
+                f"{_pct(ci[1])}] | {_pct(r['drop_minus_twin'])} [{_pct(cit[0])}, {_pct(cit[1])}] | "
+                f"{_num(r['smoothed_acc'])} | {_num(r['radius_given_correct'])} | {_num(r['clean_acc_target'])} / "
+                f"{_num(r['clean_acc_other'])} | {r['missing_seeds'] or '-'} |")
+        lines += ["", "### Goal", "",
+                  "At eps 0.1: drop minus twin >= 15 points with its interval above 0, and more ACR drop than every "
+                  "control whose clean accuracy on the class is no lower; at eps 0.03 / 0.05 (GA): the crafted drop at "
+                  "least twice the vertex control's. `-` while a row it needs is missing.", "",
+                  "| poison | ACR drop | twin goal | frontier goal | met |", "|---|---|---|---|---|"]
+        fmt = {True: "yes", False: "no", None: "-"}
+        for name, v in goal.items():
+            lines.append(f"| {name} | {_pct(v['drop'])} | {fmt[v.get('twin_goal')]} | {fmt[v.get('frontier_goal')]} "
+                         f"| {fmt[v['met']]} |")
+        archs = list(summary["protocol"]["victims"]["arch"]["transfer"])
+        cols = [(v, a) for a in archs for v in PROCEDURES]
+        lines += ["", "### Transfer (eps 0.1): ACR drop (victim seeds); the clean row gives the clean victims' ACR", "",
+                  "| poison \\ victim | " + " | ".join(f"{v} / {a}" for v, a in cols) + " |",
+                  "|---|" + "---|" * len(cols)]
+        for name in ("clean", *PROCEDURES, "vertex"):
+            cells = []
+            for v, a in cols:
+                r = transfer_cell(rows, name, v, a)
+                if r is None or not r["seeds"]:
+                    cells.append("-")
+                elif name == "clean":
+                    cells.append(f"{_num(r['acr_poisoned'])} ({len(r['seeds'])})")
+                else:
+                    cells.append(f"{_pct(r['acr_drop'])} ({len(r['seeds'])})")
+            label = {"clean": "clean (ACR)", "vertex": "vertex control"}.get(name, f"crafted for {name}")
+            lines.append(f"| {label} | " + " | ".join(cells) + " |")
+        lines.append("")
     (args.results / "results.md").write_text("\n".join(lines) + "\n")
 
 
 def plot_frontier(args, summary) -> None:
+    """ACR drop against the target class's clean accuracy, one panel per procedure (main rows of the machine kind
+    with the most finished victims), with the controls' frontier: the most drop of any control at that accuracy or
+    higher."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
-    for r in summary["rows"]:
-        if r["acr_drop"] is None or not r["clean_acc_target"]:
-            continue
-        marker = "*" if r["kind"] == "crafted" else "o"
-        ax.scatter(np.mean(r["clean_acc_target"]), 100 * r["acr_drop"], marker=marker, s=60 if marker == "*" else 25)
-        ax.annotate(r["poison"].split("-", 1)[1], (np.mean(r["clean_acc_target"]), 100 * r["acr_drop"]), fontsize=6)
-    ax.set_xlabel("base classifier's clean accuracy on the target class")
-    ax.set_ylabel("ACR drop (%)")
-    ax.set_title("ACR drop against the price in clean accuracy (stars: crafted)", fontsize=9)
-    ax.grid(alpha=0.3)
+    count = {m: sum(len(r["seeds"]) for r in summary["rows"] if r["machine"] == m) for m in summary["goal"]}
+    machine = max(count, key=count.get)
+    rows = [r for r in summary["rows"] if r["machine"] == machine and r["table"] == "main" and r["kind"] != "clean"]
+    panels = [(p, (0.1,)) for p in PROCEDURES] + [("gaussian", LOW_EPS)]
+    fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.6), dpi=120, squeeze=False)
+    for ax, (proc, eps_set) in zip(axes[0], panels):
+        for eps in eps_set:
+            pts = [(r, _mean(r["clean_acc_target"])) for r in rows if r["victim"] == proc and r["eps"] == eps
+                   and r["acr_drop"] is not None and _mean(r["clean_acc_target"]) is not None]
+            ctrl = sorted(((a, 100 * r["acr_drop"]) for r, a in pts if r["kind"] == "control"), reverse=True)
+            if ctrl:
+                xs, ys, best = [], [], -np.inf
+                for a, d in ctrl:  # from the cheapest control (highest accuracy) down
+                    best = max(best, d)
+                    xs.append(a)
+                    ys.append(best)
+                ax.step(xs, ys, where="post", color="grey", lw=1, alpha=0.7)
+            for r, a in pts:
+                crafted = r["kind"] == "crafted"
+                ax.scatter(a, 100 * r["acr_drop"], marker="*" if crafted else "o", s=80 if crafted else 25,
+                           color="C3" if crafted else "C0")
+                ax.annotate(f"{r['control'] or 'crafted'}" + (f" {eps:g}" if len(eps_set) > 1 else ""),
+                            (a, 100 * r["acr_drop"]), fontsize=6)
+        clean = next((r for r in summary["rows"] if r["machine"] == machine and r["table"] == "main"
+                      and r["kind"] == "clean" and r["victim"] == proc), None)
+        if clean is not None and _mean(clean["clean_acc_target"]) is not None:
+            ax.axvline(_mean(clean["clean_acc_target"]), color="k", ls=":", lw=1)  # the clean victims: no cost
+        ax.set_title(f"{proc} victims, eps {', '.join(f'{e:g}' for e in eps_set)}", fontsize=9)
+        ax.set_xlabel("clean accuracy on the target class")
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel("ACR drop (%)")
+    fig.suptitle(f"ACR drop against its price (stars: crafted; grey: the controls' frontier; dotted: clean victims); "
+                 f"{machine}", fontsize=9)
     fig.tight_layout()
     fig.savefig(args.results / "drop_vs_accuracy.png")
     plt.close(fig)
 
 
 def stage_estimate(args, protocol, train, val, test) -> None:
-    """Seconds of one outer step per procedure, one victim epoch and one certified image, then the CPU hours."""
-    est = {"machine": run_trace(), "threads": torch.get_num_threads(), "seconds": {}}
-    for proc in PROCEDURES:
-        # a step whose upper objective counts no validation image skips the solve: time steps until one solves
-        from engine.pacd import Crafter, PoisonConfig
-
-        settings = {**protocol["crafting"]["settings"][proc], "outer_steps": 12}
-        crafter = Crafter(lambda: models.build("lenet"), train, val, TARGET, PoisonConfig(**settings, method=proc, seed=0))
-        step, seen = None, []
-        for _ in range(settings["outer_steps"]):
-            entry = crafter.step()
-            seen.append(entry["seconds"])
-            if entry["phases"].get("solve", 0.0) > 0:
-                step = entry["seconds"]
-                break
-        step = max(seen) if step is None else step
-        v = protocol["victims"]
-        sub = 2000 if not args.dry_run else 64
-        t = time.perf_counter()
-        from engine import train as train_fn
-
-        model = models.build("lenet")
-        train_fn(model, (train[0][:sub], train[1][:sub]), method=proc, sigma=v["sigma"][proc], epochs=1,
-                 batch_size=v["batch_size"], lr=v["lr"], progress=False,
-                 **{**v["method_args"][proc], **({"lbd_warmup": 0} if proc == "macer" else {}),
-                    **({"warmup": 1} if proc == "smoothadv" else {})})
-        epoch = (time.perf_counter() - t) * train[0].shape[0] / sub
-        est["seconds"][proc] = {"outer_step": step, "victim_epoch": epoch}
-    c = protocol["certification"]
+    """Seconds of one outer step per procedure, one victim epoch per procedure and architecture and one certified
+    image per architecture, then the CPU hours of the protocol. Timings already in estimate.json from this CPU model
+    and thread count are kept (``timed`` says when each was taken); the others are timed now."""
+    path = args.results / "estimate.json"
+    trace = run_trace()
+    old = json.loads(path.read_text()) if path.exists() else {}
+    same = old.get("machine", {}).get("cpu") == trace["cpu"] and old.get("threads") == torch.get_num_threads()
+    secs = old.get("seconds", {}) if same else {}
+    timed = old.get("timed", {}) if same else {}
+    if same and "timed" not in old:
+        timed = {"first": old["machine"].get("written")}
+    now = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+    v, c = protocol["victims"], protocol["certification"]
+    from engine import train as train_fn
+    from engine.pacd import Crafter, PoisonConfig
     from engine.smoothing import certify
 
-    model = models.build("lenet").eval()
-    ids = torch.tensor(target_test_indices(test[1], TARGET, 2))
-    t = time.perf_counter()
-    certify(model, data.to_float(test[0][ids]), sigma=0.5, n0=c["n0"], n=c["n"], alpha=c["alpha"], image_ids=ids,
-            progress=False)
-    per_image = (time.perf_counter() - t) / len(ids)
-    est["seconds"]["certify_image"] = per_image
+    for proc in PROCEDURES:
+        secs.setdefault(proc, {})
+        if "outer_step" not in secs[proc]:
+            # a step whose upper objective counts no validation image skips the solve: time steps until one solves
+            settings = {**protocol["crafting"]["settings"][proc], "outer_steps": 12}
+            crafter = Crafter(lambda: models.build("lenet"), train, val, TARGET,
+                              PoisonConfig(**settings, method=proc, seed=0))
+            step, seen = None, []
+            for _ in range(settings["outer_steps"]):
+                entry = crafter.step()
+                seen.append(entry["seconds"])
+                if entry["phases"].get("solve", 0.0) > 0:
+                    step = entry["seconds"]
+                    break
+            secs[proc]["outer_step"] = max(seen) if step is None else step
+            timed[f"{proc}/outer_step"] = now
+        for arch in TRANSFER_ARCHS:
+            key = "victim_epoch" if arch == "lenet" else f"victim_epoch_{arch}"
+            if key in secs[proc]:
+                continue
+            sub = 2000 if not args.dry_run else 64
+            kwargs = dict(method=proc, sigma=v["sigma"][proc], epochs=1, batch_size=v["batch_size"], lr=v["lr"],
+                          progress=False, **{**v["method_args"][proc], **({"lbd_warmup": 0} if proc == "macer" else {}),
+                                             **({"warmup": 1} if proc == "smoothadv" else {})})
+            train_fn(models.build(arch), (train[0][:128], train[1][:128]), **kwargs)  # warm-up, not timed
+            t = time.perf_counter()
+            train_fn(models.build(arch), (train[0][:sub], train[1][:sub]), **kwargs)
+            secs[proc][key] = (time.perf_counter() - t) * train[0].shape[0] / sub
+            timed[f"{proc}/{key}"] = now
+    for arch in TRANSFER_ARCHS:
+        key = "certify_image" if arch == "lenet" else f"certify_image_{arch}"
+        if key in secs:
+            continue
+        model = models.build(arch).eval()
+        ids = torch.tensor(target_test_indices(test[1], TARGET, 2))
+        certify(model, data.to_float(test[0][ids[:1]]), sigma=0.5, n0=c["n0"], n=1000, alpha=c["alpha"],
+                image_ids=ids[:1], progress=False)  # warm-up, not timed
+        t = time.perf_counter()
+        certify(model, data.to_float(test[0][ids]), sigma=0.5, n0=c["n0"], n=c["n"], alpha=c["alpha"], image_ids=ids,
+                progress=False)
+        secs[key] = (time.perf_counter() - t) / len(ids)
+        timed[key] = now
     hours = {"craft": 0.0, "victims": 0.0}
     for proc in PROCEDURES:
-        s = est["seconds"][proc]
-        hours["craft"] += s["outer_step"] * protocol["crafting"]["settings"][proc]["outer_steps"] * len(
+        hours["craft"] += secs[proc]["outer_step"] * protocol["crafting"]["settings"][proc]["outer_steps"] * len(
             protocol["crafting"]["eps"][proc]) / 3600
     for row in protocol["rows"]:
-        s = est["seconds"][row["victim"]]
-        victim = s["victim_epoch"] * protocol["victims"]["epochs"][row["victim"]] + per_image * c["images"]
+        suffix = "" if row["arch"] == "lenet" else f"_{row['arch']}"
+        victim = secs[row["victim"]][f"victim_epoch{suffix}"] * v["epochs"][row["victim"]] + \
+            secs[f"certify_image{suffix}"] * c["images"]
         hours["victims"] += victim * len(row["seeds"]) / 3600
     hours["total"] = hours["craft"] + hours["victims"]
-    est["cpu_hours"] = {k: round(v, 2) for k, v in hours.items()}
-    (args.results / "estimate.json").write_text(json.dumps(est, indent=1) + "\n")
+    est = {"machine": old["machine"] if same else trace, "threads": torch.get_num_threads(), "seconds": secs,
+           "timed": timed, "cpu_hours": {k: round(x, 2) for k, x in hours.items()}}
+    path.write_text(json.dumps(est, indent=1) + "\n")
     print(json.dumps(est["cpu_hours"]))
 
 
@@ -410,6 +646,9 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--dry-run", action="store_true", help="toy sizes on the embedded MNIST subset")
     p.add_argument("--quiet", action="store_true")
+    p.add_argument("--amend", action="store_true",
+                   help="with --stage protocol: replace the stored protocol by this driver's (refused once any victim "
+                        "exists, or if the crafting, data or certification would change)")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
