@@ -296,6 +296,11 @@ def test_pacd_controls_dry_run_and_fixed_protocol(tmp_path):
     text = (results / "results.md").read_text()
     assert "### Transfer" in text and "| crafted for gaussian |" in text
     assert (results / "drop_vs_accuracy.png").exists()
+    proc = _run("pacd_controls/pacd_controls.py", *base, "--stage", "status")
+    assert proc.returncode == 0, proc.stderr
+    assert "craft gaussian-eps0.1-crafted: done of 2" in proc.stdout
+    assert "craft macer-eps0.1-crafted: not started of 2" in proc.stdout
+    assert f"victims of {machine}: 10 of 42 finished" in proc.stdout
 
     # a victim of another CPU kind is reported in its own section, never paired with this kind's clean victims
     src = next((work / "victims").glob("*/lenet/gaussian/gaussian-eps0.1-crafted/seed0"))

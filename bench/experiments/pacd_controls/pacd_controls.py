@@ -12,6 +12,7 @@ Stages (each resumable; run them again after a crash, or in several processes wi
     victims    train and certify every (row, victim seed) of the protocol (engine.evaluate.evaluate_poison), resumable.
     summary    results/summary.json (schema below), results/results.md and results/drop_vs_accuracy.png from every
                finished victim; rows with missing victims are reported as missing, never dropped.
+    status     where the work stands: crafting steps, victims finished per machine kind, CPU hours left.
 
     python bench/experiments/pacd_controls/pacd_controls.py --stage protocol --data-root ../shared/data/mnist
     python bench/experiments/pacd_controls/pacd_controls.py --stage all --data-root ../shared/data/mnist --threads 1
@@ -635,9 +636,52 @@ def stage_estimate(args, protocol, train, val, test) -> None:
     print(json.dumps(est["cpu_hours"]))
 
 
+def stage_status(args, protocol) -> None:
+    """Where the work stands: each crafted poison (done, its checkpoint's step, or not started), the victims finished
+    per machine kind out of the protocol's, and the CPU hours left by estimate.json's timings."""
+    from engine.pacd import read_checkpoint
+
+    est_path = args.results / "estimate.json"
+    secs = json.loads(est_path.read_text())["seconds"] if est_path.exists() else None
+    left = 0.0
+    for proc in PROCEDURES:
+        steps = protocol["crafting"]["settings"][proc]["outer_steps"]
+        for eps in protocol["crafting"]["eps"][proc]:
+            out = poison_path(args, proc, eps, "crafted")
+            ckpt = out.with_name(out.name + ".ckpt")
+            if out.exists():
+                done, state = steps, "done"
+            elif ckpt.exists():
+                done = int(read_checkpoint(ckpt)[1]["step"])
+                state = f"checkpoint at step {done}"
+            else:
+                done, state = 0, "not started"
+            print(f"craft {out.stem}: {state} of {steps}")
+            if secs:
+                left += (steps - done) * secs[proc]["outer_step"] / 3600
+    total = sum(len(r["seeds"]) for r in protocol["rows"])
+    machines = _machines(args)
+    v, c = protocol["victims"], protocol["certification"]
+    for machine in machines:
+        missing = [(r, s) for r in protocol["rows"] for s in r["seeds"]
+                   if not (victim_dir(args, r, s, machine) / "summary.json").exists()]
+        print(f"victims of {machine}: {total - len(missing)} of {total} finished")
+    here = machine_tag()
+    missing = [(r, s) for r in protocol["rows"] for s in r["seeds"]
+               if not (victim_dir(args, r, s, here) / "summary.json").exists()]
+    if secs:
+        for r, _ in missing:
+            suffix = "" if r["arch"] == "lenet" else f"_{r['arch']}"
+            left += (secs[r["victim"]][f"victim_epoch{suffix}"] * v["epochs"][r["victim"]]
+                     + secs[f"certify_image{suffix}"] * c["images"]) / 3600
+        print(f"about {left:.1f} CPU hours left for this machine kind ({here}) at estimate.json's timings"
+              + ("" if args.threads else "; pass --threads as the victims run (the kind includes the thread count)"))
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--stage", choices=("protocol", "estimate", "craft", "controls", "victims", "summary", "all"),
+    p.add_argument("--stage", choices=("protocol", "estimate", "craft", "controls", "victims", "summary", "status",
+                                       "all"),
                    default="all")
     p.add_argument("--data-root", type=Path, default=Path("../shared/data/mnist"))
     p.add_argument("--work", type=Path, default=Path("runs/pacd_controls"), help="poisons, checkpoints and victims")
@@ -660,6 +704,9 @@ def main(argv=None) -> int:
     if args.stage == "all" and not (args.results / "protocol.json").exists():
         write_protocol(args, protocol)
     check_protocol(args, protocol)
+    if args.stage == "status":
+        stage_status(args, protocol)
+        return 0
     train, val, test = load_data(args, protocol)
     if args.stage == "estimate":
         stage_estimate(args, protocol, train, val, test)
