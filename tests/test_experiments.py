@@ -16,6 +16,7 @@ import torch
 
 from engine import data
 from engine.cli import build_parser
+from engine.fileio import ExclusiveLock
 from engine.pacd import PoisonSet, init_record
 
 EXPERIMENTS = Path(__file__).resolve().parent.parent / "bench" / "experiments"
@@ -301,6 +302,12 @@ def test_pacd_controls_dry_run_and_fixed_protocol(tmp_path):
     assert "craft gaussian-eps0.1-crafted: done of 2" in proc.stdout
     assert "craft macer-eps0.1-crafted: not started of 2" in proc.stdout
     assert f"victims of {machine}: 10 of 42 finished" in proc.stdout
+    # a poison another process crafts is skipped (the next one is crafted), not an error
+    with ExclusiveLock(work / "poisons" / "macer-eps0.1-crafted.safetensors.ckpt"):
+        proc = _run("pacd_controls/pacd_controls.py", *base, "--stage", "craft", "--only", "macer")
+    assert proc.returncode == 0, proc.stderr
+    assert "macer-eps0.1-crafted.safetensors: skipped" in proc.stdout and "another process" in proc.stdout
+    assert not (work / "poisons" / "macer-eps0.1-crafted.safetensors").exists()
 
     # a victim of another CPU kind is reported in its own section, never paired with this kind's clean victims
     src = next((work / "victims").glob("*/lenet/gaussian/gaussian-eps0.1-crafted/seed0"))

@@ -41,6 +41,7 @@ import torch
 
 from engine import data, models
 from engine.evaluate import evaluate_poison, target_test_indices
+from engine.fileio import FileInUseError
 from engine.pacd import PoisonSet, poison, preset, random_poison
 from engine.results import read_log, run_trace
 
@@ -208,9 +209,13 @@ def stage_craft(args, protocol, train, val, only=None) -> None:
             settings = {**protocol["crafting"]["settings"][proc], "eps": eps}
             out.parent.mkdir(parents=True, exist_ok=True)
             print(f"== crafting {out.name} ({settings['outer_steps']} outer steps)", flush=True)
-            ps = poison(lambda: models.build("lenet"), train, val, target_class=TARGET, method=proc,
-                        seed=protocol["crafting"]["seed"], checkpoint=out.with_name(out.name + ".ckpt"),
-                        checkpoint_every=10, device="cpu", progress=not args.quiet, encoding="int8", **settings)
+            try:
+                ps = poison(lambda: models.build("lenet"), train, val, target_class=TARGET, method=proc,
+                            seed=protocol["crafting"]["seed"], checkpoint=out.with_name(out.name + ".ckpt"),
+                            checkpoint_every=10, device="cpu", progress=not args.quiet, encoding="int8", **settings)
+            except FileInUseError as exc:  # another process crafts it: go on with the next poison
+                print(f"== {out.name}: skipped, {exc}", flush=True)
+                continue
             ps.settings.update({"preset": "paper-mnist", "dataset": "mnist",
                                 "val_size": protocol["data"]["val_size"]})
             ps.save(out)
@@ -253,7 +258,6 @@ def victim_dir(args, row: dict, seed: int, machine: str) -> Path:
 
 
 def stage_victims(args, protocol, train, test, only=None) -> None:
-    v, c = protocol["victims"], protocol["certification"]
     machine = machine_tag()
     print(f"== victims of {machine}", flush=True)
     for row in protocol["rows"]:
@@ -271,12 +275,19 @@ def stage_victims(args, protocol, train, test, only=None) -> None:
             if (out / "summary.json").exists():
                 continue
             print(f"== victim {row['arch']} / {row['victim']} / {row['poison']} / seed {seed}", flush=True)
-            proc = row["victim"]
-            evaluate_poison(ps, train, test, victim_method=proc, arch=row["arch"], sigma=v["sigma"][proc],
-                            target_class=TARGET, epochs=v["epochs"][proc], batch_size=v["batch_size"], lr=v["lr"],
-                            optimizer=v["optimizer"], schedule=v["schedule"], seed=seed,
-                            method_args=v["method_args"][proc], n_images=c["images"], n0=c["n0"], n=c["n"],
-                            alpha=c["alpha"], out_dir=out, device="cpu", dataset="mnist", progress=not args.quiet)
+            try:
+                _victim(args, protocol, row, seed, ps, train, test, out)
+            except FileInUseError as exc:  # another process trains or certifies it: go on with the next victim
+                print(f"== skipped, {exc}", flush=True)
+
+
+def _victim(args, protocol, row, seed, ps, train, test, out) -> None:
+    v, c, proc = protocol["victims"], protocol["certification"], row["victim"]
+    evaluate_poison(ps, train, test, victim_method=proc, arch=row["arch"], sigma=v["sigma"][proc],
+                    target_class=TARGET, epochs=v["epochs"][proc], batch_size=v["batch_size"], lr=v["lr"],
+                    optimizer=v["optimizer"], schedule=v["schedule"], seed=seed,
+                    method_args=v["method_args"][proc], n_images=c["images"], n0=c["n0"], n=c["n"],
+                    alpha=c["alpha"], out_dir=out, device="cpu", dataset="mnist", progress=not args.quiet)
 
 
 def _radii(directory: Path) -> dict[int, float]:
