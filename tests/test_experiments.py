@@ -259,12 +259,18 @@ def test_pacd_controls_dry_run_and_fixed_protocol(tmp_path):
     # an amendment before any victim: allowed for the rows, refused for the crafting
     assert _run("pacd_controls/pacd_controls.py", *base, "--stage", "protocol").returncode == 0
     stored = json.loads((results / "protocol.json").read_text())
-    older = {**stored, "rows": stored["rows"][:3]}
+    older = {**stored, "rows": stored["rows"][:3], "amendments": []}
     (results / "protocol.json").write_text(json.dumps(older))
     assert _run("pacd_controls/pacd_controls.py", *base, "--stage", "controls").returncode != 0
     (results / "protocol.json").write_text(json.dumps({**older, "crafting": {**older["crafting"], "seed": 1}}))
     proc = _run("pacd_controls/pacd_controls.py", *base, "--stage", "protocol", "--amend")
     assert proc.returncode != 0 and "changes the protocol's 'crafting'" in proc.stderr
+    (results / "protocol.json").write_text(json.dumps({**older, "controls": {**older["controls"], "seed": 1}}))
+    proc = _run("pacd_controls/pacd_controls.py", *base, "--stage", "protocol", "--amend")
+    assert proc.returncode != 0 and "changes the protocol's 'controls'" in proc.stderr
+    (results / "protocol.json").write_text(json.dumps({**older, "amendments": stored["amendments"]}))
+    proc = _run("pacd_controls/pacd_controls.py", *base, "--stage", "protocol", "--amend")
+    assert proc.returncode != 0 and "an amendment must be listed" in proc.stderr
     (results / "protocol.json").write_text(json.dumps(older))
     proc = _run("pacd_controls/pacd_controls.py", *base, "--stage", "protocol", "--amend")
     assert proc.returncode == 0, proc.stderr
@@ -327,6 +333,66 @@ def test_pacd_controls_dry_run_and_fixed_protocol(tmp_path):
     (results / "protocol.json").write_text(json.dumps(protocol))
     proc = _run("pacd_controls/pacd_controls.py", *base, "--stage", "summary")
     assert proc.returncode != 0 and "differs from this driver's protocol" in proc.stderr
+
+
+def _fake_victim(folder, radius, acc_target, images=4):
+    """A finished victim's files as evaluate_poison writes them: every image of class 8 certified with ``radius``."""
+    folder.mkdir(parents=True)
+    settings = {"victim": "fake", "target_class": 8, "sigma": 0.5, "n0": 100, "n": 100000, "alpha": 0.001,
+                "images": images, "certify_seed": 0}
+    (folder / "certify.json").write_text(json.dumps({"settings": settings}))
+    rows = "".join(f"{i}\t8\t8\t{radius:.6f}\t1\t0.0100\n" for i in range(images))
+    (folder / "certify.tsv").write_text("idx\tlabel\tpredict\tradius\tcorrect\ttime\n" + rows)
+    (folder / "summary.json").write_text(json.dumps({
+        "acr": radius, "certified_accuracy": {"0": 1.0}, "clean_accuracy_target": acc_target,
+        "clean_accuracy_other_classes": 0.95, "trace": {"cpu": "test cpu", "threads": 1}}))
+
+
+def test_pacd_controls_goal_verdicts_on_known_victims(tmp_path):
+    """The summary's goal check on victims of known radii under the real protocol: met where the crafted poison
+    beats its twin by 40 points and every control no costlier; undecided while a seed is missing; failed where a
+    cheaper control does more, and where the crafted poison raises the ACR at low eps (twice a negative vertex drop
+    is no goal met). The transfer table shows the seed-0 drop of its cell."""
+    work, results = tmp_path / "work", tmp_path / "results"
+    base = ["--work", work, "--results", results, "--quiet", "--data-root", tmp_path / "unused"]
+    assert _run("pacd_controls/pacd_controls.py", *base, "--stage", "protocol").returncode == 0
+    root = work / "victims" / "test-cpu-t1"
+    # (poison, radius, accuracy on class 8) of the Gaussian-augmentation victims; the clean ones: radius 1, 0.90
+    ga = [("clean", 1.0, 0.90), ("gaussian-eps0.1-crafted", 0.5, 0.86), ("gaussian-eps0.1-twin", 0.9, 0.88),
+          ("gaussian-eps0.1-vertex", 0.3, 0.60), ("gaussian-eps0.1-sign", 0.95, 0.90),
+          ("gaussian-eps0.1-uniform", 0.95, 0.89), ("gaussian-eps0.1-shift", 0.7, 0.87),
+          ("gaussian-eps0.03-crafted", 1.03, 0.90), ("gaussian-eps0.03-vertex", 1.02, 0.90),
+          ("gaussian-eps0.05-crafted", 0.8, 0.89), ("gaussian-eps0.05-vertex", 0.95, 0.90)]
+    seeds3 = ("clean", "crafted", "twin", "vertex")
+    for poison, radius, acc in ga:
+        for seed in (0, 1, 2) if poison.endswith(seeds3) else (0,):
+            _fake_victim(root / "lenet" / "gaussian" / poison / f"seed{seed}", radius, acc)
+    _fake_victim(root / "mlp" / "gaussian" / "clean" / "seed0", 0.8, 0.9)
+    _fake_victim(root / "mlp" / "gaussian" / "gaussian-eps0.1-crafted" / "seed0", 0.6, 0.9)
+
+    def summary():
+        proc = _run("pacd_controls/pacd_controls.py", *base, "--stage", "summary")
+        assert proc.returncode == 0, proc.stderr
+        return json.loads((results / "summary.json").read_text())["goal"]["test-cpu-t1"]
+
+    goal = summary()
+    v = goal["gaussian-eps0.1"]
+    assert v["complete"] and v["twin_goal"] and v["frontier_goal"] and v["met"]
+    assert abs(v["drop"] - 0.5) < 1e-6 and abs(v["drop_minus_twin"] - 0.4) < 1e-6 and abs(v["cost"] - 0.04) < 1e-6
+    assert sorted(v["controls_no_costlier"]) == ["shift", "sign", "twin", "uniform"]  # not the vertex (cost 0.30)
+    assert goal["gaussian-eps0.03"]["met"] is False  # the crafted poison raises the ACR (so does the vertex)
+    assert goal["gaussian-eps0.05"]["met"] is True  # 20% >= 2 x 5%
+    assert goal["macer-eps0.1"]["met"] is None and not goal["macer-eps0.1"]["complete"]
+    text = (results / "results.md").read_text()
+    assert "| crafted for gaussian | 50.0% | - | - | 25.0% | - | - |" in text
+    shutil.rmtree(root / "lenet" / "gaussian" / "gaussian-eps0.1-vertex" / "seed2")
+    v = summary()["gaussian-eps0.1"]
+    assert not v["complete"] and v["met"] is None and v["frontier_goal"] is None
+    _fake_victim(root / "lenet" / "gaussian" / "gaussian-eps0.1-vertex" / "seed2", 0.3, 0.60)
+    shutil.rmtree(root / "lenet" / "gaussian" / "gaussian-eps0.1-shift" / "seed0")
+    _fake_victim(root / "lenet" / "gaussian" / "gaussian-eps0.1-shift" / "seed0", 0.45, 0.87)  # cheaper, 55% drop
+    v = summary()["gaussian-eps0.1"]
+    assert v["complete"] and v["twin_goal"] and v["frontier_goal"] is False and v["met"] is False
 
 
 def test_lower_subset_dry_run_crafts_on_the_subset_and_reports_every_row(tmp_path):

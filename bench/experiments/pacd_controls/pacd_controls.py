@@ -30,10 +30,13 @@ within each (paired across victims), 10,000 times.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import platform
+import re
 import sys
 import time
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -173,9 +176,13 @@ def amend_protocol(args, protocol: dict) -> None:
     victims = args.work / "victims"
     if victims.exists() and any(p.is_file() for p in victims.rglob("*")):
         raise SystemExit(f"{victims} holds victims (finished or under way): the protocol can no longer be amended")
-    for key in ("crafting", "data", "target_class", "certification"):
+    for key in ("crafting", "controls", "data", "target_class", "certification"):
         if _stable(stored.get(key)) != _stable(protocol[key]):
             raise SystemExit(f"the amendment changes the protocol's {key!r}: start a new results folder instead")
+    before, after = stored.get("amendments") or [], protocol["amendments"]
+    if len(after) <= len(before) or _stable(after[:len(before)]) != _stable(before):
+        raise SystemExit("an amendment must be listed: append it to AMENDMENTS (date, before, what, why), keeping the "
+                         "earlier ones")
     record = {**protocol, "written": stored["written"], "amended": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
               "machine": stored.get("machine"), "estimate": stored.get("estimate")}
     path.write_text(json.dumps(record, indent=1) + "\n")
@@ -243,14 +250,39 @@ def stage_controls(args, protocol, train) -> None:
         print(f"== wrote {out.name}")
 
 
-def machine_tag(cpu: str | None = None, threads: int | None = None) -> str:
-    """The victims' folder of one CPU kind and thread count (victims of different ones are never paired)."""
-    cpu = run_trace()["cpu"] if cpu is None else cpu
-    threads = torch.get_num_threads() if threads is None else threads
+ISA_FLAGS = ("avx2", "fma", "avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx512_bf16", "avx512_fp16",
+             "avx_vnni", "amx_tile", "amx_bf16", "amx_int8")
+
+
+def _cpuinfo() -> dict:
+    """The first processor's fields of /proc/cpuinfo ({} where there is none)."""
+    info = {}
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                if not line.strip():
+                    break
+                key, _, value = line.partition(":")
+                info[key.strip()] = value.strip()
+    except OSError:
+        pass
+    return info
+
+
+def machine_tag(threads: int | None = None) -> str:
+    """The victims' folder of one machine kind: the CPU model name, family.model.stepping, a short hash of the vector
+    instruction sets oneDNN may use, and the thread count (victims of different kinds are never paired: training is
+    not bit-reproducible across CPUs, and a generic model name such as "Intel(R) Xeon(R) Processor" covers several)."""
+    info = _cpuinfo()
+    cpu = info.get("model name") or run_trace()["cpu"]
     slug = "".join(ch if ch.isalnum() else "-" for ch in cpu.lower()).strip("-")
     while "--" in slug:
         slug = slug.replace("--", "-")
-    return f"{slug}-t{threads}"
+    flags = set(info.get("flags", "").split())
+    isa = hashlib.sha256(" ".join(f for f in ISA_FLAGS if f in flags).encode()).hexdigest()[:6]
+    fms = ".".join(info.get(k, "x") for k in ("cpu family", "model", "stepping"))
+    threads = torch.get_num_threads() if threads is None else threads
+    return f"{slug}-{fms}-{isa}-t{threads}"
 
 
 def victim_dir(args, row: dict, seed: int, machine: str) -> Path:
@@ -318,25 +350,30 @@ def _summary(args, row: dict, seed: int, machine: str) -> dict | None:
     return json.loads(path.read_text()) if path.exists() else None
 
 
-def summarise_rows(args, protocol, machine: str, rng, reps: int, level: float) -> list[dict]:
-    """Every protocol row from the victims of one machine kind (the clean and twin victims paired by seed)."""
+def summarise_rows(args, protocol, machine: str, reps: int, level: float) -> list[dict]:
+    """Every protocol row from the victims of one machine kind (the clean and twin victims paired by seed). A row's
+    own columns (ACR, smoothed accuracy, clean accuracies) cover its finished seeds (``seeds``); the drop, the cost and
+    their intervals cover those with a clean victim too (``paired_seeds``); ``complete`` when both are every seed of
+    the protocol's row. Each row's bootstrap has its own generator, keyed by the row and machine."""
     rows = protocol["rows"]
     rows_out = []
     for row in rows:
         summaries = {s: x for s in row["seeds"] if (x := _summary(args, row, s, machine)) is not None}
         done = sorted(summaries)
-        clean_row = next(r for r in rows if r["kind"] == "clean" and r["victim"] == row["victim"]
-                         and r["arch"] == row["arch"])
+        clean_row = next((r for r in rows if r["kind"] == "clean" and r["victim"] == row["victim"]
+                          and r["arch"] == row["arch"]), None)
         twin_row = None if row["kind"] in ("clean", "twin") else next(
             (r for r in rows if r["kind"] == "twin" and r["victim"] == row["victim"] and r["arch"] == row["arch"]
              and r["eps"] == row["eps"] and r["source"] == row["source"]), None)
-        clean = {s: x for s in done if (x := _summary(args, clean_row, s, machine)) is not None}
+        clean = {} if clean_row is None else {
+            s: x for s in done if (x := _summary(args, clean_row, s, machine)) is not None}
         paired = sorted(clean)
         control = row["kind"] if row["kind"] not in ("clean", "crafted") else None
         out = {"table": row["table"], "arch": row["arch"], "victim": row["victim"], "poison": row["poison"],
                "source": row["source"], "kind": "control" if control else row["kind"], "control": control,
-               "eps": row["eps"], "machine": machine, "seeds": done,
+               "eps": row["eps"], "machine": machine, "seeds": done, "paired_seeds": paired,
                "missing_seeds": [s for s in row["seeds"] if s not in done],
+               "complete": done == sorted(row["seeds"]) and (row["kind"] == "clean" or paired == done),
                "images": protocol["certification"]["images"], "n": protocol["certification"]["n"],
                "outer_steps": protocol["crafting"]["settings"][row["source"]]["outer_steps"]
                if row["kind"] == "crafted" else None}
@@ -348,6 +385,11 @@ def summarise_rows(args, protocol, machine: str, rng, reps: int, level: float) -
             else None for s in done]
         out["clean_acc_target"] = [summaries[s]["clean_accuracy_target"] for s in done]
         out["clean_acc_other"] = [summaries[s]["clean_accuracy_other_classes"] for s in done]
+        # the price: the clean victim's accuracy on the class minus this victim's, seed by seed
+        out["cost_target"] = _mean([clean[s]["clean_accuracy_target"] - summaries[s]["clean_accuracy_target"]
+                                    for s in paired]) if row["kind"] != "clean" else 0.0
+        out["acr_drop_per_seed"] = {str(s): (1 - summaries[s]["acr"] / clean[s]["acr"]) if clean[s]["acr"] > 0 else None
+                                    for s in paired} if row["kind"] != "clean" else {}
         machines = {(x["trace"].get("cpu"), x["trace"].get("threads")) for x in (*summaries.values(), *clean.values())}
         out["cpu"] = sorted({m[0] for m in machines if m[0]})
         out["threads"] = sorted({m[1] for m in machines if m[1]})
@@ -367,7 +409,8 @@ def summarise_rows(args, protocol, machine: str, rng, reps: int, level: float) -
             out["acr_drop"] = float(1 - sp / sc) if sc > 0 else None
             if all(t[2] is not None for t in triples):
                 out["drop_minus_twin"] = float((sum(t[2].sum() for t in triples) - sp) / sc) if sc > 0 else None
-            ci, ci_t = _bootstrap(triples, reps, level, rng)
+            key = f"{machine}/{row['arch']}/{row['victim']}/{row['poison']}".encode()
+            ci, ci_t = _bootstrap(triples, reps, level, np.random.default_rng([0, zlib.crc32(key)]))
             out["acr_drop_ci95"] = ci
             if out["drop_minus_twin"] is not None:
                 out["drop_minus_twin_ci95"] = ci_t
@@ -380,12 +423,14 @@ def _mean(xs):
 
 
 def goal_verdicts(rows: list[dict]) -> dict:
-    """The issue's goal on one machine kind's main (LeNet) rows; a verdict is None while a row it needs is missing.
+    """The issue's goal on one machine kind's main (LeNet) rows; a verdict is None until every row it rests on is
+    complete (all of the protocol's seeds, each with its clean victim).
 
-    At eps 0.1, per procedure: the crafted poison lowers the ACR by >= 15 points more than its twin with the interval
-    above 0, and lies beyond the controls' frontier (more ACR drop than every control whose mean clean accuracy on the
-    class is no lower, i.e. whose cost is no larger). At eps 0.03 and 0.05 (Gaussian augmentation): the crafted
-    poison's drop is at least twice the vertex control's."""
+    At eps 0.1, per procedure: ``twin_goal``, the crafted poison lowers the ACR by >= 15 points (of the clean ACR)
+    more than its twin with the interval above 0; ``frontier_goal``, it lowers the ACR (drop > 0) and by more than
+    every control whose cost (the clean victims' accuracy on the class minus the row's, paired by seed) is no larger
+    than its own. At eps 0.03 and 0.05 (Gaussian augmentation): the crafted poison lowers the ACR and its drop is at
+    least twice the vertex control's (or any drop, where the vertex control raises the ACR)."""
     main = [r for r in rows if r["table"] == "main"]
     out = {}
 
@@ -397,48 +442,49 @@ def goal_verdicts(rows: list[dict]) -> dict:
         crafted = find(proc, 0.1, "crafted")
         if crafted is None:
             continue
-        v = {"drop": crafted["acr_drop"], "drop_minus_twin": crafted["drop_minus_twin"],
-             "drop_minus_twin_ci95": crafted["drop_minus_twin_ci95"], "twin_goal": None, "frontier_goal": None,
-             "met": None}
-        if crafted["drop_minus_twin"] is not None and not crafted["missing_seeds"]:
-            lo = crafted["drop_minus_twin_ci95"][0]
-            v["twin_goal"] = bool(crafted["drop_minus_twin"] >= 0.15 and lo is not None and lo > 0)
         controls = [r for r in main if r["victim"] == proc and r["eps"] == 0.1 and r["kind"] == "control"]
-        acc = _mean(crafted["clean_acc_target"])
-        if crafted["acr_drop"] is not None and acc is not None and all(
-                r["acr_drop"] is not None and _mean(r["clean_acc_target"]) is not None for r in controls):
-            cheaper = [r for r in controls if _mean(r["clean_acc_target"]) >= acc]
-            v["controls_no_costlier"] = {r["control"]: r["acr_drop"] for r in cheaper}
-            v["frontier_goal"] = bool(all(crafted["acr_drop"] > r["acr_drop"] for r in cheaper))
-        if v["twin_goal"] is not None and v["frontier_goal"] is not None:
+        complete = crafted["complete"] and all(r["complete"] for r in controls)
+        v = {"drop": crafted["acr_drop"], "cost": crafted["cost_target"], "drop_minus_twin": crafted["drop_minus_twin"],
+             "drop_minus_twin_ci95": crafted["drop_minus_twin_ci95"], "complete": complete, "twin_goal": None,
+             "frontier_goal": None, "controls_no_costlier": None, "met": None}
+        if complete:
+            lo = crafted["drop_minus_twin_ci95"][0]
+            v["twin_goal"] = bool(crafted["drop_minus_twin"] is not None and crafted["drop_minus_twin"] >= 0.15
+                                  and lo is not None and lo > 0)
+            cheaper = [r for r in controls if r["cost_target"] <= crafted["cost_target"]]
+            v["controls_no_costlier"] = {r["control"]: {"drop": r["acr_drop"], "cost": r["cost_target"]}
+                                         for r in cheaper}
+            v["frontier_goal"] = bool(crafted["acr_drop"] > 0 and all(crafted["acr_drop"] > r["acr_drop"]
+                                                                      for r in cheaper))
             v["met"] = v["twin_goal"] and v["frontier_goal"]
         out[f"{proc}-eps0.1"] = v
     for eps in LOW_EPS:
         crafted, vertex = find("gaussian", eps, "crafted"), find("gaussian", eps, "vertex")
         if crafted is None or vertex is None:
             continue
+        complete = crafted["complete"] and vertex["complete"]
         ok = None
-        if crafted["acr_drop"] is not None and vertex["acr_drop"] is not None:
-            ok = bool(crafted["acr_drop"] >= 2 * vertex["acr_drop"])
-        out[f"gaussian-eps{eps:g}"] = {"drop": crafted["acr_drop"], "vertex_drop": vertex["acr_drop"], "met": ok}
+        if complete:
+            ok = bool(crafted["acr_drop"] > 0 and crafted["acr_drop"] >= 2 * max(vertex["acr_drop"], 0.0))
+        out[f"gaussian-eps{eps:g}"] = {"drop": crafted["acr_drop"], "vertex_drop": vertex["acr_drop"],
+                                       "complete": complete, "met": ok}
     return out
 
 
 def _machines(args) -> list[str]:
-    """The machine kinds with at least one finished victim (this one when there is none yet)."""
+    """The machine kinds (folders named by :func:`machine_tag`) with a finished victim (this one when none has)."""
     root = args.work / "victims"
-    found = sorted(d.name for d in root.iterdir() if d.is_dir() and any(d.rglob("summary.json"))) \
-        if root.exists() else []
+    found = sorted(d.name for d in root.iterdir() if d.is_dir() and re.search(r"-t\d+$", d.name)
+                   and any(d.rglob("summary.json"))) if root.exists() else []
     return found or [machine_tag()]
 
 
 def stage_summary(args, protocol) -> dict:
-    rng = np.random.default_rng(0)
     reps = 200 if args.dry_run else protocol["intervals"]["reps"]
     level = protocol["intervals"]["level"]
     rows, goal = [], {}
     for machine in _machines(args):
-        got = summarise_rows(args, protocol, machine, rng, reps, level)
+        got = summarise_rows(args, protocol, machine, reps, level)
         rows += got
         goal[machine] = goal_verdicts(got)
     summary = {"protocol": json.loads((args.results / "protocol.json").read_text()), "rows": rows, "goal": goal,
@@ -476,14 +522,16 @@ def transfer_cell(rows: list[dict], poison: str, victim: str, arch: str) -> dict
 
 def write_markdown(args, summary) -> None:
     lines = ["# PACD against random controls (MNIST, class 8)", "",
-             "Protocol: `protocol.json` (fixed before the runs, amended once before any victim: see its `amendments`). "
+             "Protocol: `protocol.json` (fixed before the runs, amended before any victim: see its `amendments`). "
              "Every row of the protocol is listed; missing seeds are victims not yet run. Victims are paired only "
-             "within one machine kind (CPU model and threads), one section each.", ""]
+             "within one machine kind (CPU model, family.model.stepping, vector instruction sets, threads), one "
+             "section each. Cost: the clean victims' clean accuracy on class 8 minus the row's, paired by seed.", ""]
+    fmt = {True: "yes", False: "no", None: "-"}
     for machine, goal in summary["goal"].items():
         rows = [r for r in summary["rows"] if r["machine"] == machine]
         lines += [f"## Victims of `{machine}`", "", "### Main table (LeNet)", "",
                   "| victim | poison | eps | seeds | ACR clean | ACR poisoned | ACR drop [95%] | drop minus twin [95%] "
-                  "| smoothed acc | radius of correct | clean acc target / other | missing |", "|" + "---|" * 12]
+                  "| smoothed acc | radius of correct | clean acc target / other | cost | missing |", "|" + "---|" * 13]
         for r in rows:
             if r["table"] != "main":
                 continue
@@ -493,31 +541,33 @@ def write_markdown(args, summary) -> None:
                 f"{_num(r['acr_clean'])} | {_num(r['acr_poisoned'])} | {_pct(r['acr_drop'])} [{_pct(ci[0])}, "
                 f"{_pct(ci[1])}] | {_pct(r['drop_minus_twin'])} [{_pct(cit[0])}, {_pct(cit[1])}] | "
                 f"{_num(r['smoothed_acc'])} | {_num(r['radius_given_correct'])} | {_num(r['clean_acc_target'])} / "
-                f"{_num(r['clean_acc_other'])} | {r['missing_seeds'] or '-'} |")
+                f"{_num(r['clean_acc_other'])} | {_num([r['cost_target']]) if r['kind'] != 'clean' else '-'} | "
+                f"{r['missing_seeds'] or '-'} |")
         lines += ["", "### Goal", "",
-                  "At eps 0.1: drop minus twin >= 15 points with its interval above 0, and more ACR drop than every "
-                  "control whose clean accuracy on the class is no lower; at eps 0.03 / 0.05 (GA): the crafted drop at "
-                  "least twice the vertex control's. `-` while a row it needs is missing.", "",
-                  "| poison | ACR drop | twin goal | frontier goal | met |", "|---|---|---|---|---|"]
-        fmt = {True: "yes", False: "no", None: "-"}
+                  "At eps 0.1: drop minus twin >= 15 points with its interval above 0 (twin goal), and an ACR drop "
+                  "above 0 and above every control's whose cost is no larger (frontier goal); at eps 0.03 / 0.05 (GA): "
+                  "a drop above 0 and at least twice the vertex control's. `-` until every row a verdict rests on has "
+                  "all its seeds.", "",
+                  "| poison | ACR drop | cost | twin goal | frontier goal | met |", "|---|---|---|---|---|---|"]
         for name, v in goal.items():
-            lines.append(f"| {name} | {_pct(v['drop'])} | {fmt[v.get('twin_goal')]} | {fmt[v.get('frontier_goal')]} "
-                         f"| {fmt[v['met']]} |")
+            lines.append(f"| {name} | {_pct(v['drop'])} | {_num([v.get('cost')])} | {fmt[v.get('twin_goal')]} | "
+                         f"{fmt[v.get('frontier_goal')]} | {fmt[v['met']]} |")
         archs = list(summary["protocol"]["victims"]["arch"]["transfer"])
         cols = [(v, a) for a in archs for v in PROCEDURES]
-        lines += ["", "### Transfer (eps 0.1): ACR drop (victim seeds); the clean row gives the clean victims' ACR", "",
+        lines += ["", "### Transfer (eps 0.1): ACR drop of the victims of seed 0 (every cell alike; the main table has "
+                  "the 3-seed rows); the clean row gives the clean victims' ACR", "",
                   "| poison \\ victim | " + " | ".join(f"{v} / {a}" for v, a in cols) + " |",
                   "|---|" + "---|" * len(cols)]
         for name in ("clean", *PROCEDURES, "vertex"):
             cells = []
             for v, a in cols:
                 r = transfer_cell(rows, name, v, a)
-                if r is None or not r["seeds"]:
+                if r is None or 0 not in r["seeds"]:
                     cells.append("-")
                 elif name == "clean":
-                    cells.append(f"{_num(r['acr_poisoned'])} ({len(r['seeds'])})")
+                    cells.append(f"{r['acr_poisoned'][r['seeds'].index(0)]:.4f}")
                 else:
-                    cells.append(f"{_pct(r['acr_drop'])} ({len(r['seeds'])})")
+                    cells.append(_pct(r["acr_drop_per_seed"].get("0")))
             label = {"clean": "clean (ACR)", "vertex": "vertex control"}.get(name, f"crafted for {name}")
             lines.append(f"| {label} | " + " | ".join(cells) + " |")
         lines.append("")
@@ -525,9 +575,9 @@ def write_markdown(args, summary) -> None:
 
 
 def plot_frontier(args, summary) -> None:
-    """ACR drop against the target class's clean accuracy, one panel per procedure (main rows of the machine kind
-    with the most finished victims), with the controls' frontier: the most drop of any control at that accuracy or
-    higher."""
+    """ACR drop against its cost on the target class's clean accuracy, one panel per procedure (main rows of the
+    machine kind with the most finished victims), with the controls' frontier: the most drop of any control at that
+    cost or less."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -535,37 +585,42 @@ def plot_frontier(args, summary) -> None:
 
     count = {m: sum(len(r["seeds"]) for r in summary["rows"] if r["machine"] == m) for m in summary["goal"]}
     machine = max(count, key=count.get)
-    rows = [r for r in summary["rows"] if r["machine"] == machine and r["table"] == "main" and r["kind"] != "clean"]
+    rows = [r for r in summary["rows"] if r["machine"] == machine and r["table"] == "main" and r["kind"] != "clean"
+            and r["acr_drop"] is not None and r["cost_target"] is not None]
     panels = [(p, (0.1,)) for p in PROCEDURES] + [("gaussian", LOW_EPS)]
     fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.6), dpi=120, squeeze=False)
     for ax, (proc, eps_set) in zip(axes[0], panels):
-        for eps in eps_set:
-            pts = [(r, _mean(r["clean_acc_target"])) for r in rows if r["victim"] == proc and r["eps"] == eps
-                   and r["acr_drop"] is not None and _mean(r["clean_acc_target"]) is not None]
-            ctrl = sorted(((a, 100 * r["acr_drop"]) for r, a in pts if r["kind"] == "control"), reverse=True)
-            if ctrl:
+        pts = [r for r in rows if r["victim"] == proc and r["eps"] in eps_set]
+        right = max([100 * r["cost_target"] for r in pts], default=0.0)
+        for i, eps in enumerate(eps_set):
+            colour = f"C{i}"
+            ctrl = sorted((100 * r["cost_target"], 100 * r["acr_drop"]) for r in pts
+                          if r["eps"] == eps and r["kind"] == "control")
+            if ctrl:  # from the cheapest control up: the most drop at that cost or less, on to the panel's edge
                 xs, ys, best = [], [], -np.inf
-                for a, d in ctrl:  # from the cheapest control (highest accuracy) down
+                for c, d in ctrl:
                     best = max(best, d)
-                    xs.append(a)
+                    xs.append(c)
                     ys.append(best)
-                ax.step(xs, ys, where="post", color="grey", lw=1, alpha=0.7)
-            for r, a in pts:
+                xs.append(max(right, xs[-1]))
+                ys.append(best)
+                ax.step(xs, ys, where="post", color=colour, lw=1, alpha=0.5)
+            for r in pts:
+                if r["eps"] != eps:
+                    continue
                 crafted = r["kind"] == "crafted"
-                ax.scatter(a, 100 * r["acr_drop"], marker="*" if crafted else "o", s=80 if crafted else 25,
-                           color="C3" if crafted else "C0")
-                ax.annotate(f"{r['control'] or 'crafted'}" + (f" {eps:g}" if len(eps_set) > 1 else ""),
-                            (a, 100 * r["acr_drop"]), fontsize=6)
-        clean = next((r for r in summary["rows"] if r["machine"] == machine and r["table"] == "main"
-                      and r["kind"] == "clean" and r["victim"] == proc), None)
-        if clean is not None and _mean(clean["clean_acc_target"]) is not None:
-            ax.axvline(_mean(clean["clean_acc_target"]), color="k", ls=":", lw=1)  # the clean victims: no cost
+                x, y = 100 * r["cost_target"], 100 * r["acr_drop"]
+                ax.scatter(x, y, marker="*" if crafted else "o", s=90 if crafted else 25,
+                           color="C3" if crafted and len(eps_set) == 1 else colour,
+                           edgecolors="k" if crafted else "none")
+                ax.annotate(f"{r['control'] or 'crafted'}" + (f" {eps:g}" if len(eps_set) > 1 else ""), (x, y),
+                            fontsize=6)
+        ax.axvline(0, color="k", ls=":", lw=1)  # the clean victims' accuracy: no cost
         ax.set_title(f"{proc} victims, eps {', '.join(f'{e:g}' for e in eps_set)}", fontsize=9)
-        ax.set_xlabel("clean accuracy on the target class")
+        ax.set_xlabel("cost: clean accuracy on class 8 lost (points)")
         ax.grid(alpha=0.3)
     axes[0][0].set_ylabel("ACR drop (%)")
-    fig.suptitle(f"ACR drop against its price (stars: crafted; grey: the controls' frontier; dotted: clean victims); "
-                 f"{machine}", fontsize=9)
+    fig.suptitle(f"ACR drop against its cost (stars: crafted; lines: the controls' frontier); {machine}", fontsize=9)
     fig.tight_layout()
     fig.savefig(args.results / "drop_vs_accuracy.png")
     plt.close(fig)
@@ -578,7 +633,10 @@ def stage_estimate(args, protocol, train, val, test) -> None:
     path = args.results / "estimate.json"
     trace = run_trace()
     old = json.loads(path.read_text()) if path.exists() else {}
-    same = old.get("machine", {}).get("cpu") == trace["cpu"] and old.get("threads") == torch.get_num_threads()
+    tag = machine_tag()
+    # timings are kept from the same machine kind (a file written before the tag existed: the same model name)
+    same = old.get("machine_tag", tag) == tag and old.get("machine", {}).get("cpu") == trace["cpu"] \
+        and old.get("threads") == torch.get_num_threads()
     secs = old.get("seconds", {}) if same else {}
     timed = old.get("timed", {}) if same else {}
     if same and "timed" not in old:
@@ -641,7 +699,8 @@ def stage_estimate(args, protocol, train, val, test) -> None:
             secs[f"certify_image{suffix}"] * c["images"]
         hours["victims"] += victim * len(row["seeds"]) / 3600
     hours["total"] = hours["craft"] + hours["victims"]
-    est = {"machine": old["machine"] if same else trace, "threads": torch.get_num_threads(), "seconds": secs,
+    est = {"machine": old["machine"] if same else trace, "machine_tag": tag, "threads": torch.get_num_threads(),
+           "seconds": secs,
            "timed": timed, "cpu_hours": {k: round(x, 2) for k, x in hours.items()}}
     path.write_text(json.dumps(est, indent=1) + "\n")
     print(json.dumps(est["cpu_hours"]))
@@ -681,10 +740,14 @@ def stage_status(args, protocol) -> None:
     missing = [(r, s) for r in protocol["rows"] for s in r["seeds"]
                if not (victim_dir(args, r, s, here) / "summary.json").exists()]
     if secs:
-        for r, _ in missing:
-            suffix = "" if r["arch"] == "lenet" else f"_{r['arch']}"
-            left += (secs[r["victim"]][f"victim_epoch{suffix}"] * v["epochs"][r["victim"]]
-                     + secs[f"certify_image{suffix}"] * c["images"]) / 3600
+        try:
+            for r, _ in missing:
+                suffix = "" if r["arch"] == "lenet" else f"_{r['arch']}"
+                left += (secs[r["victim"]][f"victim_epoch{suffix}"] * v["epochs"][r["victim"]]
+                         + secs[f"certify_image{suffix}"] * c["images"]) / 3600
+        except KeyError as exc:
+            print(f"{est_path} has no timing {exc}: run --stage estimate for the CPU hours left")
+            return
         print(f"about {left:.1f} CPU hours left for this machine kind ({here}) at estimate.json's timings"
               + ("" if args.threads else "; pass --threads as the victims run (the kind includes the thread count)"))
 
@@ -717,6 +780,9 @@ def main(argv=None) -> int:
     check_protocol(args, protocol)
     if args.stage == "status":
         stage_status(args, protocol)
+        return 0
+    if args.stage == "summary":  # reads the victims' files only: no data set needed
+        stage_summary(args, protocol)
         return 0
     train, val, test = load_data(args, protocol)
     if args.stage == "estimate":
