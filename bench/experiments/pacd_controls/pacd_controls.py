@@ -17,9 +17,12 @@ Stages (each resumable; run them again after a crash, or in several processes wi
     python bench/experiments/pacd_controls/pacd_controls.py --stage protocol --data-root ../shared/data/mnist
     python bench/experiments/pacd_controls/pacd_controls.py --stage all --data-root ../shared/data/mnist --threads 1
 
-summary.json: {"protocol": {...}, "rows": [{"victim", "poison", "kind", "eps", "outer_steps", "seeds", "acr_clean",
-"acr_poisoned", "acr_drop", "acr_drop_ci95", "drop_minus_twin", "drop_minus_twin_ci95", "smoothed_acc",
-"radius_given_correct", "clean_acc_target", "clean_acc_other", "images", "n", "cpu", "threads", "missing_seeds"}]}.
+summary.json: {"protocol": {...}, "rows": [{"table", "arch", "victim", "poison", "source", "kind", "control", "eps",
+"machine", "outer_steps", "seeds", "paired_seeds", "missing_seeds", "complete", "acr_clean", "acr_poisoned", "acr_drop",
+"acr_drop_ci95", "acr_drop_per_seed", "drop_minus_twin", "drop_minus_twin_ci95", "smoothed_acc",
+"radius_given_correct", "clean_acc_target", "clean_acc_other", "cost_target", "images", "n", "cpu", "threads",
+"same_machine_kind"}], "goal": {machine: {"<proc>-eps0.1": {...}, "gaussian-eps0.03": {...}, ...}}}: one set of rows
+per machine kind with finished victims.
 Intervals resample victim seeds (paired: the clean, poisoned and twin victims of one seed together), then test images
 within each (paired across victims), 10,000 times.
 
