@@ -308,6 +308,12 @@ def test_pacd_controls_dry_run_and_fixed_protocol(tmp_path):
     assert "craft gaussian-eps0.1-crafted: done of 2" in proc.stdout
     assert "craft macer-eps0.1-crafted: not started of 2" in proc.stdout
     assert f"victims of {machine}: 10 of 42 finished" in proc.stdout
+    proc = _run("pacd_controls/pacd_controls.py", *base, "--stage", "inspect")
+    assert proc.returncode == 0, proc.stderr
+    stats = json.loads((results / "poison_stats.json").read_text())["poisons"]
+    assert stats["gaussian-eps0.1-vertex"]["mean_on_background"] == 1.0  # every black pixel moves up by eps
+    assert stats["gaussian-eps0.1-vertex"]["at_edge"] == 1.0 and stats["gaussian-eps0.1-uniform"]["at_edge"] < 0.1
+    assert 0 < stats["gaussian-eps0.1-crafted"]["mean_abs"] <= 1 + 1e-6
     # a poison another process crafts is skipped (the next one is crafted), not an error
     with ExclusiveLock(work / "poisons" / "macer-eps0.1-crafted.safetensors.ckpt"):
         proc = _run("pacd_controls/pacd_controls.py", *base, "--stage", "craft", "--only", "macer")

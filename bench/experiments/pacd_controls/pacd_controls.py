@@ -13,6 +13,8 @@ Stages (each resumable; run them again after a crash, or in several processes wi
     summary    results/summary.json (schema below), results/results.md and results/drop_vs_accuracy.png from every
                finished victim; rows with missing victims are reported as missing, never dropped.
     status     where the work stands: crafting steps, victims finished per machine kind, CPU hours left.
+    inspect    a diagnostic, not a result: where each poison (and each crafting checkpoint as it stands) spends its
+               budget on the class's pixels (background, strokes, at the box's edge); results/poison_stats.json.
 
     python bench/experiments/pacd_controls/pacd_controls.py --stage protocol --data-root ../shared/data/mnist
     python bench/experiments/pacd_controls/pacd_controls.py --stage all --data-root ../shared/data/mnist --threads 1
@@ -717,6 +719,41 @@ def stage_estimate(args, protocol, train, val, test) -> None:
     print(json.dumps(est["cpu_hours"]))
 
 
+def poison_stats(ps: PoisonSet, train) -> dict:
+    """Where a poison spends its budget: the mean perturbation (in units of eps) on the black background of the class's
+    images (clean pixel 0) and on their strokes (clean pixel >= 0.5), the share of background pixels made brighter,
+    the mean |perturbation| and the share of pixels at the box's edge (|perturbation| >= 0.99 eps)."""
+    idx = ps.indices
+    x0 = data.to_float(train[0][idx]).flatten(1)
+    delta = (ps.images.to(torch.float32).flatten(1) - x0) / ps.eps
+    background, stroke = x0 == 0, x0 >= 0.5
+    return {"images": int(idx.numel()), "eps": ps.eps,
+            "mean_on_background": float(delta[background].mean()), "mean_on_strokes": float(delta[stroke].mean()),
+            "background_brightened": float((delta[background] > 1e-3).float().mean()),
+            "mean_abs": float(delta.abs().mean()), "at_edge": float((delta.abs() >= 0.99).float().mean())}
+
+
+def stage_inspect(args, protocol, train) -> None:
+    """poison_stats of every poison file there is, and of each crafting checkpoint as it stands (marked with its
+    step): a diagnostic of what the poisons do to the images, not a result of the protocol. results/poison_stats.json."""
+    out = {"note": "diagnostic, not a protocol result: what each poison does to the class's pixels (units of eps)",
+           "written": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "poisons": {}}
+    folder = args.work / "poisons"
+    for path in sorted(folder.glob("*.safetensors")):
+        out["poisons"][path.stem] = poison_stats(PoisonSet.load(path, train), train)
+    for path in sorted(folder.glob("*.safetensors.ckpt")):
+        name = path.name.removesuffix(".safetensors.ckpt")
+        if name in out["poisons"]:
+            continue
+        ps = PoisonSet.from_checkpoint(path, train)
+        out["poisons"][f"{name} (checkpoint, step {ps.settings['outer_steps']})"] = poison_stats(ps, train)
+    for name, st in out["poisons"].items():
+        print(f"{name}: background {st['mean_on_background']:+.3f} eps ({100 * st['background_brightened']:.0f}% "
+              f"brighter), strokes {st['mean_on_strokes']:+.3f} eps, |delta| {st['mean_abs']:.3f} eps, "
+              f"{100 * st['at_edge']:.0f}% at the edge")
+    (args.results / "poison_stats.json").write_text(json.dumps(out, indent=1) + "\n")
+
+
 def stage_status(args, protocol) -> None:
     """Where the work stands: each crafted poison (done, its checkpoint's step, or not started), the victims finished
     per machine kind out of the protocol's, and the CPU hours left by estimate.json's timings."""
@@ -766,7 +803,7 @@ def stage_status(args, protocol) -> None:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--stage", choices=("protocol", "estimate", "craft", "controls", "victims", "summary", "status",
-                                       "all"),
+                                       "inspect", "all"),
                    default="all")
     p.add_argument("--data-root", type=Path, default=Path("../shared/data/mnist"))
     p.add_argument("--work", type=Path, default=Path("runs/pacd_controls"), help="poisons, checkpoints and victims")
@@ -798,6 +835,8 @@ def main(argv=None) -> int:
     train, val, test = load_data(args, protocol)
     if args.stage == "estimate":
         stage_estimate(args, protocol, train, val, test)
+    if args.stage == "inspect":
+        stage_inspect(args, protocol, train)
     if args.stage in ("craft", "all"):
         stage_craft(args, protocol, train, val, only)
     if args.stage in ("controls", "all"):
