@@ -274,7 +274,7 @@ def _cpuinfo() -> dict:
     return info
 
 
-def machine_tag(threads: int | None = None) -> str:
+def machine_tag() -> str:
     """The victims' folder of one machine kind: the CPU model name, family.model.stepping, a short hash of the vector
     instruction sets oneDNN may use, and the thread count (victims of different kinds are never paired: training is
     not bit-reproducible across CPUs, and a generic model name such as "Intel(R) Xeon(R) Processor" covers several)."""
@@ -286,8 +286,7 @@ def machine_tag(threads: int | None = None) -> str:
     flags = set(info.get("flags", "").split())
     isa = hashlib.sha256(" ".join(f for f in ISA_FLAGS if f in flags).encode()).hexdigest()[:6]
     fms = ".".join(info.get(k, "x") for k in ("cpu family", "model", "stepping"))
-    threads = torch.get_num_threads() if threads is None else threads
-    return f"{slug}-{fms}-{isa}-t{threads}"
+    return f"{slug}-{fms}-{isa}-t{torch.get_num_threads()}"
 
 
 def victim_dir(args, row: dict, seed: int, machine: str) -> Path:
@@ -639,6 +638,13 @@ def plot_frontier(args, summary) -> None:
     plt.close(fig)
 
 
+def _victim_seconds(secs: dict, protocol: dict, row: dict) -> float:
+    """One victim of ``row`` at estimate.json's timings ``secs``: its training epochs and its certified images."""
+    suffix = "" if row["arch"] == "lenet" else f"_{row['arch']}"
+    return (secs[row["victim"]][f"victim_epoch{suffix}"] * protocol["victims"]["epochs"][row["victim"]]
+            + secs[f"certify_image{suffix}"] * protocol["certification"]["images"])
+
+
 def stage_estimate(args, protocol, train, val, test) -> None:
     """Seconds of one outer step per procedure, one victim epoch per procedure and architecture and one certified
     image per architecture, then the CPU hours of the protocol. Timings already in estimate.json from this CPU model
@@ -707,10 +713,7 @@ def stage_estimate(args, protocol, train, val, test) -> None:
         hours["craft"] += secs[proc]["outer_step"] * protocol["crafting"]["settings"][proc]["outer_steps"] * len(
             protocol["crafting"]["eps"][proc]) / 3600
     for row in protocol["rows"]:
-        suffix = "" if row["arch"] == "lenet" else f"_{row['arch']}"
-        victim = secs[row["victim"]][f"victim_epoch{suffix}"] * v["epochs"][row["victim"]] + \
-            secs[f"certify_image{suffix}"] * c["images"]
-        hours["victims"] += victim * len(row["seeds"]) / 3600
+        hours["victims"] += _victim_seconds(secs, protocol, row) * len(row["seeds"]) / 3600
     hours["total"] = hours["craft"] + hours["victims"]
     est = {"machine": old["machine"] if same else trace, "machine_tag": tag, "threads": torch.get_num_threads(),
            "seconds": secs,
@@ -779,7 +782,6 @@ def stage_status(args, protocol) -> None:
                 left += (steps - done) * secs[proc]["outer_step"] / 3600
     total = sum(len(r["seeds"]) for r in protocol["rows"])
     machines = _machines(args)
-    v, c = protocol["victims"], protocol["certification"]
     for machine in machines:
         missing = [(r, s) for r in protocol["rows"] for s in r["seeds"]
                    if not (victim_dir(args, r, s, machine) / "summary.json").exists()]
@@ -790,9 +792,7 @@ def stage_status(args, protocol) -> None:
     if secs:
         try:
             for r, _ in missing:
-                suffix = "" if r["arch"] == "lenet" else f"_{r['arch']}"
-                left += (secs[r["victim"]][f"victim_epoch{suffix}"] * v["epochs"][r["victim"]]
-                         + secs[f"certify_image{suffix}"] * c["images"]) / 3600
+                left += _victim_seconds(secs, protocol, r) / 3600
         except KeyError as exc:
             print(f"{est_path} has no timing {exc}: run --stage estimate for the CPU hours left")
             return
