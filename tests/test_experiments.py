@@ -320,6 +320,22 @@ def test_pacd_controls_dry_run_and_fixed_protocol(tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert "macer-eps0.1-crafted.safetensors: skipped" in proc.stdout and "another process" in proc.stdout
     assert not (work / "poisons" / "macer-eps0.1-crafted.safetensors").exists()
+    # every crafting run is recorded beside the poison and in its settings (processes, threads, machine kind)
+    (run,) = _poison_settings(work / "poisons" / "gaussian-eps0.1-crafted.safetensors")["crafting_runs"]
+    assert run["from_step"] == 0 and run["world_size"] == 1 and run["threads_per_process"] == 1
+    assert run["machine"] == machine
+    # under torchrun the ranks craft each poison together (data-parallel); a held poison is still skipped by all
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    with ExclusiveLock(work / "poisons" / "macer-eps0.1-crafted.safetensors.ckpt"):
+        proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+                               str(EXPERIMENTS / "pacd_controls/pacd_controls.py"), *map(str, base), "--stage", "craft",
+                               "--only", "macer,smoothadv"], capture_output=True, text=True, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("macer-eps0.1-crafted.safetensors: skipped") == 1  # rank 0 speaks for both
+    assert "smoothadv-eps0.1-crafted.safetensors (2 outer steps, 2 processes)" in proc.stdout
+    (run,) = _poison_settings(work / "poisons" / "smoothadv-eps0.1-crafted.safetensors")["crafting_runs"]
+    assert run["from_step"] == 0 and run["world_size"] == 2
+    assert not (work / "poisons" / "macer-eps0.1-crafted.safetensors").exists()
 
     # a victim of another CPU kind is reported in its own section, never paired with this kind's clean victims
     src = next((work / "victims").glob("*/lenet/gaussian/gaussian-eps0.1-crafted/seed0"))
@@ -339,6 +355,14 @@ def test_pacd_controls_dry_run_and_fixed_protocol(tmp_path):
     (results / "protocol.json").write_text(json.dumps(protocol))
     proc = _run("pacd_controls/pacd_controls.py", *base, "--stage", "summary")
     assert proc.returncode != 0 and "differs from this driver's protocol" in proc.stderr
+
+
+def _poison_settings(path):
+    """The settings a poison file records (read from its header: an int8 file needs no training set for that)."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as fh:
+        return json.loads(fh.metadata()["engine_poison"])["meta"]["settings"]
 
 
 def _fake_victim(folder, radius, acc_target, images=4):

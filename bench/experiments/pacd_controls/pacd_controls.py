@@ -49,7 +49,7 @@ import torch
 
 from engine import data, models
 from engine.evaluate import evaluate_poison, target_test_indices
-from engine.fileio import FileInUseError
+from engine.fileio import ExclusiveLock, FileInUseError
 from engine.pacd import PoisonSet, poison, preset, random_poison
 from engine.results import read_log, run_trace
 
@@ -209,28 +209,99 @@ def poison_path(args, proc: str, eps: float, kind: str) -> Path:
     return args.work / "poisons" / f"{proc}-eps{eps:g}-{kind}.safetensors"
 
 
+def _held_elsewhere(ckpt: Path) -> str | None:
+    """Why another process holds ``ckpt``'s lock (None when it is free; probed, then released at once)."""
+    try:
+        ExclusiveLock(ckpt).acquire().release()
+    except FileInUseError as exc:
+        return str(exc)
+    return None
+
+
+def crafting_runs_path(out: Path) -> Path:
+    """The JSON-lines record of the runs that crafted ``out`` (one line per start or resume)."""
+    return out.with_name(out.name + ".runs.jsonl")
+
+
+def _record_run(out: Path, from_step: int, world: int) -> None:
+    """Append one crafting run's start to ``out``'s record: the step it resumed from, its processes, threads and
+    machine kind (a poison's crafting is not bit-reproducible across CPUs or process counts)."""
+    runs = crafting_runs_path(out)
+    lines = []
+    if not runs.exists() and from_step > 0:  # the runs before this record existed
+        lines.append({"from_step": 0, "world_size": 1, "threads_per_process": 1, "machine": None,
+                      "note": "the runs before this record existed: one process, --threads 1, machine not recorded "
+                              "(the development machines of 2026-12-06 and 07)"})
+    lines.append({"from_step": from_step, "world_size": world, "threads_per_process": torch.get_num_threads(),
+                  "machine": machine_tag(), "cpu": run_trace()["cpu"],
+                  "started": time.strftime("%Y-%m-%dT%H:%M:%S+0000", time.gmtime())})
+    with open(runs, "a") as fh:
+        for line in lines:
+            fh.write(json.dumps(line) + "\n")
+
+
+def crafting_runs(out: Path) -> list[dict]:
+    runs = crafting_runs_path(out)
+    if not runs.exists():
+        return []
+    return [json.loads(line) for line in runs.read_text().splitlines() if line.strip()]
+
+
 def stage_craft(args, protocol, train, val, only=None) -> None:
+    """Craft every poison of the protocol not yet made. Under torchrun (WORLD_SIZE > 1) the ranks craft each poison
+    together, data-parallel (engine.poison's distributed mode: the same algorithm and batches, sums in another
+    order); each run's start, processes and machine are recorded beside the poison and in its settings."""
+    from engine.distributed import init_from_env, world
+
+    init_from_env(torch.device("cpu"))
+    rank, world_size = world()
+    say = print if rank == 0 else (lambda *a, **k: None)
     for proc in PROCEDURES:
         if only and proc not in only:
             continue
         for eps in protocol["crafting"]["eps"][proc]:
             out = poison_path(args, proc, eps, "crafted")
-            if out.exists():
-                print(f"== {out.name}: done")
+            ckpt = out.with_name(out.name + ".ckpt")
+            if world_size > 1:  # every rank takes the same decision: rank 0's look at the files
+                import torch.distributed as dist
+
+                look = [(out.exists(), _held_elsewhere(ckpt) if not out.exists() else None) if rank == 0 else None]
+                dist.broadcast_object_list(look, src=0)
+                done, held = look[0]
+            else:
+                done, held = out.exists(), None
+            if done:
+                say(f"== {out.name}: done")
+                continue
+            if held is not None:
+                say(f"== {out.name}: skipped, {held}", flush=True)
                 continue
             settings = {**protocol["crafting"]["settings"][proc], "eps": eps}
             out.parent.mkdir(parents=True, exist_ok=True)
-            print(f"== crafting {out.name} ({settings['outer_steps']} outer steps)", flush=True)
+            say(f"== crafting {out.name} ({settings['outer_steps']} outer steps, {world_size} process"
+                f"{'es' if world_size > 1 else ''})", flush=True)
+            started = []
+
+            def log(entry, out=out, started=started):
+                if not started and rank == 0:
+                    _record_run(out, entry["step"] - 1, world_size)
+                started.append(True)
+
             try:
                 ps = poison(lambda: models.build("lenet"), train, val, target_class=TARGET, method=proc,
-                            seed=protocol["crafting"]["seed"], checkpoint=out.with_name(out.name + ".ckpt"),
-                            checkpoint_every=10, device="cpu", progress=not args.quiet, encoding="int8", **settings)
+                            seed=protocol["crafting"]["seed"], checkpoint=ckpt, checkpoint_every=10, device="cpu",
+                            progress=not args.quiet, encoding="int8", log=log, **settings)
             except FileInUseError as exc:  # another process crafts it: go on with the next poison
+                if world_size > 1:  # the other ranks are inside the run already: stop them all
+                    raise
                 print(f"== {out.name}: skipped, {exc}", flush=True)
                 continue
             ps.settings.update({"preset": "paper-mnist", "dataset": "mnist",
-                                "val_size": protocol["data"]["val_size"]})
-            ps.save(out)
+                                "val_size": protocol["data"]["val_size"], "crafting_runs": crafting_runs(out)})
+            if rank == 0:
+                ps.save(out)
+            if world_size > 1:
+                dist.barrier()  # the next poison's look sees this one written
 
 
 def stage_controls(args, protocol, train) -> None:
