@@ -22,7 +22,8 @@ from . import metrics
 from .fileio import publish
 
 __all__ = ["ResultsLog", "ResultsError", "HEADER", "HEADER_SAMPLES", "header_for", "SCHEMA_VERSION", "summary_paths",
-           "read_log", "merge_logs", "validate_rows", "in_selection", "run_trace"]
+           "read_log", "merge_logs", "validate_rows", "in_selection", "run_trace",
+           "cpu_kind"]
 
 HEADER = "idx\tlabel\tpredict\tradius\tcorrect\ttime"
 HEADER_SAMPLES = HEADER + "\tsamples"  # adaptive sampling: the samples each image drew
@@ -142,7 +143,8 @@ def _split_rows(raw: bytes, path: Path, header: str = HEADER) -> tuple[list[tupl
 
 
 def run_trace(**extra) -> dict:
-    """What traces a run's results: engine, torch and Python versions, the CPU, the time; plus ``extra``
+    """What traces a run's results: engine, torch and Python versions, the CPU (model and :func:`cpu_kind`), the
+    time; plus ``extra``
     (checkpoint path, data root, backend, precision, device, ...). Recorded in the JSON summary's
     ``trace``, never compared on resume."""
     import platform
@@ -157,22 +159,56 @@ def run_trace(**extra) -> dict:
         "torch_version": torch.__version__,
         "python_version": platform.python_version(),
         "cpu": _cpu_model(),
+        "cpu_kind": cpu_kind(),
         "written": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         **extra,
     }
 
 
-def _cpu_model() -> str:
+# the vector instruction sets oneDNN and MKL choose their kernels by (they decide a CPU kind's rounding)
+ISA_FLAGS = ("avx2", "fma", "avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx512_bf16", "avx512_fp16",
+             "avx_vnni", "amx_tile", "amx_bf16", "amx_int8")
+
+
+def _cpuinfo() -> dict:
+    """The first processor's fields of /proc/cpuinfo ({} where there is none)."""
+    info = {}
     try:
         with open("/proc/cpuinfo") as fh:
             for line in fh:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
+                if not line.strip():
+                    break
+                key, _, value = line.partition(":")
+                info[key.strip()] = value.strip()
     except OSError:
         pass
+    return info
+
+
+def _cpu_model(info: dict | None = None) -> str:
+    info = _cpuinfo() if info is None else info
+    if info.get("model name"):
+        return info["model name"]
     import platform
 
     return platform.processor() or platform.machine()
+
+
+def cpu_kind(info: dict | None = None) -> str:
+    """This machine's CPU kind, a name for a folder: the model name, family.model.stepping and a short hash of the
+    vector instruction sets oneDNN may use, e.g. ``intel-r-xeon-r-processor-6.167.1-a745a0``. Training and
+    certification are not bit-reproducible across kinds (a generic model name such as "Intel(R) Xeon(R) Processor"
+    covers several), so paired comparisons stay within one. ``info``: /proc/cpuinfo's fields (read when None)."""
+    import hashlib
+
+    info = _cpuinfo() if info is None else info
+    slug = "".join(ch if ch.isalnum() else "-" for ch in _cpu_model(info).lower()).strip("-")
+    while "--" in slug:
+        slug = slug.replace("--", "-")
+    flags = set(info.get("flags", "").split())
+    isa = hashlib.sha256(" ".join(f for f in ISA_FLAGS if f in flags).encode()).hexdigest()[:6]
+    fms = ".".join(info.get(k, "x") for k in ("cpu family", "model", "stepping"))
+    return f"{slug or 'unknown'}-{fms}-{isa}"
 
 
 def _radius_down(radius: float) -> float:

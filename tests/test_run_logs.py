@@ -2,13 +2,14 @@
 writer per file (by any name), one row validator for resume and merge, no litter, traceable results."""
 
 import json
+import re
 
 import pytest
 import torch
 
 from engine import cli, data, models
 from engine.fileio import ExclusiveLock
-from engine.results import HEADER, SCHEMA_VERSION, ResultsError, ResultsLog, merge_logs, read_log, summary_paths
+from engine.results import HEADER, SCHEMA_VERSION, ResultsError, ResultsLog, cpu_kind, merge_logs, read_log, summary_paths
 
 
 @pytest.fixture(scope="module")
@@ -132,9 +133,27 @@ def test_clean_exit_leaves_no_lock_and_results_are_traceable(tmp_path, ckpt):
     assert summary["schema_version"] == SCHEMA_VERSION
     trace = summary["trace"]
     assert trace["checkpoint"] == str(ckpt) and summary["settings"]["checkpoint_sha256"]
-    for key in ("dataset", "data_root", "backend", "precision", "device", "engine_version", "torch_version", "cpu"):
+    for key in ("dataset", "data_root", "backend", "precision", "device", "engine_version", "torch_version", "cpu",
+                "cpu_kind"):
         assert key in trace, key
     assert trace["torch_version"] == torch.__version__ and trace["device"] == "cpu"
+    assert trace["cpu_kind"] == cpu_kind()
+
+
+def test_cpu_kind_names_model_family_and_vector_instructions():
+    """Two CPUs sold under one generic model name are told apart by family.model.stepping and by the vector
+    instruction sets oneDNN may use; flags it never uses do not matter; the name is safe for a folder."""
+    xeon = {"model name": "Intel(R) Xeon(R) Processor", "cpu family": "6", "model": "167", "stepping": "1",
+            "flags": "fpu sse2 avx2 fma avx512f avx512bw"}
+    kind = cpu_kind(xeon)
+    assert re.fullmatch(r"intel-r-xeon-r-processor-6\.167\.1-[0-9a-f]{6}", kind), kind
+    assert cpu_kind({**xeon, "model": "143"}) != kind
+    assert cpu_kind({**xeon, "flags": xeon["flags"] + " avx512_bf16"}) != kind
+    assert cpu_kind({**xeon, "flags": xeon["flags"] + " sse4_2 ht"}) == kind
+    assert cpu_kind({**xeon, "flags": "avx512bw fma avx512f avx2"}) == kind  # order does not matter
+    bare = cpu_kind({})  # no /proc/cpuinfo: the platform's name, fields unknown
+    assert re.fullmatch(r"[a-z0-9-]+-x\.x\.x-[0-9a-f]{6}", bare), bare
+    assert re.fullmatch(r"[a-z0-9.-]+", cpu_kind()) and not cpu_kind().startswith("-")
 
 
 def test_a_run_failing_before_its_first_row_leaves_nothing(tmp_path, ckpt, monkeypatch):

@@ -35,7 +35,6 @@ within each (paired across victims), 10,000 times.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import platform
 import re
@@ -51,7 +50,7 @@ from engine import data, models
 from engine.evaluate import evaluate_poison, target_test_indices
 from engine.fileio import ExclusiveLock, FileInUseError
 from engine.pacd import PoisonSet, poison, preset, random_poison
-from engine.results import read_log, run_trace
+from engine.results import cpu_kind, read_log, run_trace
 
 TARGET = 8
 PROCEDURES = ("gaussian", "macer", "smoothadv")
@@ -326,38 +325,11 @@ def stage_controls(args, protocol, train) -> None:
         print(f"== wrote {out.name}")
 
 
-ISA_FLAGS = ("avx2", "fma", "avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx512_bf16", "avx512_fp16",
-             "avx_vnni", "amx_tile", "amx_bf16", "amx_int8")
-
-
-def _cpuinfo() -> dict:
-    """The first processor's fields of /proc/cpuinfo ({} where there is none)."""
-    info = {}
-    try:
-        with open("/proc/cpuinfo") as fh:
-            for line in fh:
-                if not line.strip():
-                    break
-                key, _, value = line.partition(":")
-                info[key.strip()] = value.strip()
-    except OSError:
-        pass
-    return info
-
-
 def machine_tag() -> str:
-    """The victims' folder of one machine kind: the CPU model name, family.model.stepping, a short hash of the vector
-    instruction sets oneDNN may use, and the thread count (victims of different kinds are never paired: training is
-    not bit-reproducible across CPUs, and a generic model name such as "Intel(R) Xeon(R) Processor" covers several)."""
-    info = _cpuinfo()
-    cpu = info.get("model name") or run_trace()["cpu"]
-    slug = "".join(ch if ch.isalnum() else "-" for ch in cpu.lower()).strip("-")
-    while "--" in slug:
-        slug = slug.replace("--", "-")
-    flags = set(info.get("flags", "").split())
-    isa = hashlib.sha256(" ".join(f for f in ISA_FLAGS if f in flags).encode()).hexdigest()[:6]
-    fms = ".".join(info.get(k, "x") for k in ("cpu family", "model", "stepping"))
-    return f"{slug}-{fms}-{isa}-t{torch.get_num_threads()}"
+    """The victims' folder of one machine kind: the CPU kind (engine.results.cpu_kind: model name,
+    family.model.stepping, a hash of the vector instruction sets) and the thread count (victims of different kinds are
+    never paired: training is not bit-reproducible across CPUs)."""
+    return f"{cpu_kind()}-t{torch.get_num_threads()}"
 
 
 def victim_dir(args, row: dict, seed: int, machine: str) -> Path:
