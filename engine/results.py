@@ -515,7 +515,7 @@ def merge_logs(paths, out: str | os.PathLike, *, allow_partial: bool = False, ov
         raise ResultsError(f"shards {missing} of {num_shards} are missing (or pass --allow-partial)")
     settings = {**base, "merged_shards": sorted(shards), "shard": "merged"}
     first_trace = logs[0][1].get("trace") if isinstance(logs[0][1].get("trace"), dict) else {}
-    kept = {k: v for k, v in first_trace.items() if k not in ("written", "cpu", "threads")}
+    kept = {k: v for k, v in first_trace.items() if k not in ("written", "cpu", "cpu_kind", "threads")}
     trace = run_trace(**{**kept, "command": "merge", "merged_from": [str(p) for p in paths],
                          "shard_traces": [s.get("trace") for _, s, _ in logs]})
     planned = [s.get("planned_images") for _, s, _ in logs]

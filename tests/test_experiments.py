@@ -336,6 +336,10 @@ def test_pacd_controls_dry_run_and_fixed_protocol(tmp_path):
     (run,) = _poison_settings(work / "poisons" / "smoothadv-eps0.1-crafted.safetensors")["crafting_runs"]
     assert run["from_step"] == 0 and run["world_size"] == 2
     assert not (work / "poisons" / "macer-eps0.1-crafted.safetensors").exists()
+    # the other stages run in one process
+    proc = subprocess.run([sys.executable, str(EXPERIMENTS / "pacd_controls/pacd_controls.py"), *map(str, base),
+                           "--stage", "victims"], capture_output=True, text=True, env={**env, "WORLD_SIZE": "2"})
+    assert proc.returncode != 0 and "only --stage craft runs under torchrun" in proc.stderr
 
     # a victim of another CPU kind is reported in its own section, never paired with this kind's clean victims
     src = next((work / "victims").glob("*/lenet/gaussian/gaussian-eps0.1-crafted/seed0"))

@@ -24,7 +24,7 @@ import torch
 from .. import bilevel
 from .. import checkpoint as _checkpoint
 from ..bilevel import AdamState, flat_params
-from ..fileio import ExclusiveLock
+from ..fileio import ExclusiveLock, FileInUseError
 from ..validate import InputError, InputTypeError, check_dataset, check_device, check_model_fits, check_progress, describe_module
 from .config import PoisonConfig, _count
 from .lower import LowerLevel, OuterBatch
@@ -753,6 +753,8 @@ def poison(
         :class:`engine.validate.InputError` (a ValueError) for bad arguments, data (as for
         :func:`engine.train`), a model instance passed as ``model_fn``, a model that does not fit the
         images or a ``target_class`` beyond its outputs.
+        :class:`engine.fileio.FileInUseError` when another process writes ``checkpoint`` (data-parallel: on
+        every rank, so that all of them may go on to other work together).
 
     Returns:
         :class:`PoisonSet` with ||images - originals||_inf <= eps, images in [0, 1], labels unchanged.
@@ -772,7 +774,20 @@ def poison(
     ckpt = Path(checkpoint) if checkpoint is not None else None
     writer = crafter._rank == 0  # data-parallel: every rank resumes from the checkpoint, rank 0 writes it
     # one writer per checkpoint, released (its lock file removed) however the run ends
-    lock = ExclusiveLock(ckpt).acquire() if ckpt is not None and writer else None
+    lock = busy = None
+    if ckpt is not None and writer:
+        try:
+            lock = ExclusiveLock(ckpt).acquire()
+        except FileInUseError as exc:
+            busy = exc
+    if crafter._world > 1:  # every rank learns whether rank 0 got the lock: all go on, or all raise
+        from ..distributed import first_error
+
+        refused = first_error(busy)
+        if refused is not None and busy is None:
+            raise FileInUseError(f"{ckpt}: the data-parallel run stops on every rank ({refused})")
+    if busy is not None:
+        raise busy
     try:
         _run_crafter(crafter, config, ckpt, method, progress and writer, log, write=writer)
     finally:

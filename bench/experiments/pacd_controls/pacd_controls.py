@@ -48,7 +48,7 @@ import torch
 
 from engine import data, models
 from engine.evaluate import evaluate_poison, target_test_indices
-from engine.fileio import ExclusiveLock, FileInUseError
+from engine.fileio import FileInUseError
 from engine.pacd import PoisonSet, poison, preset, random_poison
 from engine.results import cpu_kind, read_log, run_trace
 
@@ -208,32 +208,23 @@ def poison_path(args, proc: str, eps: float, kind: str) -> Path:
     return args.work / "poisons" / f"{proc}-eps{eps:g}-{kind}.safetensors"
 
 
-def _held_elsewhere(ckpt: Path) -> str | None:
-    """Why another process holds ``ckpt``'s lock (None when it is free; probed, then released at once)."""
-    try:
-        ExclusiveLock(ckpt).acquire().release()
-    except FileInUseError as exc:
-        return str(exc)
-    return None
-
-
 def crafting_runs_path(out: Path) -> Path:
     """The JSON-lines record of the runs that crafted ``out`` (one line per start or resume)."""
     return out.with_name(out.name + ".runs.jsonl")
 
 
-def _record_run(out: Path, from_step: int, world: int) -> None:
+def _record_run(out: Path, from_step: int, world: int, note: str | None = None) -> None:
     """Append one crafting run's start to ``out``'s record: the step it resumed from, its processes, threads and
-    machine kind (a poison's crafting is not bit-reproducible across CPUs or process counts)."""
+    machine kind (a poison's crafting is not bit-reproducible across CPUs or process counts). A run's steps end
+    where the next record's ``from_step`` begins."""
     runs = crafting_runs_path(out)
     lines = []
-    if not runs.exists() and from_step > 0:  # the runs before this record existed
-        lines.append({"from_step": 0, "world_size": 1, "threads_per_process": 1, "machine": None,
-                      "note": "the runs before this record existed: one process, --threads 1, machine not recorded "
-                              "(the development machines of 2026-12-06 and 07)"})
+    if not runs.exists() and from_step > 0:  # the runs before this record existed: nothing known of them
+        lines.append({"from_step": 0, "world_size": None, "threads_per_process": None, "machine": None,
+                      "note": "runs before this record existed (not recorded)"})
     lines.append({"from_step": from_step, "world_size": world, "threads_per_process": torch.get_num_threads(),
                   "machine": machine_tag(), "cpu": run_trace()["cpu"],
-                  "started": time.strftime("%Y-%m-%dT%H:%M:%S+0000", time.gmtime())})
+                  "started": time.strftime("%Y-%m-%dT%H:%M:%S+0000", time.gmtime()), **({"note": note} if note else {})})
     with open(runs, "a") as fh:
         for line in lines:
             fh.write(json.dumps(line) + "\n")
@@ -261,19 +252,13 @@ def stage_craft(args, protocol, train, val, only=None) -> None:
         for eps in protocol["crafting"]["eps"][proc]:
             out = poison_path(args, proc, eps, "crafted")
             ckpt = out.with_name(out.name + ".ckpt")
-            if world_size > 1:  # every rank takes the same decision: rank 0's look at the files
+            done = [out.exists()]
+            if world_size > 1:  # every rank takes rank 0's look at the files
                 import torch.distributed as dist
 
-                look = [(out.exists(), _held_elsewhere(ckpt) if not out.exists() else None) if rank == 0 else None]
-                dist.broadcast_object_list(look, src=0)
-                done, held = look[0]
-            else:
-                done, held = out.exists(), None
-            if done:
+                dist.broadcast_object_list(done, src=0)
+            if done[0]:
                 say(f"== {out.name}: done")
-                continue
-            if held is not None:
-                say(f"== {out.name}: skipped, {held}", flush=True)
                 continue
             settings = {**protocol["crafting"]["settings"][proc], "eps": eps}
             out.parent.mkdir(parents=True, exist_ok=True)
@@ -290,11 +275,11 @@ def stage_craft(args, protocol, train, val, only=None) -> None:
                 ps = poison(lambda: models.build("lenet"), train, val, target_class=TARGET, method=proc,
                             seed=protocol["crafting"]["seed"], checkpoint=ckpt, checkpoint_every=10, device="cpu",
                             progress=not args.quiet, encoding="int8", log=log, **settings)
-            except FileInUseError as exc:  # another process crafts it: go on with the next poison
-                if world_size > 1:  # the other ranks are inside the run already: stop them all
-                    raise
-                print(f"== {out.name}: skipped, {exc}", flush=True)
+            except FileInUseError as exc:  # another process crafts it (every rank hears so): go on with the next
+                say(f"== {out.name}: skipped, {exc}", flush=True)
                 continue
+            if not started and rank == 0:  # a checkpoint already at its last step: the poison written from it
+                _record_run(out, settings["outer_steps"], world_size, note="resumed a finished checkpoint: no step run")
             ps.settings.update({"preset": "paper-mnist", "dataset": "mnist",
                                 "val_size": protocol["data"]["val_size"], "crafting_runs": crafting_runs(out)})
             if rank == 0:
@@ -859,6 +844,10 @@ def main(argv=None) -> int:
                    help="with --stage protocol: replace the stored protocol by this driver's (refused once any victim "
                         "exists, or if the crafting, data or certification would change)")
     args = p.parse_args(argv)
+    from engine.distributed import env_world_size
+
+    if env_world_size() > 1 and args.stage != "craft":
+        p.error(f"--stage {args.stage} runs in one process; only --stage craft runs under torchrun (WORLD_SIZE > 1)")
     if args.threads:
         torch.set_num_threads(args.threads)
     only = set(args.only.split(",")) if args.only else None
