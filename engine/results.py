@@ -144,9 +144,8 @@ def _split_rows(raw: bytes, path: Path, header: str = HEADER) -> tuple[list[tupl
 
 def run_trace(**extra) -> dict:
     """What traces a run's results: engine, torch and Python versions, the CPU (model and :func:`cpu_kind`), the
-    time; plus ``extra``
-    (checkpoint path, data root, backend, precision, device, ...). Recorded in the JSON summary's
-    ``trace``, never compared on resume."""
+    time; plus ``extra`` (checkpoint path, data root, backend, precision, device, ...). Recorded in the JSON
+    summary's ``trace``, never compared on resume."""
     import platform
     import time
 
@@ -154,12 +153,13 @@ def run_trace(**extra) -> dict:
 
     from ._version import __version__
 
+    info = _cpuinfo()  # read once for the model and the kind
     return {
         "engine_version": __version__,
         "torch_version": torch.__version__,
         "python_version": platform.python_version(),
-        "cpu": _cpu_model(),
-        "cpu_kind": cpu_kind(),
+        "cpu": _cpu_model(info),
+        "cpu_kind": cpu_kind(info),
         "written": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         **extra,
     }
