@@ -26,6 +26,8 @@ import sys
 import time
 from pathlib import Path
 
+from pacd_controls import checkpoint_path, poison_path  # the driver beside this script
+
 HERE = Path(__file__).resolve().parent
 DRIVER = HERE / "pacd_controls.py"
 BAR = re.compile(r"(\d+)/(\d+) \[(?:(\d+):)?(\d+):(\d+)<")
@@ -44,9 +46,9 @@ def step_times(log: Path) -> list[tuple[int, float]]:
 def current_poison(work: Path, proc: str, protocol: dict) -> Path | None:
     """The checkpoint ``--only proc`` resumes: its first eps without a finished poison."""
     for eps in protocol["crafting"]["eps"][proc]:
-        out = work / "poisons" / f"{proc}-eps{eps:g}-crafted.safetensors"
+        out = poison_path(argparse.Namespace(work=work), proc, eps, "crafted")
         if not out.exists():
-            return out.with_name(out.name + ".ckpt")
+            return checkpoint_path(out)
     return None
 
 

@@ -208,6 +208,11 @@ def poison_path(args, proc: str, eps: float, kind: str) -> Path:
     return args.work / "poisons" / f"{proc}-eps{eps:g}-{kind}.safetensors"
 
 
+def checkpoint_path(out: Path) -> Path:
+    """The crafting checkpoint of the poison file ``out``."""
+    return out.with_name(out.name + ".ckpt")
+
+
 def crafting_runs_path(out: Path) -> Path:
     """The JSON-lines record of the runs that crafted ``out`` (one line per start or resume)."""
     return out.with_name(out.name + ".runs.jsonl")
@@ -251,7 +256,7 @@ def stage_craft(args, protocol, train, val, only=None) -> None:
             continue
         for eps in protocol["crafting"]["eps"][proc]:
             out = poison_path(args, proc, eps, "crafted")
-            ckpt = out.with_name(out.name + ".ckpt")
+            ckpt = checkpoint_path(out)
             done = [out.exists()]
             if world_size > 1:  # every rank takes rank 0's look at the files
                 import torch.distributed as dist
@@ -797,7 +802,7 @@ def stage_status(args, protocol) -> None:
         steps = protocol["crafting"]["settings"][proc]["outer_steps"]
         for eps in protocol["crafting"]["eps"][proc]:
             out = poison_path(args, proc, eps, "crafted")
-            ckpt = out.with_name(out.name + ".ckpt")
+            ckpt = checkpoint_path(out)
             if out.exists():
                 done, state = steps, "done"
             elif ckpt.exists():
