@@ -452,3 +452,17 @@ def test_lower_subset_dry_run_crafts_on_the_subset_and_reports_every_row(tmp_pat
     assert rows["clean"]["seeds"] == [0] and len(rows["clean"]["acr"]) == 1
     assert all(rows[k]["missing_seeds"] == [0] and rows[k]["acr_drop"] is None for k in list(rows)[1:])
     assert "| subset-crafted | 0 |" in (results / "results.md").read_text()
+
+
+def test_crafting_modes_refuses_before_writing(tmp_path):
+    """crafting_modes.py checks every block of --schedule and its --out before it writes anything: a bad block or
+    the file of an earlier run (its blocks would be lost) is refused, nothing written, no crafting started."""
+    out = tmp_path / "modes.json"
+    proc = _run("pacd_controls/crafting_modes.py", "--schedule", "dp:gaussian,pair:gaussian", "--out", out,
+                "--work", tmp_path / "work")
+    assert proc.returncode != 0 and "'pair:gaussian' is not pair:A+B or dp:A" in proc.stderr
+    assert not out.exists() and not (tmp_path / "work").exists()
+    out.write_text("{}")
+    proc = _run("pacd_controls/crafting_modes.py", "--schedule", "dp:gaussian", "--out", out, "--work", tmp_path / "work")
+    assert proc.returncode != 0 and "exists (the blocks of an earlier run)" in proc.stderr
+    assert out.read_text() == "{}" and not (tmp_path / "work").exists()

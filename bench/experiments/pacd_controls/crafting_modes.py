@@ -52,12 +52,18 @@ def current_poison(work: Path, proc: str, protocol: dict) -> Path | None:
     return None
 
 
-def run_block(index: int, mode: str, seconds: float, args, protocol: dict) -> dict:
+def parse_mode(mode: str, protocol: dict) -> tuple[str, list[str]]:
+    """("pair" or "dp", its procedures) of one --schedule entry; SystemExit naming a bad one."""
     kind, _, procs = mode.partition(":")
     procs = procs.split("+")
     if kind not in ("pair", "dp") or (kind == "pair") != (len(procs) == 2) or any(p not in protocol["crafting"]["eps"]
                                                                                   for p in procs):
         raise SystemExit(f"--schedule: {mode!r} is not pair:A+B or dp:A (A, B among {list(protocol['crafting']['eps'])})")
+    return kind, procs
+
+
+def run_block(index: int, mode: str, seconds: float, args, protocol: dict) -> dict:
+    kind, procs = parse_mode(mode, protocol)
     common = ["--stage", "craft", "--data-root", str(args.data_root), "--work", str(args.work), "--threads", "1"]
     logs_dir = args.work / "modes"
     logs_dir.mkdir(parents=True, exist_ok=True)
@@ -115,6 +121,10 @@ def main(argv=None) -> int:
     p.add_argument("--out", type=Path, default=HERE / "results" / "crafting_modes.json")
     args = p.parse_args(argv)
     protocol = json.loads((HERE / "results" / "protocol.json").read_text())
+    for mode in args.schedule.split(","):  # every block checked before the protocol is written
+        parse_mode(mode, protocol)
+    if args.out.exists():
+        raise SystemExit(f"--out {args.out} exists (the blocks of an earlier run): pass another --out")
     from engine.results import run_trace
 
     record = {"protocol": __doc__.split("\n\n")[1].replace("\n", " "),
