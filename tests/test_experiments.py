@@ -341,6 +341,29 @@ def test_pacd_controls_dry_run_and_fixed_protocol(tmp_path):
                            "--stage", "victims"], capture_output=True, text=True, env={**env, "WORLD_SIZE": "2"})
     assert proc.returncode != 0 and "only --stage craft runs under torchrun" in proc.stderr
 
+    # the victims' machine kind includes the thread count: the victims stage does not guess it
+    proc = _run("pacd_controls/pacd_controls.py", *base[:-2], "--stage", "victims")
+    assert proc.returncode != 0 and "--stage victims needs --threads" in proc.stderr
+    # a crafted poison made again: its victims' results and its twin are stale; the summary refuses them, the victims
+    # stage sets them aside (nothing deleted), makes the twin again and trains their victims again
+    images, labels = data.load_mnist(data.embedded_mnist_root(), "train")
+    train, _ = data.split_validation(images, labels, 100)
+    crafted_file = work / "poisons" / "gaussian-eps0.1-crafted.safetensors"
+    ps = PoisonSet.load(crafted_file, (train[0][:1000], train[1][:1000]))
+    ps.settings["remade"] = True
+    ps.save(crafted_file)
+    proc = _run("pacd_controls/pacd_controls.py", *base, "--stage", "summary")
+    assert proc.returncode != 0 and "its results are not those of this row now" in proc.stderr
+    proc = _run("pacd_controls/pacd_controls.py", *base, "--stage", "victims", "--only", "gaussian")
+    assert proc.returncode == 0, proc.stderr
+    assert "gaussian-eps0.1-twin.safetensors: it is the twin of poison" in proc.stdout and "made again" in proc.stdout
+    assert proc.stdout.count("its results are not this row's") == 3  # crafted and twin (LeNet), crafted (MLP)
+    twin_like = _poison_settings(work / "poisons" / "gaussian-eps0.1-twin.safetensors")["like"]["sha256"]
+    assert twin_like == init_record(ps)["sha256"]
+    assert len(list((work / "poisons").glob("gaussian-eps0.1-twin.safetensors.stale-*"))) == 1
+    assert len(list((work / "victims").glob(f"{machine}/*/gaussian/gaussian-eps0.1-*/seed0.stale-*"))) == 3
+    assert _run("pacd_controls/pacd_controls.py", *base, "--stage", "summary").returncode == 0
+
     # a victim of another CPU kind is reported in its own section, never paired with this kind's clean victims
     src = next((work / "victims").glob("*/lenet/gaussian/gaussian-eps0.1-crafted/seed0"))
     dst = work / "victims" / "other-cpu-t1" / "lenet" / "gaussian" / "gaussian-eps0.1-crafted" / "seed0"
@@ -369,17 +392,55 @@ def _poison_settings(path):
         return json.loads(fh.metadata()["engine_poison"])["meta"]["settings"]
 
 
-def _fake_victim(folder, radius, acc_target, images=4):
-    """A finished victim's files as evaluate_poison writes them: every image of class 8 certified with ``radius``."""
+def _fake_victim(folder, radius, acc_target):
+    """A finished victim's files as evaluate_poison writes them, for the protocol in ``results``: every image of class 8
+    certified with ``radius``; its settings, certification and poison (the file in ``work/poisons`` now) those of the
+    row its folder names (.../<arch>/<victim>/<poison>/seed<s>)."""
+    from engine.pacd import read_poison_header
+
+    work = folder.parents[5]
+    protocol = json.loads((work.parent / "results" / "protocol.json").read_text())
+    arch, victim, poison, seed = folder.parts[-4], folder.parts[-3], folder.parts[-2], int(folder.name[4:])
+    v, c = protocol["victims"], protocol["certification"]
+    identity = None if poison == "clean" else read_poison_header(work / "poisons" / f"{poison}.safetensors")["sha256"]
+    train_settings = {"arch": arch, "victim_method": victim, "sigma": float(v["sigma"][victim]),
+                      "epochs": v["epochs"][victim], "batch_size": v["batch_size"], "lr": float(v["lr"]),
+                      "optimizer": v["optimizer"], "schedule": v["schedule"], "seed": seed,
+                      "method_args": v["method_args"][victim], "train_size": 1000,
+                      "poison_sha256": None if identity is None else "meta-digest", "poison_method": None}
     folder.mkdir(parents=True)
-    settings = {"victim": "fake", "target_class": 8, "sigma": 0.5, "n0": 100, "n": 100000, "alpha": 0.001,
-                "images": images, "certify_seed": 0}
+    images = c["images"]
+    settings = {"victim": "fake", "target_class": 8, "sigma": float(v["sigma"][victim]), "n0": c["n0"], "n": c["n"],
+                "alpha": c["alpha"], "images": images, "certify_seed": 0}
     (folder / "certify.json").write_text(json.dumps({"settings": settings}))
     rows = "".join(f"{i}\t8\t8\t{radius:.6f}\t1\t0.0100\n" for i in range(images))
     (folder / "certify.tsv").write_text("idx\tlabel\tpredict\tradius\tcorrect\ttime\n" + rows)
     (folder / "summary.json").write_text(json.dumps({
         "acr": radius, "certified_accuracy": {"0": 1.0}, "clean_accuracy_target": acc_target,
-        "clean_accuracy_other_classes": 0.95, "trace": {"cpu": "test cpu", "threads": 1}}))
+        "clean_accuracy_other_classes": 0.95, "images": images, "n0": c["n0"], "n": c["n"], "alpha": c["alpha"],
+        "train_settings": train_settings,
+        "trace": {"cpu": "test cpu", "threads": 1, "poison_content_sha256": identity}}))
+
+
+def _fake_poisons(work, names, seed=0):
+    """Poison files named like the protocol's (a crafted one, its twin, controls) on a small random training set: the
+    summary reads their headers (identity, the twin's crafted poison, outer steps), never their images."""
+    from engine.pacd import random_poison
+
+    g = torch.Generator().manual_seed(seed)
+    train = (torch.randint(0, 256, (40, 1, 28, 28), dtype=torch.uint8, generator=g), torch.arange(40) % 10)
+    (work / "poisons").mkdir(parents=True, exist_ok=True)
+    for name in names:
+        eps = float(name.split("-eps")[1].split("-")[0])
+        kind = name.rsplit("-", 1)[1]
+        crafted = None
+        if kind == "twin":
+            crafted = PoisonSet.load(work / "poisons" / name.replace("-twin", "-crafted.safetensors"), train)
+        ps = random_poison(train, target_class=8, eps=eps, kind="uniform" if kind in ("crafted", "twin") and
+                           crafted is None else kind, seed=seed, like=crafted)
+        if kind == "crafted":
+            ps.settings["outer_steps"] = 7
+        ps.save(work / "poisons" / f"{name}.safetensors")
 
 
 def test_pacd_controls_goal_verdicts_on_known_victims(tmp_path):
@@ -391,6 +452,10 @@ def test_pacd_controls_goal_verdicts_on_known_victims(tmp_path):
     base = ["--work", work, "--results", results, "--quiet", "--data-root", tmp_path / "unused"]
     assert _run("pacd_controls/pacd_controls.py", *base, "--stage", "protocol").returncode == 0
     root = work / "victims" / "test-cpu-t1"
+    _fake_poisons(work, ["gaussian-eps0.1-crafted", "gaussian-eps0.1-twin", "gaussian-eps0.1-vertex",
+                         "gaussian-eps0.1-sign", "gaussian-eps0.1-uniform", "gaussian-eps0.1-shift",
+                         "gaussian-eps0.03-crafted", "gaussian-eps0.03-vertex", "gaussian-eps0.05-crafted",
+                         "gaussian-eps0.05-vertex"])
     # (poison, radius, accuracy on class 8) of the Gaussian-augmentation victims; the clean ones: radius 1, 0.90
     ga = [("clean", 1.0, 0.90), ("gaussian-eps0.1-crafted", 0.5, 0.86), ("gaussian-eps0.1-twin", 0.9, 0.88),
           ("gaussian-eps0.1-vertex", 0.3, 0.60), ("gaussian-eps0.1-sign", 0.95, 0.90),
@@ -427,6 +492,39 @@ def test_pacd_controls_goal_verdicts_on_known_victims(tmp_path):
     _fake_victim(root / "lenet" / "gaussian" / "gaussian-eps0.1-shift" / "seed0", 0.45, 0.87)  # cheaper, 55% drop
     v = summary()["gaussian-eps0.1"]
     assert v["complete"] and v["twin_goal"] and v["frontier_goal"] is False and v["met"] is False
+    rows = json.loads((results / "summary.json").read_text())["rows"]
+    assert {r["outer_steps"] for r in rows if r["poison"] == "gaussian-eps0.1-crafted"} == {7}  # from the file
+
+    # results of another poison are never summarised: a control file made again (another seed) ...
+    _fake_poisons(work, ["gaussian-eps0.03-vertex"], seed=1)
+    proc = _run("pacd_controls/pacd_controls.py", *base, "--stage", "summary")
+    assert proc.returncode != 0 and "gaussian-eps0.03-vertex/seed0: its results are not those of this row" in proc.stderr
+    assert "(poison " in proc.stderr
+    _fake_poisons(work, ["gaussian-eps0.03-vertex"], seed=0)
+    assert _run("pacd_controls/pacd_controls.py", *base, "--stage", "summary").returncode == 0
+    # ... nor a twin of an earlier crafted poison, nor a victim of other settings
+    def refake(poison, radius, acc, seeds=(0, 1, 2), arch="lenet"):
+        for seed in seeds:
+            shutil.rmtree(root / arch / "gaussian" / poison / f"seed{seed}")
+            _fake_victim(root / arch / "gaussian" / poison / f"seed{seed}", radius, acc)
+
+    _fake_poisons(work, ["gaussian-eps0.1-crafted"], seed=1)
+    proc = _run("pacd_controls/pacd_controls.py", *base, "--stage", "summary")
+    assert proc.returncode != 0 and "gaussian-eps0.1-crafted/seed0: its results are not those" in proc.stderr
+    refake("gaussian-eps0.1-crafted", 0.5, 0.86)
+    refake("gaussian-eps0.1-crafted", 0.6, 0.9, seeds=(0,), arch="mlp")
+    proc = _run("pacd_controls/pacd_controls.py", *base, "--stage", "summary")
+    assert proc.returncode != 0 and "gaussian-eps0.1-twin.safetensors: it is the twin of poison" in proc.stderr
+    _fake_poisons(work, ["gaussian-eps0.1-twin"], seed=1)  # the twin of the crafted poison there now
+    assert _run("pacd_controls/pacd_controls.py", *base, "--stage", "summary").returncode != 0  # its old victims
+    refake("gaussian-eps0.1-twin", 0.9, 0.88)
+    assert _run("pacd_controls/pacd_controls.py", *base, "--stage", "summary").returncode == 0
+    victim = root / "lenet" / "gaussian" / "gaussian-eps0.1-crafted" / "seed1"
+    stored = json.loads((victim / "summary.json").read_text())
+    stored["train_settings"]["epochs"] = 3
+    (victim / "summary.json").write_text(json.dumps(stored))
+    proc = _run("pacd_controls/pacd_controls.py", *base, "--stage", "summary")
+    assert proc.returncode != 0 and "epochs 3 (protocol 10)" in proc.stderr
 
 
 def test_lower_subset_dry_run_crafts_on_the_subset_and_reports_every_row(tmp_path):

@@ -15,6 +15,7 @@ from engine.pacd import (
     combine_poisons,
     init_record,
     poison,
+    read_poison_header,
 )
 
 EPS = 0.1
@@ -261,6 +262,32 @@ def test_file_sizes(split, tmp_path):
     assert pixels > 50_000
     assert pixels <= size["i"] < pixels * 1.1 and pixels / 4 <= size["s"] < pixels / 4 * 1.3
     assert 3.6 < size["f"] / size["i"] < 4 and 12 < size["f"] / size["s"] < 16
+
+
+def test_read_poison_header_gives_the_identity_of_every_encoding_without_the_images(split, tmp_path):
+    """read_poison_header reads a file's own account (meta, encoding, identity) without the training set: the
+    identity is init_record's sha256 for float32, int8 and sign files alike; a file that is not a poison, or whose
+    header has no identity, is refused by name."""
+    train, _ = split
+    ps = _vote(train)
+    sha = init_record(ps)["sha256"]
+    for enc in ("float32", "int8", "sign"):
+        path = tmp_path / f"{enc}.safetensors"
+        ps.encode(train, enc).save(path)
+        head = read_poison_header(path)
+        assert head["encoding"] == enc and head["sha256"] == sha and head["meta"] == ps._meta()
+    other = _random_poison(train, 9)
+    other.save(tmp_path / "other.safetensors")
+    assert read_poison_header(tmp_path / "other.safetensors")["sha256"] == init_record(other)["sha256"] != sha
+    header, tensors = _header(tmp_path / "int8.safetensors")
+    _rewrite(tmp_path / "bad.safetensors", {k: v for k, v in header.items() if k != "poison_sha256"}, tensors)
+    with pytest.raises(PoisonError, match="bad.safetensors: the poison metadata has no sha256"):
+        read_poison_header(tmp_path / "bad.safetensors")
+    (tmp_path / "junk.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(PoisonError, match="junk.safetensors: not a readable safetensors file"):
+        read_poison_header(tmp_path / "junk.safetensors")
+    with pytest.raises(PoisonError, match="missing.safetensors: no such poison set"):
+        read_poison_header(tmp_path / "missing.safetensors")
 
 
 def test_old_float32_files_load_and_keep_their_sha256(split, tmp_path):

@@ -65,6 +65,7 @@ from .poisonset import (  # noqa: F401
     _vertex,
     init_record,
     read_checkpoint,
+    read_poison_header,
 )
 from .presets import DEVIATIONS, PRESETS, preset
 
@@ -89,6 +90,7 @@ __all__ = [
     "resolve_method_args",
     "keyed_generator",
     "read_checkpoint",
+    "read_poison_header",
     "init_record",
     "COMBINE",
     "DEVIATIONS",

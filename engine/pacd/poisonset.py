@@ -103,6 +103,53 @@ def _poison_sha256(ps: "PoisonSet") -> str:
     return _content_hash(ps._tensors(), ps._meta())
 
 
+def _read_file(path: Path, with_tensors: bool) -> tuple[dict, dict[str, torch.Tensor]]:
+    """A poison file's JSON header (checked to be an object) and, ``with_tensors``, its tensors."""
+    from safetensors import safe_open
+
+    if not path.is_file():
+        raise PoisonError(f"{path}: no such poison set")
+    try:
+        with safe_open(str(path), framework="pt") as fh:
+            raw = (fh.metadata() or {}).get("engine_poison")
+            tensors = {k: fh.get_tensor(k) for k in fh.keys()} if with_tensors else {}
+    except Exception as exc:
+        raise PoisonError(f"{path}: not a readable safetensors file ({exc})") from exc
+    if raw is None:
+        raise PoisonError(f"{path}: safetensors file without poison metadata")
+    try:
+        header = json.loads(raw)
+    except json.JSONDecodeError as exc:
+        raise PoisonError(f"{path}: unreadable poison metadata ({exc})") from None
+    if not isinstance(header, dict) or not isinstance(header.get("meta", {}), dict):
+        what = header if not isinstance(header, dict) else header["meta"]
+        raise PoisonError(f"{path}: unreadable poison metadata (a JSON {type(what).__name__} where PoisonSet.save "
+                          "writes an object): the file was edited or damaged")
+    return header, tensors
+
+
+def read_poison_header(path: str | os.PathLike) -> dict:
+    """What a poison file says of itself, read from its header alone (no images, no training set needed).
+
+    Returns ``{"meta": {format, clean_sha256, eps, sigma, method, target_class, settings}, "encoding": ...,
+    "sha256": identity}``; ``sha256`` is the poison's identity, the sha256 of its float32 file whatever the file's
+    encoding (the ``sha256`` of :func:`init_record`, the ``poison_content_sha256`` of an evaluation's trace). The
+    header is not checked against the contents here: :meth:`PoisonSet.load` does that."""
+    path = Path(path)
+    header, _ = _read_file(path, with_tensors=False)
+    meta = header.get("meta", {})
+    if meta.get("format") != FORMAT:
+        raise PoisonError(f"{path}: unknown poison format {_brief(meta.get('format'))}")
+    encoding = header.get("encoding", "float32")
+    if encoding not in ENCODINGS:
+        raise PoisonError(f"{path}: unknown poison encoding {encoding!r} (known: {', '.join(ENCODINGS)})")
+    identity = header.get("sha256") if encoding == "float32" else header.get("poison_sha256")
+    if not isinstance(identity, str):
+        raise PoisonError(f"{path}: the poison metadata has no sha256 of the poison: the file was edited or damaged")
+    _check_poison_meta(meta, path)
+    return {"meta": meta, "encoding": encoding, "sha256": identity}
+
+
 def init_record(ps: "PoisonSet") -> dict:
     """What a run warm-started from ``ps`` (``poison(init=ps)``) records as ``settings["init"]``.
 
@@ -307,27 +354,8 @@ class PoisonSet:
         refused (as :meth:`apply` does). A compact file's decoded images are checked against the sha256 of the
         poison it was saved from.
         """
-        from safetensors import safe_open
-
         path = Path(path)
-        if not path.is_file():
-            raise PoisonError(f"{path}: no such poison set")
-        try:
-            with safe_open(str(path), framework="pt") as fh:
-                raw = (fh.metadata() or {}).get("engine_poison")
-                tensors = {k: fh.get_tensor(k) for k in fh.keys()}
-        except Exception as exc:
-            raise PoisonError(f"{path}: not a readable safetensors file ({exc})") from exc
-        if raw is None:
-            raise PoisonError(f"{path}: safetensors file without poison metadata")
-        try:
-            header = json.loads(raw)
-        except json.JSONDecodeError as exc:
-            raise PoisonError(f"{path}: unreadable poison metadata ({exc})") from None
-        if not isinstance(header, dict) or not isinstance(header.get("meta", {}), dict):
-            what = header if not isinstance(header, dict) else header["meta"]
-            raise PoisonError(f"{path}: unreadable poison metadata (a JSON {type(what).__name__} where PoisonSet.save "
-                              "writes an object): the file was edited or damaged")
+        header, tensors = _read_file(path, with_tensors=True)
         meta = header.get("meta", {})
         if meta.get("format") != FORMAT:
             raise PoisonError(f"{path}: unknown poison format {_brief(meta.get('format'))}")

@@ -9,7 +9,10 @@ Stages (each resumable; run them again after a crash, or in several processes wi
     craft      the crafted poisons (poison --preset paper-mnist, outer steps of the protocol), resumable checkpoints.
     controls   the random controls of every crafted poison (engine.pacd.random_poison; twin, vertex, sign, uniform,
                shift).
-    victims    train and certify every (row, victim seed) of the protocol (engine.evaluate.evaluate_poison), resumable.
+    victims    train and certify every (row, victim seed) of the protocol (engine.evaluate.evaluate_poison), resumable;
+               makes the twins whose crafted poison exists first; needs --threads (part of the machine kind). A
+               finished victim whose results are not its row's now (settings, certification, poison file) is set
+               aside (renamed, never deleted) and trained again; the summary refuses such a victim.
     summary    results/summary.json (schema below), results/results.md and results/drop_vs_accuracy.png from every
                finished victim; rows with missing victims are reported as missing, never dropped.
     status     where the work stands: crafting steps, victims finished per machine kind, CPU hours left.
@@ -24,7 +27,8 @@ summary.json: {"protocol": {...}, "rows": [{"table", "arch", "victim", "poison",
 "acr_drop_ci95", "acr_drop_per_seed", "drop_minus_twin", "drop_minus_twin_ci95", "smoothed_acc",
 "radius_given_correct", "clean_acc_target", "clean_acc_other", "cost_target", "images", "n", "cpu", "threads",
 "same_machine_kind"}], "goal": {machine: {"<proc>-eps0.1": {...}, "gaussian-eps0.03": {...}, ...}}}: one set of rows
-per machine kind with finished victims.
+per machine kind with finished victims. "kind" is clean, crafted or control ("control" names which: twin, vertex,
+sign, uniform, shift).
 Intervals resample victim seeds (paired: the clean, poisoned and twin victims of one seed together), then test images
 within each (paired across victims), 10,000 times.
 
@@ -49,7 +53,7 @@ import torch
 from engine import data, models
 from engine.evaluate import evaluate_poison, target_test_indices
 from engine.fileio import FileInUseError
-from engine.pacd import PoisonSet, poison, preset, random_poison
+from engine.pacd import PoisonSet, poison, preset, random_poison, read_poison_header
 from engine.results import cpu_kind, read_log, run_trace
 
 TARGET = 8
@@ -300,6 +304,11 @@ def stage_controls(args, protocol, train) -> None:
                     key=lambda t: (PROCEDURES.index(t[0]), t[1], CONTROL_KINDS.index(t[2])))
     for proc, eps, kind in wanted:
         out = poison_path(args, proc, eps, kind)
+        if out.exists() and kind == "twin" and (why := twin_problem(args, proc, eps)) is not None:
+            if not poison_path(args, proc, eps, "crafted").exists():
+                print(f"== {out.name}: {why}; kept until the crafted poison is there")
+                continue
+            print(f"== {out.name}: {why}; set aside as {set_aside(out).name} and made again")
         if out.exists():
             continue
         like = None
@@ -315,6 +324,50 @@ def stage_controls(args, protocol, train) -> None:
         print(f"== wrote {out.name}")
 
 
+def set_aside(path: Path) -> Path:
+    """Rename ``path`` (a file or a victim's folder) out of the way, never over anything: nothing is deleted."""
+    stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime())
+    for i in range(1000):
+        dest = path.with_name(f"{path.name}.stale-{stamp}" + (f"-{i}" if i else ""))
+        if not dest.exists():
+            path.rename(dest)
+            return dest
+    raise SystemExit(f"cannot set {path} aside: too many stale copies beside it")
+
+
+def twin_problem(args, proc: str, eps: float) -> str | None:
+    """Why the twin file of ``proc`` at ``eps`` is not the twin of the crafted poison there now (None: it is)."""
+    twin, crafted = poison_path(args, proc, eps, "twin"), poison_path(args, proc, eps, "crafted")
+    if not crafted.exists():
+        return f"its crafted poison {crafted.name} is missing"
+    like = read_poison_header(twin)["meta"]["settings"].get("like") or {}
+    if like.get("sha256") != read_poison_header(crafted)["sha256"]:
+        return (f"it is the twin of poison {str(like.get('sha256'))[:12]}, not of {crafted.name} "
+                f"({read_poison_header(crafted)['sha256'][:12]})")
+    return None
+
+
+def victim_problem(summary: dict, protocol: dict, row: dict, seed: int, identity: str | None) -> str | None:
+    """Why a finished victim's results are not those of ``row`` and ``seed`` under the protocol (None: they are):
+    its training settings, its certification, or its poison (``identity``: the sha256 of the row's poison file now,
+    None for a clean row) differ."""
+    v, c, proc = protocol["victims"], protocol["certification"], row["victim"]
+    want = {"arch": row["arch"], "victim_method": proc, "sigma": float(v["sigma"][proc]),
+            "epochs": v["epochs"][proc], "batch_size": v["batch_size"], "lr": float(v["lr"]),
+            "optimizer": v["optimizer"], "schedule": v["schedule"], "seed": seed,
+            "method_args": v["method_args"][proc]}
+    got = summary.get("train_settings") or {}
+    diff = [f"{k} {got.get(k)!r} (protocol {w!r})" for k, w in want.items() if got.get(k) != w]
+    diff += [f"{k} {summary.get(k)!r} (protocol {c[k]!r})" for k in ("images", "n0", "n", "alpha")
+             if summary.get(k) != c[k]]
+    had = (summary.get("trace") or {}).get("poison_content_sha256")
+    if identity is None and (got.get("poison_sha256") is not None or had is not None):
+        diff.append("a poisoned training set (the row is clean)")
+    elif identity is not None and had != identity:
+        diff.append(f"poison {str(had)[:12]} (the row's file now: {identity[:12]})")
+    return "; ".join(diff) or None
+
+
 def machine_tag() -> str:
     """The victims' folder of one machine kind: the CPU kind (engine.results.cpu_kind: model name,
     family.model.stepping, a hash of the vector instruction sets) and the thread count (victims of different kinds are
@@ -327,22 +380,33 @@ def victim_dir(args, row: dict, seed: int, machine: str) -> Path:
 
 
 def stage_victims(args, protocol, train, test, only=None) -> None:
+    """Train and certify every victim of the protocol not yet finished on this machine kind (the twins whose crafted
+    poison is there are made first). A finished victim whose results are not those of its row now (another poison
+    file, other settings) is set aside, not deleted, and trained again."""
     machine = machine_tag()
     print(f"== victims of {machine}", flush=True)
+    stage_controls(args, protocol, train)
     for row in protocol["rows"]:
         if only and row["victim"] not in only:
             continue
-        ps = None
+        ps = identity = None
         if row["kind"] != "clean":
             path = poison_path(args, row["source"], row["eps"], row["kind"])
-            if not path.exists():
-                print(f"== {row['arch']} / {row['victim']} / {row['poison']}: waiting for {path.name}")
+            why = "" if path.exists() else f"waiting for {path.name}"
+            if not why and row["kind"] == "twin" and (problem := twin_problem(args, row["source"], row["eps"])):
+                why = f"{path.name} is not usable: {problem}"
+            if why:
+                print(f"== {row['arch']} / {row['victim']} / {row['poison']}: {why}")
                 continue
-            ps = PoisonSet.load(path, train)
+            ps, identity = PoisonSet.load(path, train), read_poison_header(path)["sha256"]
         for seed in row["seeds"]:
             out = victim_dir(args, row, seed, machine)
             if (out / "summary.json").exists():
-                continue
+                problem = victim_problem(json.loads((out / "summary.json").read_text()), protocol, row, seed, identity)
+                if problem is None:
+                    continue
+                print(f"== victim {out}: its results are not this row's ({problem}); set aside as "
+                      f"{set_aside(out).name}", flush=True)
             print(f"== victim {row['arch']} / {row['victim']} / {row['poison']} / seed {seed}", flush=True)
             try:
                 _victim(args, protocol, row, seed, ps, train, test, out)
@@ -390,9 +454,27 @@ def _bootstrap(triples, reps: int, level: float, rng) -> tuple[list[float], list
     return lo_hi, lo_hi_t
 
 
-def _summary(args, row: dict, seed: int, machine: str) -> dict | None:
+def _summary(args, protocol: dict, row: dict, seed: int, machine: str) -> dict | None:
+    """A finished victim's summary.json, refused (SystemExit) where its results are not this row's now."""
     path = victim_dir(args, row, seed, machine) / "summary.json"
-    return json.loads(path.read_text()) if path.exists() else None
+    if not path.exists():
+        return None
+    identity = None
+    if row["kind"] != "clean":
+        poison_file = poison_path(args, row["source"], row["eps"], row["kind"])
+        if not poison_file.exists():
+            raise SystemExit(f"{path.parent}: a finished victim of {poison_file.name}, which is missing: restore it, "
+                             "or move the victim away")
+        if row["kind"] == "twin" and (why := twin_problem(args, row["source"], row["eps"])):
+            raise SystemExit(f"{poison_file}: {why}: run --stage controls (it makes the twin again) and then "
+                             "--stage victims")
+        identity = read_poison_header(poison_file)["sha256"]
+    summary = json.loads(path.read_text())
+    problem = victim_problem(summary, protocol, row, seed, identity)
+    if problem is not None:
+        raise SystemExit(f"{path.parent}: its results are not those of this row now ({problem}): run --stage victims "
+                         "(it sets the victim aside and trains it again), or move it away")
+    return summary
 
 
 def summarise_rows(args, protocol, machine: str, reps: int, level: float) -> list[dict]:
@@ -403,7 +485,7 @@ def summarise_rows(args, protocol, machine: str, reps: int, level: float) -> lis
     rows = protocol["rows"]
     rows_out = []
     for row in rows:
-        summaries = {s: x for s in row["seeds"] if (x := _summary(args, row, s, machine)) is not None}
+        summaries = {s: x for s in row["seeds"] if (x := _summary(args, protocol, row, s, machine)) is not None}
         done = sorted(summaries)
         clean_row = next((r for r in rows if r["kind"] == "clean" and r["victim"] == row["victim"]
                           and r["arch"] == row["arch"]), None)
@@ -411,8 +493,10 @@ def summarise_rows(args, protocol, machine: str, reps: int, level: float) -> lis
             (r for r in rows if r["kind"] == "twin" and r["victim"] == row["victim"] and r["arch"] == row["arch"]
              and r["eps"] == row["eps"] and r["source"] == row["source"]), None)
         clean = {} if clean_row is None else {
-            s: x for s in done if (x := _summary(args, clean_row, s, machine)) is not None}
+            s: x for s in done if (x := _summary(args, protocol, clean_row, s, machine)) is not None}
         paired = sorted(clean)
+        twins = {} if twin_row is None else {
+            s: x for s in paired if (x := _summary(args, protocol, twin_row, s, machine)) is not None}
         control = row["kind"] if row["kind"] not in ("clean", "crafted") else None
         out = {"table": row["table"], "arch": row["arch"], "victim": row["victim"], "poison": row["poison"],
                "source": row["source"], "kind": "control" if control else row["kind"], "control": control,
@@ -420,8 +504,7 @@ def summarise_rows(args, protocol, machine: str, reps: int, level: float) -> lis
                "missing_seeds": [s for s in row["seeds"] if s not in done],
                "complete": done == sorted(row["seeds"]) and (row["kind"] == "clean" or paired == done),
                "images": protocol["certification"]["images"], "n": protocol["certification"]["n"],
-               "outer_steps": protocol["crafting"]["settings"][row["source"]]["outer_steps"]
-               if row["kind"] == "crafted" else None}
+               "outer_steps": _outer_steps(args, protocol, row) if row["kind"] == "crafted" else None}
         out["acr_poisoned"] = [summaries[s]["acr"] for s in done]
         out["acr_clean"] = [clean[s]["acr"] for s in paired]
         out["smoothed_acc"] = [summaries[s]["certified_accuracy"].get("0") for s in done]
@@ -435,7 +518,8 @@ def summarise_rows(args, protocol, machine: str, reps: int, level: float) -> lis
                                     for s in paired]) if row["kind"] != "clean" else 0.0
         out["acr_drop_per_seed"] = {str(s): (1 - summaries[s]["acr"] / clean[s]["acr"]) if clean[s]["acr"] > 0 else None
                                     for s in paired} if row["kind"] != "clean" else {}
-        machines = {(x["trace"].get("cpu"), x["trace"].get("threads")) for x in (*summaries.values(), *clean.values())}
+        machines = {(x["trace"].get("cpu"), x["trace"].get("threads")) for x in (*summaries.values(), *clean.values(),
+                                                                                 *twins.values())}
         out["cpu"] = sorted({m[0] for m in machines if m[0]})
         out["threads"] = sorted({m[1] for m in machines if m[1]})
         out["same_machine_kind"] = len(machines) <= 1
@@ -446,8 +530,7 @@ def summarise_rows(args, protocol, machine: str, reps: int, level: float) -> lis
                 rc = _radii(victim_dir(args, clean_row, s, machine))
                 rp = _radii(victim_dir(args, row, s, machine))
                 keys = sorted(rc)
-                twin_dir = victim_dir(args, twin_row, s, machine) if twin_row is not None else None
-                rt = _radii(twin_dir) if twin_dir is not None and (twin_dir / "summary.json").exists() else None
+                rt = _radii(victim_dir(args, twin_row, s, machine)) if s in twins else None
                 triples.append((np.array([rc[k] for k in keys]), np.array([rp[k] for k in keys]),
                                 None if rt is None else np.array([rt[k] for k in keys])))
             sc, sp = sum(t[0].sum() for t in triples), sum(t[1].sum() for t in triples)
@@ -461,6 +544,14 @@ def summarise_rows(args, protocol, machine: str, reps: int, level: float) -> lis
                 out["drop_minus_twin_ci95"] = ci_t
         rows_out.append(out)
     return rows_out
+
+
+def _outer_steps(args, protocol: dict, row: dict) -> int:
+    """The outer steps of a crafted row's poison: as its file records them, else (not yet crafted) the protocol's."""
+    path = poison_path(args, row["source"], row["eps"], "crafted")
+    if path.exists():
+        return int(read_poison_header(path)["meta"]["settings"]["outer_steps"])
+    return protocol["crafting"]["settings"][row["source"]]["outer_steps"]
 
 
 def _mean(xs):
@@ -565,12 +656,27 @@ def transfer_cell(rows: list[dict], poison: str, victim: str, arch: str) -> dict
     return None
 
 
+def _settings_line(protocol: dict) -> str:
+    """The victims' training and certification settings, as the protocol fixes them."""
+    v, c = protocol["victims"], protocol["certification"]
+    procs = ", ".join(f"{p} {v['epochs'][p]} epochs, sigma {v['sigma'][p]:g}"
+                      + (f" ({', '.join(f'{k} {a:g}' for k, a in v['method_args'][p].items())})"
+                         if v["method_args"][p] else "") for p in PROCEDURES)
+    return (f"Victims ({' and '.join(v['arch']['transfer'])}, trained from scratch): {procs}; {v['optimizer']} lr "
+            f"{v['lr']:g}, {v['schedule']} schedule, batch {v['batch_size']}. Certification: {c['images']} test images "
+            f"of class {protocol['target_class']} (seed {c['image_seed']}, the same for every row), n0 {c['n0']}, "
+            f"n {c['n']:,}, alpha {c['alpha']:g}.")
+
+
 def write_markdown(args, summary) -> None:
     lines = ["# PACD against random controls (MNIST, class 8)", "",
              "Protocol: `protocol.json` (fixed before the runs, amended before any victim: see its `amendments`). "
              "Every row of the protocol is listed; missing seeds are victims not yet run. Victims are paired only "
              "within one machine kind (CPU model, family.model.stepping, vector instruction sets, threads), one "
-             "section each. Cost: the clean victims' clean accuracy on class 8 minus the row's, paired by seed.", ""]
+             "section each. Cost: the clean victims' clean accuracy on class 8 minus the row's, paired by seed. "
+             "ACR drop: 1 - (the poisoned victims' summed radii) / (the clean victims' summed radii) over the paired "
+             "seeds and images; drop minus twin: (the twin's summed radii - the poison's) / the clean victims'.", "",
+             _settings_line(summary["protocol"]), ""]
     fmt = {True: "yes", False: "no", None: "-"}
     for machine, goal in summary["goal"].items():
         rows = [r for r in summary["rows"] if r["machine"] == machine]
@@ -853,6 +959,9 @@ def main(argv=None) -> int:
 
     if env_world_size() > 1 and args.stage != "craft":
         p.error(f"--stage {args.stage} runs in one process; only --stage craft runs under torchrun (WORLD_SIZE > 1)")
+    if args.stage in ("victims", "all") and not args.threads:
+        p.error(f"--stage {args.stage} needs --threads: the victims' machine kind includes the thread count, and "
+                "victims of another kind are never paired (the protocol's victims run with --threads 1)")
     if args.threads:
         torch.set_num_threads(args.threads)
     only = set(args.only.split(",")) if args.only else None
