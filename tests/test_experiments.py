@@ -525,6 +525,13 @@ def test_pacd_controls_goal_verdicts_on_known_victims(tmp_path):
     (victim / "summary.json").write_text(json.dumps(stored))
     proc = _run("pacd_controls/pacd_controls.py", *base, "--stage", "summary")
     assert proc.returncode != 0 and "epochs 3 (protocol 10)" in proc.stderr
+    stored["train_settings"]["epochs"] = 10
+    (victim / "summary.json").write_text(json.dumps(stored))
+    # clean victims that certify nothing: no drop is defined, no verdict given (and no crash)
+    refake("clean", 0.0, 0.90)
+    goal = summary()
+    assert goal["gaussian-eps0.1"]["met"] is None and "no ACR drop is defined" in goal["gaussian-eps0.1"]["undefined"]
+    assert goal["gaussian-eps0.03"]["met"] is None and goal["gaussian-eps0.03"]["complete"]
 
 
 def test_lower_subset_dry_run_crafts_on_the_subset_and_reports_every_row(tmp_path):

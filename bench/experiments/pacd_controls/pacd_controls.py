@@ -583,7 +583,9 @@ def goal_verdicts(rows: list[dict]) -> dict:
         v = {"drop": crafted["acr_drop"], "cost": crafted["cost_target"], "drop_minus_twin": crafted["drop_minus_twin"],
              "drop_minus_twin_ci95": crafted["drop_minus_twin_ci95"], "complete": complete, "twin_goal": None,
              "frontier_goal": None, "controls_no_costlier": None, "met": None}
-        if complete:
+        if complete and any(r["acr_drop"] is None for r in (crafted, *controls)):  # a clean ACR of 0: no drop
+            v["undefined"] = "the clean victims certify no image: no ACR drop is defined"
+        elif complete:
             lo = crafted["drop_minus_twin_ci95"][0]
             v["twin_goal"] = bool(crafted["drop_minus_twin"] is not None and crafted["drop_minus_twin"] >= 0.15
                                   and lo is not None and lo > 0)
@@ -600,7 +602,7 @@ def goal_verdicts(rows: list[dict]) -> dict:
             continue
         complete = crafted["complete"] and vertex["complete"]
         ok = None
-        if complete:
+        if complete and crafted["acr_drop"] is not None and vertex["acr_drop"] is not None:
             ok = bool(crafted["acr_drop"] > 0 and crafted["acr_drop"] >= 2 * max(vertex["acr_drop"], 0.0))
         out[f"gaussian-eps{eps:g}"] = {"drop": crafted["acr_drop"], "vertex_drop": vertex["acr_drop"],
                                        "complete": complete, "met": ok}
