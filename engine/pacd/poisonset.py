@@ -103,8 +103,9 @@ def _poison_sha256(ps: "PoisonSet") -> str:
     return _content_hash(ps._tensors(), ps._meta())
 
 
-def _read_file(path: Path, with_tensors: bool) -> tuple[dict, dict[str, torch.Tensor]]:
-    """A poison file's JSON header (checked to be an object) and, ``with_tensors``, its tensors."""
+def _read_file(path: Path, with_tensors: bool) -> tuple[dict, dict, str, dict[str, torch.Tensor]]:
+    """A poison file's JSON header (an object of a known format and encoding), its meta, its encoding and,
+    ``with_tensors``, its tensors."""
     from safetensors import safe_open
 
     if not path.is_file():
@@ -125,7 +126,13 @@ def _read_file(path: Path, with_tensors: bool) -> tuple[dict, dict[str, torch.Te
         what = header if not isinstance(header, dict) else header["meta"]
         raise PoisonError(f"{path}: unreadable poison metadata (a JSON {type(what).__name__} where PoisonSet.save "
                           "writes an object): the file was edited or damaged")
-    return header, tensors
+    meta = header.get("meta", {})
+    if meta.get("format") != FORMAT:
+        raise PoisonError(f"{path}: unknown poison format {_brief(meta.get('format'))}")
+    encoding = header.get("encoding", "float32")
+    if encoding not in ENCODINGS:
+        raise PoisonError(f"{path}: unknown poison encoding {encoding!r} (known: {', '.join(ENCODINGS)})")
+    return header, meta, encoding, tensors
 
 
 def read_poison_header(path: str | os.PathLike) -> dict:
@@ -136,13 +143,7 @@ def read_poison_header(path: str | os.PathLike) -> dict:
     encoding (the ``sha256`` of :func:`init_record`, the ``poison_content_sha256`` of an evaluation's trace). The
     header is not checked against the contents here: :meth:`PoisonSet.load` does that."""
     path = Path(path)
-    header, _ = _read_file(path, with_tensors=False)
-    meta = header.get("meta", {})
-    if meta.get("format") != FORMAT:
-        raise PoisonError(f"{path}: unknown poison format {_brief(meta.get('format'))}")
-    encoding = header.get("encoding", "float32")
-    if encoding not in ENCODINGS:
-        raise PoisonError(f"{path}: unknown poison encoding {encoding!r} (known: {', '.join(ENCODINGS)})")
+    header, meta, encoding, _ = _read_file(path, with_tensors=False)
     identity = header.get("sha256") if encoding == "float32" else header.get("poison_sha256")
     if not isinstance(identity, str):
         raise PoisonError(f"{path}: the poison metadata has no sha256 of the poison: the file was edited or damaged")
@@ -355,13 +356,7 @@ class PoisonSet:
         poison it was saved from.
         """
         path = Path(path)
-        header, tensors = _read_file(path, with_tensors=True)
-        meta = header.get("meta", {})
-        if meta.get("format") != FORMAT:
-            raise PoisonError(f"{path}: unknown poison format {_brief(meta.get('format'))}")
-        encoding = header.get("encoding", "float32")
-        if encoding not in ENCODINGS:
-            raise PoisonError(f"{path}: unknown poison encoding {encoding!r} (known: {', '.join(ENCODINGS)})")
+        header, meta, encoding, tensors = _read_file(path, with_tensors=True)
         payload = {"float32": "images", "int8": "codes", "sign": "directions"}[encoding]
         if set(tensors) != {"indices", payload, "labels"}:
             raise PoisonError(f"{path}: unexpected tensors {sorted(tensors)} for a {encoding} poison file")
