@@ -308,7 +308,9 @@ def stage_controls(args, protocol, train) -> None:
             if not poison_path(args, proc, eps, "crafted").exists():
                 print(f"== {out.name}: {why}; kept until the crafted poison is there")
                 continue
-            print(f"== {out.name}: {why}; set aside as {set_aside(out).name} and made again")
+            moved = set_aside(out)
+            print(f"== {out.name}: {why}; " + (f"set aside as {moved.name}" if moved else "set aside by another process")
+                  + "; made again")
         if out.exists():
             continue
         like = None
@@ -324,13 +326,17 @@ def stage_controls(args, protocol, train) -> None:
         print(f"== wrote {out.name}")
 
 
-def set_aside(path: Path) -> Path:
-    """Rename ``path`` (a file or a victim's folder) out of the way, never over anything: nothing is deleted."""
+def set_aside(path: Path) -> Path | None:
+    """Rename ``path`` (a file or a victim's folder) out of the way, never over anything: nothing is deleted. None
+    where another process moved it first."""
     stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime())
     for i in range(1000):
         dest = path.with_name(f"{path.name}.stale-{stamp}" + (f"-{i}" if i else ""))
         if not dest.exists():
-            path.rename(dest)
+            try:
+                path.rename(dest)
+            except FileNotFoundError:  # another process set it aside first
+                return None
             return dest
     raise SystemExit(f"cannot set {path} aside: too many stale copies beside it")
 
@@ -405,8 +411,11 @@ def stage_victims(args, protocol, train, test, only=None) -> None:
                 problem = victim_problem(json.loads((out / "summary.json").read_text()), protocol, row, seed, identity)
                 if problem is None:
                     continue
+                moved = set_aside(out)
                 print(f"== victim {out}: its results are not this row's ({problem}); set aside as "
-                      f"{set_aside(out).name}", flush=True)
+                      f"{moved.name if moved else 'another process did (it trains it again)'}", flush=True)
+                if moved is None:
+                    continue
             print(f"== victim {row['arch']} / {row['victim']} / {row['poison']} / seed {seed}", flush=True)
             try:
                 _victim(args, protocol, row, seed, ps, train, test, out)
