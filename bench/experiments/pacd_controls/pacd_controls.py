@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import re
 import sys
@@ -53,7 +54,7 @@ import torch
 from engine import data, models
 from engine.evaluate import evaluate_poison, target_test_indices
 from engine.fileio import FileInUseError
-from engine.pacd import PoisonSet, poison, preset, random_poison, read_poison_header
+from engine.pacd import PoisonSet, init_record, poison, preset, random_poison, read_poison_header
 from engine.results import cpu_kind, read_log, run_trace
 
 TARGET = 8
@@ -329,7 +330,7 @@ def stage_controls(args, protocol, train) -> None:
 def set_aside(path: Path) -> Path | None:
     """Rename ``path`` (a file or a victim's folder) out of the way, never over anything: nothing is deleted. None
     where another process moved it first."""
-    stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime())
+    stamp = f"{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}-{os.getpid()}"  # two processes never pick one name
     for i in range(1000):
         dest = path.with_name(f"{path.name}.stale-{stamp}" + (f"-{i}" if i else ""))
         if not dest.exists():
@@ -404,7 +405,8 @@ def stage_victims(args, protocol, train, test, only=None) -> None:
             if why:
                 print(f"== {row['arch']} / {row['victim']} / {row['poison']}: {why}")
                 continue
-            ps, identity = PoisonSet.load(path, train), read_poison_header(path)["sha256"]
+            ps = PoisonSet.load(path, train)
+            identity = init_record(ps)["sha256"]  # of the poison loaded (the file may be replaced meanwhile)
         for seed in row["seeds"]:
             out = victim_dir(args, row, seed, machine)
             if (out / "summary.json").exists():
@@ -610,11 +612,12 @@ def goal_verdicts(rows: list[dict]) -> dict:
         if crafted is None or vertex is None:
             continue
         complete = crafted["complete"] and vertex["complete"]
-        ok = None
-        if complete and crafted["acr_drop"] is not None and vertex["acr_drop"] is not None:
-            ok = bool(crafted["acr_drop"] > 0 and crafted["acr_drop"] >= 2 * max(vertex["acr_drop"], 0.0))
-        out[f"gaussian-eps{eps:g}"] = {"drop": crafted["acr_drop"], "vertex_drop": vertex["acr_drop"],
-                                       "complete": complete, "met": ok}
+        v = {"drop": crafted["acr_drop"], "vertex_drop": vertex["acr_drop"], "complete": complete, "met": None}
+        if complete and (crafted["acr_drop"] is None or vertex["acr_drop"] is None):
+            v["undefined"] = "the clean victims certify no image: no ACR drop is defined"
+        elif complete:
+            v["met"] = bool(crafted["acr_drop"] > 0 and crafted["acr_drop"] >= 2 * max(vertex["acr_drop"], 0.0))
+        out[f"gaussian-eps{eps:g}"] = v
     return out
 
 
