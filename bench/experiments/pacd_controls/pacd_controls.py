@@ -348,9 +348,9 @@ def twin_problem(args, proc: str, eps: float) -> str | None:
     if not crafted.exists():
         return f"its crafted poison {crafted.name} is missing"
     like = read_poison_header(twin)["meta"]["settings"].get("like") or {}
-    if like.get("sha256") != read_poison_header(crafted)["sha256"]:
-        return (f"it is the twin of poison {str(like.get('sha256'))[:12]}, not of {crafted.name} "
-                f"({read_poison_header(crafted)['sha256'][:12]})")
+    identity = read_poison_header(crafted)["sha256"]
+    if like.get("sha256") != identity:
+        return f"it is the twin of poison {str(like.get('sha256'))[:12]}, not of {crafted.name} ({identity[:12]})"
     return None
 
 
@@ -358,11 +358,7 @@ def victim_problem(summary: dict, protocol: dict, row: dict, seed: int, identity
     """Why a finished victim's results are not those of ``row`` and ``seed`` under the protocol (None: they are):
     its training settings, its certification, or its poison (``identity``: the sha256 of the row's poison file now,
     None for a clean row) differ."""
-    v, c, proc = protocol["victims"], protocol["certification"], row["victim"]
-    want = {"arch": row["arch"], "victim_method": proc, "sigma": float(v["sigma"][proc]),
-            "epochs": v["epochs"][proc], "batch_size": v["batch_size"], "lr": float(v["lr"]),
-            "optimizer": v["optimizer"], "schedule": v["schedule"], "seed": seed,
-            "method_args": v["method_args"][proc]}
+    c, want = protocol["certification"], victim_training(protocol, row, seed)
     got = summary.get("train_settings") or {}
     diff = [f"{k} {got.get(k)!r} (protocol {w!r})" for k, w in want.items() if got.get(k) != w]
     diff += [f"{k} {summary.get(k)!r} (protocol {c[k]!r})" for k in ("images", "n0", "n", "alpha")
@@ -425,13 +421,20 @@ def stage_victims(args, protocol, train, test, only=None) -> None:
                 print(f"== skipped, {exc}", flush=True)
 
 
+def victim_training(protocol: dict, row: dict, seed: int) -> dict:
+    """The training arguments of evaluate_poison for ``row`` and ``seed``: the names and values its victims record
+    as ``train_settings``."""
+    v, proc = protocol["victims"], row["victim"]
+    return {"arch": row["arch"], "victim_method": proc, "sigma": float(v["sigma"][proc]), "epochs": v["epochs"][proc],
+            "batch_size": v["batch_size"], "lr": float(v["lr"]), "optimizer": v["optimizer"],
+            "schedule": v["schedule"], "seed": seed, "method_args": v["method_args"][proc]}
+
+
 def _victim(args, protocol, row, seed, ps, train, test, out) -> None:
-    v, c, proc = protocol["victims"], protocol["certification"], row["victim"]
-    evaluate_poison(ps, train, test, victim_method=proc, arch=row["arch"], sigma=v["sigma"][proc],
-                    target_class=TARGET, epochs=v["epochs"][proc], batch_size=v["batch_size"], lr=v["lr"],
-                    optimizer=v["optimizer"], schedule=v["schedule"], seed=seed,
-                    method_args=v["method_args"][proc], n_images=c["images"], n0=c["n0"], n=c["n"],
-                    alpha=c["alpha"], out_dir=out, device="cpu", dataset="mnist", progress=not args.quiet)
+    c = protocol["certification"]
+    evaluate_poison(ps, train, test, **victim_training(protocol, row, seed), target_class=TARGET,
+                    n_images=c["images"], n0=c["n0"], n=c["n"], alpha=c["alpha"], out_dir=out, device="cpu",
+                    dataset="mnist", progress=not args.quiet)
 
 
 def _radii(directory: Path) -> dict[int, float]:
