@@ -10,6 +10,7 @@ import shlex
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -571,3 +572,51 @@ def test_crafting_modes_refuses_before_writing(tmp_path):
     proc = _run("pacd_controls/crafting_modes.py", "--schedule", "dp:gaussian", "--out", out, "--work", tmp_path / "work")
     assert proc.returncode != 0 and "exists (the blocks of an earlier run)" in proc.stderr
     assert out.read_text() == "{}" and not (tmp_path / "work").exists()
+
+
+def test_run_both_cores_order_lock_and_last_pass(tmp_path):
+    """run_both_cores.sh with a stand-in Python that logs its calls: one process crafts GA, then SmoothAdv, makes the
+    twins, then passes over the victims; the other passes over the victims while the first runs and once more after
+    it ends; every call names the work folder and one thread; a second copy is refused while the first runs."""
+    work, calls = tmp_path / "work", tmp_path / "calls"
+    fake = tmp_path / "python"
+    fake.write_text("#!/bin/sh\n"
+                    f'echo "start $(date +%s.%N) $PPID $*" >> {calls}\n'
+                    'echo "$PPID $*"\n'
+                    'case "$*" in *"--stage craft"*) sleep 2;; esac\n'
+                    f'echo "end $(date +%s.%N) $PPID $*" >> {calls}\n')
+    fake.chmod(0o755)
+    script = EXPERIMENTS / "pacd_controls" / "run_both_cores.sh"
+    env = {**os.environ, "WORK": str(work), "PYTHON": str(fake), "PASS_SECONDS": "1"}
+    first = subprocess.Popen(["bash", str(script)], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 30
+        while not (calls.exists() and "--stage craft" in calls.read_text()):
+            assert time.monotonic() < deadline and first.poll() is None
+            time.sleep(0.05)
+        second = subprocess.run(["bash", str(script)], env=env, capture_output=True, text=True, timeout=30)
+        assert second.returncode == 1 and "run_both_cores.sh already runs" in second.stderr
+        assert first.wait(timeout=60) == 0
+    finally:
+        if first.poll() is None:
+            first.kill()
+    craft_log, = work.glob("craft-*.log")
+    victims_log, = work.glob("victims-*.log")
+    stages = ["--stage victims --only macer", "--stage victims --only gaussian", "--stage victims --only smoothadv"]
+    crafted = craft_log.read_text().splitlines()
+    assert [line.split(" --threads 1 ")[1] for line in crafted] == [
+        "--stage craft --only gaussian", "--stage craft --only smoothadv", "--stage controls", *stages]
+    passes = victims_log.read_text().splitlines()
+    assert len(passes) % 3 == 0 and len(passes) >= 6
+    assert [line.split(" --threads 1 ")[1] for line in passes] == stages * (len(passes) // 3)
+    head = f"bench/experiments/pacd_controls/pacd_controls.py --data-root ../shared/data/mnist --work {work} --threads 1"
+    assert all(line.split(" ", 1)[1].startswith(head + " ") for line in crafted + passes)
+    # two processes (the parent pid of each call); the victims one's last pass starts after the crafter has ended
+    crafter, = {line.split()[0] for line in crafted}
+    other, = {line.split()[0] for line in passes}
+    assert crafter != other
+    records = [line.split(" ", 3) for line in calls.read_text().splitlines()]
+    crafter_end = max(float(t) for kind, t, pid, args in records if kind == "end" and pid == crafter)
+    last_pass = max(float(t) for kind, t, pid, args in records
+                    if kind == "start" and pid == other and args.endswith("--only macer"))
+    assert last_pass > crafter_end
