@@ -278,6 +278,14 @@ def test_pacd_controls_dry_run_and_fixed_protocol(tmp_path):
     amended = json.loads((results / "protocol.json").read_text())
     assert amended["written"] == stored["written"] and "amended" in amended and amended["rows"] == stored["rows"]
 
+    # a misspelt procedure or an eps the protocol does not craft is refused by name, before any work
+    proc = _run("pacd_controls/pacd_controls.py", *base, "--stage", "craft", "--only", "gausian")
+    assert proc.returncode != 0 and "gausian is not a procedure" in proc.stderr
+    proc = _run("pacd_controls/pacd_controls.py", *base, "--stage", "craft", "--only", "gaussian", "--eps", "0.05")
+    assert proc.returncode != 0 and "crafts no poison of eps 0.05 for gaussian (its eps: 0.1)" in proc.stderr
+    proc = _run("pacd_controls/pacd_controls.py", *base, "--stage", "victims", "--eps", "0.1")
+    assert proc.returncode != 0 and "it goes with --stage craft" in proc.stderr
+    assert not (work / "poisons").exists()
     proc = _run("pacd_controls/pacd_controls.py", *base, "--stage", "all", "--only", "gaussian")
     assert proc.returncode == 0, proc.stderr
     summary = json.loads((results / "summary.json").read_text())
@@ -575,9 +583,10 @@ def test_crafting_modes_refuses_before_writing(tmp_path):
 
 
 def test_run_both_cores_order_lock_and_last_pass(tmp_path):
-    """run_both_cores.sh with a stand-in Python that logs its calls: one process crafts GA, then SmoothAdv, makes the
-    twins, then passes over the victims; the other passes over the victims while the first runs and once more after
-    it ends; every call names the work folder and one thread; a second copy is refused while the first runs."""
+    """run_both_cores.sh with a stand-in Python that logs its calls: one process crafts GA eps 0.1, SmoothAdv, the
+    other GA eps, makes the twins, then passes over the victims; the other process passes over the victims while the
+    first runs and once more after it ends; every call names the work folder and one thread; a second copy is refused
+    while the first runs."""
     work, calls = tmp_path / "work", tmp_path / "calls"
     fake = tmp_path / "python"
     fake.write_text("#!/bin/sh\n"
@@ -605,7 +614,8 @@ def test_run_both_cores_order_lock_and_last_pass(tmp_path):
     stages = ["--stage victims --only macer", "--stage victims --only gaussian", "--stage victims --only smoothadv"]
     crafted = craft_log.read_text().splitlines()
     assert [line.split(" --threads 1 ")[1] for line in crafted] == [
-        "--stage craft --only gaussian", "--stage craft --only smoothadv", "--stage controls", *stages]
+        "--stage craft --only gaussian --eps 0.1", "--stage craft --only smoothadv", "--stage craft --only gaussian",
+        "--stage controls", *stages]
     passes = victims_log.read_text().splitlines()
     assert len(passes) % 3 == 0 and len(passes) >= 6
     assert [line.split(" --threads 1 ")[1] for line in passes] == stages * (len(passes) // 3)

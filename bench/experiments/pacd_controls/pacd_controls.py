@@ -247,10 +247,11 @@ def crafting_runs(out: Path) -> list[dict]:
     return [json.loads(line) for line in runs.read_text().splitlines() if line.strip()]
 
 
-def stage_craft(args, protocol, train, val, only=None) -> None:
-    """Craft every poison of the protocol not yet made. Under torchrun (WORLD_SIZE > 1) the ranks craft each poison
-    together, data-parallel (engine.poison's distributed mode: the same algorithm and batches, sums in another
-    order); each run's start, processes and machine are recorded beside the poison and in its settings."""
+def stage_craft(args, protocol, train, val, only=None, eps_only=None) -> None:
+    """Craft every poison of the protocol not yet made (of the procedures ``only`` and the eps ``eps_only``, in the
+    protocol's order). Under torchrun (WORLD_SIZE > 1) the ranks craft each poison together, data-parallel
+    (engine.poison's distributed mode: the same algorithm and batches, sums in another order); each run's start,
+    processes and machine are recorded beside the poison and in its settings."""
     from engine.distributed import init_from_env, world
 
     init_from_env(torch.device("cpu"))
@@ -260,6 +261,8 @@ def stage_craft(args, protocol, train, val, only=None) -> None:
         if only and proc not in only:
             continue
         for eps in protocol["crafting"]["eps"][proc]:
+            if eps_only and eps not in eps_only:
+                continue
             out = poison_path(args, proc, eps, "crafted")
             ckpt = checkpoint_path(out)
             done = [out.exists()]
@@ -965,6 +968,8 @@ def main(argv=None) -> int:
     p.add_argument("--work", type=Path, default=Path("runs/pacd_controls"), help="poisons, checkpoints and victims")
     p.add_argument("--results", type=Path, default=HERE / "results", help="protocol, estimate and summaries")
     p.add_argument("--only", default=None, help="procedures this process works on (craft, victims), e.g. gaussian")
+    p.add_argument("--eps", default=None,
+                   help="with --stage craft: only the poisons of these eps (of the --only procedures), e.g. 0.1")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--dry-run", action="store_true", help="toy sizes on the embedded MNIST subset")
     p.add_argument("--quiet", action="store_true")
@@ -982,7 +987,22 @@ def main(argv=None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     only = set(args.only.split(",")) if args.only else None
+    if only and (unknown := sorted(only - set(PROCEDURES))):
+        p.error(f"--only {args.only}: {', '.join(unknown)} is not a procedure ({', '.join(PROCEDURES)})")
+    eps_only = None
+    if args.eps is not None:
+        if args.stage != "craft":
+            p.error("--eps selects poisons to craft: it goes with --stage craft")
+        try:
+            eps_only = {float(e) for e in args.eps.split(",")}
+        except ValueError:
+            p.error(f"--eps {args.eps}: not a comma-separated list of numbers")
     protocol = build_protocol(args)
+    if eps_only:
+        crafted = {float(e) for proc in (only or PROCEDURES) for e in protocol["crafting"]["eps"][proc]}
+        if unknown := sorted(eps_only - crafted):
+            p.error(f"--eps {args.eps}: the protocol crafts no poison of eps {', '.join(map(str, unknown))} for "
+                    f"{', '.join(sorted(only or PROCEDURES))} (its eps: {', '.join(map(str, sorted(crafted)))})")
     if args.stage == "protocol":
         write_protocol(args, protocol)
         return 0
@@ -1001,7 +1021,7 @@ def main(argv=None) -> int:
     if args.stage == "inspect":
         stage_inspect(args, protocol, train)
     if args.stage in ("craft", "all"):
-        stage_craft(args, protocol, train, val, only)
+        stage_craft(args, protocol, train, val, only, eps_only)
     if args.stage in ("controls", "all"):
         stage_controls(args, protocol, train)
     if args.stage in ("victims", "all"):

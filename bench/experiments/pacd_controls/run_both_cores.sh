@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
-# The study's remaining work on a 2-core machine, resumable. One process crafts: GA eps 0.1, 0.03, 0.05, then
-# SmoothAdv (each whether or not the one before failed: a poison another process holds is skipped), then the twins,
-# then it trains and certifies victims too. The other trains and certifies victims (the MACER, GA, then SmoothAdv
-# rows; a row whose poison is not crafted yet waits) and passes over the rows again every 10 minutes while the first
-# process runs, then once more after it. A victim that one process trains or certifies (its lock) is skipped by
-# the other, which goes on with the next.
+# The study's remaining work on a 2-core machine, resumable. One process crafts: GA eps 0.1, SmoothAdv (eps 0.1: the
+# main table first), then GA eps 0.03 and 0.05 (each whether or not the one before failed: a poison another process
+# holds is skipped), then the twins, then it trains and certifies victims too. The other trains and certifies victims
+# (the MACER, GA, then SmoothAdv rows; a row whose poison is not crafted yet waits) and passes over the rows again
+# every 10 minutes while the first process runs, then once more after it. A victim that one process trains or
+# certifies (its lock) is skipped by the other, which goes on with the next.
 # A second copy started while one runs exits at once (lock file). Run it again in a new session: finished work is
 # skipped and every run resumes from its checkpoint. Logs: $WORK/{craft,victims}-<time>.log.
 #   setsid nohup bench/experiments/pacd_controls/run_both_cores.sh > /dev/null 2>&1 < /dev/null &
@@ -22,8 +22,8 @@ t=$(date +%s)
 victims() {
   for proc in macer gaussian smoothadv; do "$PY" "${D[@]}" --stage victims --only "$proc"; done
 }
-( "$PY" "${D[@]}" --stage craft --only gaussian; "$PY" "${D[@]}" --stage craft --only smoothadv
-  "$PY" "${D[@]}" --stage controls; victims
+( "$PY" "${D[@]}" --stage craft --only gaussian --eps 0.1; "$PY" "${D[@]}" --stage craft --only smoothadv
+  "$PY" "${D[@]}" --stage craft --only gaussian; "$PY" "${D[@]}" --stage controls; victims
 ) > "$WORK/craft-$t.log" 2>&1 &
 crafter=$!
 ( while kill -0 "$crafter" 2> /dev/null; do victims; sleep "$PASS_SECONDS"; done; victims
