@@ -317,6 +317,19 @@ def test_pacd_controls_dry_run_and_fixed_protocol(tmp_path):
     assert "craft gaussian-eps0.1-crafted: done of 2" in proc.stdout
     assert "craft macer-eps0.1-crafted: not started of 2" in proc.stdout
     assert f"victims of {machine}: 10 of 42 finished" in proc.stdout
+    # with an estimate (here 1 s per epoch and per certified image: 3 epochs + 4 images = 7 s a victim), the status
+    # also compares the finished victims' measured seconds with the estimate's
+    kinds = {k: 1.0 for k in ("outer_step", "victim_epoch", "victim_epoch_mlp")}
+    estimate = {"seconds": {**{p: kinds for p in ("gaussian", "macer", "smoothadv")}, "certify_image": 1.0,
+                            "certify_image_mlp": 1.0}}
+    (results / "estimate.json").write_text(json.dumps(estimate))
+    proc = _run("pacd_controls/pacd_controls.py", *base, "--stage", "status")
+    assert proc.returncode == 0, proc.stderr
+    took = sum(v["train_seconds"] + v["certify_seconds"] for v in map(json.loads, (
+        f.read_text() for f in (work / "victims" / machine).glob("*/*/*/seed*/summary.json"))))
+    assert f"the 10 finished victims of this kind took {took / 3600:.2f} CPU hours, {took / 70:.2f} times the " \
+           f"estimate's {70 / 3600:.2f}: the victims left would take {32 * 7 / 3600 * took / 70:.1f}" in proc.stdout
+    (results / "estimate.json").unlink()
     proc = _run("pacd_controls/pacd_controls.py", *base, "--stage", "inspect")
     assert proc.returncode == 0, proc.stderr
     stats = json.loads((results / "poison_stats.json").read_text())["poisons"]

@@ -950,13 +950,23 @@ def stage_status(args, protocol) -> None:
                if not (victim_dir(args, r, s, here) / "summary.json").exists()]
     if secs:
         try:
-            for r, _ in missing:
-                left += _victim_seconds(secs, protocol, r) / 3600
+            victims_left = sum(_victim_seconds(secs, protocol, r) for r, _ in missing) / 3600
+            finished = [(r, json.loads((victim_dir(args, r, s, here) / "summary.json").read_text()))
+                        for r in protocol["rows"] for s in r["seeds"]
+                        if (victim_dir(args, r, s, here) / "summary.json").exists()]
+            planned = sum(_victim_seconds(secs, protocol, r) for r, _ in finished)
         except KeyError as exc:
             print(f"{est_path} has no timing {exc}: run --stage estimate for the CPU hours left")
             return
+        left += victims_left
         print(f"about {left:.1f} CPU hours left for this machine kind ({here}) at estimate.json's timings"
               + ("" if args.threads else "; pass --threads as the victims run (the kind includes the thread count)"))
+        took = sum((v.get("train_seconds") or 0.0) + (v.get("certify_seconds") or 0.0) for _, v in finished)
+        if finished and planned > 0:
+            ratio = took / planned
+            print(f"the {len(finished)} finished victims of this kind took {took / 3600:.2f} CPU hours, {ratio:.2f} "
+                  f"times the estimate's {planned / 3600:.2f}: the victims left would take {victims_left * ratio:.1f} "
+                  f"CPU hours at that rate (the estimate's: {victims_left:.1f})")
 
 
 def main(argv=None) -> int:
