@@ -376,10 +376,16 @@ def test_pacd_controls_dry_run_and_fixed_protocol(tmp_path):
     ps.save(crafted_file)
     proc = _run("pacd_controls/pacd_controls.py", *base, "--stage", "summary")
     assert proc.returncode != 0 and "its results are not those of this row now" in proc.stderr
-    proc = _run("pacd_controls/pacd_controls.py", *base, "--stage", "victims", "--only", "gaussian")
+    held = work / "victims" / machine / "mlp" / "gaussian" / "gaussian-eps0.1-crafted" / "seed0"
+    with ExclusiveLock(held):  # a victim another process has (its folder's lock) is left to it
+        proc = _run("pacd_controls/pacd_controls.py", *base, "--stage", "victims", "--only", "gaussian")
     assert proc.returncode == 0, proc.stderr
     assert "gaussian-eps0.1-twin.safetensors: it is the twin of poison" in proc.stdout and "made again" in proc.stdout
-    assert proc.stdout.count("its results are not this row's") == 3  # crafted and twin (LeNet), crafted (MLP)
+    assert "mlp / gaussian / gaussian-eps0.1-crafted / seed 0: skipped, another process has it" in proc.stdout
+    assert proc.stdout.count("its results are not this row's") == 2  # crafted and twin (LeNet)
+    proc = _run("pacd_controls/pacd_controls.py", *base, "--stage", "victims", "--only", "gaussian")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.count("its results are not this row's") == 1  # crafted (MLP), once released
     twin_like = _poison_settings(work / "poisons" / "gaussian-eps0.1-twin.safetensors")["like"]["sha256"]
     assert twin_like == init_record(ps)["sha256"]
     assert len(list((work / "poisons").glob("gaussian-eps0.1-twin.safetensors.stale-*"))) == 1

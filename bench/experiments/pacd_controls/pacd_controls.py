@@ -53,7 +53,7 @@ import torch
 
 from engine import data, models
 from engine.evaluate import evaluate_poison, target_test_indices
-from engine.fileio import FileInUseError
+from engine.fileio import ExclusiveLock, FileInUseError
 from engine.pacd import PoisonSet, init_record, poison, preset, random_poison, read_poison_header
 from engine.results import cpu_kind, read_log, run_trace
 
@@ -408,20 +408,35 @@ def stage_victims(args, protocol, train, test, only=None) -> None:
             identity = init_record(ps)["sha256"]  # of the poison loaded (the file may be replaced meanwhile)
         for seed in row["seeds"]:
             out = victim_dir(args, row, seed, machine)
-            if (out / "summary.json").exists():
-                problem = victim_problem(json.loads((out / "summary.json").read_text()), protocol, row, seed, identity)
-                if problem is None:
-                    continue
-                moved = set_aside(out)
-                print(f"== victim {out}: its results are not this row's ({problem}); set aside as "
-                      f"{moved.name if moved else 'another process did (it trains it again)'}", flush=True)
-                if moved is None:
-                    continue
-            print(f"== victim {row['arch']} / {row['victim']} / {row['poison']} / seed {seed}", flush=True)
+            try:  # one process per victim, from the look at its summary to the summary written (<folder>.lock)
+                lock = ExclusiveLock(out).acquire()
+            except FileInUseError:  # another process has it: go on with the next victim
+                print(f"== victim {row['arch']} / {row['victim']} / {row['poison']} / seed {seed}: skipped, another "
+                      "process has it", flush=True)
+                continue
             try:
-                _victim(args, protocol, row, seed, ps, train, test, out)
-            except FileInUseError as exc:  # another process trains or certifies it: go on with the next victim
-                print(f"== skipped, {exc}", flush=True)
+                _victim_unless_done(args, protocol, row, seed, ps, identity, train, test, out)
+            finally:
+                lock.release()
+
+
+def _victim_unless_done(args, protocol, row, seed, ps, identity, train, test, out) -> None:
+    """Train and certify the victim in ``out`` unless its results are there and are this row's (other results are
+    set aside first). The caller holds the victim's lock."""
+    if (out / "summary.json").exists():
+        problem = victim_problem(json.loads((out / "summary.json").read_text()), protocol, row, seed, identity)
+        if problem is None:
+            return
+        moved = set_aside(out)
+        print(f"== victim {out}: its results are not this row's ({problem}); set aside as "
+              f"{moved.name if moved else 'another process did (it trains it again)'}", flush=True)
+        if moved is None:
+            return
+    print(f"== victim {row['arch']} / {row['victim']} / {row['poison']} / seed {seed}", flush=True)
+    try:
+        _victim(args, protocol, row, seed, ps, train, test, out)
+    except FileInUseError as exc:  # a process outside this driver writes one of its files: go on with the next
+        print(f"== skipped, {exc}", flush=True)
 
 
 def victim_training(protocol: dict, row: dict, seed: int) -> dict:
