@@ -325,10 +325,14 @@ def test_pacd_controls_dry_run_and_fixed_protocol(tmp_path):
     (results / "estimate.json").write_text(json.dumps(estimate))
     proc = _run("pacd_controls/pacd_controls.py", *base, "--stage", "status")
     assert proc.returncode == 0, proc.stderr
-    took = sum(v["train_seconds"] + v["certify_seconds"] for v in map(json.loads, (
-        f.read_text() for f in (work / "victims" / machine).glob("*/*/*/seed*/summary.json"))))
-    assert f"the 10 finished victims of this kind took {took / 3600:.2f} CPU hours, {took / 70:.2f} times the " \
-           f"estimate's {70 / 3600:.2f}: the victims left would take {32 * 7 / 3600 * took / 70:.1f}" in proc.stdout
+    files = [work / "victims" / machine / r["arch"] / r["victim"] / r["poison"] / f"seed{s}" / "summary.json"
+             for r in summary["protocol"]["rows"] for s in r["seeds"]]  # the protocol's victims (no set-aside ones)
+    done = [json.loads(f.read_text()) for f in files if f.exists()]
+    took = sum(v["train_seconds"] + v["certify_seconds"] for v in done)
+    assert len(done) == 10
+    assert f"with timings took {took / 3600:.2f} hours of one-thread wall time, {took / 70:.2f} times the estimate's " \
+           f"{70 / 3600:.2f}" in proc.stdout
+    assert f"the victims left at that ratio: {32 * 7 / 3600 * took / 70:.1f} hours" in proc.stdout
     (results / "estimate.json").unlink()
     proc = _run("pacd_controls/pacd_controls.py", *base, "--stage", "inspect")
     assert proc.returncode == 0, proc.stderr

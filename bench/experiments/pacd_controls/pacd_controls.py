@@ -969,19 +969,30 @@ def stage_status(args, protocol) -> None:
             finished = [(r, json.loads((victim_dir(args, r, s, here) / "summary.json").read_text()))
                         for r in protocol["rows"] for s in r["seeds"]
                         if (victim_dir(args, r, s, here) / "summary.json").exists()]
-            planned = sum(_victim_seconds(secs, protocol, r) for r, _ in finished)
+            for r, _ in finished:
+                _victim_seconds(secs, protocol, r)
         except KeyError as exc:
             print(f"{est_path} has no timing {exc}: run --stage estimate for the CPU hours left")
             return
         left += victims_left
         print(f"about {left:.1f} CPU hours left for this machine kind ({here}) at estimate.json's timings"
               + ("" if args.threads else "; pass --threads as the victims run (the kind includes the thread count)"))
-        took = sum((v.get("train_seconds") or 0.0) + (v.get("certify_seconds") or 0.0) for _, v in finished)
-        if finished and planned > 0:
-            ratio = took / planned
-            print(f"the {len(finished)} finished victims of this kind took {took / 3600:.2f} CPU hours, {ratio:.2f} "
-                  f"times the estimate's {planned / 3600:.2f}: the victims left would take {victims_left * ratio:.1f} "
-                  f"CPU hours at that rate (the estimate's: {victims_left:.1f})")
+        # measured against estimated, per procedure and architecture (victims without both timings left out): the
+        # wall time of one-thread processes, as the estimate's
+        groups: dict[tuple[str, str], list[float]] = {}
+        for r, v in finished:
+            if v.get("train_seconds") is not None and v.get("certify_seconds") is not None:
+                g = groups.setdefault((r["victim"], r["arch"]), [0, 0.0, 0.0])
+                g[0] += 1
+                g[1] += v["train_seconds"] + v["certify_seconds"]
+                g[2] += _victim_seconds(secs, protocol, r)
+        if groups:
+            took, planned = sum(g[1] for g in groups.values()), sum(g[2] for g in groups.values())
+            each = ", ".join(f"{proc}/{arch} {g[1] / g[2]:.2f} ({g[0]})" for (proc, arch), g in sorted(groups.items()))
+            print(f"finished victims of this kind with timings took {took / 3600:.2f} hours of one-thread wall time, "
+                  f"{took / planned:.2f} times the estimate's {planned / 3600:.2f} (per procedure/arch, victims: {each}); "
+                  f"the victims left at that ratio: {victims_left * took / planned:.1f} hours (the estimate's: "
+                  f"{victims_left:.1f})")
 
 
 def main(argv=None) -> int:
