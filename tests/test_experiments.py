@@ -8,6 +8,7 @@ import json
 import os
 import shlex
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -607,7 +608,7 @@ def test_crafting_modes_refuses_before_writing(tmp_path):
 
 def test_run_both_cores_order_lock_and_last_pass(tmp_path):
     """run_both_cores.sh with a stand-in Python that logs its calls: one process crafts GA eps 0.1, SmoothAdv, the
-    other GA eps, makes the twins, then passes over the victims; the other process passes over the victims while the
+    then the other GA eps, makes the twins, then passes over the victims; the other process passes over the victims while the
     first runs and once more after it ends; every call names the work folder and one thread; a second copy is refused
     while the first runs."""
     work, calls = tmp_path / "work", tmp_path / "calls"
@@ -620,7 +621,8 @@ def test_run_both_cores_order_lock_and_last_pass(tmp_path):
     fake.chmod(0o755)
     script = EXPERIMENTS / "pacd_controls" / "run_both_cores.sh"
     env = {**os.environ, "WORK": str(work), "PYTHON": str(fake), "PASS_SECONDS": "1"}
-    first = subprocess.Popen(["bash", str(script)], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    first = subprocess.Popen(["bash", str(script)], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                             start_new_session=True)
     try:
         deadline = time.monotonic() + 30
         while not (calls.exists() and "--stage craft" in calls.read_text()):
@@ -630,8 +632,10 @@ def test_run_both_cores_order_lock_and_last_pass(tmp_path):
         assert second.returncode == 1 and "run_both_cores.sh already runs" in second.stderr
         assert first.wait(timeout=60) == 0
     finally:
-        if first.poll() is None:
-            first.kill()
+        if first.poll() is None:  # the script, its two subshells and their calls
+            os.killpg(first.pid, signal.SIGKILL)
+    bad = subprocess.run(["bash", str(script)], env={**env, "PASS_SECONDS": "10m"}, capture_output=True, text=True)
+    assert bad.returncode == 2 and "PASS_SECONDS must be a whole number of seconds, got '10m'" in bad.stderr
     craft_log, = work.glob("craft-*.log")
     victims_log, = work.glob("victims-*.log")
     stages = ["--stage victims --only macer", "--stage victims --only gaussian", "--stage victims --only smoothadv"]
