@@ -961,38 +961,34 @@ def stage_status(args, protocol) -> None:
                    if not (victim_dir(args, r, s, machine) / "summary.json").exists()]
         print(f"victims of {machine}: {total - len(missing)} of {total} finished")
     here = machine_tag()
-    missing = [(r, s) for r in protocol["rows"] for s in r["seeds"]
-               if not (victim_dir(args, r, s, here) / "summary.json").exists()]
+    summaries = [(r, victim_dir(args, r, s, here) / "summary.json") for r in protocol["rows"] for s in r["seeds"]]
     if secs:
-        try:
-            victims_left = sum(_victim_seconds(secs, protocol, r) for r, _ in missing) / 3600
-            finished = [(r, json.loads((victim_dir(args, r, s, here) / "summary.json").read_text()))
-                        for r in protocol["rows"] for s in r["seeds"]
-                        if (victim_dir(args, r, s, here) / "summary.json").exists()]
-            for r, _ in finished:
-                _victim_seconds(secs, protocol, r)
+        try:  # each victim of this kind at the estimate's timings: (row, seconds, its summary file)
+            planned = [(r, _victim_seconds(secs, protocol, r), f) for r, f in summaries]
         except KeyError as exc:
             print(f"{est_path} has no timing {exc}: run --stage estimate for the CPU hours left")
             return
+        victims_left = sum(t for _, t, f in planned if not f.exists()) / 3600
         left += victims_left
         print(f"about {left:.1f} CPU hours left for this machine kind ({here}) at estimate.json's timings"
               + ("" if args.threads else "; pass --threads as the victims run (the kind includes the thread count)"))
         # measured against estimated, per procedure and architecture (victims without both timings left out): the
         # wall time of one-thread processes, as the estimate's
         groups: dict[tuple[str, str], list[float]] = {}
-        for r, v in finished:
+        for r, t, f in planned:
+            v = json.loads(f.read_text()) if f.exists() else {}
             if v.get("train_seconds") is not None and v.get("certify_seconds") is not None:
                 g = groups.setdefault((r["victim"], r["arch"]), [0, 0.0, 0.0])
                 g[0] += 1
                 g[1] += v["train_seconds"] + v["certify_seconds"]
-                g[2] += _victim_seconds(secs, protocol, r)
+                g[2] += t
         if groups:
-            took, planned = sum(g[1] for g in groups.values()), sum(g[2] for g in groups.values())
+            took, expected = sum(g[1] for g in groups.values()), sum(g[2] for g in groups.values())
             each = ", ".join(f"{proc}/{arch} {g[1] / g[2]:.2f} ({g[0]})" for (proc, arch), g in sorted(groups.items()))
             print(f"finished victims of this kind with timings took {took / 3600:.2f} hours of one-thread wall time, "
-                  f"{took / planned:.2f} times the estimate's {planned / 3600:.2f} (per procedure/arch, victims: {each}); "
-                  f"the victims left at that ratio: {victims_left * took / planned:.1f} hours (the estimate's: "
-                  f"{victims_left:.1f})")
+                  f"{took / expected:.2f} times the estimate's {expected / 3600:.2f} (per procedure/arch, victims: "
+                  f"{each}); the victims left at that ratio: {victims_left * took / expected:.1f} hours (the "
+                  f"estimate's: {victims_left:.1f})")
 
 
 def main(argv=None) -> int:
