@@ -313,6 +313,24 @@ def test_pacd_controls_dry_run_and_fixed_protocol(tmp_path):
     text = (results / "results.md").read_text()
     assert "### Transfer" in text and "| crafted for gaussian |" in text
     assert (results / "drop_vs_accuracy.png").exists()
+    # the finished crafted poison and victims are kept in the results folder (tracked); a new checkout (no work
+    # folder) takes them back, makes the controls again from their seed, and summarises to the same rows
+    kept = results / "kept"
+    assert (kept / "poisons" / "gaussian-eps0.1-crafted.safetensors").read_bytes() == \
+        (work / "poisons" / "gaussian-eps0.1-crafted.safetensors").read_bytes()
+    assert (kept / "poisons" / "gaussian-eps0.1-crafted.safetensors.runs.jsonl").exists()
+    assert sorted(p.name for p in (kept / "poisons").iterdir()) == ["gaussian-eps0.1-crafted.safetensors",
+                                                                  "gaussian-eps0.1-crafted.safetensors.runs.jsonl"]
+    assert len(list((kept / "victims").rglob("summary.json"))) == len(list((kept / "victims").rglob("certify.tsv"))) == 10
+    shutil.move(work, tmp_path / "old-work")
+    proc = _run("pacd_controls/pacd_controls.py", *base, "--stage", "summary")
+    assert proc.returncode != 0 and "run --stage controls" in proc.stderr and "Traceback" not in proc.stderr
+    proc = _run("pacd_controls/pacd_controls.py", *base, "--stage", "controls")
+    assert proc.returncode == 0, proc.stderr
+    assert sorted(p.name for p in (work / "victims" / machine / "lenet" / "gaussian" / "clean" / "seed0").iterdir()) \
+        == ["certify.json", "certify.tsv", "summary.json"]
+    assert _run("pacd_controls/pacd_controls.py", *base, "--stage", "summary").returncode == 0
+    assert json.loads((results / "summary.json").read_text())["rows"] == summary["rows"]
     proc = _run("pacd_controls/pacd_controls.py", *base, "--stage", "status")
     assert proc.returncode == 0, proc.stderr
     assert "craft gaussian-eps0.1-crafted: done of 2" in proc.stdout
@@ -379,8 +397,12 @@ def test_pacd_controls_dry_run_and_fixed_protocol(tmp_path):
     ps = PoisonSet.load(crafted_file, (train[0][:1000], train[1][:1000]))
     ps.settings["remade"] = True
     ps.save(crafted_file)
+    proc = _run("pacd_controls/pacd_controls.py", *base, "--stage", "summary")  # the kept copy is not replaced
+    assert proc.returncode != 0 and "differs from the kept poison" in proc.stderr
+    (kept / "poisons" / crafted_file.name).unlink()
     proc = _run("pacd_controls/pacd_controls.py", *base, "--stage", "summary")
     assert proc.returncode != 0 and "its results are not those of this row now" in proc.stderr
+    assert (kept / "poisons" / crafted_file.name).read_bytes() == crafted_file.read_bytes()
     held = work / "victims" / machine / "mlp" / "gaussian" / "gaussian-eps0.1-crafted" / "seed0"
     with ExclusiveLock(held):  # a victim another process has (its folder's lock) is left to it
         proc = _run("pacd_controls/pacd_controls.py", *base, "--stage", "victims", "--only", "gaussian")
@@ -395,6 +417,8 @@ def test_pacd_controls_dry_run_and_fixed_protocol(tmp_path):
     assert twin_like == init_record(ps)["sha256"]
     assert len(list((work / "poisons").glob("gaussian-eps0.1-twin.safetensors.stale-*"))) == 1
     assert len(list((work / "victims").glob(f"{machine}/*/gaussian/gaussian-eps0.1-*/seed0.stale-*"))) == 3
+    again = work / "victims" / machine / "lenet" / "gaussian" / "gaussian-eps0.1-crafted" / "seed0"
+    assert (kept / again.relative_to(work) / "summary.json").read_bytes() == (again / "summary.json").read_bytes()
     assert _run("pacd_controls/pacd_controls.py", *base, "--stage", "summary").returncode == 0
 
     # a victim of another CPU kind is reported in its own section, never paired with this kind's clean victims

@@ -16,6 +16,11 @@ Stages (each resumable; run them again after a crash, or in several processes wi
     summary    results/summary.json (schema below), results/results.md and results/drop_vs_accuracy.png from every
                finished victim; rows with missing victims are reported as missing, never dropped.
     status     where the work stands: crafting steps, victims finished per machine kind, CPU hours left.
+
+Every stage but protocol and estimate first syncs --work with results/kept (tracked): the finished crafted poisons and
+victims' results (certify.tsv, .json, summary.json) missing from --work are taken from it, and those it lacks are copied into
+it (a finished victim or poison is also copied as soon as it is written). Commit results/kept: a new checkout has no
+--work folder. The controls are not kept: --stage controls (or victims) makes them again from their seed.
     inspect    a diagnostic, not a result: where each poison (and each crafting checkpoint as it stands) spends its
                budget on the class's pixels (background, strokes, at the box's edge); results/poison_stats.json.
 
@@ -43,6 +48,7 @@ import json
 import os
 import platform
 import re
+import shutil
 import sys
 import time
 import zlib
@@ -53,7 +59,7 @@ import torch
 
 from engine import data, models
 from engine.evaluate import evaluate_poison, target_test_indices
-from engine.fileio import ExclusiveLock, FileInUseError
+from engine.fileio import ExclusiveLock, FileInUseError, publish
 from engine.pacd import PoisonSet, init_record, poison, preset, random_poison, read_poison_header
 from engine.results import cpu_kind, read_log, run_trace
 
@@ -247,6 +253,91 @@ def crafting_runs(out: Path) -> list[dict]:
     return [json.loads(line) for line in runs.read_text().splitlines() if line.strip()]
 
 
+# ----------------------------------------------------------------------------------------------
+# kept results: what a new machine cannot make again cheaply, in the tracked results folder
+# ----------------------------------------------------------------------------------------------
+
+# summary.json last: a victim with one counts as finished
+KEPT_VICTIM_FILES = ("certify.tsv", "certify.json", "summary.json")
+
+
+def kept_dir(args) -> Path:
+    """The tracked copy of the finished crafted poisons (int8 files, with their runs record) and of the finished
+    victims' results (certify.tsv, certify.json, summary.json), under --results: a new checkout has no --work folder
+    (untracked), and these are hours of CPU time. The controls are made again from their seed in seconds."""
+    return args.results / "kept"
+
+
+def _copy(src: Path, dest: Path) -> None:
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dest.with_name(f"{dest.name}.{os.getpid()}.tmp")
+    shutil.copyfile(src, tmp)
+    publish(tmp, dest)
+
+
+def _keep_victim(args, out: Path) -> bool:
+    """Copy the finished victim in ``out`` (a folder under --work/victims) to the kept results unless they hold
+    these results already; True where copied."""
+    dest = kept_dir(args) / out.relative_to(args.work)
+    if (dest / "summary.json").exists() and (dest / "summary.json").read_bytes() == (out / "summary.json").read_bytes():
+        return False
+    for name in KEPT_VICTIM_FILES:
+        _copy(out / name, dest / name)
+    return True
+
+
+def _keep_poison(args, work: Path) -> bool:
+    """Copy the finished crafted poison ``work`` (and its runs record) to the kept results unless it is there; True
+    where copied. A kept poison that differs from it is refused by name (neither is replaced)."""
+    keep = kept_dir(args) / "poisons" / work.name
+    if keep.exists():
+        if read_poison_header(keep)["sha256"] != read_poison_header(work)["sha256"]:
+            raise SystemExit(f"{work} differs from the kept poison {keep}: move one of them away (the victims of the "
+                             "other become stale)")
+        return False
+    if crafting_runs_path(work).exists():
+        _copy(crafting_runs_path(work), crafting_runs_path(keep))
+    _copy(work, keep)
+    return True
+
+
+def sync_kept(args, protocol) -> None:
+    """Both ways between --work and the kept results. Into --work: every kept crafted poison missing there (its runs
+    record first) and every kept victim whose folder does not exist there (a folder there is a victim under way or
+    set aside to be trained again: never overwritten). Into the kept results: every finished crafted poison and
+    every finished victim of the protocol whose results they do not hold (a victim trained again replaces its old
+    copy). Commit the kept folder to keep them."""
+    kept = kept_dir(args)
+    restored, copied = [], []
+    for proc in PROCEDURES:
+        for eps in protocol["crafting"]["eps"][proc]:
+            work = poison_path(args, proc, eps, "crafted")
+            keep = kept / "poisons" / work.name
+            if keep.exists() and not work.exists():
+                if crafting_runs_path(keep).exists():
+                    _copy(crafting_runs_path(keep), crafting_runs_path(work))
+                _copy(keep, work)
+                restored.append(work.name)
+            elif work.exists() and _keep_poison(args, work):
+                copied.append(work.name)
+    for done in sorted((kept / "victims").rglob("summary.json")) if (kept / "victims").exists() else []:
+        out = args.work / done.parent.relative_to(kept)
+        if not out.exists():
+            for name in KEPT_VICTIM_FILES:
+                _copy(done.parent / name, out / name)
+            restored.append(str(out.relative_to(args.work)))
+    root = args.work / "victims"
+    for machine in sorted(d for d in root.iterdir() if d.is_dir()) if root.exists() else []:
+        for row in protocol["rows"]:
+            for seed in row["seeds"]:
+                out = victim_dir(args, row, seed, machine.name)
+                if all((out / n).exists() for n in KEPT_VICTIM_FILES) and _keep_victim(args, out):
+                    copied.append(str(out.relative_to(args.work)))
+    for what, names in (("restored from", restored), ("kept in", copied)):
+        if names:
+            print(f"== {what} {kept}: {len(names)} ({', '.join(names[:4])}{', ...' if len(names) > 4 else ''})")
+
+
 def stage_craft(args, protocol, train, val, only=None, eps_only=None) -> None:
     """Craft every poison of the protocol not yet made (of the procedures ``only`` and the eps ``eps_only``, in the
     protocol's order). Under torchrun (WORLD_SIZE > 1) the ranks craft each poison together, data-parallel
@@ -297,6 +388,7 @@ def stage_craft(args, protocol, train, val, only=None, eps_only=None) -> None:
                                 "val_size": protocol["data"]["val_size"], "crafting_runs": crafting_runs(out)})
             if rank == 0:
                 ps.save(out)
+                _keep_poison(args, out)
             if world_size > 1:
                 dist.barrier()  # the next poison's look sees this one written
 
@@ -437,6 +529,8 @@ def _victim_unless_done(args, protocol, row, seed, ps, identity, train, test, ou
         _victim(args, protocol, row, seed, ps, train, test, out)
     except FileInUseError as exc:  # a process outside this driver writes one of its files: go on with the next
         print(f"== skipped, {exc}", flush=True)
+        return
+    _keep_victim(args, out)
 
 
 def victim_training(protocol: dict, row: dict, seed: int) -> dict:
@@ -495,8 +589,9 @@ def _summary(args, protocol: dict, row: dict, seed: int, machine: str) -> dict |
     if row["kind"] != "clean":
         poison_file = poison_path(args, row["source"], row["eps"], row["kind"])
         if not poison_file.exists():
-            raise SystemExit(f"{path.parent}: a finished victim of {poison_file.name}, which is missing: restore it, "
-                             "or move the victim away")
+            raise SystemExit(f"{path.parent}: a finished victim of {poison_file.name}, which is missing: run --stage "
+                             "controls (it makes the controls again from their seed), restore the poison, or move the "
+                             "victim away")
         if row["kind"] == "twin" and (why := twin_problem(args, row["source"], row["eps"])):
             raise SystemExit(f"{poison_file}: {why}: run --stage controls (it makes the twin again) and then "
                              "--stage victims")
@@ -1041,6 +1136,8 @@ def main(argv=None) -> int:
     if args.stage == "all" and not (args.results / "protocol.json").exists():
         write_protocol(args, protocol)
     check_protocol(args, protocol)
+    if args.stage != "estimate" and os.environ.get("RANK", "0") == "0":  # under torchrun: rank 0, before the others
+        sync_kept(args, protocol)                                         # meet (engine.distributed.init_from_env)
     if args.stage == "status":
         stage_status(args, protocol)
         return 0
