@@ -331,6 +331,12 @@ def test_pacd_controls_dry_run_and_fixed_protocol(tmp_path):
         == ["certify.json", "certify.tsv", "summary.json"]
     assert _run("pacd_controls/pacd_controls.py", *base, "--stage", "summary").returncode == 0
     assert json.loads((results / "summary.json").read_text())["rows"] == summary["rows"]
+    # a victim folder in the work folder (here one without its summary: under way) is never overwritten
+    under_way = work / "victims" / machine / "lenet" / "gaussian" / "clean" / "seed0"
+    (under_way / "summary.json").unlink()
+    assert _run("pacd_controls/pacd_controls.py", *base, "--stage", "status").returncode == 0
+    assert not (under_way / "summary.json").exists()
+    shutil.copyfile(kept / under_way.relative_to(work) / "summary.json", under_way / "summary.json")
     proc = _run("pacd_controls/pacd_controls.py", *base, "--stage", "status")
     assert proc.returncode == 0, proc.stderr
     assert "craft gaussian-eps0.1-crafted: done of 2" in proc.stdout
@@ -410,6 +416,9 @@ def test_pacd_controls_dry_run_and_fixed_protocol(tmp_path):
     assert "gaussian-eps0.1-twin.safetensors: it is the twin of poison" in proc.stdout and "made again" in proc.stdout
     assert "mlp / gaussian / gaussian-eps0.1-crafted / seed 0: skipped, another process has it" in proc.stdout
     assert proc.stdout.count("its results are not this row's") == 2  # crafted and twin (LeNet)
+    again = work / "victims" / machine / "lenet" / "gaussian" / "gaussian-eps0.1-crafted" / "seed0"
+    for name in ("summary.json", "certify.tsv"):  # copied to the kept results as soon as it is trained again
+        assert (kept / again.relative_to(work) / name).read_bytes() == (again / name).read_bytes()
     proc = _run("pacd_controls/pacd_controls.py", *base, "--stage", "victims", "--only", "gaussian")
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.count("its results are not this row's") == 1  # crafted (MLP), once released
@@ -417,8 +426,6 @@ def test_pacd_controls_dry_run_and_fixed_protocol(tmp_path):
     assert twin_like == init_record(ps)["sha256"]
     assert len(list((work / "poisons").glob("gaussian-eps0.1-twin.safetensors.stale-*"))) == 1
     assert len(list((work / "victims").glob(f"{machine}/*/gaussian/gaussian-eps0.1-*/seed0.stale-*"))) == 3
-    again = work / "victims" / machine / "lenet" / "gaussian" / "gaussian-eps0.1-crafted" / "seed0"
-    assert (kept / again.relative_to(work) / "summary.json").read_bytes() == (again / "summary.json").read_bytes()
     assert _run("pacd_controls/pacd_controls.py", *base, "--stage", "summary").returncode == 0
 
     # a victim of another CPU kind is reported in its own section, never paired with this kind's clean victims
@@ -633,15 +640,18 @@ def test_crafting_modes_refuses_before_writing(tmp_path):
 def test_run_both_cores_order_and_lock(tmp_path):
     """run_both_cores.sh with a stand-in Python that logs its calls: the poisons are crafted one after the other, each
     under torchrun on two ranks (MACER, SmoothAdv, GA eps 0.1, 0.03, 0.05), then the controls; only then two
-    processes pass over the victims (MACER, GA, SmoothAdv rows); every call names the work folder and one thread; a
-    second copy is refused while the first runs."""
+    processes pass over the victims (MACER, GA, SmoothAdv rows) and one of them once more; every call names the work
+    folder and one thread; a second copy is refused while the first runs; a failed step does not stop the later
+    ones, and the script's exit status says that one failed."""
     work, calls = tmp_path / "work", tmp_path / "calls"
     fake = tmp_path / "python"
     fake.write_text("#!/bin/sh\n"
                     f'echo "start $(date +%s.%N) $PPID $*" >> {calls}\n'
                     'echo "$PPID $*"\n'
                     'case "$*" in *"--stage craft"*) sleep 1;; *"--stage victims"*) sleep 0.2;; esac\n'
-                    f'echo "end $(date +%s.%N) $PPID $*" >> {calls}\n')
+                    f'echo "end $(date +%s.%N) $PPID $*" >> {calls}\n'
+                    'case "$*" in *"--only smoothadv --eps"*) [ -n "$FAIL_SMOOTHADV" ] && exit 3;; esac\n'
+                    'exit 0\n')
     fake.chmod(0o755)
     script = EXPERIMENTS / "pacd_controls" / "run_both_cores.sh"
     env = {**os.environ, "WORK": str(work), "PYTHON": str(fake)}
@@ -671,11 +681,23 @@ def test_run_both_cores_order_and_lock(tmp_path):
         f"{head} --stage controls"]
     stages = [f"{head} --stage victims --only {proc}" for proc in ("macer", "gaussian", "smoothadv")]
     passes = [p.read_text().splitlines() for p in victims_logs]
-    assert all([line.split(" ", 1)[1] for line in lines] == stages for lines in passes)
-    # two victims processes (the parent pid of each call), both started after the crafting and controls ended
-    pids = [{line.split()[0] for line in lines} for lines in passes]
+    assert [[line.split(" ", 1)[1] for line in lines] for lines in passes] == [stages * 2, stages]
+    # two victims processes (the parent pid of each call), both started after the crafting and controls ended; the
+    # last pass after both ended
+    pids = [{line.split()[0] for line in lines[:3]} for lines in passes]
     assert all(len(p) == 1 for p in pids) and pids[0] != pids[1]
     records = [line.split(" ", 3) for line in calls.read_text().splitlines()]
     crafting_end = max(float(t) for kind, t, pid, args in records if kind == "end" and "--stage victims" not in args)
     victims_start = min(float(t) for kind, t, pid, args in records if kind == "start" and "--stage victims" in args)
     assert victims_start > crafting_end
+    two_end = max(float(t) for kind, t, pid, args in records if kind == "end" and {pid} in pids)
+    last = [float(t) for kind, t, pid, args in records if kind == "start" and "--stage victims" in args
+            and {pid} not in pids]
+    assert len(last) == 3 and min(last) > two_end
+    # a failed step (SmoothAdv's crafting): the later steps run all the same, and the exit status is 1
+    shutil.rmtree(work)
+    calls.unlink()
+    failed = subprocess.run(["bash", str(script)], env={**env, "FAIL_SMOOTHADV": "1"}, capture_output=True, text=True,
+                            timeout=60)
+    assert failed.returncode == 1
+    assert len(calls.read_text().splitlines()) == len(records)

@@ -16,13 +16,14 @@ Stages (each resumable; run them again after a crash, or in several processes wi
     summary    results/summary.json (schema below), results/results.md and results/drop_vs_accuracy.png from every
                finished victim; rows with missing victims are reported as missing, never dropped.
     status     where the work stands: crafting steps, victims finished per machine kind, CPU hours left.
-
-Every stage but protocol and estimate first syncs --work with results/kept (tracked): the finished crafted poisons and
-victims' results (certify.tsv, .json, summary.json) missing from --work are taken from it, and those it lacks are copied into
-it (a finished victim or poison is also copied as soon as it is written). Commit results/kept: a new checkout has no
---work folder. The controls are not kept: --stage controls (or victims) makes them again from their seed.
     inspect    a diagnostic, not a result: where each poison (and each crafting checkpoint as it stands) spends its
                budget on the class's pixels (background, strokes, at the box's edge); results/poison_stats.json.
+
+Every stage but protocol and estimate first syncs --work with results/kept (tracked): the finished crafted poisons
+and victims' results (certify.tsv, certify.json, summary.json) missing from --work are taken from it, and those it
+lacks are copied into it (a finished victim or poison is also copied as soon as it is written). Commit results/kept:
+a new checkout has no --work folder. The controls are not kept: --stage controls (or victims) makes them again from
+their seed.
 
     python bench/experiments/pacd_controls/pacd_controls.py --stage protocol --data-root ../shared/data/mnist
     python bench/experiments/pacd_controls/pacd_controls.py --stage all --data-root ../shared/data/mnist --threads 1
@@ -59,7 +60,7 @@ import torch
 
 from engine import data, models
 from engine.evaluate import evaluate_poison, target_test_indices
-from engine.fileio import ExclusiveLock, FileInUseError, publish
+from engine.fileio import ExclusiveLock, FileInUseError, fsync_dir, publish
 from engine.pacd import PoisonSet, init_record, poison, preset, random_poison, read_poison_header
 from engine.results import cpu_kind, read_log, run_trace
 
@@ -276,14 +277,45 @@ def _copy(src: Path, dest: Path) -> None:
 
 
 def _keep_victim(args, out: Path) -> bool:
-    """Copy the finished victim in ``out`` (a folder under --work/victims) to the kept results unless they hold
-    these results already; True where copied."""
+    """Copy the finished victim in ``out`` (a folder under --work/victims; the caller holds its lock) to the kept
+    results unless they hold these results already; True where copied. The kept summary.json is removed first and
+    written last, so a copy cut short leaves no kept victim (the next sync copies it again), never a mix of two runs."""
     dest = kept_dir(args) / out.relative_to(args.work)
     if (dest / "summary.json").exists() and (dest / "summary.json").read_bytes() == (out / "summary.json").read_bytes():
         return False
+    (dest / "summary.json").unlink(missing_ok=True)
     for name in KEPT_VICTIM_FILES:
         _copy(out / name, dest / name)
     return True
+
+
+def _restore_victim(kept: Path, out: Path) -> bool:
+    """Copy the kept victim in ``kept`` to ``out`` in the work folder unless a folder is there (the caller holds its
+    lock); True where copied. The files go into a folder beside it that is renamed into place, so a restore cut short
+    leaves nothing that looks like a victim under way."""
+    if out.exists():
+        return False
+    tmp = out.with_name(f"{out.name}.restore-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    for name in KEPT_VICTIM_FILES:
+        shutil.copyfile(kept / name, tmp / name)
+    os.rename(tmp, out)
+    fsync_dir(out.parent)
+    return True
+
+
+def _with_victim_lock(out: Path, action) -> bool:
+    """``action()`` while holding the victim's lock (the one stage_victims holds from its look at the summary to the
+    summary written); False without calling it where another process has the victim."""
+    try:
+        lock = ExclusiveLock(out).acquire()
+    except FileInUseError:
+        return False
+    try:
+        return action()
+    finally:
+        lock.release()
 
 
 def _keep_poison(args, work: Path) -> bool:
@@ -303,10 +335,10 @@ def _keep_poison(args, work: Path) -> bool:
 
 def sync_kept(args, protocol) -> None:
     """Both ways between --work and the kept results. Into --work: every kept crafted poison missing there (its runs
-    record first) and every kept victim whose folder does not exist there (a folder there is a victim under way or
-    set aside to be trained again: never overwritten). Into the kept results: every finished crafted poison and
+    record first) and every kept victim whose folder does not exist there (a folder there is a victim of this
+    machine, finished or under way: never overwritten). Into the kept results: every finished crafted poison and
     every finished victim of the protocol whose results they do not hold (a victim trained again replaces its old
-    copy). Commit the kept folder to keep them."""
+    copy). A victim another process has (its lock) is left alone. Commit the kept folder to keep them."""
     kept = kept_dir(args)
     restored, copied = [], []
     for proc in PROCEDURES:
@@ -322,16 +354,18 @@ def sync_kept(args, protocol) -> None:
                 copied.append(work.name)
     for done in sorted((kept / "victims").rglob("summary.json")) if (kept / "victims").exists() else []:
         out = args.work / done.parent.relative_to(kept)
-        if not out.exists():
-            for name in KEPT_VICTIM_FILES:
-                _copy(done.parent / name, out / name)
+        if not out.exists() and _with_victim_lock(out, lambda out=out, done=done: _restore_victim(done.parent, out)):
             restored.append(str(out.relative_to(args.work)))
     root = args.work / "victims"
     for machine in sorted(d for d in root.iterdir() if d.is_dir()) if root.exists() else []:
         for row in protocol["rows"]:
             for seed in row["seeds"]:
                 out = victim_dir(args, row, seed, machine.name)
-                if all((out / n).exists() for n in KEPT_VICTIM_FILES) and _keep_victim(args, out):
+
+                def keep(out=out):  # under the lock: the folder may have been set aside meanwhile
+                    return all((out / n).exists() for n in KEPT_VICTIM_FILES) and _keep_victim(args, out)
+
+                if (out / "summary.json").exists() and _with_victim_lock(out, keep):
                     copied.append(str(out.relative_to(args.work)))
     for what, names in (("restored from", restored), ("kept in", copied)):
         if names:
@@ -589,9 +623,10 @@ def _summary(args, protocol: dict, row: dict, seed: int, machine: str) -> dict |
     if row["kind"] != "clean":
         poison_file = poison_path(args, row["source"], row["eps"], row["kind"])
         if not poison_file.exists():
-            raise SystemExit(f"{path.parent}: a finished victim of {poison_file.name}, which is missing: run --stage "
-                             "controls (it makes the controls again from their seed), restore the poison, or move the "
-                             "victim away")
+            how = ("craft it (--stage craft) or put it back; the finished crafted poisons are taken from "
+                   "results/kept" if row["kind"] == "crafted" else
+                   "run --stage controls (it makes the controls again from their seed)")
+            raise SystemExit(f"{path.parent}: a finished victim of {poison_file.name}, which is missing: {how}")
         if row["kind"] == "twin" and (why := twin_problem(args, row["source"], row["eps"])):
             raise SystemExit(f"{poison_file}: {why}: run --stage controls (it makes the twin again) and then "
                              "--stage victims")
@@ -600,7 +635,8 @@ def _summary(args, protocol: dict, row: dict, seed: int, machine: str) -> dict |
     problem = victim_problem(summary, protocol, row, seed, identity)
     if problem is not None:
         raise SystemExit(f"{path.parent}: its results are not those of this row now ({problem}): run --stage victims "
-                         "(it sets the victim aside and trains it again), or move it away")
+                         "(it sets the victim aside, trains it again and replaces its copy in results/kept), or move "
+                         "it away from both the work folder and results/kept")
     return summary
 
 
@@ -1136,8 +1172,8 @@ def main(argv=None) -> int:
     if args.stage == "all" and not (args.results / "protocol.json").exists():
         write_protocol(args, protocol)
     check_protocol(args, protocol)
-    if args.stage != "estimate" and os.environ.get("RANK", "0") == "0":  # under torchrun: rank 0, before the others
-        sync_kept(args, protocol)                                         # meet (engine.distributed.init_from_env)
+    if args.stage != "estimate" and (env_world_size() == 1 or os.environ.get("RANK") == "0"):
+        sync_kept(args, protocol)  # under torchrun rank 0 alone, before the ranks meet (engine.distributed.init_from_env)
     if args.stage == "status":
         stage_status(args, protocol)
         return 0

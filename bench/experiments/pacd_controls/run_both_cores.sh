@@ -5,8 +5,9 @@
 # because only a finished poison survives a new checkout (it is copied to results/kept, tracked: commit it); a
 # crafting checkpoint lives in the untracked work folder. Then the controls (twins included), then two processes
 # train and certify the victims (the MACER, GA, then SmoothAdv rows; a victim one process has, the lock on its folder,
-# is skipped by the other). Victims start only after the crafting: a row pairs victims of one CPU kind, and crafting
-# is the same work on any kind.
+# is skipped by the other), and one of them passes once more at the end. Victims start only after the crafting: a row
+# pairs victims of one CPU kind, and crafting is the same work on any kind. The exit status is 1 if any step failed
+# (the steps after it still run).
 # A second copy started while one runs exits at once (lock file). Run it again in a new session: finished work is
 # skipped and every run resumes from its checkpoint. Logs: $WORK/craft-<time>.log, $WORK/victims-{a,b}-<time>.log.
 #   setsid nohup bench/experiments/pacd_controls/run_both_cores.sh > /dev/null 2>&1 < /dev/null &
@@ -21,15 +22,25 @@ exec 9> "$WORK/run_both_cores.lock"
 flock -n 9 || { echo "run_both_cores.sh already runs ($WORK/run_both_cores.lock)" >&2; exit 1; }
 D=(bench/experiments/pacd_controls/pacd_controls.py --data-root ../shared/data/mnist --work "$WORK" --threads 1)
 t=$(date +%s)
+status=0
 craft() {
-  "$PY" -m torch.distributed.run --standalone --nproc-per-node=2 "${D[@]}" --stage craft --only "$1" --eps "$2"
+  "$PY" -m torch.distributed.run --standalone --nproc-per-node=2 "${D[@]}" --stage craft --only "$1" --eps "$2" \
+    || status=1
 }
 victims() {
-  for proc in macer gaussian smoothadv; do "$PY" "${D[@]}" --stage victims --only "$proc"; done
+  local rc=0
+  for proc in macer gaussian smoothadv; do "$PY" "${D[@]}" --stage victims --only "$proc" || rc=1; done
+  return $rc
 }
 { craft macer 0.1; craft smoothadv 0.1; craft gaussian 0.1; craft gaussian 0.03; craft gaussian 0.05
-  "$PY" "${D[@]}" --stage controls
+  "$PY" "${D[@]}" --stage controls || status=1
 } > "$WORK/craft-$t.log" 2>&1
 victims > "$WORK/victims-a-$t.log" 2>&1 &
+a=$!
 victims > "$WORK/victims-b-$t.log" 2>&1 &
-wait
+b=$!
+wait "$a" || status=1
+wait "$b" || status=1
+# a last pass: a victim that one process skipped because the other had it, and that the other did not finish
+victims >> "$WORK/victims-a-$t.log" 2>&1 || status=1
+exit $status
