@@ -276,6 +276,13 @@ def _copy(src: Path, dest: Path) -> None:
     publish(tmp, dest)
 
 
+def _copy_poison(src: Path, dest: Path) -> None:
+    """A finished crafted poison file and its runs record (first: a poison file there counts as finished)."""
+    if crafting_runs_path(src).exists():
+        _copy(crafting_runs_path(src), crafting_runs_path(dest))
+    _copy(src, dest)
+
+
 def _keep_victim(args, out: Path) -> bool:
     """Copy the finished victim in ``out`` (a folder under --work/victims; the caller holds its lock) to the kept
     results unless they hold these results already; True where copied. The kept summary.json is removed first and
@@ -327,9 +334,7 @@ def _keep_poison(args, work: Path) -> bool:
             raise SystemExit(f"{work} differs from the kept poison {keep}: move one of them away (the victims of the "
                              "other become stale)")
         return False
-    if crafting_runs_path(work).exists():
-        _copy(crafting_runs_path(work), crafting_runs_path(keep))
-    _copy(work, keep)
+    _copy_poison(work, keep)
     return True
 
 
@@ -346,9 +351,7 @@ def sync_kept(args, protocol) -> None:
             work = poison_path(args, proc, eps, "crafted")
             keep = kept / "poisons" / work.name
             if keep.exists() and not work.exists():
-                if crafting_runs_path(keep).exists():
-                    _copy(crafting_runs_path(keep), crafting_runs_path(work))
-                _copy(keep, work)
+                _copy_poison(keep, work)
                 restored.append(work.name)
             elif work.exists() and _keep_poison(args, work):
                 copied.append(work.name)
