@@ -548,7 +548,9 @@ def test_pacd_controls_goal_verdicts_on_known_victims(tmp_path):
     assert goal["macer-eps0.1"]["met"] is None and not goal["macer-eps0.1"]["complete"]
     text = (results / "results.md").read_text()
     assert "| crafted for gaussian | 50.0% | - | - | 25.0% | - | - |" in text
-    shutil.rmtree(root / "lenet" / "gaussian" / "gaussian-eps0.1-vertex" / "seed2")
+    gone = root / "lenet" / "gaussian" / "gaussian-eps0.1-vertex" / "seed2"
+    shutil.rmtree(gone)  # a victim dropped from the work folder and from results/kept (else the kept one comes back)
+    shutil.rmtree(results / "kept" / gone.relative_to(work))
     v = summary()["gaussian-eps0.1"]
     assert not v["complete"] and v["met"] is None and v["frontier_goal"] is None
     _fake_victim(root / "lenet" / "gaussian" / "gaussian-eps0.1-vertex" / "seed2", 0.3, 0.60)
@@ -573,6 +575,7 @@ def test_pacd_controls_goal_verdicts_on_known_victims(tmp_path):
             _fake_victim(root / arch / "gaussian" / poison / f"seed{seed}", radius, acc)
 
     _fake_poisons(work, ["gaussian-eps0.1-crafted"], seed=1)
+    (results / "kept" / "poisons" / "gaussian-eps0.1-crafted.safetensors").unlink()  # the kept copy goes too
     proc = _run("pacd_controls/pacd_controls.py", *base, "--stage", "summary")
     assert proc.returncode != 0 and "gaussian-eps0.1-crafted/seed0: its results are not those" in proc.stderr
     refake("gaussian-eps0.1-crafted", 0.5, 0.86)
