@@ -238,8 +238,11 @@ def test_data_parallel_poisoning_equals_one_process(tmp_path, method):
     # near zero (1e-9) can move by a visible amount on a difference of summation order: a handful of pixels, no more
     assert moved > 0.01 and float(((one.images - x0).abs() > 0).double().mean()) > 0.01
     assert float((d > 1e-5).double().mean()) < 1e-3 and float(d.mean()) < 1e-6, (float(d.max()), float(d.mean()))
-    for a, b in zip(ranks[0]["history"], history):
-        assert a["upper"] == pytest.approx(b["upper"], rel=1e-4, abs=1e-7)
+    for i, (a, b) in enumerate(zip(ranks[0]["history"], history)):
+        # from the second step on the objective is evaluated on a poison whose pixels already differ by summation order
+        # through Adam's per-pixel step (above): SmoothAdv's upper at step 2 differed by 1.2e-4 relative on an AMD EPYC
+        # (family 26 model 2), within 1e-4 on the Intel Xeon the test was written on
+        assert a["upper"] == pytest.approx(b["upper"], rel=1e-4 if i == 0 else 1e-3, abs=1e-7)
         assert a["lower_loss"] == pytest.approx(b["lower_loss"], rel=1e-4)
         assert a["counted"] == pytest.approx(b["counted"], abs=1e-6)
         if b["solve_residual"] is not None:
