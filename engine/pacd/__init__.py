@@ -18,13 +18,15 @@ The package:
 - :mod:`engine.pacd.lower`: the lower level (:class:`LowerLevel` on an :class:`OuterBatch`; its second-order
   products). :mod:`engine.pacd.objective`: the upper objective and the keyed random streams.
 - :mod:`engine.pacd.poisonset`: :class:`PoisonSet`, its files and encodings, and poisoning checkpoints
-  (:func:`read_checkpoint`; written with :mod:`engine.checkpoint`, as engine.train's are).
+  (:func:`read_checkpoint`; written with :mod:`engine.checkpoint`, as engine.train's are). :mod:`engine.pacd.compact`:
+  the same checkpoints in about a sixth of the size, lossy (:func:`compact_checkpoint`, :func:`expand_checkpoint`).
 - :mod:`engine.pacd.combine` (:func:`combine_poisons`), :mod:`engine.pacd.controls` (:func:`random_poison`) and
   :mod:`engine.pacd.presets` (:func:`preset`: settings of published runs).
 """
 
 # (the private names: those that engine's modules, the tests and earlier scripts import from engine.pacd)
 from .combine import _RUN_KEYS, COMBINE, combine_poisons  # noqa: F401
+from .compact import COMPACT_KEY, compact_checkpoint, expand_checkpoint, read_compact_checkpoint
 from .config import PoisonConfig, _count, _positive  # noqa: F401
 from .controls import CONTROLS, random_poison
 from .crafter import Crafter, _float_images, _PhaseClock, _RowAdam, _solve_advice, poison  # noqa: F401
@@ -90,6 +92,10 @@ __all__ = [
     "resolve_method_args",
     "keyed_generator",
     "read_checkpoint",
+    "compact_checkpoint",
+    "expand_checkpoint",
+    "read_compact_checkpoint",
+    "COMPACT_KEY",
     "read_poison_header",
     "init_record",
     "COMBINE",
