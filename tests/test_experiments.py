@@ -704,3 +704,49 @@ def test_run_both_cores_order_and_lock(tmp_path):
                             timeout=60)
     assert failed.returncode == 1
     assert len(calls.read_text().splitlines()) == len(records)
+
+
+def test_pacd_controls_keeps_an_unfinished_crafting_checkpoint_compactly(tmp_path):
+    """A poison still crafting when a new checkout comes is not lost: every stage's sync keeps its checkpoint's compact
+    copy (with the runs record) in the tracked results once the checkpoint is ahead of it, a work folder without the
+    checkpoint gets it back expanded (recorded as such), crafting resumes from it, and the finished poison replaces
+    the compact copy."""
+    work, results = tmp_path / "work", tmp_path / "results"
+    base = ["--dry-run", "--work", work, "--results", results, "--quiet", "--threads", "1"]
+    assert _run("pacd_controls/pacd_controls.py", *base, "--stage", "protocol").returncode == 0
+    proc = _run("pacd_controls/pacd_controls.py", *base, "--stage", "craft", "--only", "gaussian")
+    assert proc.returncode == 0, proc.stderr
+    poisons, kept = work / "poisons", results / "kept" / "poisons"
+    name = "gaussian-eps0.1-crafted.safetensors"
+    ckpt, compact = poisons / f"{name}.ckpt", kept / f"{name}.ckpt.xz"
+    assert ckpt.exists() and (kept / name).exists() and not compact.exists()  # finished: the poison is kept
+    finished = (poisons / name).read_bytes()
+    # a poison still crafting: its checkpoint (here at the last step) and no poison file
+    (poisons / name).unlink()
+    (kept / name).unlink()
+    proc = _run("pacd_controls/pacd_controls.py", *base, "--stage", "status")
+    assert proc.returncode == 0, proc.stderr
+    assert f"kept in {results / 'kept'}: 1 ({name}.ckpt.xz (step 2," in proc.stdout
+    assert "craft gaussian-eps0.1-crafted: checkpoint at step 2 (kept compact copy at step 2) of 2" in proc.stdout
+    assert compact.stat().st_size < ckpt.stat().st_size
+    assert (kept / f"{name}.runs.jsonl").read_bytes() == (poisons / f"{name}.runs.jsonl").read_bytes()
+    mtime = compact.stat().st_mtime_ns
+    assert _run("pacd_controls/pacd_controls.py", *base, "--stage", "status").returncode == 0
+    assert compact.stat().st_mtime_ns == mtime  # not ahead of its kept copy: not written again
+    # a new checkout: no work folder; the checkpoint comes back expanded, and the run record says so
+    shutil.rmtree(work)
+    proc = _run("pacd_controls/pacd_controls.py", *base, "--stage", "status")
+    assert proc.returncode == 0, proc.stderr
+    assert f"restored from {results / 'kept'}: 1 ({name}.ckpt (step 2, from its compact copy))" in proc.stdout
+    assert ckpt.exists() and not (poisons / name).exists()
+    runs = [json.loads(line) for line in (poisons / f"{name}.runs.jsonl").read_text().splitlines()]
+    assert runs[0]["from_step"] == 0 and runs[-1]["expanded"] and runs[-1]["from_step"] == 2
+    # crafting goes on from it (here: already at its last step, so the poison is written from it)
+    proc = _run("pacd_controls/pacd_controls.py", *base, "--stage", "craft", "--only", "gaussian")
+    assert proc.returncode == 0, proc.stderr
+    assert (kept / name).exists() and not compact.exists()
+    from safetensors.torch import load
+
+    before, after = load(finished), load((poisons / name).read_bytes())
+    assert torch.equal(before["codes"], after["codes"])  # the codes of the poison are its codes again
+    assert _poison_settings(poisons / name)["crafting_runs"][-2]["expanded"]

@@ -61,7 +61,18 @@ import torch
 from engine import data, models
 from engine.evaluate import evaluate_poison, target_test_indices
 from engine.fileio import ExclusiveLock, FileInUseError, fsync_dir, publish
-from engine.pacd import PoisonSet, init_record, poison, preset, random_poison, read_poison_header
+from engine.pacd import (
+    PoisonSet,
+    compact_checkpoint,
+    expand_checkpoint,
+    init_record,
+    poison,
+    preset,
+    random_poison,
+    read_checkpoint,
+    read_compact_checkpoint,
+    read_poison_header,
+)
 from engine.results import cpu_kind, read_log, run_trace
 
 TARGET = 8
@@ -327,25 +338,96 @@ def _with_victim_lock(out: Path, action) -> bool:
 
 def _keep_poison(args, work: Path) -> bool:
     """Copy the finished crafted poison ``work`` (and its runs record) to the kept results unless it is there; True
-    where copied. A kept poison that differs from it is refused by name (neither is replaced)."""
+    where copied. A kept poison that differs from it is refused by name (neither is replaced). Once it is kept, the
+    kept compact copy of its crafting checkpoint is removed."""
     keep = kept_dir(args) / "poisons" / work.name
     if keep.exists():
         if read_poison_header(keep)["sha256"] != read_poison_header(work)["sha256"]:
             raise SystemExit(f"{work} differs from the kept poison {keep}: move one of them away (the victims of the "
                              "other become stale)")
+        kept_checkpoint_path(args, work).unlink(missing_ok=True)
         return False
     _copy_poison(work, keep)
+    kept_checkpoint_path(args, work).unlink(missing_ok=True)
     return True
+
+
+# a crafting checkpoint (61 MB for LeNet) is kept compactly (engine.pacd.compact: about a third of it, lossy) so that
+# a poison whose crafting spans sessions survives a new checkout
+EXPANDED_NOTE = ("the work folder's checkpoint was expanded from the kept compact checkpoint (lossy, once: the poison "
+                 "rounded to its int8 codes, the Adam moments to bfloat16); the next run resumes from it")
+
+
+def kept_checkpoint_path(args, work: Path) -> Path:
+    """The kept compact copy of the crafting checkpoint of the poison file ``work``."""
+    return kept_dir(args) / "poisons" / (checkpoint_path(work).name + ".xz")
+
+
+def _keep_checkpoint(args, work: Path, train) -> str | None:
+    """Compact the crafting checkpoint of the unfinished poison ``work`` into the kept results (with the poison's runs
+    record) unless the kept copy is at its step or later; what was kept, or None. ``train()``: the training split."""
+    ckpt, dest = checkpoint_path(work), kept_checkpoint_path(args, work)
+    if work.exists() or not ckpt.exists():
+        return None
+    step = int(read_checkpoint(ckpt)[1]["step"])
+    if dest.exists():
+        kept_step = int(read_compact_checkpoint(dest)[1]["checkpoint"]["step"])
+        if kept_step > step:
+            print(f"== {ckpt.name}: at step {step}, behind its kept compact copy (step {kept_step}); the kept copy "
+                  "stays. Move the work folder's checkpoint away to resume from the kept one", flush=True)
+        if kept_step >= step:
+            return None
+    if crafting_runs_path(work).exists():
+        _copy(crafting_runs_path(work), crafting_runs_path(kept_dir(args) / "poisons" / work.name))
+    info = compact_checkpoint(ckpt, train(), dest)
+    return f"{dest.name} (step {step}, {info['bytes'] / 1e6:.1f} MB)"
+
+
+def _restore_checkpoint(args, work: Path, train) -> str | None:
+    """Expand the kept compact checkpoint of the unfinished poison ``work`` into the work folder where it has no
+    checkpoint (under the checkpoint's lock, as a crafting run holds it; skipped where another process holds it),
+    with the poison's kept runs record and a line saying so; what was restored, or None."""
+    ckpt, src = checkpoint_path(work), kept_checkpoint_path(args, work)
+    if work.exists() or ckpt.exists() or not src.exists():
+        return None
+    try:
+        lock = ExclusiveLock(ckpt).acquire()
+    except FileInUseError:
+        return None
+    try:
+        if ckpt.exists():
+            return None
+        kept_runs = crafting_runs_path(kept_dir(args) / "poisons" / work.name)
+        if kept_runs.exists() and not crafting_runs_path(work).exists():
+            _copy(kept_runs, crafting_runs_path(work))
+        got = expand_checkpoint(src, train(), ckpt)
+        with open(crafting_runs_path(work), "a") as fh:
+            fh.write(json.dumps({"from_step": got["step"], "world_size": None, "threads_per_process": None,
+                                 "machine": machine_tag(), "cpu": run_trace()["cpu"], "expanded": True,
+                                 "started": time.strftime("%Y-%m-%dT%H:%M:%S+0000", time.gmtime()),
+                                 "note": EXPANDED_NOTE}) + "\n")
+        return f"{ckpt.name} (step {got['step']}, from its compact copy)"
+    finally:
+        lock.release()
 
 
 def sync_kept(args, protocol) -> None:
     """Both ways between --work and the kept results. Into --work: every kept crafted poison missing there (its runs
-    record first) and every kept victim whose folder does not exist there (a folder there is a victim of this
-    machine, finished or under way: never overwritten). Into the kept results: every finished crafted poison and
-    every finished victim of the protocol whose results they do not hold (a victim trained again replaces its old
-    copy). A victim another process has (its lock) is left alone. Commit the kept folder to keep them."""
+    record first), the kept compact crafting checkpoint of an unfinished poison that has no checkpoint there
+    (expanded), and every kept victim whose folder does not exist there (a folder there is a victim of this
+    machine, finished or under way: never overwritten). Into the kept results: every finished crafted poison, the
+    compact copy of every crafting checkpoint ahead of its kept copy, and every finished victim of the protocol whose
+    results they do not hold (a victim trained again replaces its old copy). A victim another process has (its lock)
+    is left alone. Commit the kept folder to keep them."""
     kept = kept_dir(args)
     restored, copied = [], []
+    loaded = []
+
+    def train():  # the training split, loaded once and only where a checkpoint is compacted or expanded
+        if not loaded:
+            loaded.append(load_data(args, protocol)[0])
+        return loaded[0]
+
     for proc in PROCEDURES:
         for eps in protocol["crafting"]["eps"][proc]:
             work = poison_path(args, proc, eps, "crafted")
@@ -355,6 +437,10 @@ def sync_kept(args, protocol) -> None:
                 restored.append(work.name)
             elif work.exists() and _keep_poison(args, work):
                 copied.append(work.name)
+            if (name := _restore_checkpoint(args, work, train)) is not None:
+                restored.append(name)
+            elif (name := _keep_checkpoint(args, work, train)) is not None:
+                copied.append(name)
     for done in sorted((kept / "victims").rglob("summary.json")) if (kept / "victims").exists() else []:
         out = args.work / done.parent.relative_to(kept)
         if not out.exists() and _with_victim_lock(out, lambda out=out, done=done: _restore_victim(done.parent, out)):
@@ -1068,8 +1154,6 @@ def stage_inspect(args, protocol, train) -> None:
 def stage_status(args, protocol) -> None:
     """Where the work stands: each crafted poison (done, its checkpoint's step, or not started), the victims finished
     per machine kind out of the protocol's, and the CPU hours left by estimate.json's timings."""
-    from engine.pacd import read_checkpoint
-
     est_path = args.results / "estimate.json"
     secs = json.loads(est_path.read_text())["seconds"] if est_path.exists() else None
     left = 0.0
@@ -1083,6 +1167,8 @@ def stage_status(args, protocol) -> None:
             elif ckpt.exists():
                 done = int(read_checkpoint(ckpt)[1]["step"])
                 state = f"checkpoint at step {done}"
+                if (kept_ckpt := kept_checkpoint_path(args, out)).exists():
+                    state += f" (kept compact copy at step {read_compact_checkpoint(kept_ckpt)[1]['checkpoint']['step']})"
             else:
                 done, state = 0, "not started"
             print(f"craft {out.stem}: {state} of {steps}")
