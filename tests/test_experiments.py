@@ -5,6 +5,7 @@ it, so that a change to the engine that breaks an experiment shows up.
 """
 
 import json
+import lzma
 import os
 import shlex
 import shutil
@@ -316,11 +317,11 @@ def test_pacd_controls_dry_run_and_fixed_protocol(tmp_path):
     # the finished crafted poison and victims are kept in the results folder (tracked); a new checkout (no work
     # folder) takes them back, makes the controls again from their seed, and summarises to the same rows
     kept = results / "kept"
-    assert (kept / "poisons" / "gaussian-eps0.1-crafted.safetensors").read_bytes() == \
-        (work / "poisons" / "gaussian-eps0.1-crafted.safetensors").read_bytes()
+    assert lzma.decompress((kept / "poisons" / "gaussian-eps0.1-crafted.safetensors.xz").read_bytes()) == \
+        (work / "poisons" / "gaussian-eps0.1-crafted.safetensors").read_bytes()  # kept LZMA-compressed
     assert (kept / "poisons" / "gaussian-eps0.1-crafted.safetensors.runs.jsonl").exists()
-    assert sorted(p.name for p in (kept / "poisons").iterdir()) == ["gaussian-eps0.1-crafted.safetensors",
-                                                                  "gaussian-eps0.1-crafted.safetensors.runs.jsonl"]
+    assert sorted(p.name for p in (kept / "poisons").iterdir()) == ["gaussian-eps0.1-crafted.safetensors.runs.jsonl",
+                                                                  "gaussian-eps0.1-crafted.safetensors.xz"]
     assert len(list((kept / "victims").rglob("summary.json"))) == len(list((kept / "victims").rglob("certify.tsv"))) == 10
     shutil.move(work, tmp_path / "old-work")
     proc = _run("pacd_controls/pacd_controls.py", *base, "--stage", "summary")
@@ -405,10 +406,10 @@ def test_pacd_controls_dry_run_and_fixed_protocol(tmp_path):
     ps.save(crafted_file)
     proc = _run("pacd_controls/pacd_controls.py", *base, "--stage", "summary")  # the kept copy is not replaced
     assert proc.returncode != 0 and "differs from the kept poison" in proc.stderr
-    (kept / "poisons" / crafted_file.name).unlink()
+    (kept / "poisons" / f"{crafted_file.name}.xz").unlink()
     proc = _run("pacd_controls/pacd_controls.py", *base, "--stage", "summary")
     assert proc.returncode != 0 and "its results are not those of this row now" in proc.stderr
-    assert (kept / "poisons" / crafted_file.name).read_bytes() == crafted_file.read_bytes()
+    assert lzma.decompress((kept / "poisons" / f"{crafted_file.name}.xz").read_bytes()) == crafted_file.read_bytes()
     held = work / "victims" / machine / "mlp" / "gaussian" / "gaussian-eps0.1-crafted" / "seed0"
     with ExclusiveLock(held):  # a victim another process has (its folder's lock) is left to it
         proc = _run("pacd_controls/pacd_controls.py", *base, "--stage", "victims", "--only", "gaussian")
@@ -575,7 +576,7 @@ def test_pacd_controls_goal_verdicts_on_known_victims(tmp_path):
             _fake_victim(root / arch / "gaussian" / poison / f"seed{seed}", radius, acc)
 
     _fake_poisons(work, ["gaussian-eps0.1-crafted"], seed=1)
-    (results / "kept" / "poisons" / "gaussian-eps0.1-crafted.safetensors").unlink()  # the kept copy goes too
+    (results / "kept" / "poisons" / "gaussian-eps0.1-crafted.safetensors.xz").unlink()  # the kept copy goes too
     proc = _run("pacd_controls/pacd_controls.py", *base, "--stage", "summary")
     assert proc.returncode != 0 and "gaussian-eps0.1-crafted/seed0: its results are not those" in proc.stderr
     refake("gaussian-eps0.1-crafted", 0.5, 0.86)
@@ -719,11 +720,11 @@ def test_pacd_controls_keeps_an_unfinished_crafting_checkpoint_compactly(tmp_pat
     poisons, kept = work / "poisons", results / "kept" / "poisons"
     name = "gaussian-eps0.1-crafted.safetensors"
     ckpt, compact = poisons / f"{name}.ckpt", kept / f"{name}.ckpt.xz"
-    assert ckpt.exists() and (kept / name).exists() and not compact.exists()  # finished: the poison is kept
+    assert ckpt.exists() and (kept / f"{name}.xz").exists() and not compact.exists()  # finished: the poison is kept
     finished = (poisons / name).read_bytes()
     # a poison still crafting: its checkpoint (here at the last step) and no poison file
     (poisons / name).unlink()
-    (kept / name).unlink()
+    (kept / f"{name}.xz").unlink()
     proc = _run("pacd_controls/pacd_controls.py", *base, "--stage", "status")
     assert proc.returncode == 0, proc.stderr
     assert f"kept in {results / 'kept'}: 1 ({name}.ckpt.xz (step 2," in proc.stdout
@@ -744,7 +745,7 @@ def test_pacd_controls_keeps_an_unfinished_crafting_checkpoint_compactly(tmp_pat
     # crafting goes on from it (here: already at its last step, so the poison is written from it)
     proc = _run("pacd_controls/pacd_controls.py", *base, "--stage", "craft", "--only", "gaussian")
     assert proc.returncode == 0, proc.stderr
-    assert (kept / name).exists() and not compact.exists()
+    assert (kept / f"{name}.xz").exists() and not compact.exists()
     from safetensors.torch import load
 
     before, after = load(finished), load((poisons / name).read_bytes())

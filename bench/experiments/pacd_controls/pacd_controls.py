@@ -46,6 +46,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import lzma
 import os
 import platform
 import re
@@ -287,11 +288,36 @@ def _copy(src: Path, dest: Path) -> None:
     publish(tmp, dest)
 
 
-def _copy_poison(src: Path, dest: Path) -> None:
-    """A finished crafted poison file and its runs record (first: a poison file there counts as finished)."""
-    if crafting_runs_path(src).exists():
-        _copy(crafting_runs_path(src), crafting_runs_path(dest))
-    _copy(src, dest)
+def _write(dest: Path, payload: bytes) -> None:
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dest.with_name(f"{dest.name}.{os.getpid()}.tmp")
+    tmp.write_bytes(payload)
+    publish(tmp, dest)
+
+
+def kept_poison_path(args, work: Path) -> Path:
+    """The kept copy of the finished crafted poison file ``work``: the file LZMA-compressed (an int8 poison, most of
+    its codes at the box's edges, takes about a quarter of its 4.3 MB), its runs record beside it."""
+    return kept_dir(args) / "poisons" / (work.name + ".xz")
+
+
+def _kept_runs_path(args, work: Path) -> Path:
+    return crafting_runs_path(kept_dir(args) / "poisons" / work.name)
+
+
+def _keep_poison_copy(args, work: Path) -> None:
+    """Copy the finished crafted poison ``work`` and its runs record to the kept results (the record first: a poison
+    file there counts as finished)."""
+    if crafting_runs_path(work).exists():
+        _copy(crafting_runs_path(work), _kept_runs_path(args, work))
+    _write(kept_poison_path(args, work), lzma.compress(work.read_bytes(), preset=6))
+
+
+def _restore_poison_copy(args, work: Path) -> None:
+    """The kept poison and its runs record back into the work folder as ``work`` (the record first)."""
+    if _kept_runs_path(args, work).exists():
+        _copy(_kept_runs_path(args, work), crafting_runs_path(work))
+    _write(work, lzma.decompress(kept_poison_path(args, work).read_bytes()))
 
 
 def _keep_victim(args, out: Path) -> bool:
@@ -340,14 +366,14 @@ def _keep_poison(args, work: Path) -> bool:
     """Copy the finished crafted poison ``work`` (and its runs record) to the kept results unless it is there; True
     where copied. A kept poison that differs from it is refused by name (neither is replaced). Once it is kept, the
     kept compact copy of its crafting checkpoint is removed."""
-    keep = kept_dir(args) / "poisons" / work.name
+    keep = kept_poison_path(args, work)
     if keep.exists():
-        if read_poison_header(keep)["sha256"] != read_poison_header(work)["sha256"]:
+        if lzma.decompress(keep.read_bytes()) != work.read_bytes():
             raise SystemExit(f"{work} differs from the kept poison {keep}: move one of them away (the victims of the "
                              "other become stale)")
         kept_checkpoint_path(args, work).unlink(missing_ok=True)
         return False
-    _copy_poison(work, keep)
+    _keep_poison_copy(args, work)
     kept_checkpoint_path(args, work).unlink(missing_ok=True)
     return True
 
@@ -378,7 +404,7 @@ def _keep_checkpoint(args, work: Path, train) -> str | None:
         if kept_step >= step:
             return None
     if crafting_runs_path(work).exists():
-        _copy(crafting_runs_path(work), crafting_runs_path(kept_dir(args) / "poisons" / work.name))
+        _copy(crafting_runs_path(work), _kept_runs_path(args, work))
     info = compact_checkpoint(ckpt, train(), dest)
     return f"{dest.name} (step {step}, {info['bytes'] / 1e6:.1f} MB)"
 
@@ -397,7 +423,7 @@ def _restore_checkpoint(args, work: Path, train) -> str | None:
     try:
         if ckpt.exists():
             return None
-        kept_runs = crafting_runs_path(kept_dir(args) / "poisons" / work.name)
+        kept_runs = _kept_runs_path(args, work)
         if kept_runs.exists() and not crafting_runs_path(work).exists():
             _copy(kept_runs, crafting_runs_path(work))
         got = expand_checkpoint(src, train(), ckpt)
@@ -431,9 +457,8 @@ def sync_kept(args, protocol) -> None:
     for proc in PROCEDURES:
         for eps in protocol["crafting"]["eps"][proc]:
             work = poison_path(args, proc, eps, "crafted")
-            keep = kept / "poisons" / work.name
-            if keep.exists() and not work.exists():
-                _copy_poison(keep, work)
+            if kept_poison_path(args, work).exists() and not work.exists():
+                _restore_poison_copy(args, work)
                 restored.append(work.name)
             elif work.exists() and _keep_poison(args, work):
                 copied.append(work.name)

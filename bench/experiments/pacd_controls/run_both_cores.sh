@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # The study's remaining work on a 2-core machine, resumable. First the crafting, each poison data-parallel on both
 # cores (torchrun, two one-thread ranks): MACER, SmoothAdv, GA eps 0.1, then GA eps 0.03 and 0.05 (each whether or not
-# the one before failed; a poison another process holds is skipped). Each poison is finished as soon as possible
-# because only a finished poison survives a new checkout (it is copied to results/kept, tracked: commit it); a
-# crafting checkpoint lives in the untracked work folder. Then the controls (twins included), then two processes
+# the one before failed; a poison another process holds is skipped). A finished poison is copied to results/kept
+# (tracked: commit it); a crafting checkpoint lives in the untracked work folder, and every stage's start (and
+# --stage status) keeps its compact copy in results/kept too (commit it before the session ends: a new checkout
+# resumes from it). Then the controls (twins included), then two processes
 # train and certify the victims (the MACER, GA, then SmoothAdv rows; a victim one process has, the lock on its folder,
 # is skipped by the other), and one of them passes once more at the end. Victims start only after the crafting: a row
 # pairs victims of one CPU kind, and crafting is the same work on any kind. The exit status is 1 if any step failed
