@@ -70,7 +70,10 @@ def test_a_run_resumes_from_the_expanded_checkpoint(tiny, crafted, tmp_path):
     compact_checkpoint(crafted, train, tmp_path / "c.xz")
     ckpt = tmp_path / "resumed.safetensors"
     expand_checkpoint(tmp_path / "c.xz", train, ckpt)
-    resumed = poison(_tiny_mlp, train, val, outer_steps=7, checkpoint=ckpt, checkpoint_every=1, seed=3, **SMALL)
+    logged = []
+    resumed = poison(_tiny_mlp, train, val, outer_steps=7, checkpoint=ckpt, checkpoint_every=1, seed=3,
+                     log=lambda e: logged.append(e["step"]), **SMALL)
+    assert logged == [6, 7]  # resumed after step 5, not started again
     straight = poison(_tiny_mlp, train, val, outer_steps=7, seed=3, **SMALL)
     history = read_checkpoint(crafted)[1]["history"]
     assert read_checkpoint(ckpt)[1]["step"] == 7
@@ -107,8 +110,16 @@ def test_wrong_files_and_training_sets_are_refused_by_name(tiny, crafted, tmp_pa
         read_compact_checkpoint(alien)
     with pytest.raises(PoisonError, match=r"missing\.xz: no such compact"):
         read_compact_checkpoint(tmp_path / "missing.xz")
-    with pytest.raises(PoisonError, match="e.safetensors"):  # compacting what is not a poisoning checkpoint
-        compact_checkpoint(tmp_path / "e.safetensors", train, tmp_path / "d.xz")
+    torn = tmp_path / "torn.xz"  # LZMA intact, the safetensors inside it cut short
+    torn.write_bytes(lzma.compress(lzma.decompress(out.read_bytes())[:-1000]))
+    with pytest.raises(PoisonError, match=r"torn\.xz: not a compact poisoning checkpoint"):
+        read_compact_checkpoint(torn)
+    from safetensors.torch import save_file
+
+    save_file({"x": torch.zeros(3)}, str(tmp_path / "other.safetensors"))  # compacting what is no poisoning checkpoint
+    with pytest.raises(PoisonError, match=r"other\.safetensors"):
+        compact_checkpoint(tmp_path / "other.safetensors", train, tmp_path / "d.xz")
+    assert not (tmp_path / "d.xz").exists() and not list(tmp_path.glob("*.tmp"))
 
 
 def _copy(src, dest):

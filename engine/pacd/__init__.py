@@ -19,7 +19,7 @@ The package:
   products). :mod:`engine.pacd.objective`: the upper objective and the keyed random streams.
 - :mod:`engine.pacd.poisonset`: :class:`PoisonSet`, its files and encodings, and poisoning checkpoints
   (:func:`read_checkpoint`; written with :mod:`engine.checkpoint`, as engine.train's are). :mod:`engine.pacd.compact`:
-  the same checkpoints in about a sixth of the size, lossy (:func:`compact_checkpoint`, :func:`expand_checkpoint`).
+  the same checkpoints in about a third of the size, lossy (:func:`compact_checkpoint`, :func:`expand_checkpoint`).
 - :mod:`engine.pacd.combine` (:func:`combine_poisons`), :mod:`engine.pacd.controls` (:func:`random_poison`) and
   :mod:`engine.pacd.presets` (:func:`preset`: settings of published runs).
 """

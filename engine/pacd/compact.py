@@ -7,7 +7,7 @@ about 61 MB, most of it the poison ``u`` and its per-pixel Adam moments. The com
 - ``u`` as the int8 codes of its perturbation, the encoding of an int8 poison file (:meth:`PoisonSet.encode`): the
   precision every finished int8 poison has (a unit of about eps/127; a code's image is the nearest to ``u``);
 - the Adam moments (of the poison, of the lower model's weights and of the solver's warm start) in bfloat16: 8
-  significant bits, the float32 exponent range (no moment underflows or overflows);
+  significant bits and the float32 exponent range (only values below about 1e-40 flush to zero);
 - everything else as it is (the lower model's weights, the solver's warm start ``p``, the step counts, the metadata);
 
 the whole compressed with LZMA (the codes of a poison at the box's edges compress well). The file is ``.xz`` of a
@@ -23,12 +23,19 @@ from __future__ import annotations
 
 import json
 import lzma
+import os
 import struct
+import tempfile
 from pathlib import Path
 
 import torch
 
 from ..fileio import publish
+
+try:
+    from safetensors import SafetensorError as _SafetensorError
+except ImportError:  # older safetensors
+    _SafetensorError = RuntimeError
 from .poisonset import (
     PoisonError,
     _hash_clean,
@@ -49,9 +56,10 @@ def _is_moment(name: str) -> bool:
     return name in _MOMENTS or (name.startswith("opt_w/") and name.rsplit("/", 1)[-1] in ("exp_avg", "exp_avg_sq"))
 
 
-def _originals(settings: dict, rows: int, train_data, where) -> torch.Tensor:
-    """The clean target-class images (float32 in [0, 1], in the run's order) the checkpoint's poison perturbs; a
-    PoisonError naming ``where`` unless ``train_data`` holds the run's originals."""
+def _originals(settings: dict, shape: torch.Size, train_data, where) -> torch.Tensor:
+    """The clean target-class images (float32 in [0, 1], in the run's order, of the poison's ``shape``) the
+    checkpoint's poison perturbs; a PoisonError naming ``where`` unless ``train_data`` holds the run's originals."""
+    rows = shape[0]
     images, labels = train_data
     labels = torch.as_tensor(labels).to(torch.int64)
     target = int(settings["target_class"])
@@ -62,7 +70,10 @@ def _originals(settings: dict, rows: int, train_data, where) -> torch.Tensor:
             f"poisons ({rows} images): pass the same training split the run was started on"
         )
     x = images[idx]
-    return x.to(torch.float32) / 255.0 if x.dtype == torch.uint8 else x.to(torch.float32)
+    if x.numel() != shape.numel():
+        raise PoisonError(f"{where}: the poison's images are {tuple(shape)[1:]}, the training set's {tuple(x.shape)[1:]}")
+    x = x.to(torch.float32) / 255.0 if x.dtype == torch.uint8 else x.to(torch.float32)
+    return x.reshape(shape)
 
 
 def compact_checkpoint(checkpoint, train_data, out) -> dict:
@@ -79,7 +90,9 @@ def compact_checkpoint(checkpoint, train_data, out) -> dict:
     if missing or "u" not in tensors:
         raise PoisonError(f"{checkpoint}: incomplete poisoning checkpoint (missing {missing or ['u']})")
     u = tensors["u"].to(torch.float32)
-    x0 = _originals(settings, u.shape[0], train_data, checkpoint).reshape(u.shape)
+    if u.dim() != 4 or not bool(torch.isfinite(u).all()):
+        raise PoisonError(f"{checkpoint}: the poison u is not a finite (N, C, H, W) tensor (a diverged run?)")
+    x0 = _originals(settings, u.shape, train_data, checkpoint)
     codes, decoded = _int8_encode(u, x0, float(settings["eps"]))
     kept = {}
     for name, t in tensors.items():
@@ -96,10 +109,7 @@ def compact_checkpoint(checkpoint, train_data, out) -> dict:
     payload = lzma.compress(save({k: v.contiguous() for k, v in kept.items()},
                                  metadata={COMPACT_KEY: json.dumps(info)}), preset=6)
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
-    tmp.write_bytes(payload)
-    publish(tmp, out)
+    _publish_bytes(payload, out)
     return {"step": int(meta["step"]), "bytes": len(payload), "checkpoint_bytes": checkpoint.stat().st_size,
             "u_max_error": float((decoded - u).abs().max()) if u.numel() else 0.0}
 
@@ -118,12 +128,17 @@ def read_compact_checkpoint(path) -> tuple[dict[str, torch.Tensor], dict]:
         from safetensors.torch import load
 
         tensors = load(raw)
-    except (lzma.LZMAError, struct.error, ValueError, KeyError, TypeError, RuntimeError) as exc:
+    except (lzma.LZMAError, struct.error, ValueError, KeyError, TypeError, RuntimeError, MemoryError,
+            _SafetensorError) as exc:
         raise PoisonError(f"{path}: not a compact poisoning checkpoint ({type(exc).__name__}: {exc})") from None
     if not isinstance(info, dict) or info.get("format") != _FORMAT or not isinstance(info.get("checkpoint"), dict):
         raise PoisonError(f"{path}: not a compact poisoning checkpoint of format {_FORMAT}")
-    if "u_codes" not in tensors or tensors["u_codes"].dtype != torch.int8:
-        raise PoisonError(f"{path}: a compact poisoning checkpoint without its int8 poison codes")
+    codes = tensors.get("u_codes")
+    if codes is None or codes.dtype != torch.int8 or codes.dim() != 4:
+        raise PoisonError(f"{path}: a compact poisoning checkpoint without its int8 (N, C, H, W) poison codes")
+    for name in ("u_m", "u_v"):
+        if name not in tensors or tensors[name].shape != codes.shape:
+            raise PoisonError(f"{path}: a compact poisoning checkpoint whose {name} is missing or not the poison's shape")
     return tensors, info
 
 
@@ -138,9 +153,30 @@ def expand_checkpoint(compact, train_data, out) -> dict:
     if not isinstance(settings, dict) or any(k not in settings for k in ("target_class", "clean_sha256", "eps")):
         raise PoisonError(f"{compact}: a compact poisoning checkpoint without the run's settings")
     codes = tensors.pop("u_codes")
-    x0 = _originals(settings, codes.shape[0], train_data, compact).reshape(codes.shape)
+    x0 = _originals(settings, codes.shape, train_data, compact)
     full = {"u": _int8_decode(codes, x0, float(settings["eps"]))}
     full.update({k: v.to(torch.float32) if v.dtype == torch.bfloat16 else v for k, v in tensors.items()})
-    _save_checkpoint(out, full, meta)
-    read_checkpoint(out)  # what a run resuming from it checks
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=out.name + ".", suffix=".tmp", dir=out.parent)
+    os.close(fd)
+    try:  # checked as a run resuming from it checks it before it takes the checkpoint's name
+        _save_checkpoint(tmp, full, meta)
+        read_checkpoint(tmp)
+        publish(Path(tmp), out)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
     return {"step": int(meta["step"]), "reset_index": int(meta["reset_index"])}
+
+
+def _publish_bytes(payload: bytes, out: Path) -> None:
+    """``payload`` as the file ``out``, atomically, through a temporary file of its own beside it (two processes
+    writing the same ``out`` at once never share one)."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=out.name + ".", suffix=".tmp", dir=out.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(payload)
+        publish(Path(tmp), out)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
