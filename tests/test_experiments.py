@@ -734,14 +734,41 @@ def test_pacd_controls_keeps_an_unfinished_crafting_checkpoint_compactly(tmp_pat
     mtime = compact.stat().st_mtime_ns
     assert _run("pacd_controls/pacd_controls.py", *base, "--stage", "status").returncode == 0
     assert compact.stat().st_mtime_ns == mtime  # not ahead of its kept copy: not written again
-    # a new checkout: no work folder; the checkpoint comes back expanded, and the run record says so
+    from safetensors.torch import save
+
+    from engine.pacd import COMPACT_KEY, read_compact_checkpoint
+
+    def claim(step):  # the kept copy as if made at another step
+        tensors, info = read_compact_checkpoint(compact)
+        info["checkpoint"]["step"] = step
+        compact.write_bytes(lzma.compress(save(tensors, metadata={COMPACT_KEY: json.dumps(info)})))
+
+    claim(3)  # a kept copy ahead of the work folder's checkpoint stays, and the sync says so
+    proc = _run("pacd_controls/pacd_controls.py", *base, "--stage", "status")
+    assert proc.returncode == 0, proc.stderr
+    assert f"{name}.ckpt: at step 2, behind its kept compact copy (step 3); the kept copy stays" in proc.stdout
+    assert read_compact_checkpoint(compact)[1]["checkpoint"]["step"] == 3
+    for older in (lambda: claim(1), lambda: compact.write_bytes(b"not lzma")):  # behind, or unreadable: replaced
+        older()
+        proc = _run("pacd_controls/pacd_controls.py", *base, "--stage", "status")
+        assert proc.returncode == 0, proc.stderr
+        assert f"kept in {results / 'kept'}: 1 ({name}.ckpt.xz (step 2," in proc.stdout
+        assert read_compact_checkpoint(compact)[1]["checkpoint"]["step"] == 2
+    assert "unreadable" in proc.stdout and not list(kept.glob("*.tmp")) and not list(kept.glob("*.lock"))
+    # a new checkout: no work folder; the checkpoint comes back expanded, and the run record says so (a record left
+    # in a work folder without the checkpoint is another line of runs: set aside, not mixed in)
     shutil.rmtree(work)
+    poisons.mkdir(parents=True)
+    (poisons / f"{name}.runs.jsonl").write_text('{"from_step": 0, "note": "another line of runs"}\n')
     proc = _run("pacd_controls/pacd_controls.py", *base, "--stage", "status")
     assert proc.returncode == 0, proc.stderr
     assert f"restored from {results / 'kept'}: 1 ({name}.ckpt (step 2, from its compact copy))" in proc.stdout
     assert ckpt.exists() and not (poisons / name).exists()
     runs = [json.loads(line) for line in (poisons / f"{name}.runs.jsonl").read_text().splitlines()]
     assert runs[0]["from_step"] == 0 and runs[-1]["expanded"] and runs[-1]["from_step"] == 2
+    assert [json.loads(line) for line in (kept / f"{name}.runs.jsonl").read_text().splitlines()] == runs[:-1]
+    (aside,) = poisons.glob(f"{name}.runs.jsonl.stale-*")
+    assert "another line of runs" in aside.read_text()
     # crafting goes on from it (here: already at its last step, so the poison is written from it)
     proc = _run("pacd_controls/pacd_controls.py", *base, "--stage", "craft", "--only", "gaussian")
     assert proc.returncode == 0, proc.stderr

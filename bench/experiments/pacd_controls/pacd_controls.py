@@ -63,6 +63,7 @@ from engine import data, models
 from engine.evaluate import evaluate_poison, target_test_indices
 from engine.fileio import ExclusiveLock, FileInUseError, fsync_dir, publish
 from engine.pacd import (
+    PoisonError,
     PoisonSet,
     compact_checkpoint,
     expand_checkpoint,
@@ -275,9 +276,10 @@ KEPT_VICTIM_FILES = ("certify.tsv", "certify.json", "summary.json")
 
 
 def kept_dir(args) -> Path:
-    """The tracked copy of the finished crafted poisons (int8 files, with their runs record) and of the finished
-    victims' results (certify.tsv, certify.json, summary.json), under --results: a new checkout has no --work folder
-    (untracked), and these are hours of CPU time. The controls are made again from their seed in seconds."""
+    """The tracked copy of the finished crafted poisons (int8 files LZMA-compressed, with their runs record), of the
+    crafting checkpoints of unfinished ones (compact, engine.pacd.compact) and of the finished victims' results
+    (certify.tsv, certify.json, summary.json), under --results: a new checkout has no --work folder (untracked), and
+    these are hours of CPU time. The controls are made again from their seed in seconds."""
     return args.results / "kept"
 
 
@@ -313,11 +315,21 @@ def _keep_poison_copy(args, work: Path) -> None:
     _write(kept_poison_path(args, work), lzma.compress(work.read_bytes(), preset=6))
 
 
+def _kept_poison_bytes(args, work: Path) -> bytes:
+    """The poison file that the kept copy of ``work`` holds (SystemExit naming a damaged one)."""
+    keep = kept_poison_path(args, work)
+    try:
+        return lzma.decompress(keep.read_bytes())
+    except lzma.LZMAError as exc:
+        raise SystemExit(f"{keep}: damaged kept poison ({exc}); take it from git again (git checkout -- {keep})")
+
+
 def _restore_poison_copy(args, work: Path) -> None:
     """The kept poison and its runs record back into the work folder as ``work`` (the record first)."""
+    payload = _kept_poison_bytes(args, work)
     if _kept_runs_path(args, work).exists():
         _copy(_kept_runs_path(args, work), crafting_runs_path(work))
-    _write(work, lzma.decompress(kept_poison_path(args, work).read_bytes()))
+    _write(work, payload)
 
 
 def _keep_victim(args, out: Path) -> bool:
@@ -368,7 +380,7 @@ def _keep_poison(args, work: Path) -> bool:
     kept compact copy of its crafting checkpoint is removed."""
     keep = kept_poison_path(args, work)
     if keep.exists():
-        if lzma.decompress(keep.read_bytes()) != work.read_bytes():
+        if _kept_poison_bytes(args, work) != work.read_bytes():
             raise SystemExit(f"{work} differs from the kept poison {keep}: move one of them away (the victims of the "
                              "other become stale)")
         kept_checkpoint_path(args, work).unlink(missing_ok=True)
@@ -391,22 +403,40 @@ def kept_checkpoint_path(args, work: Path) -> Path:
 
 def _keep_checkpoint(args, work: Path, train) -> str | None:
     """Compact the crafting checkpoint of the unfinished poison ``work`` into the kept results (with the poison's runs
-    record) unless the kept copy is at its step or later; what was kept, or None. ``train()``: the training split."""
+    record) unless the kept copy is at its step or later; what was kept, or None. ``train()``: the training split.
+    One process at a time (a lock on the kept copy; another process that holds it is left to it); a kept copy that
+    cannot be read is replaced; a poison that finished meanwhile takes its place."""
     ckpt, dest = checkpoint_path(work), kept_checkpoint_path(args, work)
     if work.exists() or not ckpt.exists():
         return None
-    step = int(read_checkpoint(ckpt)[1]["step"])
-    if dest.exists():
-        kept_step = int(read_compact_checkpoint(dest)[1]["checkpoint"]["step"])
-        if kept_step > step:
-            print(f"== {ckpt.name}: at step {step}, behind its kept compact copy (step {kept_step}); the kept copy "
-                  "stays. Move the work folder's checkpoint away to resume from the kept one", flush=True)
-        if kept_step >= step:
+    try:
+        lock = ExclusiveLock(dest).acquire()
+    except FileInUseError:
+        return None
+    try:
+        if work.exists() or not ckpt.exists():
             return None
-    if crafting_runs_path(work).exists():
-        _copy(crafting_runs_path(work), _kept_runs_path(args, work))
-    info = compact_checkpoint(ckpt, train(), dest)
-    return f"{dest.name} (step {step}, {info['bytes'] / 1e6:.1f} MB)"
+        step = int(read_checkpoint(ckpt)[1]["step"])
+        if dest.exists():
+            try:
+                kept_step = int(read_compact_checkpoint(dest)[1]["checkpoint"]["step"])
+            except (PoisonError, KeyError, TypeError, ValueError) as exc:
+                print(f"== {dest.name}: unreadable ({exc}); replaced by the work folder's checkpoint", flush=True)
+                kept_step = -1
+            if kept_step > step:
+                print(f"== {ckpt.name}: at step {step}, behind its kept compact copy (step {kept_step}); the kept "
+                      "copy stays. Set the work folder's checkpoint aside to resume from the kept one", flush=True)
+            if kept_step >= step:
+                return None
+        info = compact_checkpoint(ckpt, train(), dest)
+        if crafting_runs_path(work).exists():
+            _copy(crafting_runs_path(work), _kept_runs_path(args, work))
+        if work.exists():  # finished meanwhile: the poison is kept instead (the next sync)
+            dest.unlink(missing_ok=True)
+            return None
+        return f"{dest.name} (step {info['step']}, {info['bytes'] / 1e6:.1f} MB)"
+    finally:
+        lock.release()
 
 
 def _restore_checkpoint(args, work: Path, train) -> str | None:
@@ -423,15 +453,17 @@ def _restore_checkpoint(args, work: Path, train) -> str | None:
     try:
         if ckpt.exists():
             return None
-        kept_runs = _kept_runs_path(args, work)
-        if kept_runs.exists() and not crafting_runs_path(work).exists():
-            _copy(kept_runs, crafting_runs_path(work))
         got = expand_checkpoint(src, train(), ckpt)
-        with open(crafting_runs_path(work), "a") as fh:
-            fh.write(json.dumps({"from_step": got["step"], "world_size": None, "threads_per_process": None,
-                                 "machine": machine_tag(), "cpu": run_trace()["cpu"], "expanded": True,
-                                 "started": time.strftime("%Y-%m-%dT%H:%M:%S+0000", time.gmtime()),
-                                 "note": EXPANDED_NOTE}) + "\n")
+        runs, kept_runs = crafting_runs_path(work), _kept_runs_path(args, work)
+        if runs.exists():  # the record of another line of runs (its checkpoint gone): set aside, never mixed in
+            set_aside(runs)
+        lines = [] if kept_runs.exists() else [{"from_step": 0, "world_size": None, "threads_per_process": None,
+                                                 "machine": None, "note": "runs before this record existed (not recorded)"}]
+        lines.append({"from_step": got["step"], "world_size": None, "threads_per_process": None,
+                      "machine": machine_tag(), "cpu": run_trace()["cpu"], "expanded": True,
+                      "started": time.strftime("%Y-%m-%dT%H:%M:%S+0000", time.gmtime()), "note": EXPANDED_NOTE})
+        text = (kept_runs.read_text() if kept_runs.exists() else "") + "".join(json.dumps(x) + "\n" for x in lines)
+        _write(runs, text.encode())
         return f"{ckpt.name} (step {got['step']}, from its compact copy)"
     finally:
         lock.release()
@@ -459,6 +491,7 @@ def sync_kept(args, protocol) -> None:
             work = poison_path(args, proc, eps, "crafted")
             if kept_poison_path(args, work).exists() and not work.exists():
                 _restore_poison_copy(args, work)
+                kept_checkpoint_path(args, work).unlink(missing_ok=True)  # the finished poison supersedes it
                 restored.append(work.name)
             elif work.exists() and _keep_poison(args, work):
                 copied.append(work.name)
@@ -1291,7 +1324,7 @@ def main(argv=None) -> int:
     if args.stage == "status":
         stage_status(args, protocol)
         return 0
-    if args.stage == "summary":  # reads the victims' files only: no data set needed
+    if args.stage == "summary":  # reads the victims' files (the sync may have loaded the training split)
         stage_summary(args, protocol)
         return 0
     train, val, test = load_data(args, protocol)
