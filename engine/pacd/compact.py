@@ -38,9 +38,9 @@ except ImportError:  # older safetensors
     _SafetensorError = RuntimeError
 from .poisonset import (
     PoisonError,
-    _hash_clean,
     _int8_decode,
     _int8_encode,
+    _run_originals,
     _save_checkpoint,
     read_checkpoint,
 )
@@ -59,17 +59,8 @@ def _is_moment(name: str) -> bool:
 def _originals(settings: dict, shape: torch.Size, train_data, where) -> torch.Tensor:
     """The clean target-class images (float32 in [0, 1], in the run's order, of the poison's ``shape``) the
     checkpoint's poison perturbs; a PoisonError naming ``where`` unless ``train_data`` holds the run's originals."""
-    rows = shape[0]
-    images, labels = train_data
-    labels = torch.as_tensor(labels).to(torch.int64)
-    target = int(settings["target_class"])
-    idx = (labels == target).nonzero().flatten()
-    if idx.numel() != rows or _hash_clean(images[idx], labels[idx]) != settings["clean_sha256"]:
-        raise PoisonError(
-            f"{where}: the training set's {idx.numel()} images of class {target} are not the originals this run "
-            f"poisons ({rows} images): pass the same training split the run was started on"
-        )
-    x = images[idx]
+    idx, _ = _run_originals(settings, shape[0], train_data, where)
+    x = train_data[0][idx]
     if x.numel() != shape.numel():
         raise PoisonError(f"{where}: the poison's images are {tuple(shape)[1:]}, the training set's {tuple(x.shape)[1:]}")
     x = x.to(torch.float32) / 255.0 if x.dtype == torch.uint8 else x.to(torch.float32)
@@ -85,13 +76,9 @@ def compact_checkpoint(checkpoint, train_data, out) -> dict:
     files and the largest difference between the poison and its codes' images (at most about eps/254)."""
     checkpoint = Path(checkpoint)
     tensors, meta = read_checkpoint(checkpoint)
-    settings = meta["settings"]
-    missing = [k for k in ("target_class", "clean_sha256", "eps") if k not in settings]
-    if missing or "u" not in tensors:
-        raise PoisonError(f"{checkpoint}: incomplete poisoning checkpoint (missing {missing or ['u']})")
-    u = tensors["u"].to(torch.float32)
-    if u.dim() != 4 or not bool(torch.isfinite(u).all()):
-        raise PoisonError(f"{checkpoint}: the poison u is not a finite (N, C, H, W) tensor (a diverged run?)")
+    settings, u = meta["settings"], tensors["u"]  # (read_checkpoint checks the settings and u's shape and dtype)
+    if not bool(torch.isfinite(u).all()):
+        raise PoisonError(f"{checkpoint}: the poison u is not finite (a diverged run?)")
     x0 = _originals(settings, u.shape, train_data, checkpoint)
     codes, decoded = _int8_encode(u, x0, float(settings["eps"]))
     kept = {}

@@ -530,15 +530,8 @@ class PoisonSet:
         missing = [k for k in ("target_class", "clean_sha256", "eps", "sigma", "method") if k not in settings]
         if missing or "u" not in tensors:
             raise PoisonError(f"{path}: incomplete poisoning checkpoint (missing {missing or ['u']})")
-        images, labels = train_data
-        labels = torch.as_tensor(labels).to(torch.int64)
+        idx, labels = _run_originals(settings, tensors["u"].shape[0], train_data, path)
         target = int(settings["target_class"])
-        idx = (labels == target).nonzero().flatten()
-        if idx.numel() != tensors["u"].shape[0] or _hash_clean(images[idx], labels[idx]) != settings["clean_sha256"]:
-            raise PoisonError(
-                f"{path}: the training set's {idx.numel()} images of class {target} are not the originals this run "
-                f"poisons ({tensors['u'].shape[0]} images): pass the same training split the run was started on"
-            )
         history = meta.get("history") or []
         snap = dict(settings)
         snap.update({"outer_steps": int(meta["step"]), "snapshot_of": str(path), **_history_summary(history)})
@@ -655,6 +648,21 @@ def read_checkpoint(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], d
     if wrong:
         raise PoisonError(f"{path}: poisoning checkpoint tensors missing or malformed: {', '.join(wrong)}")
     return tensors, meta
+
+
+def _run_originals(settings: dict, rows: int, train_data, where) -> tuple[torch.Tensor, torch.Tensor]:
+    """(indices, int64 labels) of ``train_data``'s images of the run's target class, checked to be the ``rows``
+    originals the run poisons (its settings' hash of them); a PoisonError naming ``where`` otherwise."""
+    images, labels = train_data
+    labels = torch.as_tensor(labels).to(torch.int64)
+    target = int(settings["target_class"])
+    idx = (labels == target).nonzero().flatten()
+    if idx.numel() != rows or _hash_clean(images[idx], labels[idx]) != settings["clean_sha256"]:
+        raise PoisonError(
+            f"{where}: the training set's {idx.numel()} images of class {target} are not the originals this run "
+            f"poisons ({rows} images): pass the same training split the run was started on"
+        )
+    return idx, labels
 
 
 def _same_shape(t: torch.Tensor | None, shape, dtype: torch.dtype) -> bool:
