@@ -243,17 +243,19 @@ def crafting_runs_path(out: Path) -> Path:
     return out.with_name(out.name + ".runs.jsonl")
 
 
-def _record_run(out: Path, from_step: int, world: int, note: str | None = None) -> None:
+def _record_run(out: Path, from_step: int, world: int | None, note: str | None = None, expanded: bool = False) -> None:
     """Append one crafting run's start to ``out``'s record: the step it resumed from, its processes, threads and
     machine kind (a poison's crafting is not bit-reproducible across CPUs or process counts). A run's steps end
-    where the next record's ``from_step`` begins."""
+    where the next record's ``from_step`` begins. ``expanded``: no run but the checkpoint expanded from its compact
+    copy at ``from_step`` (no processes or threads; marked ``"expanded": true``)."""
     runs = crafting_runs_path(out)
     lines = []
     if not runs.exists() and from_step > 0:  # the runs before this record existed: nothing known of them
         lines.append({"from_step": 0, "world_size": None, "threads_per_process": None, "machine": None,
                       "note": "runs before this record existed (not recorded)"})
-    lines.append({"from_step": from_step, "world_size": world, "threads_per_process": torch.get_num_threads(),
-                  "machine": machine_tag(), "cpu": run_trace()["cpu"],
+    lines.append({"from_step": from_step, "world_size": world,
+                  "threads_per_process": None if expanded else torch.get_num_threads(),
+                  "machine": machine_tag(), "cpu": run_trace()["cpu"], **({"expanded": True} if expanded else {}),
                   "started": time.strftime("%Y-%m-%dT%H:%M:%S+0000", time.gmtime()), **({"note": note} if note else {})})
     with open(runs, "a") as fh:
         for line in lines:
@@ -283,18 +285,16 @@ def kept_dir(args) -> Path:
     return args.results / "kept"
 
 
-def _copy(src: Path, dest: Path) -> None:
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dest.with_name(f"{dest.name}.{os.getpid()}.tmp")
-    shutil.copyfile(src, tmp)
-    publish(tmp, dest)
-
-
 def _write(dest: Path, payload: bytes) -> None:
+    """``payload`` as the file ``dest``, atomically (a temporary file of this process beside it, published)."""
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = dest.with_name(f"{dest.name}.{os.getpid()}.tmp")
     tmp.write_bytes(payload)
     publish(tmp, dest)
+
+
+def _copy(src: Path, dest: Path) -> None:
+    _write(dest, src.read_bytes())
 
 
 def kept_poison_path(args, work: Path) -> Path:
@@ -457,13 +457,9 @@ def _restore_checkpoint(args, work: Path, train) -> str | None:
         runs, kept_runs = crafting_runs_path(work), _kept_runs_path(args, work)
         if runs.exists():  # the record of another line of runs (its checkpoint gone): set aside, never mixed in
             set_aside(runs)
-        lines = [] if kept_runs.exists() else [{"from_step": 0, "world_size": None, "threads_per_process": None,
-                                                 "machine": None, "note": "runs before this record existed (not recorded)"}]
-        lines.append({"from_step": got["step"], "world_size": None, "threads_per_process": None,
-                      "machine": machine_tag(), "cpu": run_trace()["cpu"], "expanded": True,
-                      "started": time.strftime("%Y-%m-%dT%H:%M:%S+0000", time.gmtime()), "note": EXPANDED_NOTE})
-        text = (kept_runs.read_text() if kept_runs.exists() else "") + "".join(json.dumps(x) + "\n" for x in lines)
-        _write(runs, text.encode())
+        if kept_runs.exists():
+            _copy(kept_runs, runs)
+        _record_run(work, got["step"], None, note=EXPANDED_NOTE, expanded=True)
         return f"{ckpt.name} (step {got['step']}, from its compact copy)"
     finally:
         lock.release()
